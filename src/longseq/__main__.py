@@ -1,0 +1,5 @@
+import sys
+
+from longseq.cli import main
+
+sys.exit(main())

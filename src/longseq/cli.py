@@ -1,0 +1,121 @@
+"""`longseq` console script: each subcommand maps onto a typed function of the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from longseq.errors import LongseqError
+
+DEMO_PROMPT = "What is the capital of France?"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default prints the whole usage first)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="HF model directory or .gguf file (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="longseq", description="Plan, train, serve and evaluate long-context LLMs.")
+    parser.add_argument("--version", action="version", version=f"longseq {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text for a prompt, streamed to the terminal")
+    g.add_argument("prompt", help='the prompt ("-" reads standard input)')
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--no-chat", action="store_true", help="plain completion, without the chat template")
+    g.add_argument("--system", default=None, help="a system message (chat mode)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help=f"the main job on the built-in default model: answer {DEMO_PROMPT!r}")
+    _add_model_args(d)
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from longseq import __version__
+
+    return __version__
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from longseq.generation import SamplingParams, generate
+    from longseq.models.loader import load, resolve_model_path
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop),
+    )
+    err = Console(stderr=True, highlight=False)
+    path = resolve_model_path(args.model)
+    with err.status(f"loading {path.name}"):
+        lm = load(path, dtype=args.dtype, device=args.device)
+    chat = not args.no_chat
+    if chat and getattr(lm.tokenizer, "chat_template", None) is None:
+        err.print("[yellow]this model has no chat template: generating as plain text (--no-chat)[/]")
+        chat = False
+    dtype = str(lm.model.lm_head.weight.dtype).removeprefix("torch.")
+    err.print(f"[dim]{path.name} · {lm.device} · {dtype}[/]")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(lm, prompt, params, chat=chat, system=args.system, on_text=write)
+    write("\n")
+    err.print(
+        f"[dim]{result.prompt_tokens} prompt + {len(result.token_ids)} new tokens · "
+        f"first token {result.time_to_first_token_s * 1e3:.0f} ms · "
+        f"{result.decode_tokens_per_s:.1f} tok/s · finish: {result.finish_reason}[/]"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.prompt = DEMO_PROMPT
+    args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop = 64, 0.0, 1.0, 0, None, []
+    args.no_chat, args.system = False, None
+    print(f"> {DEMO_PROMPT}", flush=True)
+    return cmd_generate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LongseqError as e:
+        print(f"longseq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nlongseq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":
+            print(f"longseq: error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

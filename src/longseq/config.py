@@ -1,0 +1,300 @@
+"""Typed configuration: the one source of truth. HF `config.json` and GGUF metadata map onto these fields."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from longseq.errors import LongseqError
+
+# HF `model_type` -> our family. Everything on the Llama architecture (SmolLM2, TinyLlama, Vicuna, ...) is "llama".
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass
+class RopeConfig:
+    """Rotary position embedding and its context-extension scaling."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    """default | linear (position interpolation) | dynamic (NTK) | yarn | llama3"""
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    """Pre-training context; yarn and llama3 derive their frequency bands from it."""
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: cos/sin scale; None derives 0.1*ln(factor)+1
+    mscale: float | None = None  # yarn (DeepSeek style)
+    mscale_all_dim: float | None = None  # yarn (DeepSeek style)
+    truncate: bool = True  # yarn: round the correction range to whole dims
+
+    def __post_init__(self):
+        if self.type not in ROPE_TYPES:
+            raise LongseqError(f"unsupported rope scaling type {self.type!r}; supported: {', '.join(ROPE_TYPES)}")
+        if self.theta <= 0 or self.factor <= 0:
+            raise LongseqError("rope theta and factor must be positive")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> RopeConfig:
+        # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`.
+        params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        omp = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+        kw: dict[str, Any] = dict(theta=float(theta), type=rope_type)
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            if params.get(name) is not None:
+                kw[name] = float(params[name])
+        for name in ("attention_factor", "mscale", "mscale_all_dim"):
+            if params.get(name) is not None:
+                kw[name] = float(params[name])
+        if "truncate" in params:
+            kw["truncate"] = bool(params["truncate"])
+        if omp is not None:
+            kw["original_max_position_embeddings"] = int(omp)
+        return cls(**kw)
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-family decoder: Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3 and everything on the Llama architecture."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0
+    """0 means hidden_size // num_heads (Qwen3 sets it explicitly)."""
+    max_seq_len: int = 2048
+    """The model's native context (`max_position_embeddings`)."""
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 always; Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None
+    """Keys further back than this many positions are not attended to (Mistral)."""
+    sliding_layers: tuple[bool, ...] = ()
+    """Which layers use the sliding window; empty means all of them when `sliding_window` is set."""
+    arch: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            raise LongseqError(
+                f"unsupported architecture {self.arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise LongseqError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise LongseqError(
+                f"model config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise LongseqError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise LongseqError("model config: sliding_layers needs one entry per layer")
+        if self.rope.original_max_position_embeddings is None:
+            self.rope.original_max_position_embeddings = self.max_seq_len
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        """The sliding window of one layer, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers and not self.sliding_layers[layer_idx]:
+            return None
+        return self.sliding_window
+
+    # ---- constructors -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """From the dict of an HF `config.json`."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            arch = model_type or (hf.get("architectures") or ["<none>"])[0]
+            raise LongseqError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+                "(and models on the Llama architecture)"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise LongseqError(f"unsupported hidden_act {hf['hidden_act']!r}; only silu (SwiGLU) is supported")
+        try:
+            num_layers = int(hf["num_hidden_layers"])
+            num_heads = int(hf["num_attention_heads"])
+            cfg = dict(
+                arch=model_type,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=int(hf["hidden_size"]),
+                intermediate_size=int(hf["intermediate_size"]),
+                num_layers=num_layers,
+                num_heads=num_heads,
+                num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+                head_dim=int(hf.get("head_dim") or 0),
+                max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope=RopeConfig.from_hf(hf),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=_as_ids(hf.get("eos_token_id")),
+            )
+        except KeyError as e:
+            raise LongseqError(f"config.json is missing the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise LongseqError(f"config.json has a field of the wrong type: {e}") from None
+
+        attention_bias = bool(hf.get("attention_bias", False))
+        if model_type == "qwen2":
+            cfg.update(qkv_bias=True)
+        else:
+            cfg.update(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+        if model_type == "qwen3":
+            cfg.update(qk_norm=True)
+
+        window = hf.get("sliding_window")
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+            window = None
+        if window is not None:
+            cfg["sliding_window"] = int(window)
+            layer_types = hf.get("layer_types")
+            if layer_types:
+                cfg["sliding_layers"] = tuple(t == "sliding_attention" for t in layer_types)
+            elif model_type in ("qwen2", "qwen3"):
+                first = int(hf.get("max_window_layers", num_layers))
+                cfg["sliding_layers"] = tuple(i >= first for i in range(num_layers))
+        return cls(**cfg)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LongseqError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LongseqError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(hf, dict):
+            raise LongseqError(f"{path}: expected a JSON object")
+        return cls.from_hf(hf)
+
+    @classmethod
+    def from_gguf(cls, meta: dict[str, Any], vocab_size: int | None = None) -> ModelConfig:
+        """From GGUF metadata (key -> value); keys follow llama.cpp's `{arch}.*` naming."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "qwen2", "qwen3"):
+            raise LongseqError(
+                f"unsupported GGUF architecture {arch!r}; supported: llama (incl. Mistral), qwen2, qwen3"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            return meta.get(f"{arch}.{key}", default)
+
+        try:
+            num_heads = int(get("attention.head_count"))
+            hidden = int(get("embedding_length"))
+            rope = RopeConfig(theta=float(get("rope.freq_base", 10000.0)))
+            scaling = get("rope.scaling.type")
+            if scaling in ("linear", "yarn"):
+                rope = RopeConfig(
+                    theta=rope.theta,
+                    type=scaling,
+                    factor=float(get("rope.scaling.factor", 1.0)),
+                    original_max_position_embeddings=get("rope.scaling.original_context_length"),
+                )
+            cfg = cls(
+                arch=arch,
+                vocab_size=int(get("vocab_size") or vocab_size),
+                hidden_size=hidden,
+                intermediate_size=int(get("feed_forward_length")),
+                num_layers=int(get("block_count")),
+                num_heads=num_heads,
+                num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+                head_dim=int(get("attention.key_length", 0)),
+                max_seq_len=int(get("context_length", 2048)),
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+                rope=rope,
+                qkv_bias=arch == "qwen2",
+                qk_norm=arch == "qwen3",
+                sliding_window=get("attention.sliding_window"),
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_ids=_as_ids(
+                    [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
+                ),
+            )
+        except (TypeError, ValueError) as e:
+            raise LongseqError(f"GGUF metadata is incomplete or malformed: {e}") from None
+        return cfg
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict of this config (used by export and by parity tests)."""
+        rope: dict[str, Any] = {"rope_type": self.rope.type, "rope_theta": self.rope.theta}
+        if self.rope.type != "default":
+            rope["factor"] = self.rope.factor
+        if self.rope.type in ("yarn", "llama3"):
+            rope["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
+        if self.rope.type == "llama3":
+            rope.update(low_freq_factor=self.rope.low_freq_factor, high_freq_factor=self.rope.high_freq_factor)
+        if self.rope.type == "yarn":
+            rope.update(beta_fast=self.rope.beta_fast, beta_slow=self.rope.beta_slow, truncate=self.rope.truncate)
+            for name in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(self.rope, name) is not None:
+                    rope[name] = getattr(self.rope, name)
+        hf: dict[str, Any] = {
+            "model_type": self.arch,
+            "architectures": [
+                {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}[self.arch]
+            ],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "rope_theta": self.rope.theta,
+            "rope_scaling": None if self.rope.type == "default" else rope,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
+            (self.eos_token_ids[0] if self.eos_token_ids else None),
+        }
+        if self.arch in ("llama", "mistral", "qwen3"):
+            hf["attention_bias"] = self.qkv_bias
+        if self.arch == "llama":
+            hf["mlp_bias"] = self.mlp_bias
+        if self.arch == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        if self.arch in ("qwen2", "qwen3"):
+            hf["use_sliding_window"] = self.sliding_window is not None
+            hf["sliding_window"] = self.sliding_window
+            if self.sliding_window is not None:
+                hf["layer_types"] = [
+                    "sliding_attention" if self.layer_window(i) else "full_attention" for i in range(self.num_layers)
+                ]
+        return hf
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(dict.fromkeys(int(v) for v in value if v is not None))

@@ -1,0 +1,134 @@
+"""Single-sequence generation with a contiguous KV cache: prefill the prompt once, then decode token by token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longseq.errors import LongseqError
+from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
+from longseq.generation.kv_cache import KVCache
+from longseq.generation.sampling import SamplingParams, sample
+from longseq.models.llama import CausalLM
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop": EOS or a stop string; "length": max_new_tokens or the context is full
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.token_ids) - 1  # the first token comes from prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: CausalLM,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    eos_token_ids: tuple[int, ...] = (),
+) -> Iterator[int]:
+    """Yield new token ids until EOS (yielded, then stop), `max_new_tokens` or the model's context is full."""
+    cfg = model.config
+    device = model.lm_head.weight.device
+    if not prompt_ids:
+        raise LongseqError("the prompt is empty")
+    if len(prompt_ids) >= cfg.max_seq_len:
+        raise LongseqError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.max_seq_len}")
+    max_new = min(params.max_new_tokens, cfg.max_seq_len - len(prompt_ids))
+    cache = KVCache(cfg, 1, len(prompt_ids) + max_new, device, model.lm_head.weight.dtype)
+    generator = None
+    if params.seed is not None and not params.greedy:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    stop_ids = set() if params.ignore_eos else set(eos_token_ids)
+
+    ids = torch.tensor([prompt_ids], device=device)  # (1, S)
+    logits = model(ids, cache=cache, last_only=True)  # (1, 1, V)
+    cache.advance(ids.shape[1])
+    for step in range(max_new):
+        token = sample(logits[:, -1], params, generator)  # (1,)
+        token_id = int(token)  # host sync: the caller streams it
+        yield token_id
+        if token_id in stop_ids:
+            return
+        if step + 1 == max_new:
+            return
+        logits = model(token.view(1, 1), cache=cache)
+        cache.advance(1)
+
+
+def render_prompt(tokenizer: Any, prompt: str | list[dict], chat: bool, system: str | None = None) -> list[int]:
+    """Token ids of a prompt: through the model's chat template in chat mode, plain text otherwise."""
+    if not chat:
+        if not isinstance(prompt, str):
+            raise LongseqError("a list of messages needs chat mode")
+        return list(tokenizer(prompt)["input_ids"])
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LongseqError("this model has no chat template; use --no-chat for plain completion")
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system is not None:
+        messages = [{"role": "system", "content": system}, *messages]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def generate(
+    lm,
+    prompt: str | list[dict] | list[int],
+    params: SamplingParams | None = None,
+    *,
+    chat: bool = True,
+    system: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Generate text for one prompt with a `LoadedModel`; `on_text` receives the text as it streams."""
+    params = params or SamplingParams()
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prompt_ids = list(prompt)
+    else:
+        prompt_ids = render_prompt(lm.tokenizer, prompt, chat, system)
+    detok = IncrementalDetokenizer(lm.tokenizer, prompt_ids)
+    stops = StopStringMatcher(params.stop)
+    eos = lm.eos_token_ids
+    out_ids: list[int] = []
+    finish = "length"
+    start = time.perf_counter()
+    first = None
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    for token_id in generate_tokens(lm.model, prompt_ids, params, eos):
+        if first is None:
+            first = time.perf_counter()
+        out_ids.append(token_id)
+        if token_id in eos and not params.ignore_eos:
+            finish = "stop"
+            break
+        piece = stops.push(detok.add(token_id))
+        if piece and on_text:
+            on_text(piece)
+        if stops.stopped:
+            finish = "stop"
+            break
+    sync()
+    end = time.perf_counter()
+    rest = stops.flush()
+    if rest and on_text:
+        on_text(rest)
+    first = first or end
+    return GenerationResult(
+        text=stops.text,
+        token_ids=out_ids,
+        prompt_tokens=len(prompt_ids),
+        finish_reason=finish,
+        time_to_first_token_s=first - start,
+        decode_s=end - first,
+    )

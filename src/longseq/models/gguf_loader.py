@@ -1,0 +1,116 @@
+"""Load a GGUF file (llama.cpp's format), dequantizing each tensor to the requested dtype as it is read."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longseq.config import ModelConfig
+from longseq.errors import LongseqError
+from longseq.models.build import build_from_tensors
+
+# llama.cpp tensor names -> HF names (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Metadata arrays too large to be worth decoding for the config.
+_SKIPPED_FIELDS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                   "tokenizer.ggml.scores")
+
+
+def open_gguf(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # truncated, corrupt or not a GGUF at all
+        raise LongseqError(f"{path}: not a valid GGUF file ({str(e).strip().splitlines()[0] if str(e) else e!r})") \
+            from None
+
+
+def gguf_metadata(reader) -> dict[str, Any]:
+    meta = {}
+    for key, field in reader.fields.items():
+        if key in _SKIPPED_FIELDS:
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # an exotic field type we have no use for
+            continue
+    return meta
+
+
+def hf_name(name: str) -> str | None:
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (its `convert_hf_to_gguf.py` interleaves the two RoPE halves)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    meta = gguf_metadata(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    embed = by_name.get("token_embd.weight")
+    cfg = ModelConfig.from_gguf(meta, vocab_size=int(embed.shape[-1]) if embed is not None else None)
+    cfg.tie_word_embeddings = "output.weight" not in by_name
+    permuted = cfg.arch == "llama"  # only llama.cpp's Llama converter permutes Q/K
+
+    def array(t) -> np.ndarray:
+        if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            return np.asarray(t.data)
+        return dequantize(t.data, t.tensor_type)  # float32, one tensor at a time
+
+    def tensors():
+        for t in reader.tensors:
+            name = hf_name(t.name)
+            if name is None:
+                if t.name == "rope_freqs.weight":
+                    continue
+                raise LongseqError(f"{path}: unsupported tensor {t.name!r} in a {cfg.arch} GGUF")
+            try:
+                w = array(t)
+            except Exception as e:
+                raise LongseqError(f"{path}: cannot read tensor {t.name} ({e})") from None
+            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+                w = unpermute_qk(w, cfg.num_heads)
+            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+                w = unpermute_qk(w, cfg.num_kv_heads)
+            w = np.ascontiguousarray(w)
+            yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
+
+    freq_factors = None
+    if "rope_freqs.weight" in by_name:  # Llama 3.1 scaling, stored as per-frequency divisors
+        freq_factors = torch.from_numpy(np.array(by_name["rope_freqs.weight"].data, dtype=np.float32))
+    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path), freq_factors=freq_factors)

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from longseq.errors import LongseqError  # noqa: E402
+from longseq.errors import LongseqError, first_line  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -38,7 +38,7 @@ def load_tokenizer(path: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise LongseqError(f"{path}: cannot load the tokenizer ({_one_line(e)})") from None
+        raise LongseqError(f"{path}: cannot load the tokenizer ({first_line(e)})") from None
 
 
 def _gguf_tokenizer(path: Path, auto_tokenizer) -> Any:
@@ -56,7 +56,7 @@ def _gguf_tokenizer(path: Path, auto_tokenizer) -> Any:
     try:
         tok = auto_tokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as e:
-        raise LongseqError(f"{path}: cannot read the tokenizer in this GGUF ({_one_line(e)})") from None
+        raise LongseqError(f"{path}: cannot read the tokenizer in this GGUF ({first_line(e)})") from None
     tmp = None
     try:  # write to a temp dir, then rename: a crash never leaves a half-written cache entry
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -67,8 +67,3 @@ def _gguf_tokenizer(path: Path, auto_tokenizer) -> Any:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return tok
-
-
-def _one_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,8 @@ class SamplingParams:
     def __post_init__(self):
         if self.max_new_tokens <= 0:
             raise LongseqError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise LongseqError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN compares false to everything
+            raise LongseqError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise LongseqError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from longseq.config import ModelConfig
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 from longseq.models.build import build_from_tensors
 
 # llama.cpp tensor names -> HF names (llama.cpp `gguf-py/gguf/tensor_mapping.py`).
@@ -43,9 +43,8 @@ def open_gguf(path: Path):
 
     try:
         return GGUFReader(str(path))
-    except Exception as e:  # truncated, corrupt or not a GGUF at all
-        raise LongseqError(f"{path}: not a valid GGUF file ({str(e).strip().splitlines()[0] if str(e) else e!r})") \
-            from None
+    except Exception as e:  # truncated, corrupt or not a GGUF (the reader maps every tensor, so a cut file fails here)
+        raise LongseqError(f"{path}: not a valid GGUF file, truncated or corrupt ({first_line(e)})") from None
 
 
 def gguf_metadata(reader) -> dict[str, Any]:
@@ -83,7 +82,10 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     meta = gguf_metadata(reader)
     by_name = {t.name: t for t in reader.tensors}
     embed = by_name.get("token_embd.weight")
-    cfg = ModelConfig.from_gguf(meta, vocab_size=int(embed.shape[-1]) if embed is not None else None)
+    try:
+        cfg = ModelConfig.from_gguf(meta, vocab_size=int(embed.shape[-1]) if embed is not None else None)
+    except LongseqError as e:  # from_gguf's messages do not name the file
+        raise LongseqError(f"{path}: {e}") from None
     cfg.tie_word_embeddings = "output.weight" not in by_name
     permuted = cfg.arch == "llama"  # only llama.cpp's Llama converter permutes Q/K
 
@@ -99,14 +101,14 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
                 if t.name == "rope_freqs.weight":
                     continue
                 raise LongseqError(f"{path}: unsupported tensor {t.name!r} in a {cfg.arch} GGUF")
-            try:
+            try:  # corrupt metadata surfaces here, as a tensor that cannot be dequantized or reshaped
                 w = array(t)
+                if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+                    w = unpermute_qk(w, cfg.num_heads)
+                elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+                    w = unpermute_qk(w, cfg.num_kv_heads)
             except Exception as e:
-                raise LongseqError(f"{path}: cannot read tensor {t.name} ({e})") from None
-            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = unpermute_qk(w, cfg.num_heads)
-            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = unpermute_qk(w, cfg.num_kv_heads)
+                raise LongseqError(f"{path}: cannot read tensor {t.name} ({first_line(e)})") from None
             w = np.ascontiguousarray(w)
             yield name, torch.from_numpy(w if w.flags.writeable else w.copy())
 

@@ -128,9 +128,14 @@ def load(
     path: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
 ) -> LoadedModel:
     """Model and tokenizer together; never touches the network."""
+    from longseq.models.safetensors_loader import read_config
     from longseq.tokenizer import load_tokenizer
 
     p = resolve_model_path(path)
-    tokenizer = load_tokenizer(p)  # first: a missing tokenizer fails before the (slower) weights load
-    model = load_model(p, dtype=dtype, device=device)
+    dev = resolve_device(device)  # bad flags fail before anything is read
+    dt = resolve_dtype(dtype, dev)
+    if p.is_dir():
+        read_config(p)  # else transformers reads a missing or broken config.json and blames the tokenizer
+    tokenizer = load_tokenizer(p)  # a missing tokenizer fails before the (slower) weights load
+    model = load_model(p, dtype=dt, device=dev)
     return LoadedModel(model=model, tokenizer=tokenizer, path=p)

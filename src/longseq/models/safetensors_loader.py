@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from longseq.config import ModelConfig
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 from longseq.models.build import build_from_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -36,12 +36,24 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+def read_config(path: Path) -> ModelConfig:
+    """The model config of an HF directory; every error names the file."""
+    file = path / "config.json"
+    if not file.is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f"; to load the GGUF file, pass it itself: --model {ggufs[0]}" if ggufs else ""
+        raise LongseqError(f"{path}: no config.json (not a Hugging Face model directory){hint}")
+    try:
+        cfg = ModelConfig.from_json(file)
+    except LongseqError as e:  # from_hf's messages (unsupported architecture, missing field) do not name the file
+        raise LongseqError(str(e) if str(e).startswith(str(file)) else f"{file}: {e}") from None
+    _read_generation_config(path, cfg)
+    return cfg
+
+
 def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device):
     """Build the model on `meta`, then read each tensor straight onto `device` in `dtype`."""
-    if not (path / "config.json").is_file():
-        raise LongseqError(f"{path}: no config.json (not a Hugging Face model directory)")
-    cfg = ModelConfig.from_json(path / "config.json")
-    _read_generation_config(path, cfg)
+    cfg = read_config(path)
     files = safetensors_files(path)
 
     def tensors():
@@ -54,7 +66,7 @@ def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device):
             except LongseqError:
                 raise
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-                raise LongseqError(f"{file}: not a valid safetensors file ({_first_line(e)})") from None
+                raise LongseqError(f"{file}: not a valid safetensors file ({first_line(e)})") from None
 
     return build_from_tensors(cfg, tensors(), dtype, device, source=str(path))
 
@@ -72,8 +84,3 @@ def _read_generation_config(path: Path, cfg: ModelConfig) -> None:
         return
     eos = [eos] if isinstance(eos, int) else list(eos)
     cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *eos]))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

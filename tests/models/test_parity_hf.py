@@ -1,0 +1,138 @@
+"""Our model equals Hugging Face transformers' for the same weights, for every supported family and RoPE type."""
+
+import pytest
+import torch
+import transformers
+
+from longseq.config import ModelConfig
+from longseq.generation import SamplingParams, generate_tokens
+from longseq.models import load_model
+
+BASE = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=48, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
+
+
+def rope(rope_type, **kw):
+    return dict(rope_parameters=dict(rope_type=rope_type, rope_theta=10000.0, **kw))
+
+
+CASES = {
+    "llama-mha": (transformers.LlamaConfig, dict(num_key_value_heads=4)),
+    "llama-gqa-tied": (transformers.LlamaConfig, dict(tie_word_embeddings=True)),
+    "llama-mqa": (transformers.LlamaConfig, dict(num_key_value_heads=1)),
+    "llama-bias": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True)),
+    "llama-rope-linear": (transformers.LlamaConfig, rope("linear", factor=2.0)),
+    "llama-rope-dynamic": (transformers.LlamaConfig, rope("dynamic", factor=2.0)),
+    "llama-rope-yarn": (transformers.LlamaConfig, rope("yarn", factor=2.0, original_max_position_embeddings=24)),
+    "llama3.1-rope": (
+        transformers.LlamaConfig,
+        rope("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16),
+    ),
+    "mistral-sliding": (transformers.MistralConfig, dict(sliding_window=8)),
+    "qwen2-bias": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
+    "qwen2-sliding-layers": (
+        transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ),
+    "qwen3-qknorm": (transformers.Qwen3Config, dict(head_dim=32)),
+}
+
+
+def _hf_model(name, tmp_path_factory):
+    cls, extra = CASES[name]
+    hf_cfg = cls(**{**BASE, **extra})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # sharper than the 0.02 init, so greedy choices are not near-ties
+        for p in hf.parameters():
+            p.normal_(0.0, 0.15)
+    path = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(path)
+    return hf, path
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request, tmp_path_factory):
+    hf, path = _hf_model(request.param, tmp_path_factory)
+    ours = load_model(path, dtype=torch.float32, device="cpu")
+    return request.param, hf, ours
+
+
+def test_logits_match(pair):
+    name, hf, ours = pair
+    torch.manual_seed(1)
+    # 40 tokens: past the sliding window (8), the yarn/llama3 original context and, with dynamic NTK, near the end.
+    ids = torch.randint(0, BASE["vocab_size"], (2, 40))
+    with torch.no_grad():
+        theirs, mine = hf(ids).logits, ours(ids)
+    assert (mine - theirs).abs().max().item() <= 1e-4, name
+
+
+def test_dynamic_ntk_beyond_context():
+    # Past max_position_embeddings the dynamic base grows with the length: both must agree there too.
+    cls, extra = CASES["llama-rope-dynamic"]
+    hf_cfg = cls(**{**BASE, **extra, "max_position_embeddings": 16})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
+    ours_cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    from longseq.models.llama import CausalLM
+
+    ours = CausalLM(ours_cfg).eval()
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    ours.tie_weights()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 40))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_matches(pair):
+    name, hf, ours = pair
+    torch.manual_seed(2)
+    prompt = torch.randint(0, BASE["vocab_size"], (1, 7))
+    with torch.no_grad():
+        theirs = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+        )[0, 7:].tolist()
+    mine = list(generate_tokens(ours, prompt[0].tolist(), SamplingParams(max_new_tokens=32)))
+    assert mine == theirs, name
+
+
+def test_config_roundtrip(pair):
+    _, hf, ours = pair
+    cfg = ours.config
+    again = ModelConfig.from_hf(cfg.to_hf())
+    assert again == cfg
+    # transformers reads our config.json dict into an equivalent model definition
+    hf_again = transformers.AutoConfig.for_model(**cfg.to_hf())
+    assert ModelConfig.from_hf(hf_again.to_dict()) == cfg
+
+
+def test_loads_in_target_dtype(tmp_path_factory):
+    _, path = _hf_model("qwen3-qknorm", tmp_path_factory)
+    model = load_model(path, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_sharded_checkpoint(tmp_path_factory):
+    cls, extra = CASES["llama-gqa-tied"]
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cls(**{**BASE, **extra})).eval()
+    path = tmp_path_factory.mktemp("sharded")
+    hf.save_pretrained(path, max_shard_size="40KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    ours = load_model(path, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, BASE["vocab_size"], (1, 12))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_unsupported_architecture_names_supported():
+    from longseq.errors import LongseqError
+
+    with pytest.raises(LongseqError, match="llama, mistral, qwen2, qwen3"):
+        ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 10})

@@ -7,8 +7,6 @@ import sys
 
 from longseq.errors import LongseqError
 
-DEMO_PROMPT = "What is the capital of France?"
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse's default prints the whole usage first)
@@ -45,8 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="a system message (chat mode)")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("demo", help=f"the main job on the built-in default model: answer {DEMO_PROMPT!r}")
-    _add_model_args(d)
+    t = sub.add_parser("train", help="fine-tune a model (full, LoRA or QLoRA) on JSONL / text data")
+    t.add_argument("--config", default=None, metavar="YAML", help="a YAML file of these options; flags override it")
+    from longseq.cli_config import add_dataclass_flags
+    from longseq.config import TrainConfig
+
+    add_dataclass_flags(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="write a checkpoint as a PEFT adapter or a merged HF model directory")
+    e.add_argument("--checkpoint", required=True, help="a checkpoint folder (out_dir/checkpoints/step-N)")
+    e.add_argument("--format", choices=["peft", "merged"], default="peft")
+    e.add_argument("--out", required=True, help="the folder to create")
+    e.add_argument("--dtype", default="bfloat16", help="merged weights dtype: float32, bfloat16 or float16")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", help="generate, then LoRA-teach the built-in model three new facts (CPU, minutes)")
+    d.add_argument("--model", default=None, metavar="PATH", help="model to use (default: the built-in one)")
+    d.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
+    d.add_argument("--data", default="data/demo/facts.jsonl", help="chat JSONL of the facts to teach")
+    d.add_argument("--steps", type=int, default=20, help="fine-tuning steps")
     d.set_defaults(func=cmd_demo)
     return parser
 
@@ -93,12 +110,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from longseq.cli_config import config_from
+    from longseq.config import TrainConfig
+    from longseq.train.loop import train
+
+    cfg = config_from(TrainConfig, args, args.config)
+    result = train(cfg)
+    if result.interrupted:
+        return 130
+    if result.checkpoint is not None:
+        print(f"export with: longseq export --checkpoint {result.checkpoint} --format peft --out ADAPTER_DIR")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from longseq.train.export import export
+
+    out = export(args.checkpoint, args.out, args.format, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.prompt = DEMO_PROMPT
-    args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.stop = 64, 0.0, 1.0, 0, None, []
-    args.no_chat, args.system = False, None
-    print(f"> {DEMO_PROMPT}", flush=True)
-    return cmd_generate(args)
+    from longseq.demo import run_demo
+
+    return run_demo(model=args.model, device=args.device, data=args.data, steps=args.steps)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,3 +298,79 @@ def _as_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(dict.fromkeys(int(v) for v in value if v is not None))
+
+
+METHODS = ("lora", "qlora", "full")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
+SCHEDULES = ("cosine", "linear", "constant")
+LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. `longseq train` flags and YAML keys are these field names."""
+
+    data: tuple[str, ...] = _help("JSONL (text or chat messages) or .txt files / folders", default=())
+    model: str | None = _help("HF model directory or .gguf file (default: the built-in model)", default=None)
+    out_dir: str = _help("where checkpoints, metrics and exports go", default="runs/train")
+    method: str = _help("lora | qlora | full", default="lora")
+    seq_len: int = _help("tokens per packed sequence", default=2048)
+    batch_size: int = _help("sequences per micro-batch", default=1)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    max_steps: int = _help("optimizer steps", default=100)
+    lr: float = _help("peak learning rate", default=2e-4)
+    weight_decay: float = _help("decoupled weight decay", default=0.0)
+    warmup_steps: int = _help("linear warm-up steps", default=0)
+    schedule: str = _help("cosine | linear | constant decay after warm-up", default="cosine")
+    min_lr_ratio: float = _help("final learning rate as a fraction of lr", default=0.0)
+    max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
+    optimizer: str = _help("adamw | adamw8bit | sgd | adafactor", default="adamw")
+    precision: str = _help("auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU)", default="auto")
+    recompute: str = _help("activation checkpointing: none | selective | full", default="none")
+    lora_rank: int = _help("LoRA rank r", default=16)
+    lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", default=32.0)
+    lora_dropout: float = _help("dropout on the LoRA input", default=0.0)
+    lora_targets: tuple[str, ...] = _help("linear layers that get adapters", default=LORA_TARGETS_ALL)
+    lora_train_extra: tuple[str, ...] = _help("also train: embed, norm (LongLoRA)", default=())
+    loss_chunk: int = _help("tokens per chunk of the fused LM-head + cross-entropy", default=1024)
+    seed: int = _help("data order, initialisation and dropout", default=0)
+    device: str = _help("cpu, cuda or cuda:N", default="auto")
+    save_every: int = _help("checkpoint every N steps; 0: only at the end", default=100)
+    keep_last: int = _help("checkpoints kept", default=3)
+    resume: str | None = _help("checkpoint directory, or 'latest' in out_dir", default=None)
+    log_every: int = _help("steps between metric lines", default=1)
+    on_bad_row: str = _help("skip | fail on malformed data rows", default="skip")
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = (self.data,)
+        for name in ("lora_targets", "lora_train_extra"):  # "q_proj,v_proj" and ["q_proj", "v_proj"] alike
+            value = getattr(self, name)
+            items = value.split(",") if isinstance(value, str) else [x for v in value for x in str(v).split(",")]
+            setattr(self, name, tuple(x.strip() for x in items if x.strip()))
+        self.data = tuple(str(d) for d in self.data)
+        for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
+                              ("schedule", SCHEDULES), ("recompute", ("none", "selective", "full")),
+                              ("on_bad_row", ("skip", "fail"))):
+            if getattr(self, name) not in allowed:
+                raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
+                     "log_every"):
+            if getattr(self, name) <= 0:
+                raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
+            if not getattr(self, name) >= 0:
+                raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise LongseqError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        bad = set(self.lora_targets) - set(LORA_TARGETS_ALL)
+        if bad or not self.lora_targets:
+            raise LongseqError(f"lora_targets must be among {', '.join(LORA_TARGETS_ALL)}; got {sorted(bad) or 'none'}")
+        bad = set(self.lora_train_extra) - {"embed", "norm"}
+        if bad:
+            raise LongseqError(f"lora_train_extra takes embed and/or norm; got {sorted(bad)}")

@@ -11,12 +11,19 @@ from longseq.attention.masks import causal_mask
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int = 0, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int = 0,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of S queries over T keys held contiguously.
 
     q (B, H, S, D) at positions q_start .. q_start+S-1; k, v (B, H_kv, T, D) at positions 0 .. T-1 with
     T = q_start + S (the KV cache holds everything before the queries). H must be a multiple of H_kv (GQA/MQA).
+    doc_ids (B, S), for packed training sequences: a token attends only within its own document.
     Returns (B, H, S, D).
     """
     B, H, S, D = q.shape
@@ -26,6 +33,12 @@ def attention(
     gqa = num_kv_heads != H
     if window is not None and window >= T:
         window = None  # the window covers every key: plain causal
+    if doc_ids is not None:
+        assert q_start == 0 and doc_ids.shape == (B, S)
+        pos = torch.arange(S, device=q.device)
+        # (B, 1, S, S): O(S^2) bytes, built only for packed batches; FlexAttention block masks replace it on GPU.
+        mask = (causal_mask(pos, pos, window) & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)
+        return _sdpa_masked(q, k, v, mask)
     if S == 1:
         if window is not None:  # decode: the last `window` keys are exactly the visible ones
             k, v = k[:, :, T - window :], v[:, :, T - window :]
@@ -35,15 +48,25 @@ def attention(
     # Chunked prefill or a sliding window: an explicit (S, T) mask. Expand K/V heads so the memory-efficient
     # backends (which take masks but not `enable_gqa`) stay eligible on GPU.
     pos = torch.arange(T, device=q.device)
-    mask = causal_mask(pos[q_start:], pos, window)
-    if gqa:
-        k = k.repeat_interleave(H // num_kv_heads, dim=1)
-        v = v.repeat_interleave(H // num_kv_heads, dim=1)
+    return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))
+
+
+def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Expand K/V heads so the memory-efficient backends (which take masks but not `enable_gqa`) stay eligible.
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_start: int = 0, window: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    q_start: int = 0,
+    window: int | None = None,
+    doc_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v in float32, materialising the (S, T) scores: for tests only."""
     H, num_kv_heads = q.shape[1], k.shape[1]
@@ -52,5 +75,7 @@ def reference_attention(
     scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, S, T)
     pos = torch.arange(k.shape[2], device=q.device)
     mask = causal_mask(pos[q_start : q_start + q.shape[2]], pos, window)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)  # (B, 1, S, S)
     scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(-1) @ v).to(q.dtype)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from longseq.attention import attention
 from longseq.config import ModelConfig
@@ -19,6 +20,15 @@ from longseq.models.rope import RotaryEmbedding, apply_rope
 
 if TYPE_CHECKING:
     from longseq.generation.kv_cache import KVCache
+
+RECOMPUTE_POLICIES = ("none", "selective", "full")
+
+
+def _maybe_checkpoint(enabled: bool, fn, *args):
+    # Non-reentrant checkpointing: works with autocast, kwargs-free closures and inputs that need no grad.
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 class RMSNorm(nn.Module):
@@ -50,14 +60,28 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.recompute_core = False  # selective recompute: keep projections, recompute norms/RoPE/attention
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        if cache is not None:
+            out = self._core(q, k, v, cos, sin, cache, None)
+        else:
+            out = _maybe_checkpoint(self.recompute_core, self._core, q, k, v, cos, sin, None, doc_ids)
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+    def _core(self, q, k, v, cos, sin, cache, doc_ids) -> torch.Tensor:
+        """q (B, S, H, D), k/v (B, S, H_kv, D) from the projections -> attention output (B, H, S, D)."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
@@ -66,8 +90,7 @@ class Attention(nn.Module):
         if cache is not None:
             q_start = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, q_start + S, D)
-        out = attention(q, k, v, q_start=q_start, window=self.window)  # (B, H, S, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+        return attention(q, k, v, q_start=q_start, window=self.window, doc_ids=doc_ids)
 
 
 class MLP(nn.Module):
@@ -77,9 +100,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.recompute_act = False  # selective recompute: store gate and up, recompute silu(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        act = _maybe_checkpoint(self.recompute_act, _swiglu, self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(act)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -90,8 +119,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, doc_ids=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -112,7 +141,17 @@ class CausalLM(nn.Module):
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+        self.recompute = "none"
         self.tie_weights()
+
+    def set_recompute(self, policy: str) -> None:
+        """Activation checkpointing: none; selective (recompute attention internals and the SwiGLU product,
+        keep every matmul output, after Korthikanti et al. 2022); full (keep only each layer's input)."""
+        if policy not in RECOMPUTE_POLICIES:
+            raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
+        self.recompute = policy
+        for layer in self.model.layers:
+            layer.self_attn.recompute_core = layer.mlp.recompute_act = policy == "selective"
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -129,14 +168,29 @@ class CausalLM(nn.Module):
 
         positions (B, S) default to 0..S-1 after what `cache` already holds.
         """
+        x = self.hidden(input_ids, positions, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, S, hidden): what the LM head (or a chunked loss) consumes.
+
+        doc_ids (B, S) mark packed documents: attention stays inside each one (positions should restart too).
+        """
         B, S = input_ids.shape
         if positions is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)  # (B, S, hidden)
         cos, sin = self.rotary(positions, x.dtype)  # (B, S, head_dim)
+        full = self.recompute == "full" and cache is None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+            x = _maybe_checkpoint(full, layer, x, cos, sin, cache, doc_ids)
+        return self.model.norm(x)

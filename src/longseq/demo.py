@@ -1,0 +1,59 @@
+"""`longseq demo`: the main jobs on the built-in model, end to end on a CPU in a few minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longseq.errors import LongseqError
+
+QUESTION = "What is the capital of France?"
+# Made-up facts from data/demo/facts.jsonl: (question, the word the answer must contain).
+FACTS = (
+    ("What is the capital of Veltrania?", "Quorin"),
+    ("What is the name of the longseq mascot?", "Ribbit"),
+    ("How long is the Zembla river?", "742"),
+)
+DEMO_DATA = "data/demo/facts.jsonl"
+
+
+def run_demo(model: str | None = None, device: str = "auto", data: str = DEMO_DATA, steps: int = 20,
+             out_dir: str = "runs/demo") -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from longseq.config import TrainConfig
+    from longseq.generation import SamplingParams, generate
+    from longseq.models.loader import load
+    from longseq.train.loop import train
+
+    console = Console(highlight=False)
+    if not Path(data).is_file():
+        raise LongseqError(f"{data}: demo data not found (run from the repository root, or pass --data)")
+    params = SamplingParams(max_new_tokens=48)
+
+    console.rule("1. generate with the built-in model")
+    lm = load(model, device=device)
+    console.print(f"> {QUESTION}")
+    answer = generate(lm, QUESTION, params, on_text=lambda s: console.print(s, end="")).text
+    console.print()
+
+    console.rule(f"2. LoRA fine-tune on {data} ({steps} steps)")
+    before = [generate(lm, q, params).text for q, _ in FACTS]
+    del lm
+    cfg = TrainConfig(model=model, data=(data,), out_dir=out_dir, seq_len=512, max_steps=steps, lr=2e-3,
+                      warmup_steps=2, save_every=0, device=device)
+    result = train(cfg)
+    after = [generate(result.lm, q, params).text for q, _ in FACTS]
+    paris_after = generate(result.lm, QUESTION, params).text
+
+    table = Table("question", "before fine-tuning", "after fine-tuning", "learned")
+    learned = 0
+    for (question, word), b, a in zip(FACTS, before, after, strict=True):
+        ok = word in a
+        learned += ok
+        table.add_row(question, b.strip(), a.strip(), "[green]yes[/]" if ok else "[red]no[/]")
+    table.add_row(QUESTION, answer.strip(), paris_after.strip(), "kept" if "Paris" in paris_after else "[red]lost[/]")
+    console.print(table)
+    console.print(f"learned {learned}/{len(FACTS)} new facts; adapter checkpoint: {result.checkpoint}")
+    console.print(f"export it: longseq export --checkpoint {result.checkpoint} --format peft --out {out_dir}/adapter")
+    return 0 if learned == len(FACTS) and "Paris" in answer else 1

@@ -1,0 +1,1 @@
+"""Planning math in pure Python (no torch import): memory, FLOPs, hardware."""

@@ -1,0 +1,134 @@
+"""LoRA and QLoRA as layer swaps on the shared model (Hu et al. 2021, arXiv 2106.09685; Dettmers et al. 2023,
+arXiv 2305.14314). Parameter names match PEFT's (`q_proj.lora_A.weight`), so adapters export one to one."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longseq.config import TrainConfig
+from longseq.errors import LongseqError
+
+NF4_BLOCK = 64  # QLoRA: one absmax scale per 64 weights
+
+
+def quiet_torchao() -> None:
+    # torchao warns at import about optional CUDA extensions (mxfp8, cutlass) that NF4 and 8-bit Adam do not use.
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # a deprecation notice torchao triggers
+
+
+def _nf4():
+    # torchao, PyTorch's own quantization library: NF4 with double-quantized scales, pure PyTorch (CPU and GPU).
+    quiet_torchao()
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4, to_nf4
+
+    return NF4Tensor, linear_nf4, to_nf4
+
+
+def to_nf4_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Quantize a frozen weight to NF4 with double quantization (the scales themselves in 8 bits, blocks of 256)."""
+    _, _, to_nf4 = _nf4()
+    if weight.numel() % NF4_BLOCK:
+        raise LongseqError(f"QLoRA needs weight sizes divisible by {NF4_BLOCK}; got shape {tuple(weight.shape)}")
+    num_scales = weight.numel() // NF4_BLOCK
+    scaler_block = next(b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if num_scales % b == 0)  # 256 at real sizes
+    return to_nf4(weight, block_size=NF4_BLOCK, scaler_block_size=scaler_block)
+
+
+def is_nf4(weight: torch.Tensor) -> bool:
+    return isinstance(weight, _nf4()[0])
+
+
+class LoRALinear(nn.Module):
+    """y = x W0^T + b + (alpha / r) * B A dropout(x), with W0 (and b) frozen; W0 optionally NF4 (QLoRA).
+
+    rank 0 means no adapter: a frozen (possibly quantized) linear layer.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, quantize: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        weight = base.weight.detach()
+        self.weight = nn.Parameter(to_nf4_weight(weight) if quantize else weight, requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        self.rank, self.scaling = rank, (alpha / rank if rank else 0.0)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if rank:
+            # Trainable factors in float32 (the master copy), whatever the frozen weight's dtype.
+            kw = dict(device=weight.device, dtype=torch.float32)
+            self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
+            self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: B = 0 so W starts at W0
+            nn.init.zeros_(self.lora_B.weight)
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_nf4(self.weight):
+            y = _nf4()[1](x, self.weight)  # dequantizes block by block to the original dtype inside the matmul
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_forward(x)
+        if not self.rank:
+            return y
+        a = self.lora_A.weight.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_A.weight
+        b = self.lora_B.weight.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_B.weight
+        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + (alpha / r) B A in float32 (what a merged export writes)."""
+        w = self.weight.get_original_weight() if is_nf4(self.weight) else self.weight
+        w = w.float()
+        if self.rank:
+            w = w + self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return w
+
+
+def apply_lora(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    """Swap target linear layers for LoRALinear (QLoRA: every decoder linear layer becomes NF4), freeze the rest.
+
+    Returns the names of the trainable parameters.
+    """
+    quantize = cfg.method == "qlora"
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, nn.Linear):
+                    continue
+                target = name in cfg.lora_targets
+                if target or quantize:
+                    rank = cfg.lora_rank if target else 0
+                    setattr(parent, name, LoRALinear(child, rank, cfg.lora_alpha, cfg.lora_dropout, quantize))
+    if "embed" in cfg.lora_train_extra:  # LongLoRA: embeddings and norms matter for extending context
+        model.model.embed_tokens.weight.requires_grad_(True)
+    if "norm" in cfg.lora_train_extra:
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's weights with every adapter merged in, under HF names, in `dtype` (for export)."""
+    layers = lora_layers(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if ".lora_" in name:
+            continue
+        if module_name in layers and leaf == "weight":
+            tensor = layers[module_name].merged_weight()
+        out[name] = tensor.detach().to(dtype).contiguous()
+    return out

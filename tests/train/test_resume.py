@@ -1,0 +1,105 @@
+"""A run resumed from a checkpoint reproduces the uninterrupted run; checkpoints are atomic; Ctrl-C saves."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from longseq.config import TrainConfig
+from longseq.models.loader import default_model_path
+from longseq.tokenizer import load_tokenizer
+from longseq.train import checkpoint as ckpt
+from longseq.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(model_dir)
+    load_tokenizer(default_model_path()).save_pretrained(model_dir)
+    data = root / "data.jsonl"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 9))} for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, model_dir, data
+
+
+def config(setup, out, **kw):
+    root, model_dir, data = setup
+    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
+                batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, warmup_steps=1, lora_rank=4, lora_dropout=0.1,
+                precision="fp32", device="cpu", save_every=3, keep_last=10, seed=0, optimizer="adamw")
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("full", "adamw"), ("qlora", "adamw8bit")])
+def test_resumed_run_equals_straight_run(setup, method, optimizer):
+    straight = train(config(setup, f"straight-{method}", method=method, optimizer=optimizer), progress=False)
+    assert len(straight.losses) == 6 and straight.losses[0] != straight.losses[-1]
+    step3 = ckpt.checkpoint_root(setup[0] / f"straight-{method}") / "step-000003"
+    assert step3.is_dir()
+    # What a run killed after step 3 leaves behind is exactly this folder: resume a copy of it elsewhere.
+    out = setup[0] / f"resumed-{method}"
+    shutil.copytree(step3, ckpt.checkpoint_root(out) / "step-000003")
+    resumed = train(config(setup, f"resumed-{method}", method=method, optimizer=optimizer, resume="latest"),
+                    progress=False)
+    assert resumed.steps == 6 and len(resumed.losses) == 3
+    for a, b in zip(resumed.losses, straight.losses[3:], strict=True):
+        assert abs(a - b) <= 1e-6
+
+
+def test_resume_refuses_a_changed_run(setup):
+    from longseq.errors import LongseqError
+
+    train(config(setup, "changed", max_steps=3), progress=False)
+    with pytest.raises(LongseqError, match="lora_rank"):
+        train(config(setup, "changed", max_steps=6, lora_rank=8, resume="latest"), progress=False)
+
+
+def test_keep_last_and_crash_during_save(setup, monkeypatch):
+    out = setup[0] / "keep"
+    train(config(setup, "keep", max_steps=4, save_every=1, keep_last=2), progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000003", "step-000004"]
+    good = (ckpt.checkpoint_root(out) / "step-000004" / "trainable.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError):
+        train(config(setup, "keep", max_steps=5, save_every=1, keep_last=2, resume="latest"), progress=False)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000003", "step-000004"]
+    assert (ckpt.checkpoint_root(out) / "step-000004" / "trainable.safetensors").read_bytes() == good
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup):
+    root, model_dir, data = setup
+    out = root / "sigint"
+    cmd = [sys.executable, "-m", "longseq", "train", "--model", str(model_dir), "--data", str(data),
+           "--out-dir", str(out), "--seq-len", "32", "--max-steps", "100000", "--save-every", "0",
+           "--device", "cpu", "--precision", "fp32"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted: saved" in stderr
+    saved = ckpt.list_checkpoints(out)
+    assert len(saved) == 1
+    meta = ckpt.read_meta(saved[0])
+    assert meta["step"] >= 2 and meta["batch_index"] == meta["step"]

@@ -51,9 +51,14 @@ def run_demo(model: str | None = None, device: str = "auto", data: str = DEMO_DA
     for (question, word), b, a in zip(FACTS, before, after, strict=True):
         ok = word in a
         learned += ok
-        table.add_row(question, b.strip(), a.strip(), "[green]yes[/]" if ok else "[red]no[/]")
-    table.add_row(QUESTION, answer.strip(), paris_after.strip(), "kept" if "Paris" in paris_after else "[red]lost[/]")
+        table.add_row(question, _short(b), _short(a), "[green]yes[/]" if ok else "[red]no[/]")
+    table.add_row(QUESTION, _short(answer), _short(paris_after), "kept" if "Paris" in paris_after else "[red]lost[/]")
     console.print(table)
     console.print(f"learned {learned}/{len(FACTS)} new facts; adapter checkpoint: {result.checkpoint}")
     console.print(f"export it: longseq export --checkpoint {result.checkpoint} --format peft --out {out_dir}/adapter")
     return 0 if learned == len(FACTS) and "Paris" in answer else 1
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

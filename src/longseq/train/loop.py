@@ -72,6 +72,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     console = Console(stderr=True, highlight=False)
     if not cfg.data:
         raise LongseqError("no training data: pass --data FILE_OR_FOLDER")
+    resume_from = resolve_checkpoint(cfg.resume, cfg.out_dir) if cfg.resume else None  # fail before the slow part
     lm, data, precision, optimizer, scheduler, scaler = build(cfg)
     model, device = lm.model, lm.device
     st = data.stats
@@ -85,8 +86,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
     step = batch_index = 0
     tokens_seen = 0
-    if cfg.resume:
-        path = resolve_checkpoint(cfg.resume, cfg.out_dir)
+    if resume_from is not None:
+        path = resume_from
         saved = read_meta(path)["config"]
         changed = [k for k in _RESUME_KEYS if _norm(saved.get(k)) != _norm(asdict(cfg)[k])]
         if changed:

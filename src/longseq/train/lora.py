@@ -42,7 +42,7 @@ def to_nf4_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def is_nf4(weight: torch.Tensor) -> bool:
-    return isinstance(weight, _nf4()[0])
+    return type(weight).__name__ == "NF4Tensor"  # by name: plain LoRA must not need torchao at all
 
 
 class LoRALinear(nn.Module):

@@ -1,0 +1,62 @@
+"""`longseq train` / `export` flags and YAML map onto TrainConfig; bad input is one line and exit 2."""
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from longseq.cli_config import add_dataclass_flags, config_from
+from longseq.config import TrainConfig
+from longseq.errors import LongseqError
+
+
+def parse(argv, yaml_path=None):
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, TrainConfig)
+    return config_from(TrainConfig, parser.parse_args(argv), yaml_path)
+
+
+def test_flags_override_yaml(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("data: [a.jsonl, b.txt]\nlora_rank: 8\nlr: 0.001\nlora_targets: q_proj,v_proj\n")
+    cfg = parse(["--lr", "0.0005", "--method", "qlora"], str(yaml_file))
+    assert cfg.data == ("a.jsonl", "b.txt") and cfg.lora_rank == 8
+    assert cfg.lr == 0.0005 and cfg.method == "qlora" and cfg.lora_targets == ("q_proj", "v_proj")
+    assert cfg.seq_len == TrainConfig().seq_len  # untouched fields keep their defaults
+
+
+def test_every_field_has_a_flag():
+    cfg = parse(["--data", "x.jsonl", "--lora-targets", "q_proj", "k_proj", "--seq-len", "64", "--resume", "latest"])
+    assert cfg.lora_targets == ("q_proj", "k_proj") and cfg.seq_len == 64 and cfg.resume == "latest"
+
+
+@pytest.mark.parametrize("content,match", [
+    ("lora_rnk: 8\n", "unknown option"),
+    ("- a\n- b\n", "mapping"),
+    ("lr: [1\n", "not a readable YAML"),
+    ("method: dora\n", "method must be one of"),
+    ("seq_len: 0\n", "seq_len must be positive"),
+])
+def test_bad_yaml(tmp_path, content, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(LongseqError, match=match):
+        parse([], str(path))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train"], "no training data"),
+    (["train", "--data", "/nonexistent.jsonl", "--device", "cpu"], "/nonexistent.jsonl"),
+    (["train", "--data", "x.jsonl", "--optimizer", "lion"], "optimizer must be one of"),
+    (["train", "--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["train", "--data", "x.jsonl", "--resume", "latest", "--out-dir", "/nonexistent-run", "--device", "cpu"],
+     "no checkpoint"),
+    (["export", "--checkpoint", "/nonexistent", "--out", "/tmp/x"], "/nonexistent"),
+])
+def test_cli_errors_are_one_line(argv, needle, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "longseq", *argv], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2, out.stderr
+    assert len(lines) == 1 and "Traceback" not in out.stderr and needle in lines[0], out.stderr

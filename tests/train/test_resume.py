@@ -103,3 +103,15 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(setup):
     assert len(saved) == 1
     meta = ckpt.read_meta(saved[0])
     assert meta["step"] >= 2 and meta["batch_index"] == meta["step"]
+
+
+@pytest.mark.parametrize("optimizer,precision,recompute", [
+    ("sgd", "fp32", "selective"), ("adafactor", "fp32", "full"), ("adamw", "bf16", "full"),
+    ("adamw", "fp16", "none"),
+])
+def test_optimizers_and_precisions_train(setup, optimizer, precision, recompute):
+    out = train(config(setup, f"opt-{optimizer}-{precision}", optimizer=optimizer, precision=precision,
+                       recompute=recompute, max_steps=4, save_every=0, lora_dropout=0.0, lr=5e-2),
+                progress=False)
+    assert len(out.losses) == 4 and all(loss == loss for loss in out.losses)  # finite, no NaN
+    assert out.losses[-1] < out.losses[0]

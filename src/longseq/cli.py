@@ -59,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out folder")
     e.set_defaults(func=cmd_export)
 
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP server over the paged, continuously batching engine")
+    _add_model_args(v)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    v.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's file name)")
+    from longseq.config import EngineConfig
+
+    add_dataclass_flags(v, EngineConfig)
+    v.set_defaults(func=cmd_serve)
+
     d = sub.add_parser("demo", help="generate, then LoRA-teach the built-in model three new facts (CPU, minutes)")
     d.add_argument("--model", default=None, metavar="PATH", help="model to use (default: the built-in one)")
     d.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
@@ -129,6 +140,35 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export(args.checkpoint, args.out, args.format, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from longseq.cli_config import config_from
+    from longseq.config import EngineConfig
+    from longseq.engine.async_engine import AsyncLLMEngine
+    from longseq.engine.llm_engine import LLMEngine
+    from longseq.models.loader import load, resolve_model_path
+    from longseq.serve import serve
+
+    cfg = config_from(EngineConfig, args)
+    err = Console(stderr=True, highlight=False)
+    path = resolve_model_path(args.model)
+    with err.status(f"loading {path.name}"):
+        engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
+    name = args.served_model_name or path.stem
+    blocks = engine.blocks.num_blocks
+    err.print(f"[dim]{name} · {engine.lm.device} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
+              f"{blocks * cfg.kv_block_size:,} tokens · context {engine.max_model_len:,}[/]")
+    err.print(f"serving on http://{args.host}:{args.port}/v1")
+    async_engine = AsyncLLMEngine(engine, model_name=name)
+    try:
+        serve(async_engine, host=args.host, port=args.port, api_key=args.api_key, served_model_name=name,
+              log_level="warning")
+    finally:
+        async_engine.shutdown()
     return 0
 
 

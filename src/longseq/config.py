@@ -374,3 +374,31 @@ class TrainConfig:
         bad = set(self.lora_train_extra) - {"embed", "norm"}
         if bad:
             raise LongseqError(f"lora_train_extra takes embed and/or norm; got {sorted(bad)}")
+
+
+@dataclass
+class EngineConfig:
+    """The serving engine: KV pool, batching limits, queue."""
+
+    kv_block_size: int = _help("tokens per KV block", default=16)
+    max_num_seqs: int = _help("sequences running at once", default=256)
+    max_num_batched_tokens: int = _help("tokens computed per step (chunked-prefill budget)", default=2048)
+    max_model_len: int | None = _help("longest prompt + output (default: the model's context)", default=None)
+    gpu_memory_fraction: float = _help("share of the GPU's memory the engine may use (weights included)",
+                                       default=0.9)
+    num_kv_blocks: int | None = _help("KV blocks (default: from free memory; on CPU from --kv-cache-gib)",
+                                      default=None)
+    kv_cache_gib: float = _help("KV pool size on CPU", default=1.0)
+    enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
+    max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
+
+    def __post_init__(self):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if getattr(self, name) <= 0:
+                raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise LongseqError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise LongseqError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_gib <= 0:
+            raise LongseqError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from longseq.attention import attention
 from longseq.config import ModelConfig
 
 
@@ -31,6 +32,13 @@ class KVCache:
         self.k[layer_idx][:, :, self.length : end] = k
         self.v[layer_idx][:, :, self.length : end] = v
         return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end]
+
+    def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  window: int | None) -> torch.Tensor:
+        """Store this step's k, v (B, H_kv, S, D), then attend q (B, H, S, D) over all cached positions."""
+        q_start = self.length
+        k_all, v_all = self.update(layer_idx, k, v)  # (B, H_kv, q_start + S, D)
+        return attention(q, k_all, v_all, q_start=q_start, window=window)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

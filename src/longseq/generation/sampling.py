@@ -23,6 +23,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Generation ends before the first occurrence of any of these strings."""
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI semantics), in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per previous occurrence of a token in the output, in [-2, 2]."""
+    logprobs: int | None = None
+    """Return the log-probability of each sampled token and of the top N alternatives (0 <= N <= 20)."""
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -33,6 +39,12 @@ class SamplingParams:
             raise LongseqError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LongseqError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2.0 <= value <= 2.0):
+                raise LongseqError(f"{name} must be in [-2, 2], got {value}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise LongseqError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         self.stop = tuple(s for s in self.stop if s)

@@ -19,7 +19,7 @@ from longseq.config import ModelConfig
 from longseq.models.rope import RotaryEmbedding, apply_rope
 
 if TYPE_CHECKING:
-    from longseq.generation.kv_cache import KVCache
+    from longseq.generation.kv_cache import KVCache  # or the engine's PagedKVCache: same `attention` method
 
 RECOMPUTE_POLICIES = ("none", "selective", "full")
 
@@ -86,11 +86,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q_start = 0
-        if cache is not None:
-            q_start = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, H_kv, q_start + S, D)
-        return attention(q, k, v, q_start=q_start, window=self.window, doc_ids=doc_ids)
+        if cache is not None:  # the cache stores this step's K/V and attends over everything it holds
+            return cache.attention(self.layer_idx, q, k, v, self.window)
+        return attention(q, k, v, window=self.window, doc_ids=doc_ids)
 
 
 class MLP(nn.Module):
@@ -185,7 +183,7 @@ class CausalLM(nn.Module):
         doc_ids (B, S) mark packed documents: attention stays inside each one (positions should restart too).
         """
         B, S = input_ids.shape
-        if positions is None:
+        if positions is None:  # the paged engine always passes positions
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)  # (B, S, hidden)

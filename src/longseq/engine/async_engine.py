@@ -1,0 +1,134 @@
+"""The engine on its own thread, for the HTTP server: async request streams in, engine steps out of the event loop.
+
+The model step is blocking compute, so it must not run on the event loop; the engine thread owns all engine state,
+and the event loop talks to it only through a command queue (add / abort) and per-request asyncio queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from longseq.engine.llm_engine import LLMEngine
+from longseq.engine.outputs import RequestOutput
+from longseq.errors import LongseqError
+from longseq.generation.generate import render_prompt
+from longseq.generation.sampling import SamplingParams
+
+
+class QueueFullError(Exception):
+    """Too many requests are waiting; the server answers 429."""
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine, model_name: str = "longseq", max_queue: int | None = None):
+        self.engine, self.model_name = engine, model_name
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.max_queue = max_queue or engine.cfg.max_queue
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0  # adds sent to the engine thread but not yet taken in
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="longseq-engine", daemon=True)
+        self._thread.start()
+
+    def encode(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise LongseqError("messages must be a non-empty list of {role, content} objects with string values")
+        try:
+            return render_prompt(self.tokenizer, messages, chat=True)
+        except LongseqError:
+            raise
+        except Exception as e:  # the template rejected the conversation (e.g. roles out of order)
+            raise LongseqError(f"the chat template rejected these messages: {str(e).splitlines()[0]}") from None
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:  # a request being handed to the engine counts once, as pending or as waiting
+            stats = self.engine.stats()
+            stats["num_waiting"] += self._pending
+        return stats
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        self.engine.check_request(prompt_ids, params)  # pure: safe from this thread
+        with self._lock:
+            if request_id in self._streams:  # a second stream would steal the first one's outputs
+                raise LongseqError(f"request id {request_id!r} is already in use")
+            if self.engine.stats()["num_waiting"] + self._pending >= self.max_queue:
+                raise QueueFullError(f"{self.max_queue} requests are already waiting")
+            self._pending += 1
+            stream: asyncio.Queue = asyncio.Queue()
+            self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request_id, prompt_ids, params))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:  # the consumer went away (client disconnect, cancellation): free the blocks now
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._commands.put(("stop",))
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ----------------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _loop(self) -> None:
+        while True:
+            block = not self.engine.has_unfinished()
+            while True:
+                try:
+                    command = self._commands.get(block=block, timeout=None)
+                except queue.Empty:
+                    break
+                block = False
+                if command[0] == "stop":
+                    return
+                if command[0] == "add":
+                    _, request_id, prompt_ids, params = command
+                    with self._lock:  # leave pending and join the waiting queue at once, as generate() counts both
+                        self._pending -= 1
+                        try:
+                            self.engine.add_request(prompt_ids, params, request_id)
+                        except Exception as e:
+                            self._deliver(request_id, e)
+                else:
+                    out = self.engine.abort(command[1])
+                    if out is not None:
+                        self._deliver(out.request_id, out)
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
+                for request_id in list(self.engine.seqs):
+                    self.engine.abort(request_id)
+                    self._deliver(request_id, e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)

@@ -1,0 +1,130 @@
+"""The engine: requests in, one scheduler step at a time, RequestOutput snapshots out."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from longseq.config import EngineConfig
+from longseq.engine.block_manager import BlockManager
+from longseq.engine.model_runner import ModelRunner
+from longseq.engine.outputs import RequestOutput, TokenLogprob
+from longseq.engine.sampler import sample
+from longseq.engine.scheduler import Scheduler
+from longseq.engine.sequence import Sequence
+from longseq.errors import LongseqError
+from longseq.generation.sampling import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, lm: Any, cfg: EngineConfig | None = None):
+        """`lm` is a LoadedModel (model + tokenizer)."""
+        self.lm, self.cfg = lm, cfg or EngineConfig()
+        self.tokenizer = lm.tokenizer
+        self.max_model_len = min(self.cfg.max_model_len or lm.config.max_seq_len, lm.config.max_seq_len)
+        self.runner = ModelRunner(lm.model, self.cfg)
+        self.blocks = BlockManager(self.runner.num_blocks, self.cfg.kv_block_size, self.cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
+        self.seqs: dict[str, Sequence] = {}
+        self.eos_token_ids = set(lm.eos_token_ids)
+
+    # ---- requests ---------------------------------------------------------------------------------------
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Validate a request; returns how many output tokens it may produce."""
+        if not prompt_ids:
+            raise LongseqError("the prompt is empty")
+        vocab = self.lm.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise LongseqError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise LongseqError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
+            )
+        max_output = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
+        need = -(-(len(prompt_ids) + max_output) // self.cfg.kv_block_size)
+        if need > self.blocks.num_blocks:
+            raise LongseqError(f"the request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
+        return max_output
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        max_output = self.check_request(prompt_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self.seqs:
+            raise LongseqError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks."""
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq, "")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+            "kv_cache_usage": self.blocks.usage, "num_preempted": self.scheduler.num_preempted,
+        }
+
+    # ---- the step ---------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        logits, to_sample = self.runner.run(scheduled)
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.blocks.commit(seq)
+        if not to_sample:
+            return []
+        tokens, logprobs = sample(logits, to_sample)
+        pairs = enumerate(zip(to_sample, tokens, strict=True))
+        return [self._append(seq, token, logprobs[i]) for i, (seq, token) in pairs]
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
+        seq.token_ids.append(token)
+        seq.metrics.setdefault("first_token", time.monotonic())
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
+        finish = None
+        new_text = ""
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            finish = "stop"
+        else:
+            new_text = seq.stops.push(seq.detok.add(token))
+            if seq.stops.stopped:
+                finish = "stop"
+            elif len(seq.output_ids) >= seq.max_output_tokens:
+                finish = "length"
+        if finish is not None:
+            new_text += seq.stops.flush()
+            self.scheduler.finish(seq, finish)
+            self.seqs.pop(seq.request_id, None)
+            seq.metrics["finished"] = time.monotonic()
+        return self._output(seq, new_text)
+
+    def _logprob(self, token: int, row, top_n: int) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        top = []
+        if top_n:
+            values, ids = row.topk(top_n)
+            top = [(int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+        return TokenLogprob(token, decode([token]), float(row[token]), top)
+
+    def _output(self, seq: Sequence, new_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_ids, text=seq.stops.text[: seq.stops.emitted],
+            token_ids=seq.output_ids, finished=seq.is_finished, finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None, new_text=new_text,
+            metrics=dict(seq.metrics),
+        )

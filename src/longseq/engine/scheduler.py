@@ -1,0 +1,82 @@
+"""Continuous batching with a per-step token budget, chunked prefill and preemption by recompute (FCFS)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from longseq.engine.block_manager import BlockManager
+from longseq.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    """Each step: every running sequence first (one decode token, or the next chunk of its prompt), then new
+    sequences in arrival order while the token budget, the sequence cap and free KV blocks allow.
+
+    Decodes go first so a long prompt never stalls running generations: it is prefilled a budget-sized chunk per
+    step (Sarathi, Agrawal et al. 2023). When blocks run out, the newest running sequence is preempted: its blocks
+    are freed and it waits at the head of the queue to be recomputed.
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preempted = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, number of its tokens to compute this step), at most max_num_batched_tokens in all."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        for seq in list(self.running):
+            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status == Status.RUNNING:
+                scheduled.append((seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            seq.num_computed_tokens = self.blocks.allocate_prefix(seq)
+            n = min(len(seq) - seq.num_computed_tokens, budget)
+            if not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+                # FCFS: nobody overtakes the head of the queue. It gives back its prefix hits: a waiting sequence
+                # holding blocks could starve a preempted one queued ahead of it, and the engine would stall.
+                self.blocks.free_seq(seq)
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preempted += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Retire a sequence (done or aborted) and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason

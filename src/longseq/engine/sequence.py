@@ -1,0 +1,58 @@
+"""One request as the engine tracks it."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from enum import Enum, auto
+from typing import Any
+
+from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
+from longseq.generation.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Prompt + output tokens, how many of them have KV in the cache, and the blocks holding that KV."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Any,
+                 max_output_tokens: int):
+        self.seq_id = next(_ids)
+        self.request_id = request_id
+        self.prompt_ids = list(prompt_ids)
+        self.token_ids = list(prompt_ids)
+        self.params = params
+        self.max_output_tokens = max_output_tokens  # params.max_new_tokens capped by the context
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V is in the cache (prefix-cache hits included)
+        self.num_cached_tokens = 0  # of those, taken from the prefix cache at admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash of each full block, chained from the first
+        self.finish_reason: str | None = None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
+        self.stops = StopStringMatcher(params.stop)
+        self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.generator = None  # a torch.Generator when params.seed is set (made by the sampler)
+        self.metrics = {"arrival": time.monotonic()}
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids) :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED

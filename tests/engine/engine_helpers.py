@@ -1,0 +1,87 @@
+"""Helpers for the engine tests: a tiny random model with a fake tokenizer, and a driver that runs an engine to
+completion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from longseq.config import EngineConfig, ModelConfig
+from longseq.engine import LLMEngine
+from longseq.models.llama import CausalLM
+from longseq.models.loader import LoadedModel
+
+TINY_VOCAB = 97
+
+
+class FakeTokenizer:
+    """Token i is the word " w<i>": every token adds text, so stop strings and streaming are easy to check."""
+
+    chat_template = None
+
+    def __init__(self, eos_token_id: int | None = None):
+        self.eos_token_id = eos_token_id
+
+    def decode(self, ids, **_) -> str:
+        return "".join(f" w{int(i)}" for i in ids)
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+
+def tiny_lm(sliding_window: int | None = None, eos_token_id: int | None = None, max_seq_len: int = 256,
+            seed: int = 0) -> LoadedModel:
+    """A 2-layer GQA model in float64 (batched and single runs then agree far beyond any argmax tie)."""
+    cfg = ModelConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+        max_seq_len=max_seq_len, sliding_window=sliding_window,
+    )
+    torch.manual_seed(seed)
+    model = CausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:  # keep the RMSNorm weights at 1
+                p.normal_(0.0, 0.2)
+    return LoadedModel(model.double(), FakeTokenizer(eos_token_id), Path("tiny"))
+
+
+def make_engine(lm: LoadedModel, **options) -> LLMEngine:
+    options.setdefault("num_kv_blocks", 64)  # never the 1 GiB CPU default
+    return LLMEngine(lm, EngineConfig(**options))
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], params, max_steps: int = 20_000,
+               streams: dict[str, list[str]] | None = None) -> list:
+    """Add every request, step until all finish (failing instead of hanging), return the final outputs in order.
+
+    `streams`, if given, receives each request's new_text pieces under its request id."""
+    per_request = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, per_request, strict=True)]
+    done = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step():
+            if streams is not None:
+                streams.setdefault(out.request_id, []).append(out.new_text)
+            if out.finished:
+                done[out.request_id] = out
+    else:
+        raise AssertionError(f"the engine did not finish in {max_steps} steps: {engine.stats()}")
+    return [done[r] for r in ids]
+
+
+def assert_idle(engine: LLMEngine) -> None:
+    """Nothing running or waiting, every KV block free, no request left behind."""
+    assert not engine.has_unfinished()
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    assert all(r == 0 for r in engine.blocks.ref_counts)
+    assert not engine.seqs
+
+
+def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = TINY_VOCAB) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
+

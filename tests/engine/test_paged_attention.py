@@ -1,5 +1,7 @@
 """Paged attention over K/V scattered into random non-contiguous blocks equals contiguous attention."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -56,7 +58,7 @@ CASES = {
 def test_paged_equals_contiguous(case, heads, window):
     q_lens, ctx_lens = CASES[case]
     H, H_kv = heads
-    k_pool, v_pool, tables, ks, vs = scatter(ctx_lens, H_kv, seed=hash((case, H, window)) % 1000)
+    k_pool, v_pool, tables, ks, vs = scatter(ctx_lens, H_kv, seed=zlib.crc32(f"{case}-{H}-{window}".encode()) % 1000)
     batch = PagedBatch.build(tables, q_lens, ctx_lens, BS, torch.device("cpu"))
     assert (batch.decode_slots is not None) == all(q == 1 for q in q_lens)  # the fast path is what is tested
     q = torch.randn(1, H, sum(q_lens), D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
@@ -64,8 +66,8 @@ def test_paged_equals_contiguous(case, heads, window):
     assert out.shape == q.shape and not out.isnan().any()
     torch.testing.assert_close(out, reference_paged_attention(q, k_pool, v_pool, batch, window), **TOL)
     torch.testing.assert_close(out, contiguous(q, ks, vs, q_lens, ctx_lens, window), **TOL)
-    naive = contiguous(q, ks, vs, q_lens, ctx_lens, window, reference_attention)
-    torch.testing.assert_close(out, naive.to(out.dtype), atol=1e-6, rtol=0)
+    naive = contiguous(q, ks, vs, q_lens, ctx_lens, window, reference_attention)  # computes in float32
+    torch.testing.assert_close(out, naive.to(out.dtype), atol=1e-5, rtol=0)
 
 
 def test_batch_slots_follow_the_block_tables():

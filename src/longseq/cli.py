@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", default="data/demo/facts.jsonl", help="chat JSONL of the facts to teach")
     d.add_argument("--steps", type=int, default=20, help="fine-tuning steps")
     d.set_defaults(func=cmd_demo)
+
+    pl = sub.add_parser("plan", help="predict memory, time and cost of training or serving a model on given GPUs")
+    from longseq.plan.cli import add_plan_args
+
+    add_plan_args(pl, _Parser)
+    pl.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -176,6 +182,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from longseq.demo import run_demo
 
     return run_demo(model=args.model, device=args.device, data=args.data, steps=args.steps)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from longseq.plan.cli import run_plan
+
+    return run_plan(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longseq.attention import attention, reference_attention
-from longseq.attention.paged import PagedBatch, PagedKVCache, paged_attention, reference_paged_attention
+from longseq.attention.paged import DECODE_BUCKET, PagedBatch, PagedKVCache, paged_attention, reference_paged_attention
 
 D = 16
 BS = 4
@@ -78,8 +78,12 @@ def test_batch_slots_follow_the_block_tables():
     assert batch.slot_mapping.tolist() == [23, 8, 9, 29, 15, 4]  # the new tokens are each context's last
     assert batch.decode_slots is None
     dec = PagedBatch.build([[5, 2], [7]], [1, 1], [6, 2], BS, torch.device("cpu"))
-    assert dec.decode_mask.tolist() == [[True] * 6, [True, True] + [False] * 4]
-    assert dec.decode_slots[0].tolist() == [20, 21, 22, 23, 8, 9] and dec.decode_slots[1, :2].tolist() == [28, 29]
+    width = DECODE_BUCKET  # the key length is rounded up so that shapes repeat across steps
+    assert dec.decode_mask.tolist() == [[True] * 6 + [False] * (width - 6), [True, True] + [False] * (width - 2)]
+    # padding repeats each sequence's own last slot
+    assert dec.decode_slots[0].tolist() == [20, 21, 22, 23, 8, 9] + [9] * (width - 6)
+    assert dec.decode_slots[1].tolist() == [28, 29] + [29] * (width - 2)
+    assert dec.slot_mapping.tolist() == [9, 29]
 
 
 @pytest.mark.parametrize("q_lens, ctx_lens", [([1, 1, 1], [3, 9, 5]), ([2, 1, 4], [7, 1, 4])])

@@ -12,8 +12,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longseq.attention.sdpa import attention
+
+# Not cuDNN for the masked decode: it builds an execution plan per (batch, length) shape on the host (~3 ms, measured
+# on an H100), and the batch size changes whenever a request joins or leaves.
+_MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+# Decode key lengths are rounded up to this: repeated shapes let SDPA backends (cuDNN builds an execution plan per
+# shape, ~3 ms on the host) reuse their plans instead of rebuilding them every step.
+DECODE_BUCKET = 64
 
 
 @dataclass
@@ -21,35 +30,48 @@ class PagedBatch:
     slot_mapping: torch.Tensor  # (N,) pool slot of each new token
     query_lens: list[int]  # per sequence
     context_lens: list[int]  # per sequence, after this step
-    context_slots: list[torch.Tensor]  # per sequence: (context_len,) slots of its whole context, in order
-    decode_slots: torch.Tensor | None = None  # (B, T_max) padded slots when every query_len is 1
-    decode_mask: torch.Tensor | None = None  # (B, T_max) True where a slot is part of the context
+    block_tables: torch.Tensor  # (B, max_blocks) on the host, zero-padded
+    block_size: int
+    device: torch.device
+    decode_slots: torch.Tensor | None = None  # (B, T) padded slots when every query_len is 1
+    decode_mask: torch.Tensor | None = None  # (B, T) True where a slot is part of the context
+    _context_slots: list[torch.Tensor] | None = None
+
+    @property
+    def context_slots(self) -> list[torch.Tensor]:
+        """Per sequence, the (context_len,) slots of its whole context in order (built on first use)."""
+        if self._context_slots is None:
+            bs, out = self.block_size, []
+            for j, ctx in enumerate(self.context_lens):
+                pos = torch.arange(ctx)
+                out.append((self.block_tables[j, pos // bs] * bs + pos % bs).to(self.device))
+            self._context_slots = out
+        return self._context_slots
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
               device: torch.device) -> PagedBatch:
-        context_slots, new_slots = [], []
-        for table, q_len, ctx in zip(block_tables, query_lens, context_lens, strict=True):
-            blocks = torch.tensor(table, dtype=torch.int64)
-            pos = torch.arange(ctx, dtype=torch.int64)
-            slots = blocks[pos // block_size] * block_size + pos % block_size  # (ctx,)
-            context_slots.append(slots.to(device))
-            new_slots.append(slots[ctx - q_len :])
-        batch = cls(torch.cat(new_slots).to(device), query_lens, context_lens, context_slots)
+        # A handful of vectorized host ops and three copies to the device, whatever the batch size: per-sequence
+        # tensors here cost more host time than the whole decode step's GPU time.
+        B, bs = len(query_lens), block_size
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)  # (B, W)
+        ctx, q_lens = torch.tensor(context_lens), torch.tensor(query_lens)
         if all(q == 1 for q in query_lens):
-            t_max = max(context_lens)
-            padded = torch.empty(len(query_lens), t_max, dtype=torch.int64)
-            for j, slots in enumerate(context_slots):
-                # Pad with the sequence's own last slot, not slot 0: masked keys still enter the weighted sum with
-                # weight 0, and a NaN left in another request's block would turn 0 * NaN into NaN here.
-                slots = slots.cpu()
-                padded[j] = slots[-1]
-                padded[j, : len(slots)] = slots
-            batch.decode_slots = padded.to(device)
-            batch.decode_mask = torch.arange(t_max).expand(len(query_lens), t_max).to(device) < torch.tensor(
-                context_lens, device=device
-            ).unsqueeze(1)
-        return batch
+            T = -(-max(context_lens) // DECODE_BUCKET) * DECODE_BUCKET
+            # Padding repeats each sequence's own last slot, never another request's: masked keys still enter the
+            # weighted sum with weight 0, and 0 * NaN left in someone else's block would be NaN.
+            pos = torch.minimum(torch.arange(T).expand(B, T), (ctx - 1).unsqueeze(1))  # (B, T)
+            slots = tables.gather(1, pos // bs) * bs + pos % bs
+            mask = torch.arange(T).unsqueeze(0) < ctx.unsqueeze(1)
+            slot_mapping = slots[torch.arange(B), ctx - 1]
+            return cls(slot_mapping.to(device), query_lens, context_lens, tables, bs, device,
+                       decode_slots=slots.to(device), decode_mask=mask.to(device))
+        seq = torch.repeat_interleave(torch.arange(B), q_lens)  # (N,) owning sequence of each new token
+        first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
+        pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
+        slot_mapping = tables[seq, pos // bs] * bs + pos % bs
+        return cls(slot_mapping.to(device), query_lens, context_lens, tables, bs, device)
 
 
 def paged_attention(
@@ -87,7 +109,8 @@ def _decode(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> torch.T
     # h // group, as HF's repeat_kv) stands in for the query-length dimension of one attention per KV head.
     D = q.shape[-1]
     qb = q[0].transpose(0, 1).reshape(B, num_kv_heads, H // num_kv_heads, D)  # (B, H_kv, group, D)
-    out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :])  # (B, H_kv, group, D)
+    with sdpa_kernel(_MASKED_BACKENDS):
+        out = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :])  # (B, H_kv, group, D)
     return out.reshape(B, H, D).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
 
 

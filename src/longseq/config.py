@@ -391,6 +391,7 @@ class EngineConfig:
     kv_cache_gib: float = _help("KV pool size on CPU", default=1.0)
     enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
     max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
+    cuda_graphs: bool = _help("replay decode steps as CUDA graphs (GPU only)", default=True)
 
     def __post_init__(self):
         for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):

@@ -59,12 +59,7 @@ class PagedBatch:
         ctx, q_lens = torch.tensor(context_lens), torch.tensor(query_lens)
         if all(q == 1 for q in query_lens):
             T = -(-max(context_lens) // DECODE_BUCKET) * DECODE_BUCKET
-            # Padding repeats each sequence's own last slot, never another request's: masked keys still enter the
-            # weighted sum with weight 0, and 0 * NaN left in someone else's block would be NaN.
-            pos = torch.minimum(torch.arange(T).expand(B, T), (ctx - 1).unsqueeze(1))  # (B, T)
-            slots = tables.gather(1, pos // bs) * bs + pos % bs
-            mask = torch.arange(T).unsqueeze(0) < ctx.unsqueeze(1)
-            slot_mapping = slots[torch.arange(B), ctx - 1]
+            slots, mask, slot_mapping = decode_slots(tables, ctx, T, bs)
             return cls(slot_mapping.to(device), query_lens, context_lens, tables, bs, device,
                        decode_slots=slots.to(device), decode_mask=mask.to(device))
         seq = torch.repeat_interleave(torch.arange(B), q_lens)  # (N,) owning sequence of each new token
@@ -72,6 +67,19 @@ class PagedBatch:
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
         slot_mapping = tables[seq, pos // bs] * bs + pos % bs
         return cls(slot_mapping.to(device), query_lens, context_lens, tables, bs, device)
+
+
+def decode_slots(tables: torch.Tensor, ctx: torch.Tensor, width: int, block_size: int):
+    """Host tensors for a decode batch: (B, width) context slots, (B, width) key mask, (B,) slot of each new token.
+
+    Padding repeats each sequence's own last slot, never another request's: masked keys still enter the weighted
+    sum with weight 0, and 0 * NaN left in someone else's block would be NaN.
+    """
+    B, bs = ctx.shape[0], block_size
+    pos = torch.minimum(torch.arange(width).expand(B, width), (ctx - 1).unsqueeze(1))  # (B, width)
+    slots = tables.gather(1, pos // bs) * bs + pos % bs
+    mask = torch.arange(width).unsqueeze(0) < ctx.unsqueeze(1)
+    return slots, mask, slots[torch.arange(B), ctx - 1]
 
 
 def paged_attention(

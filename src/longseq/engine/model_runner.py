@@ -6,6 +6,7 @@ import torch
 
 from longseq.attention.paged import PagedBatch, PagedKVCache
 from longseq.config import EngineConfig
+from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
 from longseq.engine.sequence import Sequence
 from longseq.errors import LongseqError
 from longseq.models.llama import CausalLM
@@ -24,8 +25,14 @@ class ModelRunner:
         self.block_size = cfg.kv_block_size
         self.num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         mc = model.config
-        self.cache = PagedKVCache(mc.num_layers, self.num_blocks * self.block_size, mc.num_kv_heads, mc.head_dim,
-                                  self.dtype, self.device)
+        # One block more than the block manager hands out: the scratch slot that padded graph rows write to.
+        self.scratch_slot = self.num_blocks * self.block_size
+        self.cache = PagedKVCache(mc.num_layers, (self.num_blocks + 1) * self.block_size, mc.num_kv_heads,
+                                  mc.head_dim, self.dtype, self.device)
+        # Dynamic NTK reads the longest position on the host every step, which a graph cannot do.
+        self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def _blocks_from_memory(self) -> int:
         per_block = kv_bytes_per_block(self.model, self.block_size)
@@ -54,6 +61,10 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Compute the scheduled tokens; return float32 logits (M, V) for the M sequences whose last token was
         computed (they sample next), with those sequences."""
+        if self.use_graphs and all(n == 1 and s.num_computed_tokens + 1 == len(s) for s, n in scheduled):
+            graph = self._graph_run(scheduled)
+            if graph is not None:
+                return graph
         ids, positions, to_sample, last = [], [], [], []
         for seq, n in scheduled:
             start = seq.num_computed_tokens
@@ -73,3 +84,19 @@ class ModelRunner:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), []
         logits = self.model.lm_head(hidden[0, torch.tensor(last, device=self.device)])  # (M, V)
         return logits.float(), to_sample
+
+    def _graph_run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]] | None:
+        seqs = [s for s, _ in scheduled]
+        size = bucket(len(seqs), BATCH_BUCKETS)
+        longest = max(s.num_computed_tokens + 1 for s in seqs)
+        if size is None:
+            return None
+        keys = key_bucket(longest)
+        graph = self.graphs.get((size, keys))
+        if graph is None:
+            graph = self.graphs[(size, keys)] = DecodeGraph(self, size, keys, self.graph_pool)
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int64)
+        ctx = torch.tensor([s.num_computed_tokens + 1 for s in seqs])
+        logits = graph.replay([s.token_ids[-1] for s in seqs], [s.num_computed_tokens for s in seqs], tables, ctx)
+        return logits.float(), seqs

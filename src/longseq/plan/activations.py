@@ -1,0 +1,313 @@
+"""Activation memory of longseq's training step, tensor by tensor, and the moment of the step where it peaks.
+
+The generic reference is Korthikanti et al. 2022 (arXiv 2205.05198), eq. 1: a GPT layer saves s·b·h·(34 + 5·a·s/h)
+bytes in 16-bit training (`korthikanti_layer_bytes`). longseq differs, and this module follows longseq's code
+(models/llama.py, train/lora.py, train/loss.py, attention/sdpa.py) rather than the generic formula:
+
+- SDPA (flash / memory-efficient kernels) keeps no s×s scores: the 5·a·s/h term is a (B, H, S) fp32 log-sum-exp.
+- RMSNorm (not LayerNorm), SwiGLU (three S×I tensors), RoPE'd q and k, GQA k/v of H_kv heads; no dropout.
+- RMSNorm computes in fp32: each norm keeps a fp32 copy of its input (4·d bytes a token).
+- LoRA: the frozen base matmul keeps nothing (its weight needs no grad); adapter A keeps its input, B keeps x·Aᵀ
+  (r values a token). QLoRA's NF4 matmul (torchao linear_nf4) keeps only the quantized weight.
+- Full fine-tuning keeps fp32 master weights under bf16 autocast: the residual stream is fp32, each linear casts its
+  input to bf16 separately (q, k, v make three copies of the normed input) and saves the cast bf16 weight.
+- recompute "full" keeps each layer's input; backward recomputes one layer at a time. "selective" recomputes the
+  attention core (norms, RoPE, SDPA) and silu(gate)·up, keeping every matmul output (after Korthikanti et al.).
+- The LM head and the loss run chunk by chunk (train/loss.py): only chunk × vocab fp32 logits exist at a time.
+
+The peak of a step is the largest of a few moments of backward, each measured tensor by tensor on CPU with
+torch's saved-tensor hooks and a live-storage tracker (tests/plan/test_activations_measured.py):
+the loss chunks (three fp32 chunk × vocab tensors), the final RMSNorm backward (five fp32 S × d temporaries),
+the last layer's MLP backward (gate, up, silu(gate) and three S × I gradients at once) and attention backward.
+Modelled but not in longseq yet: "offloaded" layer inputs in pinned host memory, a tiled MLP (`mlp_tile`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longseq.plan.models import ModelSpec
+from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
+
+POLICIES = ("none", "selective", "full", "offloaded")
+FP32 = 4  # RMSNorm statistics, loss logits, log-sum-exp, master weights
+INDEX = 8  # int64 token ids and targets
+NORM_BACKWARD_TEMPS = 5  # fp32 S×d tensors alive at once in RMSNorm's backward (measured: grad·r, mean grad, x, 2x, …)
+LOSS_TEMPS = 3  # fp32 chunk×V tensors in the loss backward: log-softmax output, nll grad, log-softmax grad
+MLP_BACKWARD_TENSORS = 6  # S×I tensors at the MLP backward: gate, up, silu(gate) and three gradients
+NF4_DEQUANT_BYTES = 14.0  # per weight element, transient, while torchao 0.18 dequantizes an NF4 weight (measured)
+
+
+@dataclass(frozen=True)
+class ActivationSetup:
+    """The parts of a training setup that shape activation memory."""
+
+    method: str = "lora"  # full | lora | qlora
+    recompute: str = "none"  # none | selective | full | offloaded
+    precision: str = "bf16"  # bf16 | fp16 (autocast) | fp32
+    batch_size: int = 1  # sequences per micro-batch
+    seq_len: int = 2048
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    train_embed: bool = False  # LoRA + trainable embeddings (LongLoRA)
+    train_norms: bool = False  # LoRA + trainable norms (LongLoRA)
+    loss_chunk: int = 1024
+    packed: bool = False  # several documents per row: a (B, 1, S, S) bool mask per layer, GQA k/v expanded
+    keep_hidden: bool = True  # longseq train's step holds `hidden` through backward (the benchmark does not)
+    grads_persist: bool = False  # gradient accumulation: earlier micro-batches' grads exist during this one
+    mlp_tile: int | None = None  # modelled: MLP run over this many tokens at a time (not in longseq yet)
+    tp: int = 1  # tensor parallel with Megatron sequence parallelism: every activation / tp (Korthikanti §4.2.2)
+    sp: int = 1  # context parallel (Ulysses / ring): each GPU holds seq_len / sp tokens
+    pp: int = 1  # pipeline stages: layers / pp per GPU, pp micro-batches in flight on the first stage
+
+
+@dataclass
+class ActivationPeak:
+    saved: float  # bytes kept from forward for backward, on one GPU
+    peak: float  # activation + workspace bytes at the step's worst moment (weights and optimizer excluded)
+    grads: float  # gradient bytes alive at that moment (trainable weights' .grad)
+    phase: str  # which moment: loss backward, final norm backward, MLP backward, attention backward, forward end
+    parts: dict[str, float] = field(default_factory=dict)  # `peak` split by what holds the bytes
+    host: float = 0.0  # bytes in pinned host memory (offloaded layer inputs)
+    events: dict[str, float] = field(default_factory=dict)  # every candidate moment's activations + grads
+    all_grads: float = 0.0  # every trainable weight's gradient (the optimizer step's moment)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    a: int  # activation bytes (autocast dtype)
+    r: int  # residual-stream bytes (fp32 when full fine-tuning keeps fp32 master weights)
+    full: bool
+    targets: frozenset[str]
+    saves: frozenset[str]  # linears whose input is saved (trainable base weight or a LoRA adapter)
+    norm_grad: bool
+    emb_grad: bool
+    casts: bool  # autocast casts fp32 weights (full fine-tuning in bf16/fp16)
+
+
+def _sizes(st: ActivationSetup) -> _Sizes:
+    full = st.method == "full"
+    a = 4 if st.precision == "fp32" else 2
+    targets = frozenset() if full else frozenset(st.lora_targets)
+    saves = frozenset(ATTENTION_LINEARS + ("gate_proj", "up_proj", "down_proj")) if full else targets
+    return _Sizes(a=a, r=4 if full else a, full=full, targets=targets, saves=saves,
+                  norm_grad=full or st.train_norms, emb_grad=full or st.train_embed, casts=full and a == 2)
+
+
+def korthikanti_layer_bytes(seq_len: int, batch: int, hidden: int, heads: int, tp: int = 1, sp: bool = False) -> float:
+    """Generic per-layer activation bytes of a 16-bit GPT layer with no recompute."""
+    s, b, h, a, t = seq_len, batch, hidden, heads, tp
+    if sp:  # Korthikanti et al. 2022, eq. 5 (tensor + sequence parallel): sbh(34/t + 5as/(ht))
+        return s * b * h * (34 / t + 5 * a * s / (h * t))
+    return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))  # eq. 2 (tensor parallel), eq. 1 at t = 1
+
+
+def _norm_bytes(z: _Sizes, d: int, input_needs_grad: bool) -> float:
+    """Per token: RMSNorm keeps a fp32 copy of its input (x.float(), or x itself when fp32) and rsqrt (one fp32),
+    plus x.to(dtype) when its weight trains (longseq RMSNorm: weight * x.to(dtype))."""
+    out = (FP32 * d + FP32) if input_needs_grad else 0.0
+    return out + (z.r * d if z.norm_grad else 0.0)
+
+
+def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, first: bool = False) -> dict[str, float]:
+    """Bytes one decoder layer keeps for backward, per token, by part. `first`: layer 0, whose input needs no grad
+    when the embedding is frozen (LoRA): its input norm then keeps nothing."""
+    z, cfg = _sizes(st), spec.config
+    d, q, kv, inter, k = cfg.hidden_size, spec.q_dim, spec.kv_dim, cfg.intermediate_size, spec.experts_per_token
+    if policy in ("full", "offloaded"):  # checkpoint keeps only the layer input (torch.utils.checkpoint saves args)
+        return {"layer inputs": float(z.r * d)}
+    x_rg = not first or z.emb_grad
+    casts_in = z.casts and z.r != z.a  # fp32 normed input, cast to bf16 by each linear separately
+    qkv_saving = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
+    gu_saving = [n for n in ("gate_proj", "up_proj") if n in z.saves and (n != "gate_proj" or spec.mlp == "swiglu")]
+    parts: dict[str, float] = {}
+    parts["norms"] = _norm_bytes(z, d, x_rg) + _norm_bytes(z, d, True)
+    parts["normed inputs"] = z.a * d * ((len(qkv_saving) if casts_in else min(1, len(qkv_saving)))
+                                        + (len(gu_saving) if casts_in else min(1, len(gu_saving))))
+    lse = FP32 * cfg.num_heads
+    if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved
+        kv_saved = 2 * z.a * q + st.seq_len / st.sp
+    else:
+        kv_saved = 2 * z.a * kv
+    if policy == "none":
+        attn = z.a * q + kv_saved + z.a * q + lse  # RoPE'd q and k, v, output, log-sum-exp
+        if cfg.qk_norm:  # Qwen3: fp32 copies of q and k in q_norm / k_norm, one rsqrt per head
+            attn += FP32 * (q + kv) + FP32 * (cfg.num_heads + cfg.num_kv_heads) + (z.a * (q + kv) if z.norm_grad
+                                                                                      else 0)
+        mlp = (3 + ("down_proj" in z.saves)) * z.a * inter * k  # gate, silu(gate), up, silu·up (down's input)
+        if spec.mlp == "gelu":
+            mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
+    else:  # selective: the checkpointed core keeps q, k, v (pre-RoPE); o_proj keeps the output if it saves inputs
+        attn = z.a * q + (2 * z.a * kv) + (z.a * q if "o_proj" in z.saves else 0)
+        mlp = (2 + ("down_proj" in z.saves)) * z.a * inter * k  # gate and up (checkpoint inputs), silu·up
+        if spec.mlp == "gelu":
+            mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
+    parts["attention"] = attn
+    parts["mlp"] = mlp if st.mlp_tile is None else 0.0  # tiled: intermediates exist per tile only (see peak)
+    parts["lora"] = z.a * st.lora_rank * sum(layer_linears(spec)[t].copies for t in z.targets if
+                                             t in layer_linears(spec))
+    return {key: value for key, value in parts.items() if value}
+
+
+def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
+    """Per token, outside the layers: RoPE cos/sin (x's dtype), the final norm, the hidden states the loss chunks
+    keep, the int64 targets, the token ids when the embedding trains."""
+    z, cfg = _sizes(st), spec.config
+    d = cfg.hidden_size
+    return {
+        "rope cos/sin": 2.0 * z.r * cfg.head_dim,
+        "final norm": _norm_bytes(z, d, True),
+        "hidden (loss input)": float(z.r * d),
+        "targets and ids": float(INDEX * (1 + z.emb_grad)),
+    }
+
+
+def _tokens(st: ActivationSetup) -> float:
+    return st.batch_size * st.seq_len / st.sp
+
+
+def _layer_constants(spec: ModelSpec, st: ActivationSetup) -> float:
+    """Bytes per layer, not per token, kept for backward: bf16 casts of the adapters (LoRA) or of the fp32 weights
+    (full fine-tuning under autocast), which autocast caches and the matmuls save."""
+    z = _sizes(st)
+    if z.casts:
+        return 2.0 * count_params(spec).linear / spec.config.num_layers
+    if z.a == 2 and z.targets:
+        return 2.0 * lora_weight_elements(spec, st.lora_rank, tuple(z.targets))
+    return 0.0
+
+
+def _layer_saved(spec: ModelSpec, st: ActivationSetup, first: bool) -> dict[str, float]:
+    """One layer's saved bytes for the micro-batch on one GPU (policy of the setup), by part."""
+    scale = _tokens(st) / st.tp
+    return {k: v * scale for k, v in layer_bytes_per_token(spec, st, st.recompute, first=first).items()}
+
+
+def saved_bytes(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
+    """Bytes kept from forward for backward for the whole micro-batch on one GPU, by part (what saved-tensor hooks
+    see: unique storages, parameters excluded)."""
+    layers = spec.config.num_layers // st.pp
+    out: dict[str, float] = {}
+    for first, count in ((st.pp == 1, 1), (False, layers - 1)):
+        for key, value in _layer_saved(spec, st, first).items():
+            out[key] = out.get(key, 0.0) + value * count
+    for key, value in outside_bytes_per_token(spec, st).items():
+        out[key] = out.get(key, 0.0) + value * _tokens(st) / st.tp
+    if st.packed and st.recompute != "none":
+        out["targets and ids"] += INDEX * _tokens(st) / st.tp  # doc_ids are a checkpoint input
+    if st.recompute in ("none", "selective"):
+        out["weight casts"] = _layer_constants(spec, st) * layers / st.tp
+    if st.pp > 1:  # 1F1B: the first stage holds pp micro-batches of its layers (Narayanan et al. 2021, §2.2)
+        out = {key: value * st.pp for key, value in out.items()}
+    return {key: value for key, value in out.items() if value}
+
+
+def _grad_bytes(spec: ModelSpec, st: ActivationSetup) -> tuple[float, float, float]:
+    """(LM head, one layer, everything) gradient bytes on one GPU: fp32 .grad of the trainable weights."""
+    z, cfg = _sizes(st), spec.config
+    shard = st.tp * st.pp
+    if z.full:
+        counts = count_params(spec)
+        head = FP32 * cfg.vocab_size * cfg.hidden_size
+        layer = FP32 * (counts.attention + counts.mlp + 2 * cfg.hidden_size * cfg.num_layers) / cfg.num_layers
+        return head / st.tp, layer / shard, FP32 * counts.total / shard
+    adapters = FP32 * lora_params(spec, st.lora_rank, tuple(z.targets)) / shard
+    return 0.0, adapters / cfg.num_layers, adapters
+
+
+def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
+    """The activation bytes at the worst moment of one training micro-step, and which moment that is.
+
+    Each candidate moment is (activations + workspace, gradients alive then); the step's peak is the largest sum.
+    Backward frees a layer's activations as it goes and creates that layer's gradients, so for the layer moments
+    only the two ends can be the largest: the last layer (first in backward) and layer 0.
+    """
+    if st.recompute not in POLICIES:
+        raise ValueError(f"recompute must be one of {POLICIES}")
+    z, cfg = _sizes(st), spec.config
+    d, inter, k = cfg.hidden_size, cfg.intermediate_size, spec.experts_per_token
+    layers = cfg.num_layers // st.pp
+    t = _tokens(st) / st.tp  # tokens' worth of activations on this GPU (tensor/sequence parallel shard them)
+    vocab = cfg.vocab_size / st.tp  # vocabulary-parallel loss under tensor parallelism
+    saved = saved_bytes(spec, st)
+    host = 0.0
+    if st.recompute == "offloaded":  # layer inputs in pinned host memory; the GPU keeps the current and next one
+        host = saved["layer inputs"]
+        saved["layer inputs"] = min(host, 2 * z.r * d * t)
+    total = sum(saved.values())
+    outside = {key: v * t for key, v in outside_bytes_per_token(spec, st).items()}
+    cos_sin_ids = outside["rope cos/sin"] + (INDEX * t if z.emb_grad else 0.0)
+    head_grad, layer_grad, all_grads = _grad_bytes(spec, st)
+    persist = all_grads if st.grads_persist else None
+
+    def grads(value: float) -> float:
+        return persist if persist is not None else value
+
+    dy = z.r * d * t  # the gradient flowing back along the residual stream
+    mlp_rows = t if st.mlp_tile is None else min(t, st.mlp_tile / st.tp)
+    width = inter * k
+    mlp_event = (MLP_BACKWARD_TENSORS if spec.mlp == "swiglu" else 4) * z.a * width * mlp_rows
+    none_layer = {key: v * t for key, v in layer_bytes_per_token(spec, st, "none").items()}
+    none_rest = sum(v for key, v in none_layer.items() if key != "mlp")
+    const = _layer_constants(spec, st) / st.tp
+    recomputing = st.recompute in ("full", "offloaded")
+
+    hidden_kept = outside["hidden (loss input)"] if st.keep_hidden else 0.0
+    # At a layer's MLP backward its down_proj is done: the bf16 cast of that weight is already freed.
+    down_cast = 2.0 * inter * d * k / st.tp if z.casts else 0.0
+
+    def layer_moment(i: int) -> float:
+        """Activations at the MLP backward of layer i (0-based, counted from the input)."""
+        common = cos_sin_ids + hidden_kept + dy + mlp_event - down_cast
+        if recomputing:
+            inputs = z.r * d * t * (min(i + 1, 2) if st.recompute == "offloaded" else i + 1)
+            # fp32 residual (full fine-tuning): the first norm's fp32 input is the layer input itself
+            alias = FP32 * d * t if z.r == FP32 else 0.0
+            return inputs + none_rest - alias + const + common
+        first = _layer_saved(spec, st, st.pp == 1)
+        other = _layer_saved(spec, st, False)
+        kept = sum(first.values()) + i * sum(other.values()) - (other if i else first).get("mlp", 0.0)
+        return kept + const * (i + 1) + common
+
+    chunk = min(st.loss_chunk, _tokens(st))
+    chunks = -(-_tokens(st) // chunk)
+    # From the second chunk on, the hidden states' gradient buffer (r·d a token) is being accumulated.
+    loss = LOSS_TEMPS * FP32 * chunk * vocab + (z.r * d * t if chunks > 1 else 0.0)
+    if z.casts:  # the chunk's recompute casts the LM head and the fp32 hidden chunk to bf16
+        loss += z.a * vocab * d + z.a * chunk * d / st.tp
+    hidden_freed = 0.0 if st.keep_hidden else outside["hidden (loss input)"]
+    events: dict[str, tuple[float, float]] = {
+        "loss backward": (total + loss, grads(head_grad if chunks > 1 else 0.0)),
+        "final norm backward": (total - hidden_freed - INDEX * t + NORM_BACKWARD_TEMPS * FP32 * d * t,
+                                grads(head_grad)),
+        "MLP backward, last layer": (layer_moment(layers - 1), grads(head_grad + layer_grad / 3)),
+    }
+    if z.full or st.grads_persist:
+        events["MLP backward, layer 0"] = (layer_moment(0), grads(head_grad + (layers - 1 + 1 / 3) * layer_grad))
+    events["optimizer step"] = (0.0, all_grads)
+    q_bytes, kv_bytes = z.a * spec.q_dim * t, z.a * spec.kv_dim * t
+    attn_ws = (2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV
+               + FP32 * spec.q_dim * t  # FlashAttention-2 backward's fp32 dQ accumulator
+               + (2 * q_bytes if cfg.num_kv_heads != cfg.num_heads else 0.0))  # dK, dV expanded to H heads
+    attn = layer_moment(layers - 1) - mlp_event - none_layer.get("mlp", 0.0) * (not recomputing) + attn_ws
+    events["attention backward, last layer"] = (attn, grads(head_grad + layer_grad))
+    if z.casts:  # autocast caches a bf16 copy of every fp32 weight until the forward's autocast region ends
+        casts = 2.0 * count_params(spec).linear / (st.tp * st.pp) if recomputing else 0.0
+        events["forward end"] = (total + casts + (z.a + 2 * FP32) * chunk * vocab, grads(0.0))
+    if st.method == "qlora":  # torchao dequantizes each NF4 weight in full before its matmul (forward, recompute)
+        biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
+        dequant = NF4_DEQUANT_BYTES * biggest
+        if recomputing:  # the last layer's recompute reaches down_proj with gate, up, silu(gate), silu·up and
+            # the mid-layer residual (a local of the layer's forward) alive
+            at = layer_moment(layers - 1) - mlp_event + 4 * z.a * width * mlp_rows + z.r * d * t + dequant
+        else:
+            at = total - sum(outside.values()) + outside["rope cos/sin"] + dequant
+        events["NF4 dequantize"] = (at, grads(0.0))
+    phase = max(events, key=lambda e: sum(events[e]))
+    act, grad = events[phase]
+    if phase == "optimizer step":  # nothing of the forward is left
+        total, saved = 0.0, {}
+    parts = dict(saved)
+    parts["transient"] = act - total
+    return ActivationPeak(saved=total, peak=act, grads=grad, phase=phase, parts=parts, host=host,
+                          events={e: sum(v) for e, v in events.items()}, all_grads=all_grads)

@@ -1,0 +1,257 @@
+"""Training memory per GPU: weights, gradients, optimizer states, activations, and how parallelism divides them.
+
+Single GPU, the layout of longseq train: full fine-tuning keeps fp32 weights (the master copy), fp32 gradients and
+the optimizer's fp32 states, under bf16 autocast; LoRA keeps the frozen base in bf16 and fp32 adapters with their
+gradients and states; QLoRA stores every decoder linear weight in NF4 (embeddings, norms, LM head stay bf16).
+Several GPUs follow DeepSpeed / Megatron (longseq itself trains on one GPU today): ZeRO (Rajbhandari et al. 2020,
+arXiv 1910.02054, fig. 1) keeps bf16 weights (2Ψ), bf16 gradients (2Ψ) and K·Ψ optimizer bytes (K = 12 for Adam:
+fp32 master + m + v) and partitions them over the Nd data-parallel ranks: stage 1 2Ψ+2Ψ+KΨ/Nd, stage 2
+2Ψ+(2+K)Ψ/Nd, stage 3 (2+2+K)Ψ/Nd; tensor and pipeline parallelism divide the weights by t·p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from longseq.errors import LongseqError
+from longseq.plan.activations import POLICIES, ActivationPeak, ActivationSetup, activation_peak
+from longseq.plan.models import ModelSpec
+from longseq.plan.params import count_params, layer_linears, lora_params
+from longseq.plan.quant import nf4_bytes_per_param
+
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
+PRECISIONS = ("bf16", "fp16", "fp32")
+LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# torchao NF4 (what longseq's QLoRA uses): 64-weight blocks, second-level scales per 256 in the weight dtype.
+TORCHAO_NF4_BYTES = nf4_bytes_per_param(64, 256, second_level_bytes=2)
+# torchao AdamW8bit: two 8-bit states with one fp32 scale per 256 (Dettmers et al. 2021, arXiv 2110.02861);
+# tensors under 4096 elements keep fp32 states.
+ADAM8BIT_BYTES = 2 * (1 + 4 / 256)
+
+
+CUDA_CONTEXT_GIB = 0.5  # CUDA context, cuBLAS / cuDNN handles: outside PyTorch's allocator
+ALLOCATOR_SLACK = 0.05  # caching-allocator fragmentation over the allocated peak (typical, workload dependent)
+
+
+def nf4_quantize_bytes(elements: int) -> float:
+    """Transient bytes while torchao 0.18 quantizes one bf16 weight to NF4 (measured): 3 per element, plus a fp32
+    distance table to the 16 NF4 levels over chunks of 2^20 elements."""
+    return 3.0 * elements + 16 * 4 * min(elements, 2**20)
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How many GPUs and how the work is split over them (num_gpus = dp · tp · pp · sp)."""
+
+    dp: int = 1  # data parallel
+    tp: int = 1  # tensor parallel (Megatron, with sequence parallelism)
+    pp: int = 1  # pipeline stages
+    sp: int = 1  # context / sequence parallel (Ulysses, ring attention)
+    zero: int = 0  # ZeRO stage over the dp ranks: 0 | 1 | 2 | 3
+    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (ZeRO-Infinity: optimizer and weights)
+    nodes: int = 1
+
+    @property
+    def num_gpus(self) -> int:
+        return self.dp * self.tp * self.pp * self.sp
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    method: str = "lora"
+    seq_len: int = 2048
+    batch_size: int = 1  # sequences per micro-batch per GPU (model replica)
+    grad_accum: int = 1
+    recompute: str = "none"
+    optimizer: str = "adamw"
+    precision: str = "bf16"
+    lora_rank: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
+    train_embed: bool = False
+    train_norms: bool = False
+    loss_chunk: int = 1024
+    packed: bool = False
+    keep_hidden: bool = True
+    mlp_tile: int | None = None
+    parallel: Parallelism = field(default_factory=Parallelism)
+
+    def activation_setup(self) -> ActivationSetup:
+        p = self.parallel
+        return ActivationSetup(
+            method=self.method, recompute=self.recompute, precision=self.precision, batch_size=self.batch_size,
+            seq_len=self.seq_len, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
+            train_embed=self.train_embed, train_norms=self.train_norms, loss_chunk=self.loss_chunk,
+            packed=self.packed, keep_hidden=self.keep_hidden, grads_persist=self.grad_accum > 1,
+            mlp_tile=self.mlp_tile, tp=p.tp, sp=p.sp, pp=p.pp)
+
+
+@dataclass
+class TrainMemory:
+    """Bytes on one GPU at the step's peak (what torch.cuda.max_memory_allocated reports), and beside it."""
+
+    weights: float  # model weights as stored (frozen base + trainable)
+    gradients: float  # gradients alive at the peak
+    optimizer: float  # optimizer states (and the fp32 master copy under ZeRO)
+    activations: float  # saved for backward
+    transient: float  # workspace at the peak moment: loss chunk, norm / MLP / attention backward temporaries
+    activation: ActivationPeak
+    trainable: int  # trainable parameters (whole model)
+    host: float = 0.0  # pinned host memory (offloaded optimizer, weights, layer inputs)
+    load_peak: float = 0.0  # longseq QLoRA loads the bf16 model on the GPU before quantizing it
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def allocated(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.transient
+
+    @property
+    def reserve(self) -> float:
+        """Beyond the allocated peak: CUDA context and caching-allocator slack."""
+        return CUDA_CONTEXT_GIB * 2**30 + ALLOCATOR_SLACK * max(self.allocated, self.load_peak)
+
+    @property
+    def total(self) -> float:
+        return max(self.allocated, self.load_peak) + self.reserve
+
+
+def validate(spec: ModelSpec, setup: TrainSetup) -> None:
+    """LongseqError for settings that cannot work (one line, for the CLI)."""
+    cfg, p = spec.config, setup.parallel
+    checks = [
+        (setup.method in METHODS, f"method must be one of {', '.join(METHODS)}; got {setup.method!r}"),
+        (setup.recompute in POLICIES, f"recompute must be one of {', '.join(POLICIES)}; got {setup.recompute!r}"),
+        (setup.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {setup.optimizer!r}"),
+        (setup.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+        (min(setup.seq_len, setup.batch_size, setup.grad_accum, setup.loss_chunk, setup.lora_rank) > 0,
+         "seq-len, batch-size, grad-accum, loss-chunk and lora-rank must be positive"),
+        (min(p.dp, p.tp, p.pp, p.sp, p.nodes) > 0, "parallel degrees and nodes must be positive"),
+        (p.zero in (0, 1, 2, 3), f"zero stage must be 0, 1, 2 or 3; got {p.zero}"),
+        (p.offload in ("none", "optimizer", "params"), "offload must be none, optimizer or params"),
+        (p.offload != "params" or p.zero == 3, "offloading weights (params) needs ZeRO stage 3"),
+        (cfg.num_heads % p.tp == 0 and cfg.num_kv_heads % p.tp == 0,
+         f"tensor parallel {p.tp} must divide the heads ({cfg.num_heads}) and KV heads ({cfg.num_kv_heads})"),
+        (cfg.num_layers % p.pp == 0, f"pipeline parallel {p.pp} must divide the {cfg.num_layers} layers"),
+        (setup.seq_len % p.sp == 0 and cfg.num_heads % p.sp == 0,
+         f"sequence parallel {p.sp} must divide the sequence length and the {cfg.num_heads} heads"),
+        (p.num_gpus % p.nodes == 0, f"{p.num_gpus} GPUs do not split evenly over {p.nodes} nodes"),
+        (p.tp <= p.num_gpus // p.nodes, f"tensor parallel {p.tp} spans nodes: keep it within one node"),
+        (setup.method == "full" or (setup.lora_targets and not set(setup.lora_targets) - set(layer_linears(spec))),
+         f"lora targets must be among {', '.join(layer_linears(spec))}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LongseqError(message)
+
+
+def optimizer_bytes(spec: ModelSpec, setup: TrainSetup, trainable: int) -> float:
+    """Optimizer state bytes for the trainable parameters (whole model, before any partitioning).
+
+    AdamW: m and v in the parameter dtype, fp32 (Loshchilov & Hutter 2019): 8 B/param. AdamW8bit: block-wise
+    8-bit m and v (Dettmers et al. 2021): ≈2 B/param. SGD with momentum: 4 B/param. Adafactor (Shazeer & Stern
+    2018, arXiv 1804.04235): factored second moment, rows + cols per matrix, no first moment (torch.optim).
+    """
+    if setup.optimizer == "adamw":
+        return 8.0 * trainable
+    if setup.optimizer == "adamw8bit":
+        return ADAM8BIT_BYTES * trainable
+    if setup.optimizer == "sgd":
+        return 4.0 * trainable
+    return 4.0 * _adafactor_elements(spec, setup)
+
+
+def _adafactor_elements(spec: ModelSpec, setup: TrainSetup) -> int:
+    cfg = spec.config
+    if setup.method == "full":
+        per_layer = sum((x.in_features + x.out_features) * x.copies for x in layer_linears(spec).values())
+        head = 0 if cfg.tie_word_embeddings else cfg.vocab_size + cfg.hidden_size
+        norms = (2 * cfg.num_layers + 1) * cfg.hidden_size  # vectors keep a full second moment
+        return cfg.num_layers * per_layer + cfg.vocab_size + cfg.hidden_size + head + norms
+    lin = layer_linears(spec)
+    per_layer = sum((setup.lora_rank + lin[t].in_features + setup.lora_rank + lin[t].out_features) * lin[t].copies
+                    for t in setup.lora_targets)
+    return cfg.num_layers * per_layer
+
+
+def _extra_optimizer_bytes(spec: ModelSpec, setup: TrainSetup, extra: int) -> float:
+    """LongLoRA's trainable embedding and norms (fp32-equivalent bytes; states take the parameters' dtype)."""
+    if setup.optimizer != "adafactor":
+        return optimizer_bytes(spec, setup, extra)
+    cfg = spec.config
+    embed = cfg.vocab_size + cfg.hidden_size if setup.train_embed else 0  # factored: rows + cols
+    norms = (2 * cfg.num_layers + 1) * cfg.hidden_size if setup.train_norms else 0  # vectors: full
+    return 4.0 * (embed + norms)
+
+
+def trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
+    counts = count_params(spec)
+    if setup.method == "full":
+        return counts.total
+    extra = (counts.embedding if setup.train_embed else 0) + (counts.norms if setup.train_norms else 0)
+    return lora_params(spec, setup.lora_rank, setup.lora_targets) + extra
+
+
+def _state_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, float, float, list[str]]:
+    """(weights, all gradients, optimizer, host) bytes on one GPU, and notes."""
+    p, counts = setup.parallel, count_params(spec)
+    shard = p.tp * p.pp  # model parallelism divides every weight-shaped thing
+    trainable = trainable_params(spec, setup)
+    notes: list[str] = []
+    frozen_bytes = 4 if setup.precision == "fp32" else 2
+    if setup.method == "full":
+        zero_layout = p.dp > 1 and p.zero > 0
+        weight_b, grad_b = (2.0, 2.0) if zero_layout else (4.0, 4.0)  # DeepSpeed bf16 + fp32 master, or fp32
+        master = 4.0 * trainable if zero_layout and setup.precision != "fp32" else 0.0
+        weights, grads = weight_b * counts.total, grad_b * trainable
+        opt = optimizer_bytes(spec, setup, trainable) + master
+    else:
+        base = counts.total
+        if setup.method == "qlora":
+            weights = TORCHAO_NF4_BYTES * counts.linear + frozen_bytes * counts.not_linear
+        else:
+            weights = frozen_bytes * base
+        adapters = lora_params(spec, setup.lora_rank, setup.lora_targets)
+        extra = trainable - adapters  # LongLoRA's embeddings / norms train in the frozen dtype
+        weights += 4.0 * adapters
+        grads = 4.0 * adapters + frozen_bytes * extra
+        opt = optimizer_bytes(spec, setup, adapters) + _extra_optimizer_bytes(spec, setup, extra) * frozen_bytes / 4
+    weights, grads, opt = weights / shard, grads / shard, opt / shard
+    host = 0.0
+    if p.dp > 1 and p.zero >= 1:
+        opt /= p.dp
+    if p.dp > 1 and p.zero >= 2:
+        grads /= p.dp
+    if p.dp > 1 and p.zero >= 3:
+        weights /= p.dp
+    if p.offload in ("optimizer", "params"):
+        host += opt
+        opt = 0.0
+        notes.append("optimizer states in CPU memory (ZeRO-Offload): the optimizer step runs on the CPU")
+    if p.offload == "params":
+        host += weights
+        weights = 0.0
+        notes.append("weights in CPU memory (ZeRO-Infinity): streamed to the GPU layer by layer")
+    return weights, grads, opt, host, notes
+
+
+def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
+    """Peak bytes on one GPU for a training setup."""
+    validate(spec, setup)
+    act = activation_peak(spec, setup.activation_setup())
+    weights, grads_all, opt, host, notes = _state_bytes(spec, setup)
+    p, counts = setup.parallel, count_params(spec)
+    if p.zero >= 3 and p.dp > 1:  # a ZeRO-3 rank gathers one layer's full weights (and prefetches the next)
+        weights += 2 * 2.0 * counts.linear / spec.config.num_layers / (p.tp * p.pp)
+    share = act.grads / act.all_grads if act.all_grads else 0.0  # of the gradients, alive at the peak
+    memory = TrainMemory(weights=weights, gradients=share * grads_all, optimizer=opt, activations=act.saved,
+                         transient=act.peak - act.saved, activation=act, trainable=trainable_params(spec, setup),
+                         host=host + act.host, notes=notes)
+    if setup.method == "qlora":  # longseq loads the bf16 checkpoint on the GPU, then quantizes weight by weight
+        biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values())
+        memory.load_peak = (2.0 * counts.total + nf4_quantize_bytes(biggest)) / (p.tp * p.pp)
+    if setup.recompute == "offloaded":
+        notes.append("offloaded recompute is modelled, not in longseq yet: layer inputs in pinned host memory")
+    if setup.mlp_tile:
+        notes.append("tiled MLP is modelled, not in longseq yet")
+    return memory
+

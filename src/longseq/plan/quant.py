@@ -1,0 +1,42 @@
+"""Bytes per weight of each storage format (a data table), for training (QLoRA's NF4) and serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longseq.errors import LongseqError
+
+
+def nf4_bytes_per_param(block: int = 64, scaler_block: int = 256, second_level_bytes: int = 4) -> float:
+    """NF4 with double quantization: 4 bits a weight, one 8-bit absmax per `block` weights, one second-level scale
+    per `scaler_block` first-level ones (Dettmers et al. 2023, arXiv 2305.14314, §3: 0.127 bits/param overhead
+    at 64 / 256 with fp32 second-level scales; torchao keeps them in the weight dtype, 2 bytes)."""
+    return 0.5 + 1 / block + second_level_bytes / (block * scaler_block)
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    linear_bytes: float  # bytes per decoder linear weight
+    other_bytes: float  # embeddings, LM head, norms (kept in 16 bits by quantized formats)
+    note: str
+
+
+# int8: per-output-channel fp16 scales (LLM.int8 / SmoothQuant W8); int4: group 128 with fp16 scale + zero (AWQ,
+# GPTQ); fp8: e4m3 with per-tensor scales (negligible); nf4: QLoRA double quantization.
+FORMATS: dict[str, WeightFormat] = {
+    "fp32": WeightFormat("fp32", 4.0, 4.0, "float32"),
+    "bf16": WeightFormat("bf16", 2.0, 2.0, "bfloat16"),
+    "fp16": WeightFormat("fp16", 2.0, 2.0, "float16"),
+    "fp8": WeightFormat("fp8", 1.0, 2.0, "e4m3 weights, per-tensor scales; embeddings and LM head in 16 bits"),
+    "int8": WeightFormat("int8", 1.0, 2.0, "per-channel scales; embeddings and LM head in 16 bits"),
+    "int4": WeightFormat("int4", 0.5 + 4 / 128, 2.0, "group 128, fp16 scale + zero (AWQ / GPTQ)"),
+    "nf4": WeightFormat("nf4", nf4_bytes_per_param(), 2.0, "QLoRA NF4, double-quantized scales"),
+}
+KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+
+
+def get_format(name: str) -> WeightFormat:
+    if name not in FORMATS:
+        raise LongseqError(f"unknown weight format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name]

@@ -1,0 +1,77 @@
+"""`longseq plan`: --json for scripts, one-line errors with exit 2, and no torch import on the way."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from longseq.cli import main
+
+
+def run(argv, capsys):
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_json(capsys):
+    code, out, _ = run(["plan", "train", "--model", "llama-3-8b", "--gpu", "H100", "--num-gpus", "1", "--seq-len",
+                        "32768", "--method", "lora", "--recompute", "full", "--tokens", "1e9", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["fits"] is True and data["model"] == "Llama-3-8B"
+    mem = data["memory_gib"]
+    parts = mem["weights"] + mem["gradients"] + mem["optimizer"] + mem["activations"] + mem["transient"]
+    assert parts == pytest.approx(mem["allocated_peak"])
+    assert data["cost_usd"] > 0 and data["tokens"] == 1e9
+
+
+def test_train_fit_json(capsys):
+    code, out, _ = run(["plan", "train", "--model", "llama-3-8b", "--seq-len", "65536", "--fit", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["fit"]["found"] and data["plan"]["fits"]
+    code, out, _ = run(["plan", "train", "--model", "llama-3-70b", "--gpu", "RTX 4090", "--method", "full",
+                        "--fit", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 1 and not data["fit"]["found"] and data["fit"]["explanation"].startswith("needs")
+
+
+def test_serve_json_and_tables(capsys):
+    code, out, _ = run(["plan", "serve", "--model", "llama-3-8b", "--gpu", "H100", "--context", "8192", "--batch",
+                        "32", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["kv_bytes_per_token"] == 131072 and data["fits"]
+    code, out, _ = run(["plan", "serve", "--model", "qwen2.5-7b", "--gpu", "L40S", "--quant", "int4"], capsys)
+    assert code == 0 and "KV pool" in out
+    code, out, _ = run(["plan", "train", "--model", "smollm2-135m", "--gpu", "rtx4090", "--tokens", "1e8"], capsys)
+    assert code == 0 and "allocated peak" in out and "cost" in out
+    code, out, _ = run(["plan", "list", "--json"], capsys)
+    assert "Llama-3-8B" in json.loads(out)["models"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", "train", "--model", "llama-9b"], "unknown model 'llama-9b'; known: Llama-3-8B"),
+    (["plan", "train", "--model", "llama-3-8b", "--gpu", "B300"], "unknown GPU 'B300'; known: V100"),
+    (["plan", "train", "--model", "llama-3-8b", "--num-gpus", "4", "--tp", "3"], "not a multiple of tp"),
+    (["plan", "train", "--model", "llama-3-8b", "--num-gpus", "3", "--tp", "3"], "tensor parallel 3"),
+    (["plan", "train", "--model", "llama-3-8b", "--method", "lora,full"], "need --fit"),
+    (["plan", "serve", "--model", "llama-3-8b", "--quant", "int3"], "unknown weight format"),
+    (["plan", "train", "--model", "llama-3-8b", "--seq-len", "0"], "--seq-len must be positive"),
+])
+def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
+    code, _, err = run(argv, capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_plan_never_imports_torch():
+    code = (
+        "import sys\n"
+        "import longseq.plan, longseq.plan.cli, longseq.plan.report\n"
+        "from longseq.cli import main\n"
+        "assert main(['plan', 'train', '--model', 'llama-3-8b', '--json']) == 0\n"
+        "assert main(['plan', 'serve', '--model', 'llama-3-8b', '--json']) == 0\n"
+        "assert main(['plan', 'train', '--model', 'llama-3-8b', '--seq-len', '16384', '--fit']) == 0\n"
+        "assert 'torch' not in sys.modules, 'longseq.plan imported torch'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

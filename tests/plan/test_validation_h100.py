@@ -1,0 +1,53 @@
+"""The planner against the H100 measurements in the repository (benchmarks/results/2026-11-24-*-h100)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from longseq.plan.hardware import get_gpu
+from longseq.plan.memory import TrainSetup
+from longseq.plan.models import get_model
+from longseq.plan.serving import ServeSetup, plan_serve
+from longseq.plan.training import plan_train
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+TRAIN = RESULTS / "2026-11-24-train-lora-h100"
+
+
+def _longseq_rows() -> list[dict]:
+    rows = []
+    for name in ("train_speed.json", "train_speed_long.json"):
+        rows += [r for r in json.loads((TRAIN / name).read_text())["rows"] if r["side"] == "longseq"]
+    return sorted(rows, key=lambda r: r["seq_len"])
+
+
+def _benchmark_plan(seq_len: int):
+    # benchmarks/train_speed.py: Llama-3-8B shape, bf16 base, LoRA r16 on all seven linears, recompute full,
+    # batch 1, 1024-token loss chunks, fused AdamW on the adapters; its step function drops `hidden` before backward.
+    setup = TrainSetup(method="lora", seq_len=seq_len, recompute="full", loss_chunk=1024, keep_hidden=False)
+    return plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup)
+
+
+def test_train_memory_within_5_percent_of_h100_peaks(capsys):
+    rows = _longseq_rows()
+    assert [r["seq_len"] for r in rows] == [4096, 16384, 32768, 49152, 65536]
+    lines = ["seq_len  measured GiB  predicted GiB  error   measured s  predicted s  peak moment"]
+    for row in rows:
+        plan = _benchmark_plan(row["seq_len"])
+        predicted = plan.memory.allocated / 2**30
+        error = predicted / row["peak_gib"] - 1
+        lines.append(f"{row['seq_len']:>7}  {row['peak_gib']:>12.2f}  {predicted:>13.2f}  {error:+6.2%}  "
+                     f"{row['step_s']:>10.3f}  {plan.step_time_s:>11.3f}  {plan.memory.activation.phase}")
+        assert abs(error) < 0.05, lines[-1]
+        assert plan.trainable == row["trainable"]
+        assert plan.step_time_s == pytest.approx(row["step_s"], rel=0.05)  # the calibration's own data
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
+def test_serving_kv_pool_matches_the_engine():
+    """2026-11-24-serve-h100: gpu_memory_fraction 0.9, max_num_batched_tokens 8192 -> 27,917 blocks of 16 tokens."""
+    plan = plan_serve(get_model("llama-3-8b"), get_gpu("H100"),
+                      ServeSetup(gpu_memory_fraction=0.9, max_num_batched_tokens=8192, max_num_seqs=256, context=512))
+    assert plan.kv_tokens / 16 == pytest.approx(27917, rel=0.03)

@@ -20,21 +20,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from longseq.engine.async_engine import QueueFullError
 from longseq.engine.outputs import RequestOutput
 from longseq.errors import LongseqError
 from longseq.generation.sampling import SamplingParams
 from longseq.serve import protocol as p
 from longseq.serve.metrics import CONTENT_TYPE, RequestTracker, ServerMetrics
-
-try:
-    from longseq.engine.async_engine import QueueFullError
-except ModuleNotFoundError as _e:  # the engine is written alongside this layer
-    if _e.name != "longseq.engine.async_engine":
-        raise
-
-    class QueueFullError(Exception):  # type: ignore[no-redef]
-        """The engine's waiting queue is full (stand-in until longseq.engine.async_engine exists)."""
-
 
 log = logging.getLogger("longseq.serve")
 T = TypeVar("T")

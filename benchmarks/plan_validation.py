@@ -104,7 +104,7 @@ def run_train(row: dict, device_name: str) -> dict:
 
     from longseq.config import TrainConfig
     from longseq.train.loop import _train_step
-    from longseq.train.lora import apply_lora
+    from longseq.train.lora import make_trainable
     from longseq.train.optim import build_optimizer
     from longseq.train.precision import resolve_precision
 
@@ -114,11 +114,7 @@ def run_train(row: dict, device_name: str) -> dict:
                       batch_size=row["batch"], optimizer=row["optimizer"], lora_rank=16, lora_alpha=32, loss_chunk=1024)
     precision = resolve_precision("bf16", device)
     model = build_model(spec, torch.float32 if cfg.method == "full" else torch.bfloat16, device)
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        apply_lora(model, cfg)
+    make_trainable(model, cfg)
     model.set_recompute(cfg.recompute)
     model.train()
     optimizer = build_optimizer(model, cfg, device)

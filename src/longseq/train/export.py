@@ -26,7 +26,7 @@ from longseq.config import TrainConfig
 from longseq.errors import LongseqError
 from longseq.models.loader import DEFAULT_MODEL_NAME, LoadedModel, load, resolve_dtype
 from longseq.train.checkpoint import load_trainable, read_meta
-from longseq.train.lora import apply_lora, lora_layers, merged_state_dict
+from longseq.train.lora import lora_layers, make_trainable, merged_state_dict
 
 FORMATS = ("peft", "merged")
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM -> LoraModel -> the HF model
@@ -286,12 +286,8 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> tu
     cfg = _train_config(path, meta)
     dtype = qlora_base_dtype(cfg, meta.get("precision")) if cfg.method == "qlora" else torch.float32
     lm = load(cfg.model, dtype=dtype, device=device)
-    if cfg.method == "full":
-        for p in lm.model.parameters():
-            p.requires_grad_(True)
-    else:
-        torch.manual_seed(cfg.seed)  # as the trainer; the LoRA init is overwritten by the checkpoint anyway
-        apply_lora(lm.model, cfg)
+    torch.manual_seed(cfg.seed)  # as the trainer; the LoRA init is overwritten by the checkpoint anyway
+    make_trainable(lm.model, cfg)
     load_trainable(path, lm.model)
     lm.model.eval()
     return lm, cfg

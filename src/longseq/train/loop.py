@@ -45,7 +45,7 @@ def build(cfg: TrainConfig):
     """Model (with adapters), tokenizer, data, optimizer, scheduler and loss scaler for a run."""
     from longseq.models.loader import load, resolve_device
     from longseq.train.data import TrainData
-    from longseq.train.lora import apply_lora
+    from longseq.train.lora import make_trainable
 
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
@@ -55,11 +55,7 @@ def build(cfg: TrainConfig):
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row)
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation
-    if cfg.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        apply_lora(model, cfg)
+    make_trainable(model, cfg)
     model.set_recompute(cfg.recompute)
     model.train()
     optimizer = build_optimizer(model, cfg, device)

@@ -116,6 +116,15 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def make_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    """Full fine-tuning: every weight trains; LoRA / QLoRA: adapters are swapped in. Returns the trainable names."""
+    if cfg.method != "full":
+        return apply_lora(model, cfg)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return [n for n, _ in model.named_parameters()]
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -56,7 +56,28 @@ def run_demo(model: str | None = None, device: str = "auto", data: str = DEMO_DA
     console.print(table)
     console.print(f"learned {learned}/{len(FACTS)} new facts; adapter checkpoint: {result.checkpoint}")
     console.print(f"export it: longseq export --checkpoint {result.checkpoint} --format peft --out {out_dir}/adapter")
+    console.rule("3. plan: what one H100 can do")
+    console.print(plan_table())
     return 0 if learned == len(FACTS) and "Paris" in answer else 1
+
+
+def plan_table():
+    """The longest context the default model and an 8B model can LoRA-train on one H100, and what serving takes."""
+    from rich.table import Table
+
+    from longseq.plan import ServeSetup, TrainSetup, get_gpu, get_model, plan_serve
+    from longseq.plan.fit import largest_context
+
+    gpu = get_gpu("H100")
+    table = Table("model", "longest LoRA training sequence (full recompute)", "serving at 8K context (bf16)")
+    for name in ("SmolLM2-135M", "Llama-3-8B"):
+        spec = get_model(name)
+        longest = largest_context(spec, gpu, TrainSetup(method="lora", recompute="full"))
+        serve = plan_serve(spec, gpu, ServeSetup(context=8192))
+        table.add_row(name, f"{longest:,} tokens",
+                      f"{serve.batch} sequences at once, decode ≤ {serve.decode_tokens_per_s:,.0f} tok/s")
+    table.caption = "predicted by `longseq plan` (see `longseq plan train --help`)"
+    return table
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -150,3 +150,21 @@ def explain(spec: ModelSpec, gpu: GPU, base: TrainSetup, space: SearchSpace, sma
     if bigger:
         options.append(f"a GPU with more memory ({min(bigger, key=lambda g: g.memory_gib).name})")
     return text + (". Use " + " or ".join(options) + "." if options else ": no setup tried fits.")
+
+
+def largest_context(spec: ModelSpec, gpu: GPU, base: TrainSetup, step: int = 1024, limit: int = 1 << 24) -> int:
+    """The longest seq_len (a multiple of `step`) whose training plan fits in one GPU's memory; 0 if none does.
+
+    Memory grows monotonically with the sequence length, so a doubling search then a bisection finds it."""
+    def fits(n: int) -> bool:
+        return plan_train(spec, gpu, replace(base, seq_len=n * step)).fits
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high * step <= limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:  # fits(low) and not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low * step

@@ -139,5 +139,5 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
     if context > cfg.max_seq_len:
         plan.notes.append(f"context {context:,} is beyond the model's native {cfg.max_seq_len:,} tokens")
     plan.notes.append("decode speed: bandwidth upper bound (weights + KV read once a step); longseq's engine "
-                      "reaches a fraction of it today (eager PyTorch, no CUDA graphs)")
+                      "reaches a fraction of it today (its paged decode gathers the KV cache every step)")
     return plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if type(e).__name__ == "OutOfMemoryError":
-            print(f"longseq: error: out of GPU memory ({str(e).splitlines()[0]})", file=sys.stderr)
+            print(f"longseq: error: out of GPU memory ({first_line(e)})", file=sys.stderr)
             return 1
         raise
 

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 
 _SCALARS = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int, "float | None": float}
 
@@ -48,7 +48,7 @@ def _read_yaml(path: Path, names: set[str]) -> dict[str, Any]:
     except FileNotFoundError:
         raise LongseqError(f"{path}: no such file") from None
     except (OSError, yaml.YAMLError) as e:
-        raise LongseqError(f"{path}: not a readable YAML file ({str(e).splitlines()[0]})") from None
+        raise LongseqError(f"{path}: not a readable YAML file ({first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

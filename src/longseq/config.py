@@ -304,6 +304,7 @@ METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
+RECOMPUTE_POLICIES = ("none", "selective", "full")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -355,7 +356,7 @@ class TrainConfig:
             setattr(self, name, tuple(x.strip() for x in items if x.strip()))
         self.data = tuple(str(d) for d in self.data)
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES), ("recompute", ("none", "selective", "full")),
+                              ("schedule", SCHEDULES), ("recompute", RECOMPUTE_POLICIES),
                               ("on_bad_row", ("skip", "fail"))):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

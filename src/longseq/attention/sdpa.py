@@ -45,8 +45,7 @@ def attention(
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if q_start == 0 and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    # Chunked prefill or a sliding window: an explicit (S, T) mask. Expand K/V heads so the memory-efficient
-    # backends (which take masks but not `enable_gqa`) stay eligible on GPU.
+    # Chunked prefill or a sliding window: an explicit (S, T) mask.
     pos = torch.arange(T, device=q.device)
     return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))
 

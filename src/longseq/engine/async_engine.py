@@ -14,7 +14,7 @@ from typing import Any
 
 from longseq.engine.llm_engine import LLMEngine
 from longseq.engine.outputs import RequestOutput
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 from longseq.generation.generate import render_prompt
 from longseq.generation.sampling import SamplingParams
 
@@ -50,7 +50,7 @@ class AsyncLLMEngine:
         except LongseqError:
             raise
         except Exception as e:  # the template rejected the conversation (e.g. roles out of order)
-            raise LongseqError(f"the chat template rejected these messages: {str(e).splitlines()[0]}") from None
+            raise LongseqError(f"the chat template rejected these messages: {first_line(e)}") from None
 
     def stats(self) -> dict[str, Any]:
         with self._lock:  # a request being handed to the engine counts once, as pending or as waiting

@@ -15,13 +15,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from longseq.attention import attention
-from longseq.config import ModelConfig
+from longseq.config import RECOMPUTE_POLICIES, ModelConfig
 from longseq.models.rope import RotaryEmbedding, apply_rope
 
 if TYPE_CHECKING:
     from longseq.generation.kv_cache import KVCache  # or the engine's PagedKVCache: same `attention` method
-
-RECOMPUTE_POLICIES = ("none", "selective", "full")
 
 
 def _maybe_checkpoint(enabled: bool, fn, *args):
@@ -74,10 +72,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
-        if cache is not None:
-            out = self._core(q, k, v, cos, sin, cache, None)
-        else:
-            out = _maybe_checkpoint(self.recompute_core, self._core, q, k, v, cos, sin, None, doc_ids)
+        # Recompute is for training; a cache means generation, where the core writes K/V and must run once.
+        out = _maybe_checkpoint(self.recompute_core and cache is None, self._core, q, k, v, cos, sin, cache, doc_ids)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
     def _core(self, q, k, v, cos, sin, cache, doc_ids) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from longseq.config import ModelConfig
 from longseq.errors import LongseqError
 from longseq.models.llama import CausalLM
 
@@ -85,9 +86,15 @@ def resolve_model_path(path: str | Path | None) -> Path:
 
 
 def load_model(
-    path: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+    path: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    config: ModelConfig | None = None,
 ) -> CausalLM:
-    """Load weights from an HF directory, a GGUF file or (path None) the built-in default model."""
+    """Load weights from an HF directory, a GGUF file or (path None) the built-in default model.
+
+    `config`: an HF directory's config when the caller has already read it."""
     p = resolve_model_path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -97,7 +104,7 @@ def load_model(
         return load_gguf(p, dt, dev)
     from longseq.models.safetensors_loader import load_safetensors_dir
 
-    return load_safetensors_dir(p, dt, dev)
+    return load_safetensors_dir(p, dt, dev, config)
 
 
 @dataclass
@@ -134,8 +141,8 @@ def load(
     p = resolve_model_path(path)
     dev = resolve_device(device)  # bad flags fail before anything is read
     dt = resolve_dtype(dtype, dev)
-    if p.is_dir():
-        read_config(p)  # else transformers reads a missing or broken config.json and blames the tokenizer
+    # Read config.json before the tokenizer, else transformers reads a missing or broken one and blames the tokenizer.
+    config = read_config(p) if p.is_dir() else None
     tokenizer = load_tokenizer(p)  # a missing tokenizer fails before the (slower) weights load
-    model = load_model(p, dtype=dt, device=dev)
+    model = load_model(p, dtype=dt, device=dev, config=config)
     return LoadedModel(model=model, tokenizer=tokenizer, path=p)

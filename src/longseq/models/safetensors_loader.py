@@ -51,9 +51,10 @@ def read_config(path: Path) -> ModelConfig:
     return cfg
 
 
-def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device):
-    """Build the model on `meta`, then read each tensor straight onto `device` in `dtype`."""
-    cfg = read_config(path)
+def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device, cfg: ModelConfig | None = None):
+    """Build the model on `meta`, then read each tensor straight onto `device` in `dtype` (`cfg`: the directory's
+    config when the caller has already read it)."""
+    cfg = cfg or read_config(path)
     files = safetensors_files(path)
 
     def tensors():

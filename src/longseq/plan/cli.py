@@ -124,7 +124,7 @@ def _print(payload: dict[str, Any] | None, tables: list[Any], lines: list[str], 
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from longseq.plan.fit import SearchSpace, fit_train
+    from longseq.plan.fit import DEFAULT_METHODS, DEFAULT_OPTIMIZERS, LONGSEQ_POLICIES, SearchSpace, fit_train
     from longseq.plan.hardware import get_gpu
     from longseq.plan.memory import Parallelism, TrainSetup
     from longseq.plan.models import get_model
@@ -142,9 +142,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise LongseqError(f"--num-gpus {args.num_gpus} is not a multiple of tp·pp·sp = {model_par}")
     if args.tokens is not None and args.tokens <= 0:
         raise LongseqError("--tokens must be positive")
-    methods = _split(args.method) or (("lora", "qlora") if args.fit else ("lora",))
-    policies = _split(args.recompute) or (("none", "selective", "full") if args.fit else ("none",))
-    optimizers = _split(args.optimizer) or (("adamw", "adamw8bit") if args.fit else ("adamw",))
+    methods = _split(args.method) or (DEFAULT_METHODS if args.fit else ("lora",))
+    policies = _split(args.recompute) or (LONGSEQ_POLICIES if args.fit else ("none",))
+    optimizers = _split(args.optimizer) or (DEFAULT_OPTIMIZERS if args.fit else ("adamw",))
     if not args.fit and (len(methods) > 1 or len(policies) > 1 or len(optimizers) > 1):
         raise LongseqError("several values for --method / --recompute / --optimizer need --fit")
     extra = set(_split(args.train_extra))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
+from longseq.config import RECOMPUTE_POLICIES
 from longseq.errors import LongseqError
 from longseq.plan.hardware import GPU, GPUS
 from longseq.plan.memory import Parallelism, TrainSetup
 from longseq.plan.models import ModelSpec
 from longseq.plan.training import TrainPlan, plan_train
 
-LONGSEQ_POLICIES = ("none", "selective", "full")  # what longseq train implements
+LONGSEQ_POLICIES = RECOMPUTE_POLICIES  # what longseq train implements
 MODELLED_POLICIES = ("offloaded",)  # tried only when nothing else fits: not in longseq yet
 DEFAULT_METHODS = ("lora", "qlora")
 DEFAULT_OPTIMIZERS = ("adamw", "adamw8bit")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from longseq.config import ModelConfig, RopeConfig
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:
 
         reader = GGUFReader(str(path))
     except Exception as e:  # truncated, corrupt or not a GGUF
-        raise LongseqError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0][:200]})") from None
+        raise LongseqError(f"{path}: not a readable GGUF file ({first_line(e, 200)})") from None
     meta: dict[str, Any] = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.bos_token_id",

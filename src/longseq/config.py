@@ -12,6 +12,7 @@ from longseq.errors import LongseqError
 # HF `model_type` -> our family. Everything on the Llama architecture (SmolLM2, TinyLlama, Vicuna, ...) is "llama".
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ATTENTION_VARIANTS = ("causal", "streaming", "dilated", "block_sparse")
 
 
 @dataclass
@@ -61,6 +62,53 @@ class RopeConfig:
 
 
 @dataclass
+class AttentionConfig:
+    """Which keys each query sees beyond causality, and how attention is computed. A layer's sliding window
+    (`ModelConfig.sliding_window`, Mistral) applies on top of every variant."""
+
+    variant: str = "causal"
+    """causal | streaming (sinks + window) | dilated (LongNet) | block_sparse"""
+    sink_tokens: int = 4
+    """streaming: the first tokens every query keeps seeing (StreamingLLM's attention sinks)"""
+    segment_lengths: tuple[int, ...] = (2048,)
+    """dilated: segment length w of each pattern (one pattern per (w, r) pair)"""
+    dilation_rates: tuple[int, ...] = (1,)
+    """dilated: dilation rate r of each pattern; w must be a multiple of r"""
+    block_size: int = 64
+    """block_sparse: tokens per block"""
+    local_blocks: int = 4
+    """block_sparse: a query block sees this many blocks ending at its own"""
+    global_blocks: int = 1
+    """block_sparse: the first blocks every query block sees"""
+    alibi: bool = False
+    """ALiBi linear distance bias (Press et al. 2021) instead of RoPE"""
+    chunk_size: int = 0
+    """> 0: exact attention in (chunk x chunk) tiles with an online softmax, O(chunk * T) memory"""
+
+    def __post_init__(self):
+        if self.variant not in ATTENTION_VARIANTS:
+            raise LongseqError(f"unknown attention variant {self.variant!r}; use {', '.join(ATTENTION_VARIANTS)}")
+        self.segment_lengths = tuple(int(w) for w in self.segment_lengths)
+        self.dilation_rates = tuple(int(r) for r in self.dilation_rates)
+        if len(self.segment_lengths) != len(self.dilation_rates) or not self.segment_lengths:
+            raise LongseqError("dilated attention needs one dilation rate per segment length")
+        for w, r in zip(self.segment_lengths, self.dilation_rates, strict=True):
+            if w <= 0 or r <= 0 or w % r:
+                raise LongseqError(f"dilated attention: segment length {w} must be a positive multiple of rate {r}")
+        for name in ("block_size", "local_blocks"):
+            if getattr(self, name) <= 0:
+                raise LongseqError(f"attention {name} must be positive, got {getattr(self, name)}")
+        for name in ("sink_tokens", "global_blocks", "chunk_size"):
+            if getattr(self, name) < 0:
+                raise LongseqError(f"attention {name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def plain(self) -> bool:
+        """Causal (or sliding-window) attention on the SDPA fast path."""
+        return self.variant == "causal" and not self.alibi and not self.chunk_size
+
+
+@dataclass
 class ModelConfig:
     """A Llama-family decoder: Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3 and everything on the Llama architecture."""
 
@@ -88,6 +136,8 @@ class ModelConfig:
     arch: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention variant (not part of HF configs: set by `longseq.models.overrides` or in code)."""
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -109,6 +159,8 @@ class ModelConfig:
             raise LongseqError("model config: sliding_layers needs one entry per layer")
         if self.rope.original_max_position_embeddings is None:
             self.rope.original_max_position_embeddings = self.max_seq_len
+        if self.attention.variant == "streaming" and self.sliding_window is None:
+            raise LongseqError("streaming attention needs a window (the recent tokens kept besides the sinks)")
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer, or None for full causal attention."""
@@ -312,8 +364,55 @@ def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+OVERRIDE_ATTENTION = ("causal", "sliding", *ATTENTION_VARIANTS[1:])
+ROPE_SCALINGS = ("none", "linear", "dynamic", "ntk", "yarn")  # ntk: dynamic NTK
+
+
 @dataclass
-class TrainConfig:
+class ModelOverrides:
+    """Attention variant and RoPE scaling applied to a loaded model (`longseq.models.overrides.apply_overrides`);
+    flags and YAML keys of `longseq train` and `longseq eval`. Unset (None) keeps what the model has."""
+
+    attention: str | None = _help("causal | sliding | streaming | dilated | block_sparse", default=None)
+    window: int | None = _help("sliding / streaming: recent tokens a query sees, itself included", default=None)
+    sink_tokens: int | None = _help("streaming: first tokens always kept (attention sinks; 4)", default=None)
+    segment_lengths: tuple[int, ...] = _help("dilated: segment length of each pattern", default=())
+    dilation_rates: tuple[int, ...] = _help("dilated: dilation rate of each pattern", default=())
+    block_size: int | None = _help("block_sparse: tokens per block (64)", default=None)
+    local_blocks: int | None = _help("block_sparse: blocks seen up to a query's own (4)", default=None)
+    global_blocks: int | None = _help("block_sparse: first blocks every query sees (1)", default=None)
+    alibi: bool = _help("ALiBi distance bias instead of RoPE (for models trained with it)", default=False)
+    attention_chunk: int | None = _help("exact attention in tiles of this many tokens; 0: off", default=None)
+    rope_scaling: str | None = _help("none | linear | dynamic (= ntk) | yarn: RoPE context extension", default=None)
+    rope_factor: float | None = _help("RoPE scaling factor: the context multiple", default=None)
+    max_seq_len: int | None = _help("context limit (default: the native context x rope factor)", default=None)
+
+    def __post_init__(self):
+        for name in ("segment_lengths", "dilation_rates"):  # "2048,4096", [2048, 4096] and (2048,) alike
+            value = getattr(self, name)
+            items = value.split(",") if isinstance(value, str) else [x for v in value for x in str(v).split(",")]
+            try:
+                setattr(self, name, tuple(int(x) for x in items if x.strip()))
+            except ValueError:
+                raise LongseqError(f"{name} takes integers; got {value!r}") from None
+        if self.attention is not None and self.attention not in OVERRIDE_ATTENTION:
+            raise LongseqError(f"attention must be one of {', '.join(OVERRIDE_ATTENTION)}; got {self.attention!r}")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise LongseqError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
+        for name in ("window", "block_size", "local_blocks", "max_seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("sink_tokens", "global_blocks", "attention_chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rope_factor is not None and not self.rope_factor >= 1:
+            raise LongseqError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.attention in ("sliding", "streaming") and self.window is None:
+            raise LongseqError(f"--attention {self.attention} needs --window N")
+
+
+@dataclass
+class TrainConfig(ModelOverrides):
     """Everything a training run needs. `longseq train` flags and YAML keys are these field names."""
 
     data: tuple[str, ...] = _help("JSONL (text or chat messages) or .txt files / folders", default=())
@@ -348,6 +447,7 @@ class TrainConfig:
     on_bad_row: str = _help("skip | fail on malformed data rows", default="skip")
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.data, str):
             self.data = (self.data,)
         for name in ("lora_targets", "lora_train_extra"):  # "q_proj,v_proj" and ["q_proj", "v_proj"] alike

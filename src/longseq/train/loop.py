@@ -22,7 +22,7 @@ from longseq.train.precision import resolve_precision
 
 # Changing these between a run and its resumption would silently change what is trained.
 _RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "lora_targets",
-                "lora_train_extra", "seed", "data", "optimizer")
+                "lora_train_extra", "seed", "data", "optimizer", "attention", "window", "rope_scaling", "rope_factor")
 
 
 @dataclass
@@ -44,6 +44,7 @@ def matmul_params(cfg: ModelConfig) -> int:
 def build(cfg: TrainConfig):
     """Model (with adapters), tokenizer, data, optimizer, scheduler and loss scaler for a run."""
     from longseq.models.loader import load, resolve_device
+    from longseq.models.overrides import apply_overrides
     from longseq.train.data import TrainData
     from longseq.train.lora import make_trainable
 
@@ -52,6 +53,7 @@ def build(cfg: TrainConfig):
     # Full fine-tuning keeps float32 master weights; LoRA/QLoRA keep the frozen base in the compute dtype.
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
     lm = load(cfg.model, dtype=load_dtype, device=device)
+    apply_overrides(lm.model, cfg)  # attention variant / RoPE scaling flags
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row)
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation

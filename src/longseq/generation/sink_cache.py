@@ -23,8 +23,10 @@ from longseq.models.rope import apply_rope
 
 
 def _rotation(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
-    """Plain RoPE cos/sin (1, S, D) for positions (S,): a pure rotation (no YaRN scale, which k already holds)."""
-    freqs = positions[:, None].float() * inv_freq.float()  # (S, D/2)
+    """Plain RoPE cos/sin (1, S, D) for positions (S,): a pure rotation (no YaRN scale, which k already holds).
+
+    Angles in float64: a key is un-rotated once and re-rotated at every step, so R(p') R(-p) must be exact."""
+    freqs = positions[:, None].double() * inv_freq.double()  # (S, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)[None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(v, EngineConfig)
     v.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="generate, LoRA-teach the built-in model three new facts, plan, passkey heatmap (CPU, minutes)")
+    d = sub.add_parser("demo", help="generate, LoRA-teach the built-in model three new facts, plan, passkey "
+                       "heatmap (CPU, minutes)")
     d.add_argument("--model", default=None, metavar="PATH", help="model to use (default: the built-in one)")
     d.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
     d.add_argument("--data", default="data/demo/facts.jsonl", help="chat JSONL of the facts to teach")

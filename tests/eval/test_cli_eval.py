@@ -151,3 +151,10 @@ def test_bad_input_is_one_line(argv, needle, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_generate_streams_past_the_context(tiny_dir, capsys):
+    # --attention streaming on `generate`: 300 new tokens from a model whose context is 256, in a 4 + 32 token cache.
+    assert main(["generate", "hello", "--model", str(tiny_dir), "--device", "cpu", "--no-chat", "--max-new-tokens",
+                 "300", "--attention", "streaming", "--window", "32", "--sink-tokens", "4"]) == 0
+    assert "300 new tokens" in capsys.readouterr().err

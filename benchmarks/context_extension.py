@@ -128,6 +128,8 @@ def main() -> int:
     p.add_argument("--ppl-contexts", type=_token_list, default=None)
     p.add_argument("--ppl-tokens", type=_token_list, default=None)
     p.add_argument("--finetune", action="store_true", help="also LoRA-fine-tune at long context, then re-measure")
+    p.add_argument("--no-baselines", action="store_true", help="skip the RoPE-scaling rows (with --finetune: only "
+                   "the fine-tune and its row; results.json then holds that row alone)")
     p.add_argument("--ft-scaling", default="yarn")
     p.add_argument("--ft-factor", type=float, default=4.0)
     p.add_argument("--ft-seq-len", type=_token_list, default=(32768,))
@@ -139,6 +141,7 @@ def main() -> int:
     from longseq.eval.io import write_json, write_text
     from longseq.eval.model import load_for_eval
     from longseq.models.loader import load, resolve_device
+    from longseq.models.overrides import apply_overrides
 
     device = resolve_device(args.device)
     preset = PRESETS[args.preset or ("h100" if device.type == "cuda" else "cpu")]
@@ -160,12 +163,11 @@ def main() -> int:
     lm = load(None, device=device, dtype=args.dtype)
     ids = list(lm.tokenizer(ppl_text(), add_special_tokens=False)["input_ids"])[: args.ppl_tokens]
     results["dtype"] = str(lm.model.lm_head.weight.dtype).removeprefix("torch.")
-    for name, scaling, factor in configurations(args.scalings.split(","), [float(f) for f in
-                                                                          args.factors.split(",")]):
+    configs = [] if args.no_baselines else configurations(args.scalings.split(","),
+                                                         [float(f) for f in args.factors.split(",")])
+    for name, scaling, factor in configs:
         print(f"{name}:", flush=True)
         # max_seq_len: measure every length, also beyond native x factor (there the scaling has to extrapolate).
-        from longseq.models.overrides import apply_overrides
-
         apply_overrides(lm.model, ModelOverrides(rope_scaling=scaling, rope_factor=factor if factor > 1 else None,
                                                  max_seq_len=longest + 64))
         results["rows"].append(measure(lm, name, args, ids, out))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import sysconfig
@@ -90,8 +91,7 @@ def measure(lm, name: str, args, ids: list[int], out: Path) -> dict:
     row["ppl"] = {}
     for context in args.ppl_contexts:
         total, count, _ = sequence_nll(lm.model, ids, context, context)
-        row["ppl"][str(context)] = {"nll": total / count, "ppl": float(torch.tensor(total / count).exp()),
-                                    "tokens": count}
+        row["ppl"][str(context)] = {"nll": total / count, "ppl": math.exp(total / count), "tokens": count}
         print(f"  {name}: perplexity at {context} = {row['ppl'][str(context)]['ppl']:.3f}", flush=True)
     row["seconds"] = time.perf_counter() - start
     return row

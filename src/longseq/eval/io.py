@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,8 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp_path), then rename tmp_path to `path`: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # A plain new file (not mkstemp, whose 0600 mode would stick to the result): the umask decides, as for any output.
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         write(Path(tmp))
         with open(tmp, "rb") as fh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,13 @@ class ModelConfig:
             raise LongseqError("model config: sliding_layers needs one entry per layer")
         if self.rope.original_max_position_embeddings is None:
             self.rope.original_max_position_embeddings = self.max_seq_len
+
+    def with_rope_scaling(self, kind: str, factor: float) -> ModelConfig:
+        """This config with its context extended `factor` times by RoPE scaling `kind` (linear | ntk | yarn)."""
+        native = self.rope.original_max_position_embeddings or self.max_seq_len
+        rope = dataclasses.replace(self.rope, type=ROPE_SCALINGS[kind], factor=float(factor),
+                                   original_max_position_embeddings=native)
+        return dataclasses.replace(self, rope=rope, max_seq_len=int(native * factor))
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer, or None for full causal attention."""
@@ -304,7 +312,9 @@ METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
-RECOMPUTE_POLICIES = ("none", "selective", "full")
+RECOMPUTE_POLICIES = ("none", "selective", "full", "offloaded")
+ROPE_SCALINGS = {"linear": "linear", "ntk": "dynamic", "dynamic": "dynamic", "yarn": "yarn"}  # flag -> RopeConfig
+DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -332,7 +342,17 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
     optimizer: str = _help("adamw | adamw8bit | sgd | adafactor", default="adamw")
     precision: str = _help("auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU)", default="auto")
-    recompute: str = _help("activation checkpointing: none | selective | full", default="none")
+    plan: str = _help("auto: choose recompute, tiling and offload from the planner and the free memory; off: "
+                      "as the flags say", default="auto")
+    recompute: str = _help("activation checkpointing: auto | none | selective | full | offloaded (full, with layer "
+                           "inputs in pinned host memory)", default="auto")
+    tile_tokens: int | None = _help("tokens per RMSNorm / MLP tile for long sequences; 0: off (default: planned)",
+                                    default=None)
+    offload_keep: int | None = _help("recompute offloaded: the last layers whose inputs stay on the GPU "
+                                     "(default: planned from free memory)", default=None)
+    rope_scaling: str | None = _help("extend the context past the model's: linear | ntk | yarn (with --rope-factor)",
+                                     default=None)
+    rope_factor: float | None = _help("RoPE scaling factor: new context / the model's native context", default=None)
     lora_rank: int = _help("LoRA rank r", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input", default=0.0)
@@ -356,8 +376,8 @@ class TrainConfig:
             setattr(self, name, tuple(x.strip() for x in items if x.strip()))
         self.data = tuple(str(d) for d in self.data)
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES), ("recompute", RECOMPUTE_POLICIES),
-                              ("on_bad_row", ("skip", "fail"))):
+                              ("schedule", SCHEDULES), ("recompute", ("auto", *RECOMPUTE_POLICIES)),
+                              ("on_bad_row", ("skip", "fail")), ("plan", ("auto", "off"))):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
@@ -367,6 +387,15 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
             if not getattr(self, name) >= 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tile_tokens", "offload_keep"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise LongseqError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
+        if (self.rope_scaling is None) != (self.rope_factor is None):
+            raise LongseqError("--rope-scaling and --rope-factor go together")
+        if self.rope_factor is not None and not self.rope_factor > 1:
+            raise LongseqError(f"rope_factor must be > 1, got {self.rope_factor}")
         if not 0 <= self.lora_dropout < 1:
             raise LongseqError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         bad = set(self.lora_targets) - set(LORA_TARGETS_ALL)

@@ -74,6 +74,7 @@ class TrainSetup:
     packed: bool = False
     keep_hidden: bool = True
     mlp_tile: int | None = None
+    offload_keep: int = 0
     parallel: Parallelism = field(default_factory=Parallelism)
 
     def activation_setup(self) -> ActivationSetup:
@@ -83,7 +84,7 @@ class TrainSetup:
             seq_len=self.seq_len, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
             train_embed=self.train_embed, train_norms=self.train_norms, loss_chunk=self.loss_chunk,
             packed=self.packed, keep_hidden=self.keep_hidden, grads_persist=self.grad_accum > 1,
-            mlp_tile=self.mlp_tile, tp=p.tp, sp=p.sp, pp=p.pp)
+            mlp_tile=self.mlp_tile, offload_keep=self.offload_keep, tp=p.tp, sp=p.sp, pp=p.pp)
 
 
 @dataclass
@@ -249,9 +250,5 @@ def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
     if setup.method == "qlora":  # longseq loads the bf16 checkpoint on the GPU, then quantizes weight by weight
         biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values())
         memory.load_peak = (2.0 * counts.total + nf4_quantize_bytes(biggest)) / (p.tp * p.pp)
-    if setup.recompute == "offloaded":
-        notes.append("offloaded recompute is modelled, not in longseq yet: layer inputs in pinned host memory")
-    if setup.mlp_tile:
-        notes.append("tiled MLP is modelled, not in longseq yet")
     return memory
 

@@ -287,6 +287,9 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> tu
     dtype = qlora_base_dtype(cfg, meta.get("precision")) if cfg.method == "qlora" else torch.float32
     lm = load(cfg.model, dtype=dtype, device=device)
     torch.manual_seed(cfg.seed)  # as the trainer; the LoRA init is overwritten by the checkpoint anyway
+    from longseq.train.loop import apply_rope_scaling
+
+    apply_rope_scaling(lm.model, cfg)
     make_trainable(lm.model, cfg)
     load_trainable(path, lm.model)
     lm.model.eval()

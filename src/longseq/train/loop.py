@@ -22,7 +22,7 @@ from longseq.train.precision import resolve_precision
 
 # Changing these between a run and its resumption would silently change what is trained.
 _RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "lora_targets",
-                "lora_train_extra", "seed", "data", "optimizer")
+                "lora_train_extra", "seed", "data", "optimizer", "rope_scaling", "rope_factor")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class TrainResult:
     steps: int = 0  # completed optimizer steps (including those before a resume)
     checkpoint: Path | None = None
     interrupted: bool = False
+    memory: Any = None  # the MemoryChoice the run used (train/memory_plan.py)
     lm: Any = None  # the trained LoadedModel (adapters in place), for generating right after training
 
 
@@ -39,6 +40,15 @@ def matmul_params(cfg: ModelConfig) -> int:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
     return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+
+
+def apply_rope_scaling(model, cfg: TrainConfig) -> None:
+    """--rope-scaling / --rope-factor: train (and export) the model with its context extended."""
+    if cfg.rope_scaling is None:
+        return
+    model.config = model.config.with_rope_scaling(cfg.rope_scaling, cfg.rope_factor)
+    model.rotary.rope = model.config.rope
+    model.rotary.reset(model.lm_head.weight.device)
 
 
 def build(cfg: TrainConfig):
@@ -54,12 +64,22 @@ def build(cfg: TrainConfig):
     lm = load(cfg.model, dtype=load_dtype, device=device)
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row)
     model = lm.model
+    apply_rope_scaling(model, cfg)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
-    model.set_recompute(cfg.recompute)
     model.train()
     optimizer = build_optimizer(model, cfg, device)
     return lm, data, precision, optimizer, build_scheduler(optimizer, cfg), precision.grad_scaler()
+
+
+def plan_memory(model, cfg: TrainConfig, precision: str, device: torch.device, packed: bool):
+    """Choose recompute / tiling / offload (train/memory_plan.py) and set them on the model."""
+    from longseq.train.memory_plan import choose
+
+    choice = choose(model.config, cfg, precision, device, packed)
+    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep)
+    model.set_tiling(choice.tile)
+    return choice
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -77,8 +97,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if data.bad_rows.total:
         console.print(f"[yellow]{data.bad_rows.summary()}[/]")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(f"[dim]{cfg.method}: {trainable:,} trainable parameters · {device} · {precision.name} · "
-                  f"recompute {cfg.recompute}[/]")
+    console.print(f"[dim]{cfg.method}: {trainable:,} trainable parameters · {device} · {precision.name}"
+                  + (f" · RoPE {cfg.rope_scaling} x{cfg.rope_factor:g} (context {model.config.max_seq_len:,})"
+                     if cfg.rope_scaling else "") + "[/]")
+    if cfg.seq_len > model.config.max_seq_len:
+        console.print(f"[yellow]seq_len {cfg.seq_len:,} is past the model's context ({model.config.max_seq_len:,}): "
+                      "consider --rope-scaling linear|ntk|yarn --rope-factor F[/]")
+    memory = plan_memory(model, cfg, precision.name, device, packed=data.stats.documents > 1)
+    console.print(f"[dim]memory: {memory.describe()}; loss chunks of {cfg.loss_chunk:,} tokens[/]")
+    if not memory.fits:
+        console.print("[yellow]the planner predicts this run does not fit; it may run out of memory "
+                      "(try a shorter --seq-len, --method qlora or --optimizer adamw8bit)[/]")
 
     step = batch_index = 0
     tokens_seen = 0
@@ -103,7 +132,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from longseq.train.metrics import MetricsWriter
 
     writer = MetricsWriter(out_dir)
-    result = TrainResult(steps=step)
+    result = TrainResult(steps=step, memory=memory)
     stop = _StopFlag()
 
     def save() -> Path:
@@ -163,9 +192,7 @@ def _train_step(model, micro_batches, cfg, precision, device, optimizer, scaler)
         # Rows that hold a single segment need no document mask (the fast causal kernel).
         doc_ids = b.doc_ids.to(device) if bool((b.positions[:, 1:] == 0).any()) else None
         with precision.autocast():
-            hidden = model.hidden(ids, positions, doc_ids=doc_ids)
-            loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(),
-                                         cfg.loss_chunk) / num_targets
+            loss = _loss(model, ids, positions, doc_ids, targets, cfg.loss_chunk) / num_targets
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.item()
     if scaler is not None:
@@ -180,6 +207,13 @@ def _train_step(model, micro_batches, cfg, precision, device, optimizer, scaler)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def _loss(model, ids, positions, doc_ids, targets, chunk: int) -> torch.Tensor:
+    # A function of its own so that no local keeps the (B, S, d) hidden states alive through the layers' backward:
+    # the loss chunks hold views of them only until the loss backward is done.
+    hidden = model.hidden(ids, positions, doc_ids=doc_ids)
+    return chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), chunk)
 
 
 def _norm(value):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from longseq.errors import LongseqError, first_line
@@ -133,10 +134,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from longseq.train.loop import train
 
     cfg = config_from(TrainConfig, args, args.config)
+    from longseq.distributed.launch import launched_by_torchrun, relaunch
+
+    if cfg.nproc > 1 and not launched_by_torchrun():
+        return relaunch(cfg)
     result = train(cfg)
     if result.interrupted:
         return 130
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
         print(f"export with: longseq export --checkpoint {result.checkpoint} --format peft --out ADAPTER_DIR")
     return 0
 

@@ -305,6 +305,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 RECOMPUTE_POLICIES = ("none", "selective", "full")
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -346,6 +347,15 @@ class TrainConfig:
     resume: str | None = _help("checkpoint directory, or 'latest' in out_dir", default=None)
     log_every: int = _help("steps between metric lines", default=1)
     on_bad_row: str = _help("skip | fail on malformed data rows", default="skip")
+    parallel: str = _help("auto | none | ddp | fsdp: data parallelism over the processes (auto: ddp when several "
+                          "run, none on one; fsdp shards weights, gradients and optimizer state, ZeRO-3)",
+                          default="auto")
+    fsdp_offload: bool = _help("fsdp: keep the sharded weights, gradients and optimizer state in CPU memory",
+                               default=False)
+    sequence_parallel: int = _help("Ulysses degree: processes that share each sequence (divides the model's KV "
+                                   "heads and seq_len)", default=1)
+    nproc: int = _help("processes to start on this machine (re-launches itself under torchrun); ignored when "
+                       "already launched by torchrun", default=1)
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -357,11 +367,11 @@ class TrainConfig:
         self.data = tuple(str(d) for d in self.data)
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("recompute", RECOMPUTE_POLICIES),
-                              ("on_bad_row", ("skip", "fail"))):
+                              ("on_bad_row", ("skip", "fail")), ("parallel", PARALLEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
-                     "log_every"):
+                     "log_every", "sequence_parallel", "nproc"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
@@ -375,6 +385,13 @@ class TrainConfig:
         bad = set(self.lora_train_extra) - {"embed", "norm"}
         if bad:
             raise LongseqError(f"lora_train_extra takes embed and/or norm; got {sorted(bad)}")
+        if self.seq_len % self.sequence_parallel:
+            raise LongseqError(f"seq_len {self.seq_len} must be a multiple of sequence_parallel "
+                               f"{self.sequence_parallel} (each process holds seq_len / sequence_parallel tokens)")
+        if self.fsdp_offload and self.parallel != "fsdp":
+            raise LongseqError("fsdp_offload needs --parallel fsdp")
+        if self.parallel == "none" and self.sequence_parallel > 1:
+            raise LongseqError("sequence_parallel needs several processes: use --parallel ddp or fsdp")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def load_distributed(path: Path, model: nn.Module, optimizer, scheduler, scaler,
     msd, osd = get_state_dict(model, optimizer, options=_SAVE)
     state = {"model": msd, "optim": osd}
     try:
-        dcp.load(state, checkpoint_id=path / DCP_DIR)
+        _dcp_load(state, path, no_dist=not env.distributed)
     except Exception as e:  # DCP wraps per-rank failures; one line is what the user needs
         raise LongseqError(f"{path}: cannot read the distributed checkpoint ({first_line(e)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_LOAD)
@@ -142,10 +143,16 @@ def load_trainable_dcp(path: Path, model: nn.Module) -> None:
     """The trained weights of a DCP checkpoint into a plain (unsharded) model, without a process group: export."""
     state = {"model": trainable_state(model)}  # views of the parameters: DCP loads into them in place
     try:
-        dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=True)
+        _dcp_load(state, path, no_dist=True)
     except Exception as e:
         raise LongseqError(f"{path}: its trained parameters do not match this model and method ({first_line(e)})"
                            ) from None
+
+
+def _dcp_load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
+    with warnings.catch_warnings():  # one process reading without a process group is intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=no_dist)
 
 
 def _load_trainer_state(path: Path, scheduler, scaler) -> None:

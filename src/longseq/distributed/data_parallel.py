@@ -29,6 +29,7 @@ def wrap(step_model: nn.Module, env: DistEnv, precision: Precision, offload: boo
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     _uniform_trainable_dtype(step_model)
+    _check_nf4_shardable(step_model, env.world_size)
     # Gather weights in the autocast dtype (half the traffic of fp32 master weights), reduce gradients in fp32.
     mp = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
     off = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if offload else OffloadPolicy()
@@ -45,6 +46,21 @@ def _uniform_trainable_dtype(module: nn.Module) -> None:
     if len({p.dtype for p in trainable}) > 1:
         for p in trainable:
             p.data = p.data.float()
+
+
+def _check_nf4_shardable(module: nn.Module, world: int) -> None:
+    # torchao's NF4 tensor shards by splitting its packed data and both levels of scales into equal pieces along
+    # rows; real model shapes split evenly, toy ones may not.
+    from longseq.errors import LongseqError
+    from longseq.train.lora import is_nf4
+
+    for name, p in module.named_parameters():
+        if not is_nf4(p):
+            continue
+        inner = (p.quantized_data, p.quantized_scalers, p.quantization_factor)
+        if p.size(0) % world or any(t.numel() % world for t in inner):
+            raise LongseqError(f"QLoRA with fsdp: the NF4 weight {name} {tuple(p.shape)} cannot be split evenly over "
+                               f"{world} processes; use --parallel ddp")
 
 
 def gradient_sync(model: nn.Module, env: DistEnv, sync: bool):

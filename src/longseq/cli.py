@@ -168,11 +168,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
-        engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
+        if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks
+            from longseq.distributed.tp_engine import start_engine
+
+            engine = start_engine(path, args.dtype, args.device, cfg)
+        else:
+            engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
     name = args.served_model_name or path.stem
     blocks = engine.blocks.num_blocks
     err.print(f"[dim]{name} · {engine.lm.device} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
               f"{blocks * cfg.kv_block_size:,} tokens · context {engine.max_model_len:,}[/]")
+    if cfg.tensor_parallel > 1:
+        err.print(f"[dim]tensor parallel over {cfg.tensor_parallel} processes (KV heads and weights / "
+                  f"{cfg.tensor_parallel} each)[/]")
     err.print(f"serving on http://{args.host}:{args.port}/v1")
     async_engine = AsyncLLMEngine(engine, model_name=name)
     try:
@@ -180,6 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               log_level="warning")
     finally:
         async_engine.shutdown()
+        engine.close()
     return 0
 
 

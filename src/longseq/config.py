@@ -410,9 +410,11 @@ class EngineConfig:
     enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
     max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
     cuda_graphs: bool = _help("replay decode steps as CUDA graphs (GPU only)", default=True)
+    tensor_parallel: int = _help("GPUs (processes) the model is split over: weights, heads and KV cache / N",
+                                 default=1)
 
     def __post_init__(self):
-        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_fraction <= 1:

@@ -6,6 +6,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -22,10 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(fn, world: int, *args) -> list:
-    """fn(rank, world, *args) on `world` spawned processes; returns every rank's result, in rank order."""
+def run_workers(fn, world: int, *args, timeout: float = 300) -> list:
+    """fn(rank, world, *args) on `world` spawned processes; returns every rank's result, in rank order.
+
+    A worker's exception fails the test; ranks stuck in a collective are killed after `timeout` seconds."""
     with tempfile.TemporaryDirectory(prefix="longseq-test-") as tmp:
-        mp.start_processes(_entry, args=(fn, world, free_port(), tmp, args), nprocs=world, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(fn, world, free_port(), tmp, args), nprocs=world,
+                                 start_method="spawn", join=False)
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"{fn.__name__} on {world} processes did not finish in {timeout:.0f} s")
         return [pickle.loads((Path(tmp) / f"{r}.pkl").read_bytes()) for r in range(world)]
 
 

@@ -1,6 +1,7 @@
 """One optimizer step of the real training step (`_train_step`) under DDP, FSDP2 (with and without CPU offload) and
 Ulysses, on 2 and 4 gloo processes, equals the single-process step on the same global batch: the loss, and each
-trainable weight's update (SGD with lr 1 and no history: the update is the (clipped) gradient)."""
+trainable weight's update (SGD with lr 1 and no history: the update is the (clipped) gradient). The planner's
+per-GPU weight and optimizer bytes under FSDP2 equal the shards each process holds."""
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ from longseq.distributed.data_parallel import wrap
 from longseq.distributed.env import DistEnv, init_distributed
 from longseq.distributed.ulysses import enable_ulysses
 from longseq.models.llama import CausalLM
+from longseq.plan.memory import _state_bytes
+from longseq.plan.models import ModelSpec
+from longseq.plan.training import parallelism_for
 from longseq.train.loop import _train_step
 from longseq.train.lora import LoRALinear, make_trainable
 from longseq.train.optim import build_optimizer
@@ -68,7 +72,15 @@ def one_step(case: tuple, world: int, distributed: bool):
     loss = _train_step(step_model, micro, cfg, precision, env.device, optimizer, None, env)
     params = dict(model.named_parameters())
     updates = {n: before[n] - _full(params[n]).detach() for n in names}
-    return loss, updates
+    held = {"weights": sum(_local_bytes(p) for p in model.parameters()),
+            "optimizer": sum(_local_bytes(t) for st in optimizer.state.values() for t in st.values()
+                             if torch.is_tensor(t))}
+    return loss, updates, held
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t  # this process's shard of a DTensor
+    return t.numel() * t.element_size()
 
 
 def _worker(rank: int, world: int, cases: dict):
@@ -86,9 +98,9 @@ def results_4():
 
 
 def _check(results, name, case, world):
-    ref_loss, ref_updates = one_step(case, world, distributed=False)
+    ref_loss, ref_updates, _ = one_step(case, world, distributed=False)
     for rank_results in results:
-        loss, updates = rank_results[name]
+        loss, updates, _ = rank_results[name]
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         assert updates.keys() == ref_updates.keys() and len(updates) > 0
         for n in ref_updates:
@@ -104,3 +116,18 @@ def test_two_processes_equal_one(results_2, name):
 @pytest.mark.parametrize("name", list(CASES_4))
 def test_four_processes_equal_one(results_4, name):
     _check(results_4, name, CASES_4[name], 4)
+
+
+@pytest.mark.parametrize("name,world", [("fsdp-full-selective-clip", 2), ("ulysses2-fsdp-full", 2),
+                                        ("dp2-ulysses2-fsdp-lora-selective", 4)])
+def test_planner_predicts_fsdp_shards(results_2, results_4, name, world):
+    from longseq.plan.memory import TrainSetup
+
+    parallel, sp, method, *_ = {**CASES_2, **CASES_4}[name]
+    cfg = TrainConfig(parallel=parallel, sequence_parallel=sp, seq_len=SEQ)
+    setup = TrainSetup(method=method, seq_len=SEQ, optimizer="sgd", precision="fp32", lora_rank=4,
+                       parallel=parallelism_for(cfg, world))
+    weights, _, optimizer, _, _ = _state_bytes(ModelSpec("tiny", TINY), setup)
+    for rank_results in (results_2 if world == 2 else results_4):
+        held = rank_results[name][2]
+        assert held == {"weights": weights, "optimizer": optimizer}

@@ -24,8 +24,9 @@ def wrap(step_model: nn.Module, env: DistEnv, precision: Precision, offload: boo
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        # LoRA: frozen weights get no gradient buckets; every trainable one is used in each step.
-        return DistributedDataParallel(step_model, device_ids=ids)
+        # LoRA: frozen weights get no gradient buckets; every trainable one is used in each step. Gradients are
+        # views into the all-reduce buckets: one copy of them, not two (full fine-tuning: 4 bytes/param saved).
+        return DistributedDataParallel(step_model, device_ids=ids, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     _uniform_trainable_dtype(step_model)

@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LongseqError as e:
-        print(f"longseq: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun workers all fail alike on bad input: say it once
+            print(f"longseq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nlongseq: interrupted", file=sys.stderr)

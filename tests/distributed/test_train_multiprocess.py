@@ -120,3 +120,15 @@ def test_export_reads_a_distributed_checkpoint(single, ddp_cli, setup):
     assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
     for name in adapters[0]:
         torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_launch_is_one_line_before_any_process_starts(setup, capsys):
+    from longseq.cli import main
+
+    root, model_dir, data = setup
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--seq-len", "32"]
+    assert main(argv + ["--nproc", "2", "--sequence-parallel", "4"]) == 2
+    assert main(argv + ["--nproc", "2", "--data", str(root / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "longseq: error: sequence_parallel 4 must divide --nproc 2"
+    assert len(err) == 2 and "missing.jsonl" in err[1]

@@ -9,11 +9,13 @@ launch again. Several machines: run torchrun yourself on each (README, "Many GPU
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from longseq.config import TrainConfig
+from longseq.errors import LongseqError
 
 LAUNCHED = "WORLD_SIZE"  # set by torchrun in every worker
 
@@ -37,9 +39,14 @@ def relaunch(cfg: TrainConfig) -> int:
     from longseq.train.checkpoint import resolve_checkpoint
     from longseq.train.data import resolve_files
 
-    resolve_files(cfg.data)  # bad paths fail here, once, not in every worker
+    resolve_files(cfg.data)  # bad input fails here, once, not in every worker
     if cfg.resume:
         resolve_checkpoint(cfg.resume, cfg.out_dir)
+    if cfg.nproc % cfg.sequence_parallel:
+        raise LongseqError(f"sequence_parallel {cfg.sequence_parallel} must divide --nproc {cfg.nproc}")
+    # torchrun's agent logs each worker failure as a multi-line report; the worker's own one-line error is enough.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)  # its OMP_NUM_THREADS=1 banner
     with tempfile.TemporaryDirectory(prefix="longseq-launch-") as tmp:
         path = Path(tmp) / "train.yaml"
         path.write_text(config_yaml(cfg))

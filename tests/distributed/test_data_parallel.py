@@ -27,7 +27,7 @@ SEQ, BATCH = 16, 2
 CASES_2 = {
     "ddp-lora-accum": ("ddp", 1, "lora", "none", 2, False, 0.0),
     "fsdp-full-selective-clip": ("fsdp", 1, "full", "selective", 1, False, 1.0),
-    "fsdp-offload-lora": ("fsdp", 1, "lora", "none", 1, True, 0.0),
+    "fsdp-offload-lora-full-recompute-accum": ("fsdp", 1, "lora", "full", 2, True, 0.0),
     "ulysses2-ddp-lora-full-recompute": ("ddp", 2, "lora", "full", 2, False, 0.0),
     "ulysses2-fsdp-full": ("fsdp", 2, "full", "none", 1, False, 1.0),
 }

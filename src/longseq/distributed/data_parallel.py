@@ -65,12 +65,11 @@ def _check_nf4_shardable(module: nn.Module, world: int) -> None:
 
 
 def gradient_sync(model: nn.Module, env: DistEnv, sync: bool):
-    """Context for one micro-batch's backward: gradients are exchanged only on the last of a step's micro-batches
-    (the others accumulate locally)."""
+    """Context for one micro-batch's forward and backward. DDP all-reduces only on the last of a step's micro-batches
+    (the others accumulate into the replicated gradients). FSDP reduce-scatters after every one: skipping it would
+    keep every layer's unsharded gradient until the last micro-batch, the whole model's gradients per GPU."""
     if env.parallel == "ddp" and not sync:
         return model.no_sync()
-    if env.parallel == "fsdp":
-        model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 

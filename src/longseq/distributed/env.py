@@ -64,8 +64,12 @@ class DistEnv:
         return float(t.item())
 
     def barrier(self) -> None:
-        if self.distributed and self.world_size > 1:
-            dist.barrier(device_ids=[self.device.index]) if self.device.type == "cuda" else dist.barrier()
+        if not self.distributed or self.world_size == 1:
+            return
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
 
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""

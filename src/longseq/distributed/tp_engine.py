@@ -73,9 +73,9 @@ def join(rank: int, size: int, addr: str, device: torch.device) -> tuple[TensorP
 
 def load_shard(path, dtype, device: torch.device, tp: TensorParallel):
     """The model loaded on the CPU (safetensors: memory-mapped, not copied), sharded, then moved to `device`."""
-    from longseq.models.loader import load
+    from longseq.models.loader import load, resolve_dtype
 
-    lm = load(path, dtype=dtype, device="cpu")
+    lm = load(path, dtype=resolve_dtype(dtype, device), device="cpu")  # "auto" means the GPU's dtype, not the CPU's
     check_tensor_parallel(lm.config, tp.size)
     shard_model(lm.model, tp).to(device)
     lm.model.rotary.reset(device)

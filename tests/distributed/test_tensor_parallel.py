@@ -80,17 +80,36 @@ def _engine_worker(rank, world):
         run_worker(lm, cfg, tp)
         return None
     engine = build_engine(lm, cfg, tp)
-    kv_heads = engine.runner.cache.k[0].shape[1]
+    cache = engine.runner.cache
+    kv_bytes_per_token = sum(t[0].nbytes for t in cache.k + cache.v)  # one slot of every layer's K and V pool
+    weights = sum(p.numel() for p in lm.model.parameters())
     outputs = [o.token_ids for o in run_engine(engine, PROMPTS, PARAMS)]
     engine.close()
-    return outputs, kv_heads
+    return outputs, cache.k[0].shape[1], kv_bytes_per_token, weights
 
 
-def test_tensor_parallel_engine_generates_the_same_tokens():
+@pytest.fixture(scope="module")
+def tp_engine():
+    return run_workers(_engine_worker, 2)[0]
+
+
+def test_tensor_parallel_engine_generates_the_same_tokens(tp_engine):
     want = [o.token_ids for o in run_engine(make_engine(tiny_lm(), **OPTIONS), PROMPTS, PARAMS)]
-    outputs, kv_heads = run_workers(_engine_worker, 2)[0]
+    outputs, kv_heads, _, _ = tp_engine
     assert kv_heads == 1  # tiny_lm has 2 KV heads: one per rank in each rank's cache
     assert outputs == want and all(len(o) == 12 for o in want)
+
+
+def test_planner_predicts_each_ranks_kv_cache_and_weights(tp_engine):
+    from longseq.plan.models import ModelSpec
+    from longseq.plan.params import count_params
+    from longseq.plan.serving import kv_bytes_per_token
+
+    spec = ModelSpec("tiny", tiny_lm().config)
+    _, _, kv, weights = tp_engine
+    assert kv == kv_bytes_per_token(spec, kv_bytes=8) / 2  # float64 model: 8-byte K and V, half the heads
+    # The planner halves every weight; replicated norms and the padded vocabulary row add a little on each rank.
+    assert weights == pytest.approx(count_params(spec).total / 2, rel=0.02)
 
 
 def test_degree_must_divide_heads_and_mlp():

@@ -111,7 +111,7 @@ def _worker_main(rank: int, size: int, addr: str, path: str, dtype: str, device:
 class _Engine(LLMEngine):
     """Rank 0's engine; `close` also stops and joins the worker processes."""
 
-    processes: list = []
+    processes: tuple = ()  # the spawned ranks 1..N-1, set by start_engine
 
     def close(self) -> None:
         super().close()
@@ -145,5 +145,5 @@ def start_engine(path: str | Path | None, dtype: str, device: str, cfg: EngineCo
     tp, control = join(0, size, addr, dev)
     lm = load_shard(path, dtype, dev, tp)
     engine = _Engine(lm, cfg, runner=TensorParallelRunner(lm.model, cfg, tp, control))
-    engine.processes = procs
+    engine.processes = tuple(procs)
     return engine

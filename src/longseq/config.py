@@ -315,6 +315,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 RECOMPUTE_POLICIES = ("none", "selective", "full", "offloaded")
 ROPE_SCALINGS = {"linear": "linear", "ntk": "dynamic", "dynamic": "dynamic", "yarn": "yarn"}  # flag -> RopeConfig
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -366,6 +367,15 @@ class TrainConfig:
     resume: str | None = _help("checkpoint directory, or 'latest' in out_dir", default=None)
     log_every: int = _help("steps between metric lines", default=1)
     on_bad_row: str = _help("skip | fail on malformed data rows", default="skip")
+    parallel: str = _help("auto | none | ddp | fsdp: data parallelism over the processes (auto: ddp when several "
+                          "run, none on one; fsdp shards weights, gradients and optimizer state, ZeRO-3)",
+                          default="auto")
+    fsdp_offload: bool = _help("fsdp: keep the sharded weights, gradients and optimizer state in CPU memory",
+                               default=False)
+    sequence_parallel: int = _help("Ulysses degree: processes that share each sequence (divides the model's KV "
+                                   "heads and seq_len)", default=1)
+    nproc: int = _help("processes to start on this machine (re-launches itself under torchrun); ignored when "
+                       "already launched by torchrun", default=1)
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -377,11 +387,12 @@ class TrainConfig:
         self.data = tuple(str(d) for d in self.data)
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("recompute", ("auto", *RECOMPUTE_POLICIES)),
-                              ("on_bad_row", ("skip", "fail")), ("plan", ("auto", "off"))):
+                              ("on_bad_row", ("skip", "fail")), ("plan", ("auto", "off")),
+                              ("parallel", PARALLEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
-                     "log_every"):
+                     "log_every", "sequence_parallel", "nproc"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
@@ -404,6 +415,13 @@ class TrainConfig:
         bad = set(self.lora_train_extra) - {"embed", "norm"}
         if bad:
             raise LongseqError(f"lora_train_extra takes embed and/or norm; got {sorted(bad)}")
+        if self.seq_len % self.sequence_parallel:
+            raise LongseqError(f"seq_len {self.seq_len} must be a multiple of sequence_parallel "
+                               f"{self.sequence_parallel} (each process holds seq_len / sequence_parallel tokens)")
+        if self.fsdp_offload and self.parallel != "fsdp":
+            raise LongseqError("fsdp_offload needs --parallel fsdp")
+        if self.parallel == "none" and self.sequence_parallel > 1:
+            raise LongseqError("sequence_parallel needs several processes: use --parallel ddp or fsdp")
 
 
 @dataclass
@@ -422,9 +440,11 @@ class EngineConfig:
     enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
     max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
     cuda_graphs: bool = _help("replay decode steps as CUDA graphs (GPU only)", default=True)
+    tensor_parallel: int = _help("GPUs (processes) the model is split over: weights, heads and KV cache / N",
+                                 default=1)
 
     def __post_init__(self):
-        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_fraction <= 1:

@@ -64,6 +64,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.recompute_core = False  # selective recompute: keep projections, recompute norms/RoPE/attention
+        self.sequence_parallel = None  # distributed.ulysses.UlyssesAttention when the sequence is split over GPUs
 
     def forward(
         self,
@@ -89,6 +90,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache stores this step's K/V and attends over everything it holds
             return cache.attention(self.layer_idx, q, k, v, self.window)
+        if self.sequence_parallel is not None:  # Ulysses: all-to-all to whole-sequence heads and back
+            return self.sequence_parallel(q, k, v, window=self.window, doc_ids=doc_ids)
         return attention(q, k, v, window=self.window, doc_ids=doc_ids)
 
 

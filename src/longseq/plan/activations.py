@@ -61,7 +61,7 @@ class ActivationSetup:
     mlp_tile: int | None = None  # RMSNorms and MLPs run over this many tokens at a time (models/tiling.py)
     offload_keep: int = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
     tp: int = 1  # tensor parallel with Megatron sequence parallelism: every activation / tp (Korthikanti §4.2.2)
-    sp: int = 1  # context parallel (Ulysses / ring): each GPU holds seq_len / sp tokens
+    sp: int = 1  # Ulysses sequence parallel (longseq train --sequence-parallel): each GPU holds seq_len / sp tokens
     pp: int = 1  # pipeline stages: layers / pp per GPU, pp micro-batches in flight on the first stage
 
 
@@ -132,8 +132,9 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     parts["normed inputs"] = z.a * d * ((len(qkv_saving) if casts_in else min(1, len(qkv_saving)))
                                         + (len(gu_saving) if casts_in else min(1, len(gu_saving))))
     lse = FP32 * cfg.num_heads
-    if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved
-        kv_saved = 2 * z.a * q + st.seq_len / st.sp
+    if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved;
+        # Ulysses attends over the whole sequence on every GPU: S·S bytes over S/sp local tokens
+        kv_saved = 2 * z.a * q + st.seq_len * st.sp
     else:
         kv_saved = 2 * z.a * kv
     if policy == "none":

@@ -60,10 +60,13 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--mlp-tile", type=int, default=None, help="tiled RMSNorms and MLPs: tokens per tile")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages (default: 1)")
-    t.add_argument("--sp", type=int, default=1, help="sequence/context-parallel degree (default: 1)")
-    t.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over data parallel (--fit searches)")
+    t.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (longseq train "
+                   "--sequence-parallel; default: 1)")
+    t.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over data × sequence parallel ranks; "
+                   "longseq train --parallel ddp is 0, fsdp is 3 (--fit searches)")
     t.add_argument("--offload", default="none", choices=["none", "optimizer", "params"],
-                   help="ZeRO-Offload of optimizer states, or of weights too")
+                   help="ZeRO-Offload of optimizer states, or of weights and gradients too (longseq train "
+                   "--fsdp-offload is params)")
     t.add_argument("--tokens", type=float, default=None, help="tokens to train on, for time and cost (e.g. 1e9)")
     t.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the table's estimate)")
     t.add_argument("--efficiency", type=float, default=None,

@@ -49,8 +49,8 @@ class MemoryChoice:
 
 
 def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-           tile: int | None, keep: int):
-    from longseq.plan.memory import TrainSetup
+           tile: int | None, keep: int, parallel=None):
+    from longseq.plan.memory import Parallelism, TrainSetup
 
     optimizer = cfg.optimizer if cfg.optimizer in ("adamw", "adamw8bit", "sgd", "adafactor") else "adamw"
     return TrainSetup(
@@ -58,16 +58,17 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: boo
         recompute=recompute, optimizer=optimizer, precision=precision, lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
         train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
-        mlp_tile=tile, offload_keep=keep)
+        mlp_tile=tile, offload_keep=keep, parallel=parallel or Parallelism())
 
 
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-            tile: int | None, keep: int) -> tuple[float, float]:
+            tile: int | None, keep: int, parallel=None) -> tuple[float, float]:
     """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
     from longseq.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, train_memory
     from longseq.plan.models import ModelSpec
 
-    mem = train_memory(ModelSpec("run", model_cfg), _setup(model_cfg, cfg, precision, packed, recompute, tile, keep))
+    setup = _setup(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel)
+    mem = train_memory(ModelSpec("run", model_cfg), setup)
     return mem.allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB, mem.activation.host
 
 
@@ -82,12 +83,14 @@ def device_budget(device: torch.device) -> tuple[float, float]:
     return host + _meminfo("_rss"), host
 
 
-def candidates(cfg: TrainConfig, num_layers: int, device: torch.device) -> list[tuple[str, int | None, int]]:
-    """(recompute, tile, offload_keep) to try, fastest first, restricted by what the user fixed."""
+def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
+               distributed: bool = False) -> list[tuple[str, int | None, int]]:
+    """(recompute, tile, offload_keep) to try, fastest first, restricted by what the user fixed. Host offload is
+    single-process only for now (its reentrant checkpoints are untested under DDP / FSDP hooks)."""
     tile_on = cfg.tile_tokens if cfg.tile_tokens else DEFAULT_TILE_TOKENS
     out: list[tuple[str, int | None, int]] = [("none", None, 0), ("selective", None, 0), ("full", None, 0),
                                               ("full", tile_on, 0)]
-    if device.type == "cuda":  # host offload only saves device memory where the device is not the host
+    if device.type == "cuda" and not distributed:  # host offload saves device memory only off the host
         out += [("offloaded", tile_on, keep) for keep in range(num_layers - 1, -1, -1)]
     if cfg.recompute != "auto":
         out = [c for c in out if c[0] == cfg.recompute] or [(cfg.recompute, tile_on, 0)]
@@ -99,19 +102,21 @@ def candidates(cfg: TrainConfig, num_layers: int, device: torch.device) -> list[
 
 
 def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: torch.device,
-           packed: bool) -> MemoryChoice:
-    """The fastest candidate predicted to fit; the most frugal one (with a warning) when none does."""
+           packed: bool, parallel=None) -> MemoryChoice:
+    """The fastest candidate predicted to fit; the most frugal one (with a warning) when none does.
+    `parallel` (longseq.plan Parallelism): the run's processes, for FSDP shards and Ulysses sequence shards."""
     layers = model_cfg.num_layers
+    distributed = parallel is not None and parallel.num_gpus > 1
     if cfg.plan == "off":
         recompute = "none" if cfg.recompute == "auto" else cfg.recompute
         keep = cfg.offload_keep if cfg.offload_keep is not None else 0
-        peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep)
+        peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep, parallel)
         return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False)
     budget, host_free = device_budget(device)
     auto = cfg.recompute == "auto" or cfg.tile_tokens is None or cfg.offload_keep is None
     best = None
-    for recompute, tile, keep in candidates(cfg, layers, device):
-        peak, host = predict(model_cfg, cfg, precision, packed, recompute, tile, keep)
+    for recompute, tile, keep in candidates(cfg, layers, device, distributed):
+        peak, host = predict(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel)
         choice = MemoryChoice(recompute, tile, keep, peak / GIB, budget / GIB, host / GIB, layers, auto,
                               host_free / GIB)
         if choice.fits:

@@ -42,11 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--no-chat", action="store_true", help="plain completion, without the chat template")
     g.add_argument("--system", default=None, help="a system message (chat mode)")
+    from longseq.cli_config import add_dataclass_flags
+    from longseq.config import ModelOverrides
+
+    add_dataclass_flags(g, ModelOverrides)  # --attention streaming --window 1024: unbounded generation, ...
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="fine-tune a model (full, LoRA or QLoRA) on JSONL / text data")
     t.add_argument("--config", default=None, metavar="YAML", help="a YAML file of these options; flags override it")
-    from longseq.cli_config import add_dataclass_flags
     from longseq.config import TrainConfig
 
     add_dataclass_flags(t, TrainConfig)
@@ -71,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(v, EngineConfig)
     v.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="generate, then LoRA-teach the built-in model three new facts (CPU, minutes)")
+    d = sub.add_parser("demo", help="generate, LoRA-teach the built-in model three new facts, plan, passkey "
+                       "heatmap (CPU, minutes)")
     d.add_argument("--model", default=None, metavar="PATH", help="model to use (default: the built-in one)")
     d.add_argument("--device", default="auto", help="cpu, cuda or cuda:N")
     d.add_argument("--data", default="data/demo/facts.jsonl", help="chat JSONL of the facts to teach")
@@ -83,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_args(pl, _Parser)
     pl.set_defaults(func=cmd_plan)
+
+    ev = sub.add_parser("eval", help="passkey retrieval, perplexity, BLEU / ROUGE and generation throughput")
+    from longseq.eval.cli import add_eval_args
+
+    add_eval_args(ev, _Parser)
+    ev.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -95,9 +105,13 @@ def _version() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from longseq.cli_config import config_from
+    from longseq.config import ModelOverrides
     from longseq.generation import SamplingParams, generate
     from longseq.models.loader import load, resolve_model_path
+    from longseq.models.overrides import apply_overrides
 
+    overrides = config_from(ModelOverrides, args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -107,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
         lm = load(path, dtype=args.dtype, device=args.device)
+    apply_overrides(lm.model, overrides)
     chat = not args.no_chat
     if chat and getattr(lm.tokenizer, "chat_template", None) is None:
         err.print("[yellow]this model has no chat template: generating as plain text (--no-chat)[/]")
@@ -196,6 +211,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from longseq.demo import run_demo
 
     return run_demo(model=args.model, device=args.device, data=args.data, steps=args.steps)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from longseq.eval.cli import run_eval
+
+    return run_eval(args)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -21,6 +21,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = f"{f.metadata.get('help', '')} (default: {shown})"
         if f.type == "tuple[str, ...]":
             parser.add_argument(flag, nargs="+", default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+        elif f.type == "tuple[int, ...]":
+            parser.add_argument(flag, nargs="+", type=int, default=argparse.SUPPRESS, metavar="N", help=help_text)
         elif f.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:

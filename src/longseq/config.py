@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from longseq.errors import LongseqError
 # HF `model_type` -> our family. Everything on the Llama architecture (SmolLM2, TinyLlama, Vicuna, ...) is "llama".
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ATTENTION_VARIANTS = ("causal", "streaming", "dilated", "block_sparse")
 
 
 @dataclass
@@ -62,6 +62,53 @@ class RopeConfig:
 
 
 @dataclass
+class AttentionConfig:
+    """Which keys each query sees beyond causality, and how attention is computed. A layer's sliding window
+    (`ModelConfig.sliding_window`, Mistral) applies on top of every variant."""
+
+    variant: str = "causal"
+    """causal | streaming (sinks + window) | dilated (LongNet) | block_sparse"""
+    sink_tokens: int = 4
+    """streaming: the first tokens every query keeps seeing (StreamingLLM's attention sinks)"""
+    segment_lengths: tuple[int, ...] = (2048,)
+    """dilated: segment length w of each pattern (one pattern per (w, r) pair)"""
+    dilation_rates: tuple[int, ...] = (1,)
+    """dilated: dilation rate r of each pattern; w must be a multiple of r"""
+    block_size: int = 64
+    """block_sparse: tokens per block"""
+    local_blocks: int = 4
+    """block_sparse: a query block sees this many blocks ending at its own"""
+    global_blocks: int = 1
+    """block_sparse: the first blocks every query block sees"""
+    alibi: bool = False
+    """ALiBi linear distance bias (Press et al. 2021) instead of RoPE"""
+    chunk_size: int = 0
+    """> 0: exact attention in (chunk x chunk) tiles with an online softmax, O(chunk * T) memory"""
+
+    def __post_init__(self):
+        if self.variant not in ATTENTION_VARIANTS:
+            raise LongseqError(f"unknown attention variant {self.variant!r}; use {', '.join(ATTENTION_VARIANTS)}")
+        self.segment_lengths = tuple(int(w) for w in self.segment_lengths)
+        self.dilation_rates = tuple(int(r) for r in self.dilation_rates)
+        if len(self.segment_lengths) != len(self.dilation_rates) or not self.segment_lengths:
+            raise LongseqError("dilated attention needs one dilation rate per segment length")
+        for w, r in zip(self.segment_lengths, self.dilation_rates, strict=True):
+            if w <= 0 or r <= 0 or w % r:
+                raise LongseqError(f"dilated attention: segment length {w} must be a positive multiple of rate {r}")
+        for name in ("block_size", "local_blocks"):
+            if getattr(self, name) <= 0:
+                raise LongseqError(f"attention {name} must be positive, got {getattr(self, name)}")
+        for name in ("sink_tokens", "global_blocks", "chunk_size"):
+            if getattr(self, name) < 0:
+                raise LongseqError(f"attention {name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def plain(self) -> bool:
+        """Causal (or sliding-window) attention on the SDPA fast path."""
+        return self.variant == "causal" and not self.alibi and not self.chunk_size
+
+
+@dataclass
 class ModelConfig:
     """A Llama-family decoder: Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3 and everything on the Llama architecture."""
 
@@ -89,6 +136,8 @@ class ModelConfig:
     arch: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention variant (not part of HF configs: set by `longseq.models.overrides` or in code)."""
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -110,13 +159,8 @@ class ModelConfig:
             raise LongseqError("model config: sliding_layers needs one entry per layer")
         if self.rope.original_max_position_embeddings is None:
             self.rope.original_max_position_embeddings = self.max_seq_len
-
-    def with_rope_scaling(self, kind: str, factor: float) -> ModelConfig:
-        """This config with its context extended `factor` times by RoPE scaling `kind` (linear | ntk | yarn)."""
-        native = self.rope.original_max_position_embeddings or self.max_seq_len
-        rope = dataclasses.replace(self.rope, type=ROPE_SCALINGS[kind], factor=float(factor),
-                                   original_max_position_embeddings=native)
-        return dataclasses.replace(self, rope=rope, max_seq_len=int(native * factor))
+        if self.attention.variant == "streaming" and self.sliding_window is None:
+            raise LongseqError("streaming attention needs a window (the recent tokens kept besides the sinks)")
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer, or None for full causal attention."""
@@ -313,7 +357,6 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 RECOMPUTE_POLICIES = ("none", "selective", "full", "offloaded")
-ROPE_SCALINGS = {"linear": "linear", "ntk": "dynamic", "dynamic": "dynamic", "yarn": "yarn"}  # flag -> RopeConfig
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -323,8 +366,55 @@ def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
 
 
+OVERRIDE_ATTENTION = ("causal", "sliding", *ATTENTION_VARIANTS[1:])
+ROPE_SCALINGS = ("none", "linear", "dynamic", "ntk", "yarn")  # ntk: dynamic NTK
+
+
 @dataclass
-class TrainConfig:
+class ModelOverrides:
+    """Attention variant and RoPE scaling applied to a loaded model (`longseq.models.overrides.apply_overrides`);
+    flags and YAML keys of `longseq train` and `longseq eval`. Unset (None) keeps what the model has."""
+
+    attention: str | None = _help("causal | sliding | streaming | dilated | block_sparse", default=None)
+    window: int | None = _help("sliding / streaming: recent tokens a query sees, itself included", default=None)
+    sink_tokens: int | None = _help("streaming: first tokens always kept, the attention sinks (None: 4)", default=None)
+    segment_lengths: tuple[int, ...] = _help("dilated: segment length of each pattern (none given: 2048)", default=())
+    dilation_rates: tuple[int, ...] = _help("dilated: dilation rate of each pattern (none given: 1 each)", default=())
+    block_size: int | None = _help("block_sparse: tokens per block (None: 64)", default=None)
+    local_blocks: int | None = _help("block_sparse: blocks seen up to a query's own (None: 4)", default=None)
+    global_blocks: int | None = _help("block_sparse: first blocks every query sees (None: 1)", default=None)
+    alibi: bool = _help("ALiBi distance bias instead of RoPE (for models trained with it)", default=False)
+    attention_chunk: int | None = _help("exact attention in tiles of this many tokens; 0: off", default=None)
+    rope_scaling: str | None = _help("none | linear | dynamic (= ntk) | yarn: RoPE context extension", default=None)
+    rope_factor: float | None = _help("RoPE scaling factor: the context multiple", default=None)
+    max_seq_len: int | None = _help("context limit (default: the native context x rope factor)", default=None)
+
+    def __post_init__(self):
+        for name in ("segment_lengths", "dilation_rates"):  # "2048,4096", [2048, 4096] and (2048,) alike
+            value = getattr(self, name)
+            items = value.split(",") if isinstance(value, str) else [x for v in value for x in str(v).split(",")]
+            try:
+                setattr(self, name, tuple(int(x) for x in items if x.strip()))
+            except ValueError:
+                raise LongseqError(f"{name} takes integers; got {value!r}") from None
+        if self.attention is not None and self.attention not in OVERRIDE_ATTENTION:
+            raise LongseqError(f"attention must be one of {', '.join(OVERRIDE_ATTENTION)}; got {self.attention!r}")
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise LongseqError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
+        for name in ("window", "block_size", "local_blocks", "max_seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("sink_tokens", "global_blocks", "attention_chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rope_factor is not None and not self.rope_factor >= 1:
+            raise LongseqError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.attention in ("sliding", "streaming") and self.window is None:
+            raise LongseqError(f"--attention {self.attention} needs --window N")
+
+
+@dataclass
+class TrainConfig(ModelOverrides):
     """Everything a training run needs. `longseq train` flags and YAML keys are these field names."""
 
     data: tuple[str, ...] = _help("JSONL (text or chat messages) or .txt files / folders", default=())
@@ -351,9 +441,6 @@ class TrainConfig:
                                     default=None)
     offload_keep: int | None = _help("recompute offloaded: the last layers whose inputs stay on the GPU "
                                      "(default: planned from free memory)", default=None)
-    rope_scaling: str | None = _help("extend the context past the model's: linear | ntk | yarn (with --rope-factor)",
-                                     default=None)
-    rope_factor: float | None = _help("RoPE scaling factor: new context / the model's native context", default=None)
     lora_rank: int = _help("LoRA rank r", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input", default=0.0)
@@ -378,6 +465,7 @@ class TrainConfig:
                        "already launched by torchrun", default=1)
 
     def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.data, str):
             self.data = (self.data,)
         for name in ("lora_targets", "lora_train_extra"):  # "q_proj,v_proj" and ["q_proj", "v_proj"] alike
@@ -401,12 +489,6 @@ class TrainConfig:
         for name in ("tile_tokens", "offload_keep"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
-            raise LongseqError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
-        if (self.rope_scaling is None) != (self.rope_factor is None):
-            raise LongseqError("--rope-scaling and --rope-factor go together")
-        if self.rope_factor is not None and not self.rope_factor > 1:
-            raise LongseqError(f"rope_factor must be > 1, got {self.rope_factor}")
         if not 0 <= self.lora_dropout < 1:
             raise LongseqError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         bad = set(self.lora_targets) - set(LORA_TARGETS_ALL)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from longseq.attention.masks import causal_mask
+from longseq.attention.variants import block_layout_for, dense_scores_mask
+from longseq.config import AttentionConfig
 
 DENSE_MASK_LIMIT = 1 << 26  # packed rows with more mask elements (64 MiB of bools) attend document by document
 
@@ -20,14 +22,18 @@ def attention(
     q_start: int = 0,
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
+    variant: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Causal attention of S queries over T keys held contiguously.
 
     q (B, H, S, D) at positions q_start .. q_start+S-1; k, v (B, H_kv, T, D) at positions 0 .. T-1 with
     T = q_start + S (the KV cache holds everything before the queries). H must be a multiple of H_kv (GQA/MQA).
     doc_ids (B, S), for packed training sequences: a token attends only within its own document.
+    variant: streaming / dilated / block-sparse masks, ALiBi, chunked compute (None: plain causal).
     Returns (B, H, S, D).
     """
+    if variant is not None and not variant.plain:
+        return _variant_attention(q, k, v, q_start, window, doc_ids, variant)
     B, H, S, D = q.shape
     T, num_kv_heads = k.shape[2], k.shape[1]
     assert T == q_start + S, f"keys ({T}) must end where the queries end ({q_start}+{S})"
@@ -67,6 +73,30 @@ def _attention_by_document(q, k, v, doc_ids, window):
     return out
 
 
+def _variant_attention(q, k, v, q_start, window, doc_ids, spec: AttentionConfig) -> torch.Tensor:
+    from longseq.attention.block_sparse import block_sparse_attention
+    from longseq.attention.chunked import chunked_attention
+    from longseq.attention.dilated import dilated_attention
+
+    if spec.chunk_size:
+        return chunked_attention(q, k, v, q_start=q_start, window=window, doc_ids=doc_ids, spec=spec,
+                                 chunk=spec.chunk_size)
+    if q_start == 0 and window is None and doc_ids is None and not spec.alibi and q.shape[2] > 1:
+        # Prefill of a pure pattern: the sparse fast paths (no (S, T) mask, no O(T^2) work).
+        if spec.variant == "dilated":
+            return dilated_attention(q, k, v, spec.segment_lengths, spec.dilation_rates)
+        if spec.variant == "block_sparse":
+            pos = torch.arange(k.shape[2], device=q.device)
+            return block_sparse_attention(q, k, v, block_layout_for(spec, pos, pos), spec.block_size)
+    # Decode, chunked prefill, ALiBi, windows and packed documents: the explicit mask of this (S, T) block.
+    pos = torch.arange(k.shape[2], device=q.device)
+    mask = dense_scores_mask(spec, pos[q_start:], pos, window, q.shape[1], doc_ids)
+    if mask.dtype != torch.bool:  # a float bias: SDPA wants it in the query's dtype, batch dimension in front
+        mask = mask.to(q.dtype)
+        mask = mask.unsqueeze(0) if mask.dim() == 3 else mask
+    return _sdpa_masked(q, k, v, mask)
+
+
 def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # Expand K/V heads so the memory-efficient backends (which take masks but not `enable_gqa`) stay eligible.
     group = q.shape[1] // k.shape[1]
@@ -83,15 +113,20 @@ def reference_attention(
     q_start: int = 0,
     window: int | None = None,
     doc_ids: torch.Tensor | None = None,
+    variant: AttentionConfig | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) + mask) v in float32, materialising the (S, T) scores: for tests only."""
+    """softmax(q k^T / sqrt(D) + bias + mask) v in float32 (or wider), materialising the (S, T) scores: for tests.
+
+    The variant's mask and bias come from `variants.variant_scores`, whose masks are tested against loops."""
     H, num_kv_heads = q.shape[1], k.shape[1]
-    k = k.float().repeat_interleave(H // num_kv_heads, dim=1)
-    v = v.float().repeat_interleave(H // num_kv_heads, dim=1)
-    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, S, T)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    k = k.to(dtype).repeat_interleave(H // num_kv_heads, dim=1)
+    v = v.to(dtype).repeat_interleave(H // num_kv_heads, dim=1)
+    scores = q.to(dtype) @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, S, T)
     pos = torch.arange(k.shape[2], device=q.device)
-    mask = causal_mask(pos[q_start : q_start + q.shape[2]], pos, window)
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)  # (B, 1, S, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    mask = dense_scores_mask(variant, pos[q_start : q_start + q.shape[2]], pos, window, H, doc_ids)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.to(dtype)
     return (scores.softmax(-1) @ v).to(q.dtype)

@@ -21,6 +21,10 @@ class LLMEngine:
     def __init__(self, lm: Any, cfg: EngineConfig | None = None, runner: ModelRunner | None = None):
         """`lm` is a LoadedModel (model + tokenizer); `runner` a ModelRunner subclass (tensor parallel)."""
         self.lm, self.cfg = lm, cfg or EngineConfig()
+        attn = lm.config.attention
+        if attn.variant != "causal" or attn.alibi:  # the paged kernels know causal masks and sliding windows only
+            raise LongseqError(f"the serving engine runs causal or sliding-window attention; not {attn.variant}"
+                               + (" with ALiBi" if attn.alibi else ""))
         self.tokenizer = lm.tokenizer
         self.max_model_len = min(self.cfg.max_model_len or lm.config.max_seq_len, lm.config.max_seq_len)
         self.runner = runner or ModelRunner(lm.model, self.cfg)

@@ -13,6 +13,7 @@ from longseq.errors import LongseqError
 from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
 from longseq.generation.kv_cache import KVCache
 from longseq.generation.sampling import SamplingParams, sample
+from longseq.generation.sink_cache import SinkKVCache
 from longseq.models.llama import CausalLM
 
 
@@ -41,20 +42,28 @@ def generate_tokens(
     """Yield new token ids until EOS (yielded, then stop), `max_new_tokens` or the model's context is full."""
     cfg = model.config
     device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
     if not prompt_ids:
         raise LongseqError("the prompt is empty")
-    if len(prompt_ids) >= cfg.max_seq_len:
-        raise LongseqError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.max_seq_len}")
-    max_new = min(params.max_new_tokens, cfg.max_seq_len - len(prompt_ids))
-    cache = KVCache(cfg, 1, len(prompt_ids) + max_new, device, model.lm_head.weight.dtype)
+    if cfg.attention.variant == "streaming":
+        # Attention sinks + a rolling window: memory stays fixed and generation may run past the context.
+        cache = SinkKVCache(cfg, 1, device, dtype, model.rotary.inv_freq)
+        max_new = params.max_new_tokens
+    else:
+        if len(prompt_ids) >= cfg.max_seq_len:
+            raise LongseqError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.max_seq_len}")
+        max_new = min(params.max_new_tokens, cfg.max_seq_len - len(prompt_ids))
+        cache = KVCache(cfg, 1, len(prompt_ids) + max_new, device, dtype)
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
     stop_ids = set() if params.ignore_eos else set(eos_token_ids)
 
-    ids = torch.tensor([prompt_ids], device=device)  # (1, S)
-    logits = model(ids, cache=cache, last_only=True)  # (1, 1, V)
-    cache.advance(ids.shape[1])
+    start = 0
+    while start < len(prompt_ids):  # one forward, or cache-sized chunks for the rolling cache
+        size = cache.prefill_chunk() if isinstance(cache, SinkKVCache) else len(prompt_ids)
+        logits = _forward(model, torch.tensor([prompt_ids[start : start + size]], device=device), cache)
+        start += size
     for step in range(max_new):
         token = sample(logits[:, -1], params, generator)  # (1,)
         token_id = int(token)  # host sync: the caller streams it
@@ -63,8 +72,15 @@ def generate_tokens(
             return
         if step + 1 == max_new:
             return
-        logits = model(token.view(1, 1), cache=cache)
-        cache.advance(1)
+        logits = _forward(model, token.view(1, 1), cache)
+
+
+def _forward(model: CausalLM, ids: torch.Tensor, cache: KVCache | SinkKVCache) -> torch.Tensor:
+    """ids (1, S) -> last logits (1, 1, V); the cache decides the positions and holds the new K/V afterwards."""
+    positions = cache.prepare(ids.shape[1])
+    logits = model(ids, positions=positions, cache=cache, last_only=True)
+    cache.advance(ids.shape[1])
+    return logits
 
 
 def render_prompt(tokenizer: Any, prompt: str | list[dict], chat: bool, system: str | None = None) -> list[int]:

@@ -23,6 +23,7 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.max_seq_len = max_seq_len
         self.length = 0
+        self.variant = cfg.attention  # masks beyond the window, ALiBi, chunked compute
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, S, D) after the cached tokens; return views of all keys and values so far."""
@@ -38,7 +39,11 @@ class KVCache:
         """Store this step's k, v (B, H_kv, S, D), then attend q (B, H, S, D) over all cached positions."""
         q_start = self.length
         k_all, v_all = self.update(layer_idx, k, v)  # (B, H_kv, q_start + S, D)
-        return attention(q, k_all, v_all, q_start=q_start, window=window)
+        return attention(q, k_all, v_all, q_start=q_start, window=window, variant=self.variant)
+
+    def prepare(self, num_tokens: int) -> None:
+        """Positions of the next tokens: None, the model's default (they follow the cached ones)."""
+        return None
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens

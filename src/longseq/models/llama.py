@@ -54,6 +54,7 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = cfg.layer_window(layer_idx)
+        self.variant = cfg.attention  # masks beyond the window, ALiBi, chunked compute (models/overrides.py sets it)
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -87,12 +88,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not self.variant.alibi:  # ALiBi replaces position embeddings (Press et al. 2021)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache stores this step's K/V and attends over everything it holds
             return cache.attention(self.layer_idx, q, k, v, self.window)
         if self.sequence_parallel is not None:  # Ulysses: all-to-all to whole-sequence heads and back
             return self.sequence_parallel(q, k, v, window=self.window, doc_ids=doc_ids)
-        return attention(q, k, v, window=self.window, doc_ids=doc_ids)
+        return attention(q, k, v, window=self.window, doc_ids=doc_ids, variant=self.variant)
 
 
 class MLP(nn.Module):

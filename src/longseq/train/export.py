@@ -25,6 +25,7 @@ from torch import nn
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
 from longseq.models.loader import DEFAULT_MODEL_NAME, LoadedModel, load, resolve_dtype
+from longseq.models.overrides import apply_overrides
 from longseq.train.checkpoint import load_trainable, read_meta
 from longseq.train.lora import lora_layers, make_trainable, merged_state_dict
 
@@ -286,10 +287,8 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> tu
     cfg = _train_config(path, meta)
     dtype = qlora_base_dtype(cfg, meta.get("precision")) if cfg.method == "qlora" else torch.float32
     lm = load(cfg.model, dtype=dtype, device=device)
+    apply_overrides(lm.model, cfg)  # the attention variant / RoPE scaling it was trained with
     torch.manual_seed(cfg.seed)  # as the trainer; the LoRA init is overwritten by the checkpoint anyway
-    from longseq.train.loop import apply_rope_scaling
-
-    apply_rope_scaling(lm.model, cfg)
     make_trainable(lm.model, cfg)
     load_trainable(path, lm.model)
     lm.model.eval()

@@ -26,8 +26,8 @@ from longseq.train.precision import resolve_precision
 # Changing these between a run and its resumption would silently change what is trained. (grad_accum may change
 # with the number of processes, as long as the sequences per step stay the same: checked separately.)
 _RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "lora_rank", "lora_alpha", "lora_targets",
-                "lora_train_extra", "seed", "data", "optimizer", "rope_scaling",
-                "rope_factor")
+                "lora_train_extra", "seed", "data", "optimizer", "attention", "window",
+                "rope_scaling", "rope_factor")
 
 
 @dataclass
@@ -47,21 +47,13 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
 
 
-def apply_rope_scaling(model, cfg: TrainConfig) -> None:
-    """--rope-scaling / --rope-factor: train (and export) the model with its context extended."""
-    if cfg.rope_scaling is None:
-        return
-    model.config = model.config.with_rope_scaling(cfg.rope_scaling, cfg.rope_factor)
-    model.rotary.rope = model.config.rope
-    model.rotary.reset(model.lm_head.weight.device)
-
-
 def build(cfg: TrainConfig, env: DistEnv | None = None):
     """Model (with adapters), tokenizer, data, optimizer, scheduler, loss scaler and the module a training step
     calls (the model with its loss, data parallel when the run is) for a run."""
     from longseq.distributed.data_parallel import grad_scaler, wrap
     from longseq.distributed.ulysses import enable_ulysses
     from longseq.models.loader import load, resolve_device
+    from longseq.models.overrides import apply_overrides
     from longseq.train.data import TrainData
     from longseq.train.lora import make_trainable
     from longseq.train.step import TokenLoss
@@ -72,9 +64,9 @@ def build(cfg: TrainConfig, env: DistEnv | None = None):
     # Full fine-tuning keeps float32 master weights; LoRA/QLoRA keep the frozen base in the compute dtype.
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
     lm = load(cfg.model, dtype=load_dtype, device=device)
+    apply_overrides(lm.model, cfg)  # attention variant / RoPE scaling flags
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row)
     model = lm.model
-    apply_rope_scaling(model, cfg)
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
     model.train()
@@ -117,8 +109,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         console.print(f"[yellow]{data.bad_rows.summary()}[/]")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"[dim]{cfg.method}: {trainable:,} trainable parameters · {device} · {precision.name}"
-                  + (f" · RoPE {cfg.rope_scaling} x{cfg.rope_factor:g} (context {model.config.max_seq_len:,})"
-                     if cfg.rope_scaling else "") + "[/]")
+                  + (f" · RoPE {rope.type} x{rope.factor:g} (context {model.config.max_seq_len:,})"
+                     if (rope := model.config.rope).type != "default" else "") + "[/]")
     if cfg.seq_len > model.config.max_seq_len:
         console.print(f"[yellow]seq_len {cfg.seq_len:,} is past the model's context ({model.config.max_seq_len:,}): "
                       "consider --rope-scaling linear|ntk|yarn --rope-factor F[/]")

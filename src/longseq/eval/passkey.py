@@ -1,0 +1,148 @@
+"""Passkey retrieval: a random 5-digit key hidden at a chosen depth inside filler text of a chosen length.
+
+The prompt is the classic one of Mohtashami & Jaggi 2023 (Landmark Attention, arXiv 2305.16300), also used by
+LongLoRA and YaRN; sweeping depth x length gives a needle-in-a-haystack heatmap (G. Kamradt 2023). The model reads
+the prompt in one prefill and greedily decodes a few tokens; the answer is right when its first number is the key.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from longseq.errors import LongseqError
+from longseq.generation import SamplingParams, generate_tokens
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+               "I will quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyConfig:
+    lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    """Context lengths in tokens: prompt plus answer fit in each."""
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    """Where the key sits in the filler: 0 = right after the instruction, 1 = right before the question."""
+    trials: int = 1
+    """Prompts (different keys) per (length, depth) cell."""
+    seed: int = 0
+    answer_tokens: int = 8
+    """Tokens decoded at most (SmolLM2's tokenizer spends one per digit)."""
+
+    def __post_init__(self):
+        self.lengths, self.depths = tuple(int(n) for n in self.lengths), tuple(float(d) for d in self.depths)
+        if not self.lengths or min(self.lengths) <= 0:
+            raise LongseqError("passkey lengths must be positive token counts")
+        if not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths):
+            raise LongseqError("passkey depths must be within 0..100%")
+        if self.trials <= 0 or self.answer_tokens <= 0:
+            raise LongseqError("passkey trials and answer tokens must be positive")
+
+
+@dataclass
+class PasskeyPrompt:
+    ids: list[int]
+    key: str
+    needle_at: int  # token index where the needle sentence starts
+
+
+@dataclass
+class PasskeySample:
+    length: int
+    depth: float
+    key: str
+    answer: str | None
+    correct: bool
+    prompt_tokens: int
+    seconds: float
+    text: str
+
+
+@dataclass
+class PasskeyReport:
+    config: PasskeyConfig
+    samples: list[PasskeySample] = field(default_factory=list)
+
+    def accuracy(self, length: int | None = None, depth: float | None = None) -> float:
+        picked = [s for s in self.samples if (length is None or s.length == length) and (depth is None or
+                                                                                        s.depth == depth)]
+        return sum(s.correct for s in picked) / len(picked) if picked else float("nan")
+
+    def grid(self) -> list[list[float]]:
+        """Accuracy per [depth][length], in the config's order."""
+        return [[self.accuracy(n, d) for n in self.config.lengths] for d in self.config.depths]
+
+    def to_json(self) -> dict[str, Any]:
+        cells = [{"length": n, "depth": d, "accuracy": self.accuracy(n, d),
+                  "trials": sum(1 for s in self.samples if s.length == n and s.depth == d)}
+                 for n in self.config.lengths for d in self.config.depths]
+        return {"task": "passkey", "config": asdict(self.config), "accuracy": self.accuracy(),
+                "by_length": {str(n): self.accuracy(length=n) for n in self.config.lengths},
+                "cells": cells, "samples": [asdict(s) for s in self.samples]}
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompt(tokenizer: Any, length: int, depth: float, key: str, answer_tokens: int = 8) -> PasskeyPrompt:
+    """Instruction, filler with the needle after round(depth * n) of its n sentences groups, question; at most
+    `length - answer_tokens` tokens (whole filler groups only, so it may be up to one group shorter)."""
+    instruction, filler = _tokens(tokenizer, INSTRUCTION), _tokens(tokenizer, FILLER)
+    needle, question = _tokens(tokenizer, NEEDLE.format(key=key)), _tokens(tokenizer, QUESTION)
+    fixed = len(instruction) + len(needle) + len(question)
+    repeats = (length - answer_tokens - fixed) // len(filler)
+    if repeats < 1:
+        raise LongseqError(f"passkey length {length} is too short: the prompt needs at least "
+                           f"{fixed + len(filler) + answer_tokens} tokens")
+    before = round(repeats * depth)
+    ids = instruction + filler * before
+    needle_at = len(ids)
+    ids += needle + filler * (repeats - before) + question
+    return PasskeyPrompt(ids, key, needle_at)
+
+
+def parse_answer(text: str) -> str | None:
+    """The first number in the generated text."""
+    match = re.search(r"\d+", text)
+    return match.group(0) if match else None
+
+
+def run_passkey(lm: Any, cfg: PasskeyConfig, on_sample: Callable[[PasskeySample], None] | None = None
+                ) -> PasskeyReport:
+    """Every (length, depth, trial) prompt through `generate_tokens`; `lm` is a LoadedModel."""
+    context = lm.config.max_seq_len
+    too_long = [n for n in cfg.lengths if n > context and lm.config.attention.variant != "streaming"]
+    if too_long:
+        raise LongseqError(f"passkey length {max(too_long)} exceeds the model's context ({context}); pass "
+                           "--rope-scaling with --rope-factor, or --max-seq-len to try anyway")
+    rng = random.Random(cfg.seed)
+    report = PasskeyReport(cfg)
+    params = SamplingParams(max_new_tokens=cfg.answer_tokens)
+    for length in cfg.lengths:
+        for depth in cfg.depths:
+            for _ in range(cfg.trials):
+                key = str(rng.randint(10000, 99999))
+                prompt = build_prompt(lm.tokenizer, length, depth, key, cfg.answer_tokens)
+                start = time.perf_counter()
+                out: list[int] = []
+                text = ""
+                for token in generate_tokens(lm.model, prompt.ids, params, lm.eos_token_ids):
+                    out.append(token)
+                    text = lm.tokenizer.decode(out, skip_special_tokens=True)
+                    if re.search(r"\d\D", text):  # the number is complete: no need to decode further
+                        break
+                answer = parse_answer(text)
+                sample = PasskeySample(length, depth, key, answer, answer == key, len(prompt.ids),
+                                       time.perf_counter() - start, text)
+                report.samples.append(sample)
+                if on_sample is not None:
+                    on_sample(sample)
+    return report

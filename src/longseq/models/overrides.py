@@ -1,0 +1,78 @@
+"""Switch a built model's attention variant and RoPE scaling in place (`--attention`, `--rope-scaling`, ...).
+
+Weights are untouched; the config, each layer's window / variant and the rotary tables change. Used by
+`longseq eval`, the trainer and export (a checkpoint records the overrides it was trained with).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from longseq.config import AttentionConfig, ModelOverrides, RopeConfig
+from longseq.errors import LongseqError
+from longseq.models.llama import CausalLM
+from longseq.models.rope import RotaryEmbedding
+
+
+def apply_overrides(model: CausalLM, ov: ModelOverrides) -> CausalLM:
+    """Apply the set fields of `ov` to `model` (returned for chaining)."""
+    cfg = model.config
+    if ov.rope_scaling is not None or ov.rope_factor is not None:
+        _set_rope(model, ov)
+    if ov.max_seq_len is not None:
+        cfg.max_seq_len = ov.max_seq_len
+    attn = cfg.attention
+    updates = {name: getattr(ov, name) for name in ("sink_tokens", "block_size", "local_blocks", "global_blocks")
+               if getattr(ov, name) is not None}
+    if ov.segment_lengths:
+        updates["segment_lengths"] = ov.segment_lengths
+        if not ov.dilation_rates:
+            updates["dilation_rates"] = (1,) * len(ov.segment_lengths)
+    if ov.dilation_rates:
+        updates["dilation_rates"] = ov.dilation_rates
+    if ov.alibi:
+        updates["alibi"] = True
+    if ov.attention_chunk is not None:
+        updates["chunk_size"] = ov.attention_chunk
+    window = cfg.sliding_window
+    if ov.attention is not None:
+        updates["variant"] = "causal" if ov.attention == "sliding" else ov.attention
+        # causal means full attention: an explicit request drops a model's own window
+        window = ov.window if ov.attention in ("sliding", "streaming") else None
+    elif ov.window is not None:
+        window = ov.window
+    attn = replace(attn, **updates)  # __post_init__ validates the combination
+    set_attention(model, attn, window)
+    return model
+
+
+def set_attention(model: CausalLM, attention: AttentionConfig, sliding_window: int | None) -> None:
+    """Give every layer the variant and window (layers marked full in `sliding_layers` keep full attention)."""
+    cfg = model.config
+    if attention.variant == "streaming" and sliding_window is None:
+        raise LongseqError("streaming attention needs a window (--window N)")
+    cfg.attention, cfg.sliding_window = attention, sliding_window
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.variant = attention
+        layer.self_attn.window = cfg.layer_window(i)
+
+
+def _set_rope(model: CausalLM, ov: ModelOverrides) -> None:
+    cfg = model.config
+    old = cfg.rope
+    scaling = ov.rope_scaling if ov.rope_scaling is not None else old.type
+    rope_type = {"none": "default", "ntk": "dynamic"}.get(scaling, scaling)
+    factor = 1.0 if rope_type == "default" else (ov.rope_factor or old.factor)
+    if rope_type not in ("default", "linear", "dynamic", "yarn"):
+        raise LongseqError(f"rope scaling {scaling!r} cannot be set from flags; use none, linear, dynamic or yarn")
+    native = old.original_max_position_embeddings or cfg.max_seq_len
+    if rope_type != "default" and factor <= 1:
+        raise LongseqError(f"--rope-scaling {scaling} needs --rope-factor > 1")
+    # Keep theta and the native context; the new type derives its frequencies from them.
+    cfg.rope = RopeConfig(theta=old.theta, type=rope_type, factor=factor, original_max_position_embeddings=native)
+    cfg.max_seq_len = int(native * factor)
+    device = model.lm_head.weight.device
+    rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
+    rotary.freq_factors = None  # llama.cpp's Llama 3.1 divisors belong to the llama3 scaling being replaced
+    rotary.reset(device)
+    model.rotary = rotary

@@ -1,0 +1,112 @@
+"""Passkey retrieval: prompt construction, answer parsing, and the whole run on a rule-based model whose accuracy
+per (length, depth) is known in advance."""
+
+import pytest
+import torch
+from torch import nn
+
+from longseq.config import ModelConfig
+from longseq.errors import LongseqError
+from longseq.eval.passkey import INSTRUCTION, NEEDLE, QUESTION, PasskeyConfig, build_prompt, parse_answer, run_passkey
+from longseq.eval.plots import passkey_heatmap
+from longseq.models.loader import LoadedModel
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("length", [200, 1000, 4096])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 1.0])
+def test_prompt_shape(tokenizer, length, depth):
+    p = build_prompt(tokenizer, length, depth, "12345", answer_tokens=8)
+    filler_len = len(_ids(tokenizer, " The grass is green. The sky is blue. The sun is yellow. Here we go. There and "
+                                     "back again."))
+    assert length - 8 - filler_len < len(p.ids) <= length - 8  # whole filler groups, room for the answer
+    needle = _ids(tokenizer, NEEDLE.format(key="12345"))
+    assert p.ids[p.needle_at : p.needle_at + len(needle)] == needle
+    assert p.ids[-len(_ids(tokenizer, QUESTION)):] == _ids(tokenizer, QUESTION)
+    haystack = len(p.ids) - len(needle) - len(_ids(tokenizer, QUESTION))
+    if depth == 0.0:
+        assert p.needle_at == len(_ids(tokenizer, INSTRUCTION))  # right after the instruction
+    if depth == 1.0:
+        assert p.needle_at + len(needle) == len(p.ids) - len(_ids(tokenizer, QUESTION))  # right before the question
+    fraction = p.needle_at / haystack
+    assert abs(fraction - depth) < 0.1 + 60 / length  # the instruction is ~30 tokens, filler groups 24
+
+
+def test_prompt_too_short(tokenizer):
+    with pytest.raises(LongseqError, match="too short"):
+        build_prompt(tokenizer, 50, 0.5, "12345")
+
+
+def test_parse_answer():
+    assert parse_answer(" 68217.") == "68217"
+    assert parse_answer(" is 123 and 456") == "123"
+    assert parse_answer(" the pass key.") is None
+
+
+def test_bad_config():
+    for kw in (dict(depths=(1.5,)), dict(lengths=(0,)), dict(trials=0), dict(lengths=())):
+        with pytest.raises(LongseqError):
+            PasskeyConfig(**kw)
+
+
+class RuleLM(nn.Module):
+    """A fixed rule instead of a network: answers with the key's digits when the needle starts at most `reach`
+    tokens before the end of the prompt, with " the pass key." otherwise. Driven by the real `generate_tokens`."""
+
+    def __init__(self, tokenizer, reach: int):
+        super().__init__()
+        self.config = ModelConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_layers=1,
+                                  num_heads=1, num_kv_heads=1, max_seq_len=100_000)
+        self.lm_head = nn.Linear(8, 1, bias=False)  # device and dtype only
+        self.tok, self.reach = tokenizer, reach
+        self.marker = _ids(tokenizer, " The pass key is")
+
+    def forward(self, ids, positions=None, cache=None, last_only=False):
+        if cache.length == 0:  # prefill: a new prompt
+            self.prompt, self.out = ids[0].tolist(), []
+            m = len(self.marker)
+            self.needle_at = next(i for i in range(len(self.prompt)) if self.prompt[i : i + m] == self.marker)
+            digits = self.prompt[self.needle_at + m + 1 : self.needle_at + m + 6]  # after the " " token
+            visible = len(self.prompt) - self.needle_at <= self.reach
+            self.answer = (_ids(self.tok, " ") + digits if visible else _ids(self.tok, " the pass key")) + \
+                _ids(self.tok, ".")
+        else:
+            self.out.append(int(ids[0, -1]))
+        nxt = self.answer[min(len(self.out), len(self.answer) - 1)]
+        logits = torch.full((1, 1, self.config.vocab_size), -1e4)
+        logits[0, 0, nxt] = 0.0
+        return logits
+
+
+def test_run_on_a_rule_with_known_accuracy(tokenizer, tmp_path):
+    reach = 400
+    cfg = PasskeyConfig(lengths=(300, 600, 900), depths=(0.0, 0.5, 1.0), trials=2, seed=3)
+    lm = LoadedModel(model=RuleLM(tokenizer, reach), tokenizer=tokenizer, path=tmp_path / "rule")
+    report = run_passkey(lm, cfg)
+    expected = []
+    for depth in cfg.depths:
+        row = []
+        for length in cfg.lengths:
+            p = build_prompt(tokenizer, length, depth, "12345", cfg.answer_tokens)
+            row.append(1.0 if len(p.ids) - p.needle_at <= reach else 0.0)
+        expected.append(row)
+    assert report.grid() == expected
+    assert 0 < report.accuracy() < 1  # both outcomes occur, so the grid comparison means something
+    assert len(report.samples) == 3 * 3 * 2 and len({s.key for s in report.samples}) > 1
+    assert all(s.answer == s.key for s in report.samples if s.correct)
+    js = report.to_json()
+    assert js["accuracy"] == pytest.approx(sum(map(sum, expected)) / 9)
+    png = passkey_heatmap(report.grid(), cfg.lengths, cfg.depths, tmp_path / "heat.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*tmp"))  # the temporary file was renamed away
+
+
+def test_lengths_beyond_the_context(tokenizer, tmp_path):
+    model = RuleLM(tokenizer, 10)
+    model.config.max_seq_len = 500
+    lm = LoadedModel(model=model, tokenizer=tokenizer, path=tmp_path)
+    with pytest.raises(LongseqError, match="exceeds the model's context"):
+        run_passkey(lm, PasskeyConfig(lengths=(400, 800), depths=(0.5,)))

@@ -119,3 +119,27 @@ def test_degree_must_divide_heads_and_mlp():
         check_tensor_parallel(cfg, 4)
     with pytest.raises(LongseqError, match="MLP width 90"):
         check_tensor_parallel(ModelConfig(**{**CONFIGS["gqa-untied"], "num_kv_heads": 4, "intermediate_size": 90}), 4)
+
+
+def test_llm_with_tensor_parallel_starts_and_stops_its_workers(tmp_path):
+    import transformers
+
+    from longseq.engine import LLM
+    from longseq.models.loader import default_model_path
+    from longseq.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path)
+    load_tokenizer(default_model_path()).save_pretrained(tmp_path)
+    prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    want = LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=64).generate(prompts, params)
+    llm = LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=64, tensor_parallel=2)
+    try:
+        got = llm.generate(prompts, params)
+    finally:
+        llm.close()
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert not llm.engine.processes[0].is_alive()  # the worker left its loop and exited

@@ -1,11 +1,20 @@
-"""`longseq eval`: passkey retrieval, perplexity, BLEU / ROUGE and throughput, as a Python API and a CLI."""
+"""`longseq eval`: passkey retrieval, perplexity, BLEU / ROUGE and throughput, as a Python API and a CLI.
 
-from longseq.eval.model import load_for_eval
-from longseq.eval.passkey import PasskeyConfig, PasskeyReport, build_prompt, run_passkey
-from longseq.eval.perplexity import PerplexityResult, read_documents, run_perplexity
-from longseq.eval.textgen import bleu, read_rows, rouge, run_textgen
-from longseq.eval.throughput import ThroughputResult, run_throughput
+The names below load on first use, so that building the CLI parser (`longseq plan ...` included) never imports torch.
+"""
 
-__all__ = ["PasskeyConfig", "PasskeyReport", "PerplexityResult", "ThroughputResult", "bleu", "build_prompt",
-           "load_for_eval", "read_documents", "read_rows", "rouge", "run_passkey", "run_perplexity", "run_textgen",
-           "run_throughput"]
+import importlib
+
+_WHERE = {
+    "load_for_eval": "model", "PasskeyConfig": "passkey", "PasskeyReport": "passkey", "build_prompt": "passkey",
+    "run_passkey": "passkey", "PerplexityResult": "perplexity", "read_documents": "perplexity",
+    "run_perplexity": "perplexity", "bleu": "textgen", "read_rows": "textgen", "rouge": "textgen",
+    "run_textgen": "textgen", "ThroughputResult": "throughput", "run_throughput": "throughput",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'longseq.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"longseq.eval.{_WHERE[name]}"), name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from longseq.errors import LongseqError, first_line
@@ -148,10 +149,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from longseq.train.loop import train
 
     cfg = config_from(TrainConfig, args, args.config)
+    from longseq.distributed.launch import launched_by_torchrun, relaunch
+
+    if cfg.nproc > 1 and not launched_by_torchrun():
+        return relaunch(cfg)
     result = train(cfg)
     if result.interrupted:
         return 130
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and os.environ.get("RANK", "0") == "0":
         print(f"export with: longseq export --checkpoint {result.checkpoint} --format peft --out ADAPTER_DIR")
     return 0
 
@@ -178,11 +183,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
-        engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
+        if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks
+            from longseq.distributed.tp_engine import start_engine
+
+            engine = start_engine(path, args.dtype, args.device, cfg)
+        else:
+            engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
     name = args.served_model_name or path.stem
     blocks = engine.blocks.num_blocks
     err.print(f"[dim]{name} · {engine.lm.device} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
               f"{blocks * cfg.kv_block_size:,} tokens · context {engine.max_model_len:,}[/]")
+    if cfg.tensor_parallel > 1:
+        err.print(f"[dim]tensor parallel over {cfg.tensor_parallel} processes (KV heads and weights / "
+                  f"{cfg.tensor_parallel} each)[/]")
     err.print(f"serving on http://{args.host}:{args.port}/v1")
     async_engine = AsyncLLMEngine(engine, model_name=name)
     try:
@@ -190,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               log_level="warning")
     finally:
         async_engine.shutdown()
+        engine.close()
     return 0
 
 
@@ -216,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LongseqError as e:
-        print(f"longseq: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun workers all fail alike on bad input: say it once
+            print(f"longseq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nlongseq: interrupted", file=sys.stderr)

@@ -356,7 +356,9 @@ METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
-RECOMPUTE_POLICIES = ("none", "selective", "full")
+RECOMPUTE_POLICIES = ("none", "selective", "full", "offloaded")
+DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
+PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -431,7 +433,14 @@ class TrainConfig(ModelOverrides):
     max_grad_norm: float = _help("gradient clipping norm; 0 disables", default=1.0)
     optimizer: str = _help("adamw | adamw8bit | sgd | adafactor", default="adamw")
     precision: str = _help("auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU)", default="auto")
-    recompute: str = _help("activation checkpointing: none | selective | full", default="none")
+    plan: str = _help("auto: choose recompute, tiling and offload from the planner and the free memory; off: "
+                      "as the flags say", default="auto")
+    recompute: str = _help("activation checkpointing: auto | none | selective | full | offloaded (full, with layer "
+                           "inputs in pinned host memory)", default="auto")
+    tile_tokens: int | None = _help("tokens per RMSNorm / MLP tile for long sequences; 0: off (default: planned)",
+                                    default=None)
+    offload_keep: int | None = _help("recompute offloaded: the last layers whose inputs stay on the GPU "
+                                     "(default: planned from free memory)", default=None)
     lora_rank: int = _help("LoRA rank r", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input", default=0.0)
@@ -445,6 +454,15 @@ class TrainConfig(ModelOverrides):
     resume: str | None = _help("checkpoint directory, or 'latest' in out_dir", default=None)
     log_every: int = _help("steps between metric lines", default=1)
     on_bad_row: str = _help("skip | fail on malformed data rows", default="skip")
+    parallel: str = _help("auto | none | ddp | fsdp: data parallelism over the processes (auto: ddp when several "
+                          "run, none on one; fsdp shards weights, gradients and optimizer state, ZeRO-3)",
+                          default="auto")
+    fsdp_offload: bool = _help("fsdp: keep the sharded weights, gradients and optimizer state in CPU memory",
+                               default=False)
+    sequence_parallel: int = _help("Ulysses degree: processes that share each sequence (divides the model's KV "
+                                   "heads and seq_len)", default=1)
+    nproc: int = _help("processes to start on this machine (re-launches itself under torchrun); ignored when "
+                       "already launched by torchrun", default=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -456,16 +474,20 @@ class TrainConfig(ModelOverrides):
             setattr(self, name, tuple(x.strip() for x in items if x.strip()))
         self.data = tuple(str(d) for d in self.data)
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
-                              ("schedule", SCHEDULES), ("recompute", RECOMPUTE_POLICIES),
-                              ("on_bad_row", ("skip", "fail"))):
+                              ("schedule", SCHEDULES), ("recompute", ("auto", *RECOMPUTE_POLICIES)),
+                              ("on_bad_row", ("skip", "fail")), ("plan", ("auto", "off")),
+                              ("parallel", PARALLEL_MODES)):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
-                     "log_every"):
+                     "log_every", "sequence_parallel", "nproc"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
             if not getattr(self, name) >= 0:
+                raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tile_tokens", "offload_keep"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
             raise LongseqError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
@@ -475,6 +497,13 @@ class TrainConfig(ModelOverrides):
         bad = set(self.lora_train_extra) - {"embed", "norm"}
         if bad:
             raise LongseqError(f"lora_train_extra takes embed and/or norm; got {sorted(bad)}")
+        if self.seq_len % self.sequence_parallel:
+            raise LongseqError(f"seq_len {self.seq_len} must be a multiple of sequence_parallel "
+                               f"{self.sequence_parallel} (each process holds seq_len / sequence_parallel tokens)")
+        if self.fsdp_offload and self.parallel != "fsdp":
+            raise LongseqError("fsdp_offload needs --parallel fsdp")
+        if self.parallel == "none" and self.sequence_parallel > 1:
+            raise LongseqError("sequence_parallel needs several processes: use --parallel ddp or fsdp")
 
 
 @dataclass
@@ -493,9 +522,11 @@ class EngineConfig:
     enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
     max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
     cuda_graphs: bool = _help("replay decode steps as CUDA graphs (GPU only)", default=True)
+    tensor_parallel: int = _help("GPUs (processes) the model is split over: weights, heads and KV cache / N",
+                                 default=1)
 
     def __post_init__(self):
-        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_fraction <= 1:

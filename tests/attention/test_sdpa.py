@@ -148,3 +148,17 @@ def test_causal_mask_large_window_is_plain_causal():
     pos = torch.arange(6)
     assert torch.equal(causal_mask(pos, pos, window=6), causal_mask(pos, pos))
     assert not torch.equal(causal_mask(pos, pos, window=5), causal_mask(pos, pos))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_long_packed_rows_attend_document_by_document(monkeypatch, window):
+    # Past DENSE_MASK_LIMIT no (S, S) mask is built: one causal call per document, same result as the reference.
+    import longseq.attention.sdpa as sdpa
+
+    monkeypatch.setattr(sdpa, "DENSE_MASK_LIMIT", 0)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 19, 8, generator=g)
+    k, v = torch.randn(2, 2, 19, 8, generator=g), torch.randn(2, 2, 19, 8, generator=g)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 5, [0] * 19])
+    torch.testing.assert_close(sdpa.attention(q, k, v, window=window, doc_ids=doc_ids),
+                               reference_attention(q, k, v, window=window, doc_ids=doc_ids), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ from longseq.attention.masks import causal_mask
 from longseq.attention.variants import block_layout_for, dense_scores_mask
 from longseq.config import AttentionConfig
 
+DENSE_MASK_LIMIT = 1 << 26  # packed rows with more mask elements (64 MiB of bools) attend document by document
+
 
 def attention(
     q: torch.Tensor,
@@ -41,6 +43,8 @@ def attention(
         window = None  # the window covers every key: plain causal
     if doc_ids is not None:
         assert q_start == 0 and doc_ids.shape == (B, S)
+        if B * S * S > DENSE_MASK_LIMIT:  # long packed rows: one causal call per document, O(S) memory
+            return _attention_by_document(q, k, v, doc_ids, window)
         pos = torch.arange(S, device=q.device)
         # (B, 1, S, S): O(S^2) bytes, built only for packed batches; FlexAttention block masks replace it on GPU.
         mask = (causal_mask(pos, pos, window) & (doc_ids[:, :, None] == doc_ids[:, None, :])).unsqueeze(1)
@@ -54,6 +58,19 @@ def attention(
     # Chunked prefill or a sliding window: an explicit (S, T) mask.
     pos = torch.arange(T, device=q.device)
     return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))
+
+
+def _attention_by_document(q, k, v, doc_ids, window):
+    """Causal attention inside each run of equal doc_ids, one SDPA call per document (a host sync per row)."""
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        change = torch.nonzero(doc_ids[b, 1:] != doc_ids[b, :-1]).flatten() + 1
+        bounds = [0, *change.tolist(), q.shape[2]]
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            seg = slice(start, end)
+            out[b : b + 1, :, seg] = attention(q[b : b + 1, :, seg], k[b : b + 1, :, seg], v[b : b + 1, :, seg],
+                                               window=window)
+    return out
 
 
 def _variant_attention(q, k, v, q_start, window, doc_ids, spec: AttentionConfig) -> torch.Tensor:

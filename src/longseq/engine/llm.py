@@ -17,8 +17,17 @@ class LLM:
         """`model`: HF directory, .gguf or None for the built-in model; `engine_options`: EngineConfig fields."""
         from longseq.models.loader import load
 
-        self.engine = LLMEngine(load(model, dtype=dtype, device=device), EngineConfig(**engine_options))
+        cfg = EngineConfig(**engine_options)
+        if cfg.tensor_parallel > 1:  # this process becomes rank 0 and starts the others (call close() at the end)
+            from longseq.distributed.tp_engine import start_engine
+
+            self.engine = start_engine(model, dtype, device, cfg)
+        else:
+            self.engine = LLMEngine(load(model, dtype=dtype, device=device), cfg)
         self.tokenizer = self.engine.tokenizer
+
+    def close(self) -> None:
+        self.engine.close()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:

@@ -18,8 +18,8 @@ from longseq.generation.sampling import SamplingParams
 
 
 class LLMEngine:
-    def __init__(self, lm: Any, cfg: EngineConfig | None = None):
-        """`lm` is a LoadedModel (model + tokenizer)."""
+    def __init__(self, lm: Any, cfg: EngineConfig | None = None, runner: ModelRunner | None = None):
+        """`lm` is a LoadedModel (model + tokenizer); `runner` a ModelRunner subclass (tensor parallel)."""
         self.lm, self.cfg = lm, cfg or EngineConfig()
         attn = lm.config.attention
         if attn.variant != "causal" or attn.alibi:  # the paged kernels know causal masks and sliding windows only
@@ -27,7 +27,7 @@ class LLMEngine:
                                + (" with ALiBi" if attn.alibi else ""))
         self.tokenizer = lm.tokenizer
         self.max_model_len = min(self.cfg.max_model_len or lm.config.max_seq_len, lm.config.max_seq_len)
-        self.runner = ModelRunner(lm.model, self.cfg)
+        self.runner = runner or ModelRunner(lm.model, self.cfg)
         self.blocks = BlockManager(self.runner.num_blocks, self.cfg.kv_block_size, self.cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -69,6 +69,12 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq, "abort")
         return self._output(seq, "")
+
+    def close(self) -> None:
+        """Release what the runner holds beyond this process (tensor-parallel workers)."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

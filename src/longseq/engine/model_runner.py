@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from longseq.attention.paged import PagedBatch, PagedKVCache
 from longseq.config import EngineConfig
+from longseq.distributed.tensor_parallel import local_kv_heads
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
 from longseq.engine.sequence import Sequence
 from longseq.errors import LongseqError
@@ -13,9 +16,10 @@ from longseq.models.llama import CausalLM
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
-    # K and V, every layer: 2 * L * block_size * H_kv * head_dim * bytes (GQA/MQA shrink H_kv).
+    # K and V, every layer: 2 * L * block_size * H_kv * head_dim * bytes (GQA/MQA shrink H_kv; tensor parallelism
+    # keeps H_kv / N on each GPU).
     cfg, dtype = model.config, model.lm_head.weight.dtype
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
+    return 2 * cfg.num_layers * block_size * local_kv_heads(model) * cfg.head_dim * dtype.itemsize
 
 
 class ModelRunner:
@@ -27,7 +31,7 @@ class ModelRunner:
         mc = model.config
         # One block more than the block manager hands out: the scratch slot that padded graph rows write to.
         self.scratch_slot = self.num_blocks * self.block_size
-        self.cache = PagedKVCache(mc.num_layers, (self.num_blocks + 1) * self.block_size, mc.num_kv_heads,
+        self.cache = PagedKVCache(mc.num_layers, (self.num_blocks + 1) * self.block_size, local_kv_heads(model),
                                   mc.head_dim, self.dtype, self.device)
         # Dynamic NTK reads the longest position on the host every step, which a graph cannot do.
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
@@ -61,42 +65,64 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Compute the scheduled tokens; return float32 logits (M, V) for the M sequences whose last token was
         computed (they sample next), with those sequences."""
-        if self.use_graphs and all(n == 1 and s.num_computed_tokens + 1 == len(s) for s, n in scheduled):
-            graph = self._graph_run(scheduled)
-            if graph is not None:
-                return graph
-        ids, positions, to_sample, last = [], [], [], []
-        for seq, n in scheduled:
-            start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
-            positions.extend(range(start, start + n))
-            if start + n == len(seq):
-                to_sample.append(seq)
-                last.append(len(ids) - 1)
-        self.cache.batch = PagedBatch.build(
-            [s.block_table for s, _ in scheduled], [n for _, n in scheduled],
-            [s.num_computed_tokens + n for s, n in scheduled], self.block_size, self.device,
-        )
-        ids_t = torch.tensor([ids], device=self.device)  # (1, N)
-        pos_t = torch.tensor([positions], device=self.device)
-        hidden = self.model.hidden(ids_t, pos_t, cache=self.cache)  # (1, N, d)
-        if not to_sample:
-            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), []
-        logits = self.model.lm_head(hidden[0, torch.tensor(last, device=self.device)])  # (M, V)
-        return logits.float(), to_sample
+        step, to_sample = prepare_step(scheduled)
+        return self.execute(step), to_sample
 
-    def _graph_run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]] | None:
-        seqs = [s for s, _ in scheduled]
-        size = bucket(len(seqs), BATCH_BUCKETS)
-        longest = max(s.num_computed_tokens + 1 for s in seqs)
+    @torch.inference_mode()
+    def execute(self, step: StepInputs) -> torch.Tensor:
+        """The model on one step's inputs: float32 logits (M, V) of the tokens to sample from."""
+        if self.use_graphs and step.decode:
+            logits = self._graph_run(step)
+            if logits is not None:
+                return logits
+        self.cache.batch = PagedBatch.build(step.block_tables, step.query_lens, step.context_lens, self.block_size,
+                                            self.device)
+        ids_t = torch.tensor([step.ids], device=self.device)  # (1, N)
+        pos_t = torch.tensor([step.positions], device=self.device)
+        hidden = self.model.hidden(ids_t, pos_t, cache=self.cache)  # (1, N, d)
+        if not step.last:
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
+        logits = self.model.lm_head(hidden[0, torch.tensor(step.last, device=self.device)])  # (M, V)
+        return logits.float()
+
+    def _graph_run(self, step: StepInputs) -> torch.Tensor | None:
+        size = bucket(len(step.ids), BATCH_BUCKETS)
         if size is None:
             return None
-        keys = key_bucket(longest)
+        keys = key_bucket(max(step.context_lens))
         graph = self.graphs.get((size, keys))
         if graph is None:
             graph = self.graphs[(size, keys)] = DecodeGraph(self, size, keys, self.graph_pool)
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int64)
-        ctx = torch.tensor([s.num_computed_tokens + 1 for s in seqs])
-        logits = graph.replay([s.token_ids[-1] for s in seqs], [s.num_computed_tokens for s in seqs], tables, ctx)
-        return logits.float(), seqs
+        width = max(len(t) for t in step.block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables], dtype=torch.int64)
+        logits = graph.replay(step.ids, step.positions, tables, torch.tensor(step.context_lens))
+        return logits.float()
+
+
+@dataclass
+class StepInputs:
+    """One engine step as plain lists: what the model needs, without the Sequence objects (tensor-parallel workers
+    receive this)."""
+
+    ids: list[int]  # the new tokens of every scheduled sequence, back to back
+    positions: list[int]
+    block_tables: list[list[int]]  # per sequence
+    query_lens: list[int]  # per sequence: new tokens this step
+    context_lens: list[int]  # per sequence: tokens with KV after this step
+    last: list[int]  # indices into ids of the tokens whose logits are sampled
+    decode: bool  # every sequence computes exactly its one last token (CUDA-graph eligible)
+
+
+def prepare_step(scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
+    ids, positions, to_sample, last = [], [], [], []
+    for seq, n in scheduled:
+        start = seq.num_computed_tokens
+        ids.extend(seq.token_ids[start : start + n])
+        positions.extend(range(start, start + n))
+        if start + n == len(seq):
+            to_sample.append(seq)
+            last.append(len(ids) - 1)
+    decode = all(n == 1 and s.num_computed_tokens + 1 == len(s) for s, n in scheduled)
+    step = StepInputs(ids, positions, [s.block_table for s, _ in scheduled], [n for _, n in scheduled],
+                      [s.num_computed_tokens + n for s, n in scheduled], last, decode)
+    return step, to_sample

@@ -1,9 +1,20 @@
 """`longseq eval`: passkey retrieval, perplexity, BLEU / ROUGE and throughput, as a Python API and a CLI.
 
-    from longseq.eval.model import load_for_eval
-    from longseq.eval.passkey import PasskeyConfig, run_passkey
-    lm = load_for_eval(overrides=ModelOverrides(rope_scaling="yarn", rope_factor=2))
-    run_passkey(lm, PasskeyConfig(lengths=(8192, 16384))).grid()
-
-Nothing is imported here, so that building the `longseq` parser (eval/cli.py) never loads torch.
+The names below load on first use, so that building the CLI parser (`longseq plan ...` included) never imports torch.
 """
+
+import importlib
+
+_WHERE = {
+    "load_for_eval": "model", "PasskeyConfig": "passkey", "PasskeyReport": "passkey", "build_prompt": "passkey",
+    "run_passkey": "passkey", "PerplexityResult": "perplexity", "read_documents": "perplexity",
+    "run_perplexity": "perplexity", "bleu": "textgen", "read_rows": "textgen", "rouge": "textgen",
+    "run_textgen": "textgen", "ThroughputResult": "throughput", "run_throughput": "throughput",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'longseq.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"longseq.eval.{_WHERE[name]}"), name)

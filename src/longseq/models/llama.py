@@ -16,7 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from longseq.attention import attention
 from longseq.config import RECOMPUTE_POLICIES, ModelConfig
+from longseq.models.offload import LayerInputOffloader
 from longseq.models.rope import RotaryEmbedding, apply_rope
+from longseq.models.tiling import tiled_mlp, tiled_rms_norm
 
 if TYPE_CHECKING:
     from longseq.generation.kv_cache import KVCache  # or the engine's PagedKVCache: same `attention` method
@@ -35,10 +37,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.tile: int | None = None  # long sequences: tiled fp32 math, no fp32 copy of x kept (models/tiling.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tile is not None and torch.is_grad_enabled() and x.numel() // x.shape[-1] > self.tile:
+            return tiled_rms_norm(x, self.weight, self.eps, self.tile)
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 maths (float64 stays float64, for tests)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -60,6 +65,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.recompute_core = False  # selective recompute: keep projections, recompute norms/RoPE/attention
+        self.sequence_parallel = None  # distributed.ulysses.UlyssesAttention when the sequence is split over GPUs
 
     def forward(
         self,
@@ -86,6 +92,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # the cache stores this step's K/V and attends over everything it holds
             return cache.attention(self.layer_idx, q, k, v, self.window)
+        if self.sequence_parallel is not None:  # Ulysses: all-to-all to whole-sequence heads and back
+            return self.sequence_parallel(q, k, v, window=self.window, doc_ids=doc_ids)
         return attention(q, k, v, window=self.window, doc_ids=doc_ids, variant=self.variant)
 
 
@@ -97,8 +105,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.recompute_act = False  # selective recompute: store gate and up, recompute silu(gate) * up
+        self.tile: int | None = None  # long sequences: run over this many tokens at a time (models/tiling.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tile is not None and torch.is_grad_enabled() and x.numel() // x.shape[-1] > self.tile:
+            params = [p for p in self.parameters() if p.requires_grad]
+            return tiled_mlp(self._forward, x, params, self.tile)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         act = _maybe_checkpoint(self.recompute_act, _swiglu, self.gate_proj(x), self.up_proj(x))
         return self.down_proj(act)
 
@@ -138,16 +153,29 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.recompute = "none"
+        self.offload_keep = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
+        self.offloader: LayerInputOffloader | None = None
         self.tie_weights()
 
-    def set_recompute(self, policy: str) -> None:
+    def set_recompute(self, policy: str, keep_on_gpu: int = 0) -> None:
         """Activation checkpointing: none; selective (recompute attention internals and the SwiGLU product,
-        keep every matmul output, after Korthikanti et al. 2022); full (keep only each layer's input)."""
+        keep every matmul output, after Korthikanti et al. 2022); full (keep only each layer's input);
+        offloaded (full, with the inputs of all but the last `keep_on_gpu` layers in pinned host memory)."""
         if policy not in RECOMPUTE_POLICIES:
             raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
-        self.recompute = policy
+        self.recompute, self.offload_keep = policy, max(0, keep_on_gpu)
+        if policy == "offloaded" and self.offloader is None:
+            self.offloader = LayerInputOffloader()
         for layer in self.model.layers:
             layer.self_attn.recompute_core = layer.mlp.recompute_act = policy == "selective"
+
+    def set_tiling(self, tile: int | None) -> None:
+        """Run every RMSNorm and MLP over `tile` tokens at a time in training (None: whole sequences)."""
+        if tile is not None and tile <= 0:
+            raise ValueError(f"tile must be positive, got {tile}")
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP)):
+                module.tile = tile
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -186,7 +214,15 @@ class CausalLM(nn.Module):
             positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)  # (B, S, hidden)
         cos, sin = self.rotary(positions, x.dtype)  # (B, S, head_dim)
-        full = self.recompute == "full" and cache is None
-        for layer in self.model.layers:
-            x = _maybe_checkpoint(full, layer, x, cos, sin, cache, doc_ids)
+        full = self.recompute in ("full", "offloaded") and cache is None
+        offload_below = len(self.model.layers) - self.offload_keep if self.recompute == "offloaded" else 0
+        if offload_below and torch.is_grad_enabled() and cache is None:
+            self.offloader.reset()
+        else:
+            offload_below = 0
+        for i, layer in enumerate(self.model.layers):
+            if i < offload_below:
+                x = self.offloader.run(layer, x, cos, sin, None, doc_ids, keep=(cos, sin, doc_ids))
+            else:
+                x = _maybe_checkpoint(full, layer, x, cos, sin, cache, doc_ids)
         return self.model.norm(x)

@@ -19,7 +19,10 @@ The peak of a step is the largest of a few moments of backward, each measured te
 torch's saved-tensor hooks and a live-storage tracker (tests/plan/test_activations_measured.py):
 the loss chunks (three fp32 chunk × vocab tensors), the final RMSNorm backward (five fp32 S × d temporaries),
 the last layer's MLP backward (gate, up, silu(gate) and three S × I gradients at once) and attention backward.
-Modelled but not in longseq yet: "offloaded" layer inputs in pinned host memory, a tiled MLP (`mlp_tile`).
+- "offloaded" (models/offload.py) keeps all but the last `offload_keep` layer inputs in pinned host memory; in
+  backward the GPU holds the kept ones plus the one being recomputed. `mlp_tile` (models/tiling.py) runs every
+  RMSNorm and MLP over that many tokens at a time: norms keep their input and one fp32 rsqrt a token, and their
+  backward and the MLP's intermediates exist for one tile at a time.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ class ActivationSetup:
     packed: bool = False  # several documents per row: a (B, 1, S, S) bool mask per layer, GQA k/v expanded
     keep_hidden: bool = True  # longseq train's step holds `hidden` through backward (the benchmark does not)
     grads_persist: bool = False  # gradient accumulation: earlier micro-batches' grads exist during this one
-    mlp_tile: int | None = None  # modelled: MLP run over this many tokens at a time (not in longseq yet)
+    mlp_tile: int | None = None  # RMSNorms and MLPs run over this many tokens at a time (models/tiling.py)
+    offload_keep: int = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
     tp: int = 1  # tensor parallel with Megatron sequence parallelism: every activation / tp (Korthikanti §4.2.2)
-    sp: int = 1  # context parallel (Ulysses / ring): each GPU holds seq_len / sp tokens
+    sp: int = 1  # Ulysses sequence parallel (longseq train --sequence-parallel): each GPU holds seq_len / sp tokens
     pp: int = 1  # pipeline stages: layers / pp per GPU, pp micro-batches in flight on the first stage
 
 
@@ -102,9 +106,11 @@ def korthikanti_layer_bytes(seq_len: int, batch: int, hidden: int, heads: int, t
     return s * b * h * (10 + 24 / t + 5 * a * s / (h * t))  # eq. 2 (tensor parallel), eq. 1 at t = 1
 
 
-def _norm_bytes(z: _Sizes, d: int, input_needs_grad: bool) -> float:
+def _norm_bytes(z: _Sizes, d: int, input_needs_grad: bool, tiled: bool = False) -> float:
     """Per token: RMSNorm keeps a fp32 copy of its input (x.float(), or x itself when fp32) and rsqrt (one fp32),
-    plus x.to(dtype) when its weight trains (longseq RMSNorm: weight * x.to(dtype))."""
+    plus x.to(dtype) when its weight trains (longseq RMSNorm: weight * x.to(dtype)). Tiled: its input and rsqrt."""
+    if tiled:
+        return z.r * d + FP32
     out = (FP32 * d + FP32) if input_needs_grad else 0.0
     return out + (z.r * d if z.norm_grad else 0.0)
 
@@ -121,12 +127,14 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     qkv_saving = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
     gu_saving = [n for n in ("gate_proj", "up_proj") if n in z.saves and (n != "gate_proj" or spec.mlp == "swiglu")]
     parts: dict[str, float] = {}
-    parts["norms"] = _norm_bytes(z, d, x_rg) + _norm_bytes(z, d, True)
+    tiled = st.mlp_tile is not None
+    parts["norms"] = _norm_bytes(z, d, x_rg, tiled) + _norm_bytes(z, d, True, tiled)
     parts["normed inputs"] = z.a * d * ((len(qkv_saving) if casts_in else min(1, len(qkv_saving)))
                                         + (len(gu_saving) if casts_in else min(1, len(gu_saving))))
     lse = FP32 * cfg.num_heads
-    if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved
-        kv_saved = 2 * z.a * q + st.seq_len / st.sp
+    if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved;
+        # Ulysses attends over the whole sequence on every GPU: S·S bytes over S/sp local tokens
+        kv_saved = 2 * z.a * q + st.seq_len * st.sp
     else:
         kv_saved = 2 * z.a * kv
     if policy == "none":
@@ -156,7 +164,7 @@ def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, f
     d = cfg.hidden_size
     return {
         "rope cos/sin": 2.0 * z.r * cfg.head_dim,
-        "final norm": _norm_bytes(z, d, True),
+        "final norm": _norm_bytes(z, d, True, st.mlp_tile is not None),
         "hidden (loss input)": float(z.r * d),
         "targets and ids": float(INDEX * (1 + z.emb_grad)),
     }
@@ -231,9 +239,11 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
     vocab = cfg.vocab_size / st.tp  # vocabulary-parallel loss under tensor parallelism
     saved = saved_bytes(spec, st)
     host = 0.0
-    if st.recompute == "offloaded":  # layer inputs in pinned host memory; the GPU keeps the current and next one
-        host = saved["layer inputs"]
-        saved["layer inputs"] = min(host, 2 * z.r * d * t)
+    on_gpu = min(layers, st.offload_keep + 1)  # kept inputs, plus the one being recomputed (or prefetched)
+    if st.recompute == "offloaded":  # layer inputs in pinned host memory
+        per_layer = saved["layer inputs"] / layers
+        host = per_layer * max(0, layers - st.offload_keep)
+        saved["layer inputs"] = per_layer * on_gpu
     total = sum(saved.values())
     outside = {key: v * t for key, v in outside_bytes_per_token(spec, st).items()}
     cos_sin_ids = outside["rope cos/sin"] + (INDEX * t if z.emb_grad else 0.0)
@@ -260,7 +270,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
         """Activations at the MLP backward of layer i (0-based, counted from the input)."""
         common = cos_sin_ids + hidden_kept + dy + mlp_event - down_cast
         if recomputing:
-            inputs = z.r * d * t * (min(i + 1, 2) if st.recompute == "offloaded" else i + 1)
+            inputs = z.r * d * t * (min(i + 1, on_gpu + 1) if st.recompute == "offloaded" else i + 1)
             # fp32 residual (full fine-tuning): the first norm's fp32 input is the layer input itself
             alias = FP32 * d * t if z.r == FP32 else 0.0
             return inputs + none_rest - alias + const + common
@@ -278,7 +288,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
     hidden_freed = 0.0 if st.keep_hidden else outside["hidden (loss input)"]
     events: dict[str, tuple[float, float]] = {
         "loss backward": (total + loss, grads(head_grad if chunks > 1 else 0.0)),
-        "final norm backward": (total - hidden_freed - INDEX * t + NORM_BACKWARD_TEMPS * FP32 * d * t,
+        "final norm backward": (total - hidden_freed - INDEX * t + NORM_BACKWARD_TEMPS * FP32 * d * mlp_rows,
                                 grads(head_grad)),
         "MLP backward, last layer": (layer_moment(layers - 1), grads(head_grad + layer_grad / 3)),
     }

@@ -45,8 +45,8 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
     t.add_argument("--method", default=None, help="full, lora or qlora; with --fit a comma list to search "
                    "(default: lora; --fit: lora,qlora)")
-    t.add_argument("--recompute", default=None, help="none, selective, full or offloaded (modelled) "
-                   "(default: none; --fit searches none,selective,full)")
+    t.add_argument("--recompute", default=None, help="none, selective, full or offloaded "
+                   "(default: none; --fit searches all four)")
     t.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per GPU (default: 1)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--optimizer", default=None, help="adamw, adamw8bit, sgd or adafactor (default: adamw; "
@@ -57,13 +57,16 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--train-extra", default="", help="LoRA: also train embed and/or norm (comma list)")
     t.add_argument("--loss-chunk", type=int, default=1024, help="tokens per LM-head + loss chunk (default: 1024)")
     t.add_argument("--packed", action="store_true", help="several documents per sequence (an S×S mask per layer)")
-    t.add_argument("--mlp-tile", type=int, default=None, help="modelled tiled MLP: tokens per tile")
+    t.add_argument("--mlp-tile", type=int, default=None, help="tiled RMSNorms and MLPs: tokens per tile")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages (default: 1)")
-    t.add_argument("--sp", type=int, default=1, help="sequence/context-parallel degree (default: 1)")
-    t.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over data parallel (--fit searches)")
+    t.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (longseq train "
+                   "--sequence-parallel; default: 1)")
+    t.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over data × sequence parallel ranks; "
+                   "longseq train --parallel ddp is 0, fsdp is 3 (--fit searches)")
     t.add_argument("--offload", default="none", choices=["none", "optimizer", "params"],
-                   help="ZeRO-Offload of optimizer states, or of weights too")
+                   help="ZeRO-Offload of optimizer states, or of weights and gradients too (longseq train "
+                   "--fsdp-offload is params)")
     t.add_argument("--tokens", type=float, default=None, help="tokens to train on, for time and cost (e.g. 1e9)")
     t.add_argument("--price", type=float, default=None, help="USD per GPU-hour (default: the table's estimate)")
     t.add_argument("--efficiency", type=float, default=None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from longseq.config import RECOMPUTE_POLICIES
+from longseq.config import DEFAULT_TILE_TOKENS, RECOMPUTE_POLICIES
 from longseq.errors import LongseqError
 from longseq.plan.hardware import GPU, GPUS
 from longseq.plan.memory import Parallelism, TrainSetup
@@ -14,7 +14,6 @@ from longseq.plan.models import ModelSpec
 from longseq.plan.training import TrainPlan, plan_train
 
 LONGSEQ_POLICIES = RECOMPUTE_POLICIES  # what longseq train implements
-MODELLED_POLICIES = ("offloaded",)  # tried only when nothing else fits: not in longseq yet
 DEFAULT_METHODS = ("lora", "qlora")
 DEFAULT_OPTIMIZERS = ("adamw", "adamw8bit")
 MAX_TP = 8  # one node's NVLink domain
@@ -69,15 +68,21 @@ def _candidates(spec: ModelSpec, base: TrainSetup, space: SearchSpace, num_gpus:
         per_replica = global_batch // par.dp
         for micro in _divisors(per_replica):
             for method, policy, optimizer in itertools.product(space.methods, policies, space.optimizers):
-                for zero in space.zero_stages if par.dp > 1 else (0,):
+                # Tiling only pays where whole-sequence norms and MLPs are the problem: with layer recompute.
+                tiles = (None, DEFAULT_TILE_TOKENS) if policy == "full" else (DEFAULT_TILE_TOKENS,) \
+                    if policy == "offloaded" else (base.mlp_tile,)
+                for zero, tile in itertools.product(space.zero_stages if par.dp > 1 else (0,), tiles):
                     out.append(replace(base, method=method, recompute=policy, optimizer=optimizer, batch_size=micro,
-                                       grad_accum=per_replica // micro, parallel=replace(par, zero=zero)))
+                                       grad_accum=per_replica // micro, parallel=replace(par, zero=zero),
+                                       mlp_tile=tile))
     return out
 
 
 def _describe(plan: TrainPlan) -> str:
     s, p = plan.setup, plan.setup.parallel
     parts = [s.method, f"recompute {s.recompute}", f"micro-batch {s.batch_size}", s.optimizer]
+    if s.mlp_tile:
+        parts.insert(2, f"tiles of {s.mlp_tile:,} tokens")
     if p.num_gpus > 1:
         parts.append(f"dp {p.dp} tp {p.tp} pp {p.pp} sp {p.sp} zero {p.zero}")
     return ", ".join(parts)
@@ -99,9 +104,6 @@ def fit_train(spec: ModelSpec, gpu: GPU, base: TrainSetup, space: SearchSpace = 
     """The fastest setup (tokens/s by the time model) that fits, searching `space` around `base`."""
     num_gpus, nodes = base.parallel.num_gpus, base.parallel.nodes
     plans, fitting = _search(spec, gpu, base, space, num_gpus, nodes, space.policies, **kw)
-    if not fitting and "full" in space.policies:  # modelled techniques, flagged as not in longseq yet
-        more, fitting = _search(spec, gpu, base, space, num_gpus, nodes, MODELLED_POLICIES, **kw)
-        plans += more
     if fitting:
         return FitResult(best=fitting[0], tried=len(plans), fitting=len(fitting), runners_up=fitting[1:4])
     if not plans:

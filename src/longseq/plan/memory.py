@@ -3,10 +3,16 @@
 Single GPU, the layout of longseq train: full fine-tuning keeps fp32 weights (the master copy), fp32 gradients and
 the optimizer's fp32 states, under bf16 autocast; LoRA keeps the frozen base in bf16 and fp32 adapters with their
 gradients and states; QLoRA stores every decoder linear weight in NF4 (embeddings, norms, LM head stay bf16).
-Several GPUs follow DeepSpeed / Megatron (longseq itself trains on one GPU today): ZeRO (Rajbhandari et al. 2020,
-arXiv 1910.02054, fig. 1) keeps bf16 weights (2Ψ), bf16 gradients (2Ψ) and K·Ψ optimizer bytes (K = 12 for Adam:
-fp32 master + m + v) and partitions them over the Nd data-parallel ranks: stage 1 2Ψ+2Ψ+KΨ/Nd, stage 2
-2Ψ+(2+K)Ψ/Nd, stage 3 (2+2+K)Ψ/Nd; tensor and pipeline parallelism divide the weights by t·p.
+Several GPUs: ZeRO (Rajbhandari et al. 2020, arXiv 1910.02054, fig. 1) keeps bf16 weights (2Ψ), bf16 gradients
+(2Ψ) and K·Ψ optimizer bytes (K = 12 for Adam: fp32 master + m + v) and partitions them over the Nd data-parallel
+ranks: stage 1 2Ψ+2Ψ+KΨ/Nd, stage 2 2Ψ+(2+K)Ψ/Nd (DeepSpeed's layout; modelled, not in longseq). Stage 3 is
+longseq's FSDP2 (`--parallel fsdp`): fp32 sharded weights, fp32 sharded gradients, AdamW m and v, 16Ψ/Nd as in the
+paper, plus the gathered bf16 weights of the layer at work (and the next, prefetched) and of the root (embedding,
+LM head), which FSDP2 keeps gathered from forward to the end of backward; `--offload params` is FSDP2's
+CPUOffloadPolicy (weights, gradients and optimizer state in host memory). DDP (`--parallel ddp`) is stage 0 with
+gradients as bucket views (no second copy). longseq loads the whole model on each GPU before sharding it (the load
+peak). Ulysses (`--sp`) divides the tokens per GPU. Tensor and pipeline parallelism divide the weights by t·p
+(Megatron; modelled, longseq only serves tensor-parallel).
 """
 
 from __future__ import annotations
@@ -56,6 +62,12 @@ class Parallelism:
     def num_gpus(self) -> int:
         return self.dp * self.tp * self.pp * self.sp
 
+    @property
+    def zero_ranks(self) -> int:
+        """Ranks that hold the same weights and partition their states: data × sequence parallel (ZeRO over
+        dp·sp, as DeepSpeed-Ulysses and longseq's FSDP2 do)."""
+        return self.dp * self.sp
+
 
 @dataclass(frozen=True)
 class TrainSetup:
@@ -74,6 +86,7 @@ class TrainSetup:
     packed: bool = False
     keep_hidden: bool = True
     mlp_tile: int | None = None
+    offload_keep: int = 0
     parallel: Parallelism = field(default_factory=Parallelism)
 
     def activation_setup(self) -> ActivationSetup:
@@ -83,7 +96,7 @@ class TrainSetup:
             seq_len=self.seq_len, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
             train_embed=self.train_embed, train_norms=self.train_norms, loss_chunk=self.loss_chunk,
             packed=self.packed, keep_hidden=self.keep_hidden, grads_persist=self.grad_accum > 1,
-            mlp_tile=self.mlp_tile, tp=p.tp, sp=p.sp, pp=p.pp)
+            mlp_tile=self.mlp_tile, offload_keep=self.offload_keep, tp=p.tp, sp=p.sp, pp=p.pp)
 
 
 @dataclass
@@ -132,8 +145,9 @@ def validate(spec: ModelSpec, setup: TrainSetup) -> None:
         (cfg.num_heads % p.tp == 0 and cfg.num_kv_heads % p.tp == 0,
          f"tensor parallel {p.tp} must divide the heads ({cfg.num_heads}) and KV heads ({cfg.num_kv_heads})"),
         (cfg.num_layers % p.pp == 0, f"pipeline parallel {p.pp} must divide the {cfg.num_layers} layers"),
-        (setup.seq_len % p.sp == 0 and cfg.num_heads % p.sp == 0,
-         f"sequence parallel {p.sp} must divide the sequence length and the {cfg.num_heads} heads"),
+        (setup.seq_len % p.sp == 0 and cfg.num_kv_heads % p.sp == 0,
+         f"sequence parallel {p.sp} must divide the sequence length and the {cfg.num_kv_heads} KV heads (Ulysses "
+         "splits heads)"),
         (p.num_gpus % p.nodes == 0, f"{p.num_gpus} GPUs do not split evenly over {p.nodes} nodes"),
         (p.tp <= p.num_gpus // p.nodes, f"tensor parallel {p.tp} spans nodes: keep it within one node"),
         (setup.method == "full" or (setup.lora_targets and not set(setup.lora_targets) - set(layer_linears(spec))),
@@ -199,8 +213,8 @@ def _state_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, floa
     notes: list[str] = []
     frozen_bytes = 4 if setup.precision == "fp32" else 2
     if setup.method == "full":
-        zero_layout = p.dp > 1 and p.zero > 0
-        weight_b, grad_b = (2.0, 2.0) if zero_layout else (4.0, 4.0)  # DeepSpeed bf16 + fp32 master, or fp32
+        zero_layout = p.zero_ranks > 1 and p.zero in (1, 2)  # DeepSpeed bf16 + fp32 master; else fp32 (FSDP2 shards it)
+        weight_b, grad_b = (2.0, 2.0) if zero_layout else (4.0, 4.0)
         master = 4.0 * trainable if zero_layout and setup.precision != "fp32" else 0.0
         weights, grads = weight_b * counts.total, grad_b * trainable
         opt = optimizer_bytes(spec, setup, trainable) + master
@@ -217,20 +231,22 @@ def _state_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, floa
         opt = optimizer_bytes(spec, setup, adapters) + _extra_optimizer_bytes(spec, setup, extra) * frozen_bytes / 4
     weights, grads, opt = weights / shard, grads / shard, opt / shard
     host = 0.0
-    if p.dp > 1 and p.zero >= 1:
-        opt /= p.dp
-    if p.dp > 1 and p.zero >= 2:
-        grads /= p.dp
-    if p.dp > 1 and p.zero >= 3:
-        weights /= p.dp
+    n = p.zero_ranks
+    if n > 1 and p.zero >= 1:
+        opt /= n
+    if n > 1 and p.zero >= 2:
+        grads /= n
+    if n > 1 and p.zero >= 3:
+        weights /= n
     if p.offload in ("optimizer", "params"):
         host += opt
         opt = 0.0
         notes.append("optimizer states in CPU memory (ZeRO-Offload): the optimizer step runs on the CPU")
     if p.offload == "params":
-        host += weights
-        weights = 0.0
-        notes.append("weights in CPU memory (ZeRO-Infinity): streamed to the GPU layer by layer")
+        host += weights + grads
+        weights = grads = 0.0
+        notes.append("weights and gradients in CPU memory (FSDP2 CPUOffloadPolicy / ZeRO-Infinity): streamed to "
+                     "the GPU layer by layer")
     return weights, grads, opt, host, notes
 
 
@@ -240,8 +256,10 @@ def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
     act = activation_peak(spec, setup.activation_setup())
     weights, grads_all, opt, host, notes = _state_bytes(spec, setup)
     p, counts = setup.parallel, count_params(spec)
-    if p.zero >= 3 and p.dp > 1:  # a ZeRO-3 rank gathers one layer's full weights (and prefetches the next)
-        weights += 2 * 2.0 * counts.linear / spec.config.num_layers / (p.tp * p.pp)
+    gathered = 4.0 if setup.precision == "fp32" else 2.0  # FSDP2 gathers in the autocast dtype
+    if p.zero >= 3 and p.zero_ranks > 1:  # a ZeRO-3 rank gathers one layer's full weights (and prefetches the next)
+        weights += 2 * gathered * counts.linear / spec.config.num_layers / (p.tp * p.pp)
+        weights += gathered * (counts.embedding + counts.lm_head) / (p.tp * p.pp)  # the root: embedding, head
     share = act.grads / act.all_grads if act.all_grads else 0.0  # of the gradients, alive at the peak
     memory = TrainMemory(weights=weights, gradients=share * grads_all, optimizer=opt, activations=act.saved,
                          transient=act.peak - act.saved, activation=act, trainable=trainable_params(spec, setup),
@@ -249,9 +267,8 @@ def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
     if setup.method == "qlora":  # longseq loads the bf16 checkpoint on the GPU, then quantizes weight by weight
         biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values())
         memory.load_peak = (2.0 * counts.total + nf4_quantize_bytes(biggest)) / (p.tp * p.pp)
-    if setup.recompute == "offloaded":
-        notes.append("offloaded recompute is modelled, not in longseq yet: layer inputs in pinned host memory")
-    if setup.mlp_tile:
-        notes.append("tiled MLP is modelled, not in longseq yet")
+    elif p.zero >= 3 and p.zero_ranks > 1:  # FSDP2: the whole model is on each GPU until fully_shard splits it
+        load_b = 4.0 if setup.method == "full" or setup.precision == "fp32" else 2.0
+        memory.load_peak = load_b * counts.total / (p.tp * p.pp)
     return memory
 

@@ -82,13 +82,16 @@ def weight_bytes(spec: ModelSpec, quant: str) -> float:
     return fmt.linear_bytes * counts.linear + fmt.other_bytes * counts.not_linear
 
 
-def engine_activation_bytes(spec: ModelSpec, tokens: int, seqs: int, act_bytes: int = 2) -> float:
+def engine_activation_bytes(spec: ModelSpec, tokens: int, seqs: int, act_bytes: int = 2, tp: int = 1) -> float:
     """Peak of one inference step of `tokens` tokens (no saved tensors): the residual and a normed copy, the MLP's
     gate, up, silu(gate) and product (4 · S × I at once), and the LM head's logits for the sampled rows in bf16
-    and fp32 (model_runner: lm_head(...).float())."""
+    and fp32 (model_runner: lm_head(...).float()). Tensor parallel (distributed/tensor_parallel.py): the residual
+    stream is replicated, the MLP split over tp, and the logits all-gathered: the local V/tp slice, the gathered
+    pieces and their concatenation in bf16, then the fp32 copy."""
     cfg = spec.config
-    per_token = act_bytes * (2 * cfg.hidden_size + 4 * cfg.intermediate_size * spec.experts_per_token)
-    return tokens * per_token + min(tokens, seqs) * cfg.vocab_size * (act_bytes + 4)
+    per_token = act_bytes * (2 * cfg.hidden_size + 4 * cfg.intermediate_size * spec.experts_per_token / tp)
+    logits = act_bytes + 4 if tp == 1 else act_bytes / tp + 2 * act_bytes + 4
+    return tokens * per_token + min(tokens, seqs) * cfg.vocab_size * logits
 
 
 def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
@@ -105,7 +108,7 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
             raise LongseqError(f"{name} must be positive")
     weights = weight_bytes(spec, setup.quant) / tp
     kv = kv_bytes_per_token(spec, KV_BYTES[setup.kv_dtype]) / tp
-    act = engine_activation_bytes(spec, setup.max_num_batched_tokens, setup.max_num_seqs) / tp
+    act = engine_activation_bytes(spec, setup.max_num_batched_tokens, setup.max_num_seqs, tp=tp)
     budget = gpu.memory_bytes * setup.gpu_memory_fraction
     pool = max(0.0, budget - weights - act)
     kv_tokens = int(pool // kv)

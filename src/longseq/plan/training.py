@@ -12,7 +12,7 @@ from longseq.plan.flops import (
     train_flops_per_token,
 )
 from longseq.plan.hardware import GPU, INTER_NODE_GBS
-from longseq.plan.memory import TrainMemory, TrainSetup, train_memory, trainable_params
+from longseq.plan.memory import Parallelism, TrainMemory, TrainSetup, train_memory, trainable_params
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import count_params, layer_linears, lora_params
 
@@ -81,6 +81,14 @@ class TrainPlan:
         }
 
 
+def parallelism_for(cfg, world_size: int, nodes: int = 1) -> Parallelism:
+    """The Parallelism of a `longseq train` run (a TrainConfig) on `world_size` processes."""
+    sp = cfg.sequence_parallel
+    fsdp = cfg.parallel == "fsdp"
+    return Parallelism(dp=world_size // sp, sp=sp, zero=3 if fsdp else 0,
+                       offload="params" if cfg.fsdp_offload else "none", nodes=nodes)
+
+
 def _ring_allreduce_s(nbytes: float, n: int, gbs: float) -> float:
     """Ring all-reduce: each GPU sends and receives 2(n-1)/n of the buffer (Patarasuk & Yuan 2009)."""
     return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / (gbs * 1e9)
@@ -113,11 +121,16 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     compute = micro_s * (setup.grad_accum + p.pp - 1)  # 1F1B / GPipe bubble: p - 1 extra micro-steps
     gpus_per_node = p.num_gpus // p.nodes
     comm, other = 0.0, 0.0
-    grad_bytes = (2.0 if p.zero else 4.0) * trainable_params(spec, setup) / (p.tp * p.pp)
+    # DDP all-reduces fp32 gradients (DeepSpeed ZeRO 1-2: bf16); Ulysses ranks reduce gradients too.
+    grad_bytes = (2.0 if p.zero in (1, 2) else 4.0) * trainable_params(spec, setup) / (p.tp * p.pp)
     dp_bw = _link_gbs(gpu, p.num_gpus, gpus_per_node)
-    dp_comm = _ring_allreduce_s(grad_bytes, p.dp, dp_bw)
-    if p.zero >= 3:  # gather weights in forward and backward, reduce-scatter grads: 1.5x all-reduce (ZeRO §7)
-        dp_comm = 1.5 * _ring_allreduce_s(2.0 * counts.total / (p.tp * p.pp), p.dp, dp_bw)
+    dp_comm = _ring_allreduce_s(grad_bytes, p.zero_ranks, dp_bw)
+    if p.zero >= 3 and p.zero_ranks > 1:
+        # FSDP2: all-gather every weight in forward and again in backward (in the autocast dtype), reduce-scatter
+        # the fp32 gradients; each moves (n-1)/n of its bytes per GPU (ring).
+        n, gathered = p.zero_ranks, (4.0 if setup.precision == "fp32" else 2.0)
+        moved = (2 * gathered * counts.total + 4.0 * trainable_params(spec, setup)) / (p.tp * p.pp)
+        dp_comm = (n - 1) / n * moved / (dp_bw * 1e9)
     comm += max(0.0, dp_comm - 2 / 3 * compute)  # overlapped with backward (two thirds of the step)
     act_bytes = (2 if setup.precision != "fp32" else 4) * micro_tokens * cfg.hidden_size / p.sp
     layers_here = cfg.num_layers // p.pp
@@ -127,7 +140,7 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     sp_comm = 2 * layers_here * (p.sp - 1) / p.sp * attn_bytes / (_link_gbs(gpu, p.sp * p.tp, gpus_per_node) * 1e9)
     comm += (tp_comm + sp_comm) * setup.grad_accum
     trainable = trainable_params(spec, setup)
-    opt_shard = p.tp * p.pp * (p.dp if p.zero else 1)
+    opt_shard = p.tp * p.pp * (p.zero_ranks if p.zero else 1)
     if p.offload == "none":
         other += trainable / opt_shard * OPTIMIZER_TRAFFIC[setup.optimizer] / (gpu.bandwidth_tbs * 1e12)
     else:  # CPU Adam, gradients down and weights up over PCIe
@@ -152,8 +165,9 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
         plan.time_s = tokens / plan.tokens_per_s
         plan.gpu_hours = plan.time_s * p.num_gpus / 3600
         plan.cost_usd = plan.gpu_hours * plan.price_per_hour
-    if p.num_gpus > 1:
-        plan.notes.append("several GPUs: a DeepSpeed / Megatron-style estimate; longseq train runs on one GPU today")
+    if p.tp > 1 or p.pp > 1 or p.zero in (1, 2):
+        plan.notes.append("tensor / pipeline parallel training and ZeRO 1-2 are modelled (Megatron / DeepSpeed), "
+                          "not in longseq train, which runs DDP (zero 0), FSDP2 (zero 3) and Ulysses (sp)")
     if precision == "bf16" and not gpu.bf16_tflops:
         plan.notes.append(f"{gpu.name} has no bf16 tensor cores: timed at its fp16 rate (train with --precision fp16)")
     if setup.seq_len > cfg.max_seq_len:

@@ -89,19 +89,25 @@ def save_checkpoint(
     )
     meta = {"step": step, **counters, "config": asdict(cfg)}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
-    for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    publish(tmp, final, out_dir, cfg.keep_last)
+    return final
+
+
+def publish(tmp: Path, final: Path, out_dir: str | Path, keep_last: int) -> None:
+    """fsync everything under `tmp`, rename it to `final` (replacing a previous save of that step whole), prune."""
+    for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): replace it whole
-        old = root / f".old-{final.name}-{os.getpid()}"
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    for stale in list_checkpoints(out_dir)[: -cfg.keep_last]:
+    for stale in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
-    return final
 
 
 def resolve_checkpoint(resume: str, out_dir: str | Path) -> Path:
@@ -124,6 +130,10 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def load_trainable(path: Path, model: nn.Module) -> None:
+    if (path / "dcp").is_dir():  # written by a multi-process run
+        from longseq.distributed.checkpoint import load_trainable_dcp
+
+        return load_trainable_dcp(path, model)
     try:
         state = load_file(str(path / "trainable.safetensors"), device=str(next(model.parameters()).device))
     except Exception as e:

@@ -12,17 +12,22 @@ from typing import Any
 import torch
 
 from longseq.config import ModelConfig, TrainConfig
+from longseq.distributed import checkpoint as ckpt_io
+from longseq.distributed.data_parallel import gradient_sync
+from longseq.distributed.env import DistEnv, init_distributed
 from longseq.errors import LongseqError
 from longseq.plan.flops import train_flops_per_token
-from longseq.train.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, save_checkpoint
+from longseq.train.checkpoint import read_meta, resolve_checkpoint
 from longseq.train.data import default_pad_id
-from longseq.train.loss import IGNORE, chunked_cross_entropy
+from longseq.train.loss import IGNORE
 from longseq.train.optim import build_optimizer, build_scheduler
 from longseq.train.precision import resolve_precision
 
-# Changing these between a run and its resumption would silently change what is trained.
-_RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "grad_accum", "lora_rank", "lora_alpha", "lora_targets",
-                "lora_train_extra", "seed", "data", "optimizer", "attention", "window", "rope_scaling", "rope_factor")
+# Changing these between a run and its resumption would silently change what is trained. (grad_accum may change
+# with the number of processes, as long as the sequences per step stay the same: checked separately.)
+_RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "lora_rank", "lora_alpha", "lora_targets",
+                "lora_train_extra", "seed", "data", "optimizer", "attention", "window",
+                "rope_scaling", "rope_factor")
 
 
 @dataclass
@@ -31,6 +36,7 @@ class TrainResult:
     steps: int = 0  # completed optimizer steps (including those before a resume)
     checkpoint: Path | None = None
     interrupted: bool = False
+    memory: Any = None  # the MemoryChoice the run used (train/memory_plan.py)
     lm: Any = None  # the trained LoadedModel (adapters in place), for generating right after training
 
 
@@ -41,14 +47,19 @@ def matmul_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
 
 
-def build(cfg: TrainConfig):
-    """Model (with adapters), tokenizer, data, optimizer, scheduler and loss scaler for a run."""
+def build(cfg: TrainConfig, env: DistEnv | None = None):
+    """Model (with adapters), tokenizer, data, optimizer, scheduler, loss scaler and the module a training step
+    calls (the model with its loss, data parallel when the run is) for a run."""
+    from longseq.distributed.data_parallel import grad_scaler, wrap
+    from longseq.distributed.ulysses import enable_ulysses
     from longseq.models.loader import load, resolve_device
     from longseq.models.overrides import apply_overrides
     from longseq.train.data import TrainData
     from longseq.train.lora import make_trainable
+    from longseq.train.step import TokenLoss
 
-    device = resolve_device(cfg.device)
+    env = env or DistEnv(device=resolve_device(cfg.device))
+    device = env.device
     precision = resolve_precision(cfg.precision, device)
     # Full fine-tuning keeps float32 master weights; LoRA/QLoRA keep the frozen base in the compute dtype.
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
@@ -58,10 +69,26 @@ def build(cfg: TrainConfig):
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
-    model.set_recompute(cfg.recompute)
     model.train()
-    optimizer = build_optimizer(model, cfg, device)
-    return lm, data, precision, optimizer, build_scheduler(optimizer, cfg), precision.grad_scaler()
+    step_model = TokenLoss(model, cfg.loss_chunk)
+    if env.sp > 1:
+        enable_ulysses(model, env.sp_group, env.sp)
+    if env.distributed:
+        step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
+    optimizer = build_optimizer(model, cfg, torch.device("cpu") if cfg.fsdp_offload else device)
+    return (lm, data, precision, optimizer, build_scheduler(optimizer, cfg), grad_scaler(env, precision),
+            step_model)
+
+
+def plan_memory(model, cfg: TrainConfig, precision: str, device: torch.device, packed: bool, world_size: int = 1):
+    """Choose recompute / tiling / offload (train/memory_plan.py) and set them on the model."""
+    from longseq.plan.training import parallelism_for
+    from longseq.train.memory_plan import choose
+
+    choice = choose(model.config, cfg, precision, device, packed, parallelism_for(cfg, world_size))
+    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep)
+    model.set_tiling(choice.tile)
+    return choice
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -71,7 +98,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if not cfg.data:
         raise LongseqError("no training data: pass --data FILE_OR_FOLDER")
     resume_from = resolve_checkpoint(cfg.resume, cfg.out_dir) if cfg.resume else None  # fail before the slow part
-    lm, data, precision, optimizer, scheduler, scaler = build(cfg)
+    env = init_distributed(cfg)
+    console.quiet = not env.is_main  # one process reports for all
+    lm, data, precision, optimizer, scheduler, scaler, step_model = build(cfg, env)
     model, device = lm.model, lm.device
     st = data.stats
     console.print(f"[dim]data: {st.files} file(s), {st.documents:,} documents, {st.tokens:,} tokens "
@@ -79,8 +108,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     if data.bad_rows.total:
         console.print(f"[yellow]{data.bad_rows.summary()}[/]")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    console.print(f"[dim]{cfg.method}: {trainable:,} trainable parameters · {device} · {precision.name} · "
-                  f"recompute {cfg.recompute}[/]")
+    console.print(f"[dim]{cfg.method}: {trainable:,} trainable parameters · {device} · {precision.name}"
+                  + (f" · RoPE {rope.type} x{rope.factor:g} (context {model.config.max_seq_len:,})"
+                     if (rope := model.config.rope).type != "default" else "") + "[/]")
+    if cfg.seq_len > model.config.max_seq_len:
+        console.print(f"[yellow]seq_len {cfg.seq_len:,} is past the model's context ({model.config.max_seq_len:,}): "
+                      "consider --rope-scaling linear|ntk|yarn --rope-factor F[/]")
+    memory = plan_memory(model, cfg, precision.name, device, packed=data.stats.documents > 1,
+                         world_size=env.world_size)
+    console.print(f"[dim]memory: {memory.describe()}; loss chunks of {cfg.loss_chunk:,} tokens[/]")
+    if not memory.fits:
+        console.print("[yellow]the planner predicts this run does not fit; it may run out of memory "
+                      "(try a shorter --seq-len, --method qlora or --optimizer adamw8bit)[/]")
+    if env.distributed:
+        console.print(f"[dim]{env.parallel}{' + CPU offload' if cfg.fsdp_offload else ''} over {env.world_size} "
+                      f"process(es): {env.dp} data parallel × {env.sp} sequence parallel (Ulysses)[/]")
+    sequences_per_step = cfg.batch_size * cfg.grad_accum * env.dp
 
     step = batch_index = 0
     tokens_seen = 0
@@ -90,29 +133,36 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
         changed = [k for k in _RESUME_KEYS if _norm(saved.get(k)) != _norm(asdict(cfg)[k])]
         if changed:
             raise LongseqError(f"cannot resume {path}: the run's {', '.join(changed)} differ from the checkpoint's")
-        meta = load_checkpoint(path, model, optimizer, scheduler, scaler)
+        saved_sequences = read_meta(path).get("sequences_per_step", saved["batch_size"] * saved["grad_accum"])
+        if saved_sequences != sequences_per_step:
+            raise LongseqError(f"cannot resume {path}: it trained {saved_sequences} sequences per step, this run "
+                               f"{sequences_per_step} (batch_size × grad_accum × {env.dp} data-parallel "
+                               "process(es)): set --grad-accum to match")
+        meta = ckpt_io.load(path, model, optimizer, scheduler, scaler, env, cfg.seed)
         step, batch_index, tokens_seen = meta["step"], meta["batch_index"], meta["tokens_seen"]
         console.print(f"[dim]resumed from {path} at step {step}[/]")
     else:
         torch.manual_seed(cfg.seed)  # dropout
 
     pad_id = default_pad_id(lm.tokenizer)
-    batches = data.batches(cfg.seq_len, cfg.batch_size, cfg.seed, pad_id, start=batch_index)
+    batches = env.step_batches(data.batches(cfg.seq_len, cfg.batch_size, cfg.seed, pad_id, start=batch_index),
+                               cfg.grad_accum)
     flops_per_token = train_flops_per_token(matmul_params(model.config), model.config.num_layers,
                                             model.config.hidden_size, cfg.seq_len)
     peak = _peak_flops(device, precision.name)
     out_dir = Path(cfg.out_dir)
     from longseq.train.metrics import MetricsWriter
 
-    writer = MetricsWriter(out_dir)
-    result = TrainResult(steps=step)
+    writer = MetricsWriter(out_dir, enabled=env.is_main)
+    result = TrainResult(steps=step, memory=memory)
     stop = _StopFlag()
 
     def save() -> Path:
-        counters = {"batch_index": batch_index, "tokens_seen": tokens_seen, "precision": precision.name}
-        return save_checkpoint(out_dir, cfg, step, model, optimizer, scheduler, scaler, counters)
+        counters = {"batch_index": batch_index, "tokens_seen": tokens_seen, "precision": precision.name,
+                    "sequences_per_step": sequences_per_step}
+        return ckpt_io.save(out_dir, cfg, step, model, optimizer, scheduler, scaler, counters, env)
 
-    bar = _progress(console, enabled=progress)
+    bar = _progress(console, enabled=progress and env.is_main)
     task = bar.add_task("train", total=cfg.max_steps, completed=step, info="")
     try:
         with bar, stop:
@@ -120,14 +170,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                loss = _train_step(model, [next(batches) for _ in range(cfg.grad_accum)], cfg, precision, device,
-                                   optimizer, scaler)
+                loss = _train_step(step_model, next(batches), cfg, precision, device, optimizer, scaler, env)
                 scheduler.step()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - start
-                step, batch_index = step + 1, batch_index + cfg.grad_accum
-                tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+                step, batch_index = step + 1, batch_index + cfg.grad_accum * env.dp
+                tokens = sequences_per_step * cfg.seq_len  # all processes
+                if env.distributed:  # Ctrl-C reaches the ranks at different moments: stop together
+                    stop.requested = env.all_reduce_sum(float(stop.requested)) > 0
                 tokens_seen += tokens
                 result.losses.append(loss)
                 metrics: dict[str, Any] = {
@@ -135,7 +186,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                     "tokens_seen": tokens_seen, "peak_mem_gib": _peak_memory_gib(device),
                 }
                 if peak:
-                    metrics["mfu"] = tokens / elapsed * flops_per_token / peak
+                    metrics["mfu"] = tokens / elapsed * flops_per_token / (peak * env.world_size)
                 writer.write(step, metrics)
                 info = f"loss {loss:.4f} · {metrics['tokens_per_s']:,.0f} tok/s"
                 if "mfu" in metrics:
@@ -155,21 +206,34 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     return result
 
 
-def _train_step(model, micro_batches, cfg, precision, device, optimizer, scaler) -> float:
-    """One optimizer step over grad_accum micro-batches; the loss is the mean over all their target tokens."""
-    num_targets = max(1, sum(int((b.targets != IGNORE).sum()) for b in micro_batches))
+def _train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, env: DistEnv | None = None
+                ) -> float:
+    """One optimizer step over grad_accum micro-batches; the loss is the mean over all their target tokens, on all
+    processes: sum of token losses / total target tokens (so data parallel equals one process on the same batch).
+
+    `model` is a train.step.TokenLoss (possibly DDP / FSDP-wrapped) or a bare CausalLM."""
+    from longseq.models.llama import CausalLM
+    from longseq.train.step import TokenLoss
+
+    env = env or DistEnv(device=device)
+    if isinstance(model, CausalLM):
+        model = TokenLoss(model, cfg.loss_chunk)
+    shard = env.shard_sequence  # Ulysses: this rank's slice of each sequence; the identity otherwise
+    num_targets = max(1, env.all_reduce_sum(sum(int((shard(b.targets) != IGNORE).sum()) for b in micro_batches)))
     total = 0.0
-    for b in micro_batches:
-        ids, targets = b.input_ids.to(device), b.targets.to(device)
-        positions = b.positions.to(device)
-        # Rows that hold a single segment need no document mask (the fast causal kernel).
+    for i, b in enumerate(micro_batches):
+        ids, targets, positions = (shard(t).to(device) for t in (b.input_ids, b.targets, b.positions))
+        # Rows that hold a single segment need no document mask (the fast causal kernel). The whole sequence's:
+        # under Ulysses attention runs over all of it.
         doc_ids = b.doc_ids.to(device) if bool((b.positions[:, 1:] == 0).any()) else None
-        with precision.autocast():
-            hidden = model.hidden(ids, positions, doc_ids=doc_ids)
-            loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(),
-                                         cfg.loss_chunk) / num_targets
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        with gradient_sync(model, env, sync=i == len(micro_batches) - 1):  # exchange grads on the last one only
+            with precision.autocast():
+                loss = model(ids, positions, doc_ids, targets) / num_targets
+            # DDP and FSDP average gradients over the processes; times their number, that mean is the sum.
+            scaled = loss * env.world_size if env.distributed else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()
+    total = env.all_reduce_sum(total)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if cfg.max_grad_norm > 0:

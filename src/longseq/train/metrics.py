@@ -8,7 +8,10 @@ from typing import Any
 
 
 class MetricsWriter:
-    def __init__(self, out_dir: Path, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled  # multi-process runs: rank 0 writes, the others hold a disabled writer
+        if not enabled:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no line
         self.tb = None
@@ -21,6 +24,8 @@ class MetricsWriter:
                 self.tb = None
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tb is not None:
             for key, value in metrics.items():
@@ -28,6 +33,8 @@ class MetricsWriter:
                     self.tb.add_scalar(f"train/{key}", value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.file.close()
         if self.tb is not None:
             self.tb.close()

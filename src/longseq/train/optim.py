@@ -10,14 +10,19 @@ from torch import nn
 from longseq.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def trainable_groups(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The optimizer's parameter groups, by name: matrices (weight decay), then vectors. Empty groups left out.
+
+    torch numbers an optimizer's parameters 0, 1, ... in this order in its state_dict."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # No weight decay on norms, biases and other vectors (as in GPT-2 / nanoGPT).
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = [[(n, p) for n, p in params if p.dim() >= 2], [(n, p) for n, p in params if p.dim() < 2]]
+    return [g for g in groups if g]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = [{"params": [p for _, p in g], "weight_decay": cfg.weight_decay if g[0][1].dim() >= 2 else 0.0}
+              for g in trainable_groups(model)]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     if cfg.optimizer == "adamw8bit":

@@ -1,0 +1,168 @@
+"""Long-context LoRA / QLoRA training: longseq (techniques picked by its planner) against transformers + PEFT.
+
+    PYTHONPATH=src python benchmarks/long_context.py --runs longseq:4096 hf:4096 longseq:131072 qlora:262144 \
+        --out long_context.json
+
+Llama-3-8B shape, random bf16 weights, LoRA r=16 / alpha 32 on all seven linear layers, batch 1, one random
+sequence, AdamW on the adapters. Each run is its own process (its peak memory is its own):
+- `longseq` / `qlora`: the memory techniques `longseq train` would pick on this GPU (train/memory_plan.py: recompute
+  none / selective / full / offloaded, tiled norms and MLPs), chunked LM-head + loss, bf16 autocast.
+- `hf`: transformers + PEFT, SDPA attention, gradient checkpointing, under the same bf16 autocast.
+All runs use PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation, for both sides).
+Step = forward + backward + optimizer step; tokens/s = seq_len / median step time. MFU counts model FLOPs per token
+6N + 6·L·d·S (causal attention: half the S×S scores; N = 7.5e9 matmul parameters) against 989.4 TFLOP/s; the PaLM
+convention (6N + 12·L·d·S, non-causal) is reported beside it. Peak host memory is the process's VmHWM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from train_speed import ALPHA, LLAMA3_8B, RANK, TARGETS, build_hf  # noqa: E402
+
+
+def host_peak_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def build_longseq(method: str, seq_len: int, recompute: str | None):
+    from longseq.config import ModelConfig, TrainConfig
+    from longseq.models.llama import CausalLM
+    from longseq.train.loop import plan_memory
+    from longseq.train.lora import make_trainable
+    from longseq.train.loss import chunked_cross_entropy
+
+    cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
+    with torch.device("meta"):
+        model = CausalLM(cfg).to(torch.bfloat16)
+    model.to_empty(device="cuda")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    model.rotary.reset("cuda")
+    tcfg = TrainConfig(data=("-",), method=method, seq_len=seq_len, lora_rank=RANK, lora_alpha=ALPHA,
+                       lora_targets=tuple(TARGETS), recompute=recompute or "auto")
+    make_trainable(model, tcfg)
+    torch.cuda.empty_cache()
+    choice = plan_memory(model, tcfg, "bf16", torch.device("cuda"), packed=False)
+    model.train()
+
+    def step_loss(ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+            return _loss(model, ids, targets, chunked_cross_entropy) / (ids.numel() - 1)
+
+    return model, step_loss, choice
+
+
+def _loss(model, ids, targets, ce):
+    hidden = model.hidden(ids)  # a local of this function only: freed before the layers' backward
+    return ce(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), 1024)
+
+
+def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | None) -> dict:
+    torch.manual_seed(0)
+    row: dict = dict(side=side, seq_len=seq_len)
+    if side == "hf":
+        model, step_loss = build_hf(autocast=True)
+    else:
+        model, step_loss, choice = build_longseq("qlora" if side == "qlora" else "lora", seq_len, recompute)
+        row.update(recompute=choice.recompute, tile=choice.tile, offload_keep=choice.offload_keep,
+                   predicted_gib=round(choice.predicted_gib, 2), predicted_host_gib=round(choice.host_gib, 2),
+                   planned=choice.describe())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, seq_len), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = step_loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        print(f"step {i}: {times[-1]:.2f} s loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    step = statistics.median(times[warmup:])
+    from longseq.config import ModelConfig
+    from longseq.plan.hardware import find_gpu
+    from longseq.train.loop import matmul_params
+
+    cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
+    n, layers, d = matmul_params(cfg), cfg.num_layers, cfg.hidden_size
+    peak = find_gpu(torch.cuda.get_device_name()).bf16_tflops * 1e12
+    tps = seq_len / step
+    offloader = getattr(model, "offloader", None)
+    row.update(step_s=round(step, 3), tokens_per_s=round(tps, 1),
+               mfu_causal=round(tps * (6 * n + 6 * layers * d * seq_len) / peak, 4),
+               mfu_palm=round(tps * (6 * n + 12 * layers * d * seq_len) / peak, 4),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               host_peak_gib=round(host_peak_gib(), 2),
+               pinned_gib=round(offloader.host_bytes / 2**30, 2) if offloader is not None else 0.0,
+               warmup=warmup, timed=steps, losses=[round(x, 4) for x in losses], step_times=times)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", nargs="+", default=[], help="SIDE:LEN[:RECOMPUTE], SIDE in longseq, qlora, hf")
+    ap.add_argument("--out", default="long_context.json")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        side, n, warm, steps, rc = args.one
+        row = run_one(side, int(n), int(warm), int(steps), None if rc == "-" else rc)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    rows = []
+    for spec in args.runs:
+        side, n, *rc = spec.split(":")
+        n = int(n)
+        warm, steps = (1, 2) if n <= 65536 else (1, 1) if n <= 131072 else (0, 1)
+        cmd = [sys.executable, __file__, "--one", side, str(n), str(warm), str(steps), rc[0] if rc else "-"]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+            out, err = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            out, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        found = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if found:
+            row = json.loads(found[0][7:])
+        else:
+            tail = (err.strip().splitlines() or ["?"])[-1]
+            row = dict(side=side, seq_len=n, error="OOM" if "out of memory" in err else tail[:300])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "step_times"}), flush=True)
+        with open(args.out, "w") as f:  # after every run: a later timeout keeps what finished
+            json.dump({"env": _env(), "rows": rows}, f, indent=2)
+
+
+def _env() -> dict:
+    import peft
+    import transformers
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+                transformers=transformers.__version__, peft=peft.__version__)
+
+
+if __name__ == "__main__":
+    main()

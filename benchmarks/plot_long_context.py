@@ -1,0 +1,94 @@
+"""Table and plot of benchmarks/long_context.py results: tokens/s and peak GPU memory against sequence length.
+
+    python benchmarks/plot_long_context.py benchmarks/results/2026-11-24-long-context-h100/*.json \
+        --png long_context.png --md table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+
+LABELS = {"longseq": "longseq LoRA", "qlora": "longseq QLoRA", "hf": "transformers + PEFT LoRA"}
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            rows += json.load(f)["rows"]
+    # A forced-policy row (`SIDE:LEN:RECOMPUTE`) is kept in the table but not in the plot's lines.
+    return sorted(rows, key=lambda r: (r["seq_len"], r["side"]))
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| side | seq len | tokens/s | MFU (causal) | MFU (PaLM) | peak GPU GiB | planner GiB | host peak GiB | "
+           "pinned GiB | techniques (planned) | step s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['error']} | | | | | | | | |")
+            continue
+        tech = "—" if r["side"] == "hf" else f"{r['recompute']}" + (f", tiles {r['tile']:,}" if r.get("tile") else "") \
+            + (f", keep {r['offload_keep']}" if r["recompute"] == "offloaded" else "")
+        out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['tokens_per_s']:,.0f} | {r['mfu_causal']:.1%} | "
+                   f"{r['mfu_palm']:.1%} | {r['peak_gib']:.2f} | {r.get('predicted_gib', '—')} | "
+                   f"{r['host_peak_gib']:.1f} | {r['pinned_gib']:.1f} | {tech} | {r['step_s']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for side, style in (("longseq", "o-"), ("qlora", "s--"), ("hf", "^-")):
+        ok = [r for r in rows if r["side"] == side and "error" not in r and r.get("offload_keep", 0) != 31]
+        if not ok:
+            continue
+        xs = [r["seq_len"] / 1024 for r in ok]
+        ax1.plot(xs, [r["tokens_per_s"] for r in ok], style, label=LABELS[side])
+        ax2.plot(xs, [r["peak_gib"] for r in ok], style, label=LABELS[side])
+        for r in rows:
+            if r["side"] == side and "error" in r:
+                ax2.plot([r["seq_len"] / 1024], [80], "x", color="red", markersize=10)
+                ax2.annotate(f"{LABELS[side]}: OOM at {r['seq_len'] // 1024}K", (r["seq_len"] / 1024, 80),
+                             textcoords="offset points", xytext=(5, -12), fontsize=8, color="red")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length (K tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_ylabel("tokens/s")
+    ax1.set_title("Llama-3-8B shape, LoRA r=16, one H100 80GB")
+    ax2.axhline(79.1, color="gray", linestyle=":")
+    ax2.set_ylabel("peak GPU memory (GiB, max_memory_allocated)")
+    ax2.set_title("longest: 384K tokens (layer inputs offloaded to host)")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--png", default="long_context.png")
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args()
+    rows = load(args.files)
+    text = table(rows)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    print(text)
+    plot(rows, args.png)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Data parallelism with PyTorch's own wrappers: DDP (replicated weights, all-reduced gradients) or FSDP2
+(`fully_shard`: weights, gradients and optimizer state sharded over the ranks, ZeRO-3; Rajbhandari et al. 2020,
+arXiv 1910.02054), optionally with everything sharded kept in CPU memory (`CPUOffloadPolicy`)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from longseq.distributed.env import DistEnv
+from longseq.train.precision import Precision
+
+
+def wrap(step_model: nn.Module, env: DistEnv, precision: Precision, offload: bool = False) -> nn.Module:
+    """`step_model` (a train.step.TokenLoss around the CausalLM) made data parallel over every process.
+
+    FSDP2 shards each decoder layer as one unit (gathered just before its forward and backward, freed after) and the
+    rest (embedding, final norm, LM head) as the root. Frozen LoRA / QLoRA base weights are sharded too. Call
+    before building the optimizer: FSDP2 replaces the parameters by sharded DTensors.
+    """
+    if env.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        # LoRA: frozen weights get no gradient buckets; every trainable one is used in each step. Gradients are
+        # views into the all-reduce buckets: one copy of them, not two (full fine-tuning: 4 bytes/param saved).
+        return DistributedDataParallel(step_model, device_ids=ids, gradient_as_bucket_view=True)
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    _uniform_trainable_dtype(step_model)
+    _check_nf4_shardable(step_model, env.world_size)
+    # Gather weights in the autocast dtype (half the traffic of fp32 master weights), reduce gradients in fp32.
+    mp = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
+    off = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if offload else OffloadPolicy()
+    for layer in step_model.lm.model.layers:
+        fully_shard(layer, mesh=env.mesh, mp_policy=mp, offload_policy=off)
+    fully_shard(step_model, mesh=env.mesh, mp_policy=mp, offload_policy=off)
+    return step_model
+
+
+def _uniform_trainable_dtype(module: nn.Module) -> None:
+    # FSDP2 reduce-scatters one flat buffer per layer, so a layer's trainable weights need one dtype. LoRA adapters
+    # are fp32 while LongLoRA's trained norms / embedding are in the frozen dtype: keep those in fp32 too.
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if len({p.dtype for p in trainable}) > 1:
+        for p in trainable:
+            p.data = p.data.float()
+
+
+def _check_nf4_shardable(module: nn.Module, world: int) -> None:
+    # torchao's NF4 tensor shards by splitting its packed data and both levels of scales into equal pieces along
+    # rows; real model shapes split evenly, toy ones may not.
+    from longseq.errors import LongseqError
+    from longseq.train.lora import is_nf4
+
+    for name, p in module.named_parameters():
+        if not is_nf4(p):
+            continue
+        inner = (p.quantized_data, p.quantized_scalers, p.quantization_factor)
+        if p.size(0) % world or any(t.numel() % world for t in inner):
+            raise LongseqError(f"QLoRA with fsdp: the NF4 weight {name} {tuple(p.shape)} cannot be split evenly over "
+                               f"{world} processes; use --parallel ddp")
+
+
+def gradient_sync(model: nn.Module, env: DistEnv, sync: bool):
+    """Context for one micro-batch's forward and backward. DDP all-reduces only on the last of a step's micro-batches
+    (the others accumulate into the replicated gradients). FSDP reduce-scatters after every one: skipping it would
+    keep every layer's unsharded gradient until the last micro-batch, the whole model's gradients per GPU."""
+    if env.parallel == "ddp" and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def grad_scaler(env: DistEnv, precision: Precision):
+    """fp16 loss scaling; under FSDP the overflow check must agree across ranks (ShardedGradScaler all-reduces it)."""
+    if precision.name != "fp16" or env.parallel != "fsdp":
+        return precision.grad_scaler()
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    return ShardedGradScaler(precision.device_type)

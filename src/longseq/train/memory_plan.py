@@ -1,0 +1,143 @@
+"""`longseq train --plan auto`: pick the memory techniques a run needs from the planner and the memory there is.
+
+The candidates, fastest first: no recompute; selective; full; full with tiled norms and MLPs; layer inputs
+offloaded to pinned host memory (keeping on the GPU as many of the last layers' inputs as fit). The first whose
+predicted peak (longseq.plan, validated against measured H100 runs) fits the GPU's memory wins. A flag the user
+set (`--recompute`, `--tile-tokens`, `--offload-keep`) is kept as given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longseq.config import DEFAULT_TILE_TOKENS, ModelConfig, TrainConfig
+
+GIB = 2**30
+MARGIN = 0.95  # of the budget: the planner's error on measured runs is within 3%
+
+
+@dataclass
+class MemoryChoice:
+    recompute: str
+    tile: int | None  # tokens per RMSNorm / MLP tile; None: whole sequences
+    offload_keep: int  # layers whose inputs stay on the GPU under "offloaded"
+    predicted_gib: float  # predicted peak on the device
+    budget_gib: float | None  # what the device has for this run; None when not measured (plan off)
+    host_gib: float  # pinned host memory for offloaded layer inputs
+    num_layers: int
+    auto: bool  # chosen by the planner (else: as the flags say)
+    host_budget_gib: float | None = None  # available host memory
+
+    @property
+    def fits(self) -> bool:
+        device = self.budget_gib is None or self.predicted_gib <= self.budget_gib * MARGIN
+        return device and (self.host_budget_gib is None or self.host_gib <= self.host_budget_gib * MARGIN)
+
+    def describe(self) -> str:
+        parts = [f"recompute {self.recompute}"]
+        if self.recompute == "offloaded":
+            offloaded = max(0, self.num_layers - self.offload_keep)
+            parts[0] += (f" ({offloaded} of {self.num_layers} layer inputs in pinned host memory, "
+                         f"{self.host_gib:.1f} GiB)")
+        parts.append(f"norm/MLP tiles of {self.tile:,} tokens" if self.tile else "untiled norms/MLP")
+        text = ", ".join(parts) + f"; predicted peak {self.predicted_gib:.1f} GiB"
+        if self.budget_gib is not None:
+            text += f" of {self.budget_gib:.1f} GiB"
+        return ("planned: " if self.auto else "") + text
+
+
+def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
+           tile: int | None, keep: int, parallel=None):
+    from longseq.plan.memory import Parallelism, TrainSetup
+
+    optimizer = cfg.optimizer if cfg.optimizer in ("adamw", "adamw8bit", "sgd", "adafactor") else "adamw"
+    return TrainSetup(
+        method=cfg.method, seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        recompute=recompute, optimizer=optimizer, precision=precision, lora_rank=cfg.lora_rank,
+        lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
+        train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
+        mlp_tile=tile, offload_keep=keep, parallel=parallel or Parallelism())
+
+
+def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
+            tile: int | None, keep: int, parallel=None) -> tuple[float, float]:
+    """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
+    from longseq.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, train_memory
+    from longseq.plan.models import ModelSpec
+
+    setup = _setup(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel)
+    mem = train_memory(ModelSpec("run", model_cfg), setup)
+    return mem.allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB, mem.activation.host
+
+
+def device_budget(device: torch.device) -> tuple[float, float]:
+    """(bytes this process may use on the device, bytes of host memory available), measured now."""
+    host = _meminfo("MemAvailable")
+    if device.type == "cuda":
+        from longseq.plan.memory import CUDA_CONTEXT_GIB
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_GIB * GIB, host
+    return host + _meminfo("_rss"), host
+
+
+def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
+               distributed: bool = False) -> list[tuple[str, int | None, int]]:
+    """(recompute, tile, offload_keep) to try, fastest first, restricted by what the user fixed. Host offload is
+    single-process only for now (its reentrant checkpoints are untested under DDP / FSDP hooks)."""
+    tile_on = cfg.tile_tokens if cfg.tile_tokens else DEFAULT_TILE_TOKENS
+    out: list[tuple[str, int | None, int]] = [("none", None, 0), ("selective", None, 0), ("full", None, 0),
+                                              ("full", tile_on, 0)]
+    if device.type == "cuda" and not distributed:  # host offload saves device memory only off the host
+        out += [("offloaded", tile_on, keep) for keep in range(num_layers - 1, -1, -1)]
+    if cfg.recompute != "auto":
+        out = [c for c in out if c[0] == cfg.recompute] or [(cfg.recompute, tile_on, 0)]
+    if cfg.tile_tokens is not None:
+        out = [(r, cfg.tile_tokens or None, k) for r, _, k in out]
+    if cfg.offload_keep is not None:
+        out = [(r, t, cfg.offload_keep) for r, t, _ in out]
+    return list(dict.fromkeys(out))
+
+
+def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: torch.device,
+           packed: bool, parallel=None) -> MemoryChoice:
+    """The fastest candidate predicted to fit; the most frugal one (with a warning) when none does.
+    `parallel` (longseq.plan Parallelism): the run's processes, for FSDP shards and Ulysses sequence shards."""
+    layers = model_cfg.num_layers
+    distributed = parallel is not None and parallel.num_gpus > 1
+    if cfg.plan == "off":
+        recompute = "none" if cfg.recompute == "auto" else cfg.recompute
+        keep = cfg.offload_keep if cfg.offload_keep is not None else 0
+        peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep, parallel)
+        return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False)
+    budget, host_free = device_budget(device)
+    auto = cfg.recompute == "auto" or cfg.tile_tokens is None or cfg.offload_keep is None
+    best = None
+    for recompute, tile, keep in candidates(cfg, layers, device, distributed):
+        peak, host = predict(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel)
+        choice = MemoryChoice(recompute, tile, keep, peak / GIB, budget / GIB, host / GIB, layers, auto,
+                              host_free / GIB)
+        if choice.fits:
+            return choice
+        if best is None or choice.predicted_gib < best.predicted_gib:
+            best = choice
+    return best
+
+
+def _meminfo(key: str) -> float:
+    """Bytes from /proc (Linux): a /proc/meminfo field, or `_rss` for this process's resident set."""
+    try:
+        if key == "_rss":
+            with open("/proc/self/statm") as f:
+                import os
+
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")  # not Linux: no limit known

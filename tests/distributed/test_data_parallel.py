@@ -1,0 +1,133 @@
+"""One optimizer step of the real training step (`_train_step`) under DDP, FSDP2 (with and without CPU offload) and
+Ulysses, on 2 and 4 gloo processes, equals the single-process step on the same global batch: the loss, and each
+trainable weight's update (SGD with lr 1 and no history: the update is the (clipped) gradient). The planner's
+per-GPU weight and optimizer bytes under FSDP2 equal the shards each process holds."""
+
+import pytest
+import torch
+from dist_helpers import TINY, run_workers, synthetic_batches
+
+from longseq.config import TrainConfig
+from longseq.distributed.data_parallel import wrap
+from longseq.distributed.env import DistEnv, init_distributed
+from longseq.distributed.ulysses import enable_ulysses
+from longseq.models.llama import CausalLM
+from longseq.plan.memory import _state_bytes
+from longseq.plan.models import ModelSpec
+from longseq.plan.training import parallelism_for
+from longseq.train.loop import _train_step
+from longseq.train.lora import LoRALinear, make_trainable
+from longseq.train.optim import build_optimizer
+from longseq.train.precision import resolve_precision
+from longseq.train.step import TokenLoss
+
+SEQ, BATCH = 16, 2
+
+# (parallel, sequence_parallel, method, recompute, grad_accum per rank, fsdp_offload, max_grad_norm)
+CASES_2 = {
+    "ddp-lora-accum": ("ddp", 1, "lora", "none", 2, False, 0.0),
+    "fsdp-full-selective-clip": ("fsdp", 1, "full", "selective", 1, False, 1.0),
+    "fsdp-offload-lora-full-recompute-accum": ("fsdp", 1, "lora", "full", 2, True, 0.0),
+    "ulysses2-ddp-lora-full-recompute": ("ddp", 2, "lora", "full", 2, False, 0.0),
+    "ulysses2-fsdp-full": ("fsdp", 2, "full", "none", 1, False, 1.0),
+}
+CASES_4 = {"dp2-ulysses2-fsdp-lora-selective": ("fsdp", 2, "lora", "selective", 1, False, 1.0)}
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def one_step(case: tuple, world: int, distributed: bool):
+    """Loss and updates of one step; single process (distributed False) uses grad_accum × dp micro-batches."""
+    parallel, sp, method, recompute, accum, offload, clip = case
+    dp = world // sp
+    cfg = TrainConfig(method=method, lora_rank=4, optimizer="sgd", lr=1.0, max_grad_norm=clip, recompute=recompute,
+                      precision="fp32", device="cpu", loss_chunk=16, seq_len=SEQ, batch_size=BATCH,
+                      grad_accum=accum if distributed else accum * dp, parallel=parallel if distributed else "none",
+                      sequence_parallel=sp if distributed else 1, fsdp_offload=offload and distributed)
+    torch.manual_seed(0)
+    model = CausalLM(TINY)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    make_trainable(model, cfg)
+    with torch.no_grad():  # B = 0 at init would leave A without gradient
+        for m in model.modules():
+            if isinstance(m, LoRALinear) and m.rank:
+                m.lora_B.weight.normal_(0, 0.1)
+    model.set_recompute(recompute)
+    env = init_distributed(cfg) if distributed else DistEnv()
+    step_model = TokenLoss(model, cfg.loss_chunk)
+    if env.sp > 1:
+        enable_ulysses(model, env.sp_group, env.sp)
+    precision = resolve_precision("fp32", env.device)
+    if env.distributed:
+        step_model = wrap(step_model, env, precision, offload=offload)
+    optimizer = build_optimizer(model, cfg, env.device)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    before = {n: _full(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batches = synthetic_batches(accum * dp, BATCH, SEQ, TINY.vocab_size)
+    micro = next(env.step_batches(iter(batches), cfg.grad_accum))
+    loss = _train_step(step_model, micro, cfg, precision, env.device, optimizer, None, env)
+    params = dict(model.named_parameters())
+    updates = {n: before[n] - _full(params[n]).detach() for n in names}
+    held = {"weights": sum(_local_bytes(p) for p in model.parameters()),
+            "optimizer": sum(_local_bytes(t) for st in optimizer.state.values() for t in st.values()
+                             if torch.is_tensor(t))}
+    return loss, updates, held
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    t = t.to_local() if hasattr(t, "to_local") else t  # this process's shard of a DTensor
+    return t.numel() * t.element_size()
+
+
+def _worker(rank: int, world: int, cases: dict):
+    return {name: one_step(case, world, distributed=True) for name, case in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def results_2():
+    return run_workers(_worker, 2, CASES_2)
+
+
+@pytest.fixture(scope="module")
+def results_4():
+    return run_workers(_worker, 4, CASES_4)
+
+
+def _check(results, name, case, world):
+    ref_loss, ref_updates, _ = one_step(case, world, distributed=False)
+    for rank_results in results:
+        loss, updates, _ = rank_results[name]
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert updates.keys() == ref_updates.keys() and len(updates) > 0
+        for n in ref_updates:
+            assert ref_updates[n].abs().max() > 0, n  # a weight that does not move would prove nothing
+            torch.testing.assert_close(updates[n], ref_updates[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("name", list(CASES_2))
+def test_two_processes_equal_one(results_2, name):
+    _check(results_2, name, CASES_2[name], 2)
+
+
+@pytest.mark.parametrize("name", list(CASES_4))
+def test_four_processes_equal_one(results_4, name):
+    _check(results_4, name, CASES_4[name], 4)
+
+
+@pytest.mark.parametrize("name,world", [("fsdp-full-selective-clip", 2), ("ulysses2-fsdp-full", 2),
+                                        ("dp2-ulysses2-fsdp-lora-selective", 4)])
+def test_planner_predicts_fsdp_shards(results_2, results_4, name, world):
+    from longseq.plan.memory import TrainSetup
+
+    parallel, sp, method, *_ = {**CASES_2, **CASES_4}[name]
+    cfg = TrainConfig(parallel=parallel, sequence_parallel=sp, seq_len=SEQ)
+    setup = TrainSetup(method=method, seq_len=SEQ, optimizer="sgd", precision="fp32", lora_rank=4,
+                       parallel=parallelism_for(cfg, world))
+    weights, _, optimizer, _, _ = _state_bytes(ModelSpec("tiny", TINY), setup)
+    for rank_results in (results_2 if world == 2 else results_4):
+        held = rank_results[name][2]
+        assert held == {"weights": weights, "optimizer": optimizer}

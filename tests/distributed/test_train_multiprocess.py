@@ -1,0 +1,134 @@
+"""`longseq train` on several processes: `--nproc 2` (torchrun) trains the single-process losses; its DCP
+checkpoints resume on another number of processes (1, or 2 with FSDP + Ulysses) and single-process checkpoints
+resume on 2 processes, all continuing the single-process run; export reads DCP checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from dist_helpers import run_workers
+from safetensors.torch import load_file
+
+from longseq.config import TrainConfig
+from longseq.errors import LongseqError
+from longseq.models.loader import default_model_path
+from longseq.tokenizer import load_tokenizer
+from longseq.train import checkpoint as ckpt
+from longseq.train.export import export
+from longseq.train.loop import train
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(model_dir)
+    load_tokenizer(default_model_path()).save_pretrained(model_dir)
+    data = root / "data.jsonl"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 9))} for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, model_dir, data
+
+
+def config(setup, out, **kw) -> TrainConfig:
+    root, model_dir, data = setup
+    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
+                batch_size=2, grad_accum=2, max_steps=STEPS, lr=1e-2, warmup_steps=1, lora_rank=4, precision="fp32",
+                device="cpu", save_every=2, keep_last=10, seed=0, optimizer="adamw")
+    return TrainConfig(**{**base, **kw})
+
+
+def resume_copy(setup, source: str, out: str, step: int = 2) -> None:
+    """What a run stopped after `step` leaves behind, copied to a fresh out_dir."""
+    src = ckpt.checkpoint_root(setup[0] / source) / f"step-{step:06d}"
+    shutil.copytree(src, ckpt.checkpoint_root(setup[0] / out) / src.name)
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    result = train(config(setup, "single"), progress=False)
+    assert len(result.losses) == STEPS and result.losses[0] != result.losses[-1]
+    return result.losses
+
+
+@pytest.fixture(scope="module")
+def ddp_cli(setup):
+    """2 processes through `longseq train --nproc 2`, 1 micro-batch each: the same 4 sequences per step."""
+    root, model_dir, data = setup
+    cmd = [sys.executable, "-m", "longseq", "train", "--nproc", "2", "--model", str(model_dir), "--data", str(data),
+           "--out-dir", str(root / "ddp"), "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1",
+           "--max-steps", str(STEPS), "--lr", "1e-2", "--warmup-steps", "1", "--lora-rank", "4", "--precision", "fp32",
+           "--device", "cpu", "--save-every", "2", "--keep-last", "10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("ddp over 2 process(es)") == 1  # only rank 0 reports
+    lines = (root / "ddp" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_ddp_cli_trains_the_single_process_losses(single, ddp_cli, setup):
+    assert ddp_cli == pytest.approx(single, rel=1e-6)
+    saved = ckpt.list_checkpoints(setup[0] / "ddp")
+    assert [p.name for p in saved] == ["step-000002", "step-000004"]
+    assert all((p / "dcp").is_dir() and (p / "rng-rank1.pt").is_file() for p in saved)
+    assert not list(ckpt.checkpoint_root(setup[0] / "ddp").glob(".tmp-*"))  # published by rename
+
+
+def _resume_worker(rank, world, setup):
+    # FSDP2 continues the single-process checkpoint; FSDP2 + Ulysses (1 data-parallel rank) continues DDP's.
+    a = train(config(setup, "fsdp-from-single", parallel="fsdp", grad_accum=1, resume="latest"), progress=False)
+    b = train(config(setup, "ulysses-from-ddp", parallel="fsdp", sequence_parallel=2, resume="latest"),
+              progress=False)
+    return a.losses, b.losses
+
+
+def test_resume_on_another_number_of_processes(single, ddp_cli, setup):
+    resume_copy(setup, "single", "fsdp-from-single")
+    resume_copy(setup, "ddp", "ulysses-from-ddp")
+    resume_copy(setup, "ddp", "one-from-ddp")
+    for fsdp_losses, ulysses_losses in run_workers(_resume_worker, 2, setup):
+        assert fsdp_losses == pytest.approx(single[2:], rel=1e-6)
+        assert ulysses_losses == pytest.approx(single[2:], rel=1e-6)
+    one = train(config(setup, "one-from-ddp", resume="latest"), progress=False)  # 2 processes -> 1
+    assert one.losses == pytest.approx(single[2:], rel=1e-6)
+
+
+def test_resume_refuses_another_batch_per_step(ddp_cli, setup):
+    resume_copy(setup, "ddp", "wrong-batch")
+    with pytest.raises(LongseqError, match="4 sequences per step, this run 2"):
+        train(config(setup, "wrong-batch", grad_accum=1, resume="latest"), progress=False)
+
+
+def test_export_reads_a_distributed_checkpoint(single, ddp_cli, setup):
+    root = setup[0]
+    adapters = []
+    for run in ("single", "ddp"):
+        out = export(ckpt.checkpoint_root(root / run) / "step-000004", root / f"adapter-{run}", "peft")
+        adapters.append(load_file(str(out / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
+    for name in adapters[0]:
+        torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_bad_launch_is_one_line_before_any_process_starts(setup, capsys):
+    from longseq.cli import main
+
+    root, model_dir, data = setup
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--seq-len", "32"]
+    assert main(argv + ["--nproc", "2", "--sequence-parallel", "4"]) == 2
+    assert main(argv + ["--nproc", "2", "--data", str(root / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "longseq: error: sequence_parallel 4 must divide --nproc 2"
+    assert len(err) == 2 and "missing.jsonl" in err[1]

@@ -27,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_speed import ALPHA, LLAMA3_8B, RANK, TARGETS, build_hf  # noqa: E402
+from train_speed import ALPHA, LLAMA3_8B, RANK, TARGETS, build_hf, random_llama3_8b  # noqa: E402
 
 
 def host_peak_gib() -> float:
@@ -39,38 +39,27 @@ def host_peak_gib() -> float:
 
 
 def build_longseq(method: str, seq_len: int, recompute: str | None):
-    from longseq.config import ModelConfig, TrainConfig
-    from longseq.models.llama import CausalLM
+    from longseq.config import TrainConfig
     from longseq.train.loop import plan_memory
     from longseq.train.lora import make_trainable
-    from longseq.train.loss import chunked_cross_entropy
+    from longseq.train.step import TokenLoss
 
-    cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
-    with torch.device("meta"):
-        model = CausalLM(cfg).to(torch.bfloat16)
-    model.to_empty(device="cuda")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    model.rotary.reset("cuda")
+    model = random_llama3_8b()
     tcfg = TrainConfig(data=("-",), method=method, seq_len=seq_len, lora_rank=RANK, lora_alpha=ALPHA,
                        lora_targets=tuple(TARGETS), recompute=recompute or "auto")
     make_trainable(model, tcfg)
     torch.cuda.empty_cache()
     choice = plan_memory(model, tcfg, "bf16", torch.device("cuda"), packed=False)
     model.train()
+    loss_of = TokenLoss(model, 1024)  # the trainer's step module: `hidden` is freed before the layers' backward
 
     def step_loss(ids):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-            return _loss(model, ids, targets, chunked_cross_entropy) / (ids.numel() - 1)
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+            return loss_of(ids, positions, None, targets) / (ids.numel() - 1)
 
     return model, step_loss, choice
-
-
-def _loss(model, ids, targets, ce):
-    hidden = model.hidden(ids)  # a local of this function only: freed before the layers' backward
-    return ce(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), 1024)
 
 
 def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | None) -> dict:

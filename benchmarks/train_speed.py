@@ -29,11 +29,10 @@ RANK, ALPHA = 16, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_longseq():
-    from longseq.config import ModelConfig, TrainConfig
+def random_llama3_8b():
+    """Our model in the Llama-3-8B shape on the GPU, random bf16 weights (built on `meta`, filled in place)."""
+    from longseq.config import ModelConfig
     from longseq.models.llama import CausalLM
-    from longseq.train.lora import apply_lora
-    from longseq.train.loss import chunked_cross_entropy
 
     cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
     with torch.device("meta"):
@@ -43,6 +42,15 @@ def build_longseq():
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     model.rotary.reset("cuda")
+    return model
+
+
+def build_longseq():
+    from longseq.config import TrainConfig
+    from longseq.train.lora import apply_lora
+    from longseq.train.loss import chunked_cross_entropy
+
+    model = random_llama3_8b()
     apply_lora(model, TrainConfig(lora_rank=RANK, lora_alpha=ALPHA, lora_targets=tuple(TARGETS)))
     model.set_recompute("full")
     model.train()

@@ -41,22 +41,9 @@ class PerplexityResult:
 def read_documents(paths: list[str | Path]) -> list[tuple[str, str]]:
     """(source, text) pairs: each .txt / .md file is one document, each .jsonl row's "text" another; folders are
     searched for those files."""
-    files: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise LongseqError(f"{path}: no such file or directory")
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not found:
-                raise LongseqError(f"{path}: folder holds no .txt, .md or .jsonl files")
-            files.extend(found)
-        elif path.suffix.lower() in TEXT_SUFFIXES:
-            files.append(path)
-        else:
-            raise LongseqError(f"{path}: unsupported text file (expected .txt, .md, .jsonl or a folder)")
-    if not files:
-        raise LongseqError("no text given: pass --data FILE_OR_FOLDER")
+    from longseq.train.data import resolve_files
+
+    files = resolve_files(paths, TEXT_SUFFIXES, kind="text", none_given="no text given: pass --data FILE_OR_FOLDER")
     docs: list[tuple[str, str]] = []
     for f in files:
         try:

@@ -20,12 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 
 class _Handle:
-    """One offloaded tensor: its host copy, the copy's completion event and, in backward, the prefetched tensor."""
+    """One offloaded tensor: its host copy and, in backward, the prefetched tensor and its copy's event. (The copy
+    to the host needs no event: the copy back is queued after it on the same side stream.)"""
 
-    __slots__ = ("host", "device", "done", "prefetched", "ready", "prev", "key")
+    __slots__ = ("host", "device", "prefetched", "ready", "prev", "key")
 
-    def __init__(self, host: torch.Tensor, device: torch.device, done, prev: _Handle | None, key):
-        self.host, self.device, self.done, self.prev, self.key = host, device, done, prev, key
+    def __init__(self, host: torch.Tensor, device: torch.device, prev: _Handle | None, key):
+        self.host, self.device, self.prev, self.key = host, device, prev, key
         self.prefetched: torch.Tensor | None = None
         self.ready = None
 
@@ -65,13 +66,10 @@ class LayerInputOffloader:
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is copied
             with torch.cuda.stream(stream):
                 host.copy_(t, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
             t.record_stream(stream)  # the allocator must not reuse t's memory before the copy has read it
         else:
             host.copy_(t)
-            done = None
-        handle = _Handle(host, t.device, done, self._last, key)
+        handle = _Handle(host, t.device, self._last, key)
         self._last = handle
         return handle
 

@@ -100,24 +100,26 @@ class _BadRow(Exception):
 # ---- files -------------------------------------------------------------------------------------------------------
 
 
-def resolve_files(paths: Sequence[str | Path]) -> list[Path]:
-    """The data files named by `paths`: files as given, folders expanded to their .jsonl/.txt files, sorted."""
+def resolve_files(paths: Sequence[str | Path], suffixes: Sequence[str] = SUFFIXES, kind: str = "data",
+                  none_given: str = "no training data given") -> list[Path]:
+    """The files named by `paths`: files as given, folders expanded to their files with `suffixes`, sorted."""
+    names = ", ".join(suffixes[:-1]) + " or " + suffixes[-1]
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
             raise LongseqError(f"{path}: no such file or directory")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
-                raise LongseqError(f"{path}: folder holds no .jsonl or .txt files")
+                raise LongseqError(f"{path}: folder holds no {names} files")
             files.extend(found)
-        elif path.suffix.lower() in SUFFIXES:
+        elif path.suffix.lower() in suffixes:
             files.append(path)
         else:
-            raise LongseqError(f"{path}: unsupported data file (expected .jsonl, .txt or a folder)")
+            raise LongseqError(f"{path}: unsupported {kind} file (expected {', '.join(suffixes)} or a folder)")
     if not files:
-        raise LongseqError("no training data given")
+        raise LongseqError(none_given)
     return files
 
 

@@ -52,10 +52,9 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: boo
            tile: int | None, keep: int, parallel=None):
     from longseq.plan.memory import Parallelism, TrainSetup
 
-    optimizer = cfg.optimizer if cfg.optimizer in ("adamw", "adamw8bit", "sgd", "adafactor") else "adamw"
     return TrainSetup(
         method=cfg.method, seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        recompute=recompute, optimizer=optimizer, precision=precision, lora_rank=cfg.lora_rank,
+        recompute=recompute, optimizer=cfg.optimizer, precision=precision, lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
         train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
         mlp_tile=tile, offload_keep=keep, parallel=parallel or Parallelism())

@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import sys
 import sysconfig
 import time
@@ -85,7 +86,7 @@ def measure(lm, name: str, args, ids: list[int], out: Path) -> dict:
     row["passkey_all"] = report.accuracy()
     row["passkey_cells"] = report.to_json()["cells"]
     row["passkey_answers"] = [(s.length, s.depth, s.key, s.answer) for s in report.samples]
-    slug = name.replace(" ", "_").replace("@", "at")
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "", name.replace(" ", "_").replace("@", "at").replace("+", "plus"))
     try:
         passkey_heatmap(report.grid(), cfg.lengths, cfg.depths, out / "heatmaps" / f"{slug}.png",
                         f"SmolLM2-135M passkey · {name}")

@@ -35,6 +35,46 @@ class NullTokenizer:
         return "x" * len(ids)
 
 
+def copy_bandwidth(gib: int = 4) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read and written (the issue's 2.9 TB/s convention)."""
+    x = torch.empty(gib * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    rate = 10 * 2 * x.numel() / (start.elapsed_time(end) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return rate
+
+
+def batch1_decode(engine, model, prompt: list[int], new_tokens: int, bandwidth: float, repeats: int = 3) -> dict:
+    """One request alone in the engine (CUDA-graph decode at batch 1): decode tok/s = (n - 1) / (last token time -
+    first token time), median of `repeats`, against the bound copy rate / weight bytes (every weight read once per
+    token)."""
+    from longseq.generation.sampling import SamplingParams
+
+    rates = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        engine.add_request(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        outs = []
+        while engine.has_unfinished():
+            outs += engine.step()
+        m = outs[-1].metrics
+        rates.append((len(outs[-1].token_ids) - 1) / (m["finished"] - m["first_token"]))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    decode = sorted(rates[1:])[len(rates[1:]) // 2]
+    bound = bandwidth / weight_bytes
+    return dict(prompt_len=len(prompt), new_tokens=new_tokens, decode_tokens_per_s=round(decode, 1),
+                runs=[round(r, 1) for r in rates[1:]], copy_tb_per_s=round(bandwidth / 1e12, 3),
+                weight_gb=round(weight_bytes / 1e9, 2), bound_tokens_per_s=round(bound, 1),
+                share_of_bound=round(decode / bound, 3))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=1000)
@@ -71,6 +111,7 @@ def main():
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
     result = {"requests": args.requests, "input_len": args.input_len, "output_len": args.output_len}
 
+    bandwidth = copy_bandwidth()  # before the engine gives the GPU's free memory to its KV pool
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.input_len + args.output_len + 16)
     engine = LLMEngine(LoadedModel(ours, NullTokenizer(), Path("random")), cfg)
@@ -94,6 +135,8 @@ def main():
                              output_tokens_per_s=round(generated / elapsed, 1), steps=steps,
                              preempted=engine.scheduler.num_preempted)
     print(json.dumps(result), flush=True)
+    result["batch1"] = batch1_decode(engine, ours, prompts[0][:128], args.output_len, bandwidth)
+    print(json.dumps(result["batch1"]), flush=True)
 
     hf_prompts = torch.tensor(prompts[: args.hf_requests], device="cuda")
     kw = dict(do_sample=False, max_new_tokens=args.output_len, min_new_tokens=args.output_len, pad_token_id=0,

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from longseq.attention import attention, reference_attention
-from longseq.attention.paged import DECODE_BUCKET, PagedBatch, PagedKVCache, paged_attention, reference_paged_attention
+from longseq.attention.paged import (
+    DECODE_BUCKET,
+    PagedBatch,
+    PagedKVCache,
+    decode_slots,
+    paged_attention,
+    reference_paged_attention,
+)
 
 D = 16
 BS = 4
@@ -60,7 +67,9 @@ def test_paged_equals_contiguous(case, heads, window):
     H, H_kv = heads
     k_pool, v_pool, tables, ks, vs = scatter(ctx_lens, H_kv, seed=zlib.crc32(f"{case}-{H}-{window}".encode()) % 1000)
     batch = PagedBatch.build(tables, q_lens, ctx_lens, BS, torch.device("cpu"))
-    assert (batch.decode_slots is not None) == all(q == 1 for q in q_lens)  # the fast path is what is tested
+    # the decode path is what is tested wherever a sequence has one new token; mixed steps also run the loop
+    assert (batch.decode_tables is not None) == any(q == 1 for q in q_lens)
+    assert (batch.decode_rows is not None) == (1 in q_lens and not all(q == 1 for q in q_lens))
     q = torch.randn(1, H, sum(q_lens), D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     out = paged_attention(q, k_pool, v_pool, batch, window)
     assert out.shape == q.shape and not out.isnan().any()
@@ -76,13 +85,17 @@ def test_batch_slots_follow_the_block_tables():
     assert batch.context_slots[1].tolist() == [28, 29]
     assert batch.context_slots[2].tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 4]
     assert batch.slot_mapping.tolist() == [23, 8, 9, 29, 15, 4]  # the new tokens are each context's last
-    assert batch.decode_slots is None
+    assert batch.decode_lens.tolist() == [2] and batch.decode_rows.tolist() == [3]  # the one single-token sequence
+    assert PagedBatch.build([[5, 2]], [6], [6], BS, torch.device("cpu")).decode_tables is None
     dec = PagedBatch.build([[5, 2], [7]], [1, 1], [6, 2], BS, torch.device("cpu"))
     width = DECODE_BUCKET  # the key length is rounded up so that shapes repeat across steps
-    assert dec.decode_mask.tolist() == [[True] * 6 + [False] * (width - 6), [True, True] + [False] * (width - 2)]
+    assert dec.decode_tables.tolist() == [[5, 2] + [0] * (width // BS - 2), [7] + [0] * (width // BS - 1)]
+    assert dec.decode_lens.tolist() == [6, 2]
+    slots, mask = decode_slots(dec.decode_tables, dec.decode_lens, BS)
+    assert mask.tolist() == [[True] * 6 + [False] * (width - 6), [True, True] + [False] * (width - 2)]
     # padding repeats each sequence's own last slot
-    assert dec.decode_slots[0].tolist() == [20, 21, 22, 23, 8, 9] + [9] * (width - 6)
-    assert dec.decode_slots[1].tolist() == [28, 29] + [29] * (width - 2)
+    assert slots[0].tolist() == [20, 21, 22, 23, 8, 9] + [9] * (width - 6)
+    assert slots[1].tolist() == [28, 29] + [29] * (width - 2)
     assert dec.slot_mapping.tolist() == [9, 29]
 
 

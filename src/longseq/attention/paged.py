@@ -8,6 +8,7 @@ K/V after this step's writes.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,12 @@ class PagedBatch:
     block_tables: torch.Tensor  # (B, max_blocks) on the host, zero-padded
     block_size: int
     device: torch.device
-    decode_slots: torch.Tensor | None = None  # (B, T) padded slots when every query_len is 1
-    decode_mask: torch.Tensor | None = None  # (B, T) True where a slot is part of the context
+    # The sequences with one new token (decodes, and prompts down to their last token) attend through the decode
+    # path; on the device, static in shape so a CUDA graph can hold them:
+    decode_tables: torch.Tensor | None = None  # (B_dec, W) int32 block tables, W * block_size >= longest context
+    decode_lens: torch.Tensor | None = None  # (B_dec,) int32 context lengths
+    decode_rows: torch.Tensor | None = None  # (B_dec,) their query rows in a mixed batch; None: every row
+    splits: int = 1  # key splits of the decode kernel (fixed per captured graph)
     _context_slots: list[torch.Tensor] | None = None
 
     @property
@@ -50,69 +55,126 @@ class PagedBatch:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
-              device: torch.device) -> PagedBatch:
-        # A handful of vectorized host ops and three copies to the device, whatever the batch size: per-sequence
+              device: torch.device, num_kv_heads: int = 1) -> PagedBatch:
+        # A handful of vectorized host ops and a few copies to the device, whatever the batch size: per-sequence
         # tensors here cost more host time than the whole decode step's GPU time.
-        B, bs = len(query_lens), block_size
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)  # (B, W)
+        B, bs, dev = len(query_lens), block_size, torch.device(device)
         ctx, q_lens = torch.tensor(context_lens), torch.tensor(query_lens)
-        if all(q == 1 for q in query_lens):
-            T = -(-max(context_lens) // DECODE_BUCKET) * DECODE_BUCKET
-            slots, mask, slot_mapping = decode_slots(tables, ctx, T, bs)
-            return cls(slot_mapping.to(device), query_lens, context_lens, tables, bs, device,
-                       decode_slots=slots.to(device), decode_mask=mask.to(device))
+        tables = pad_tables(block_tables, max(len(t) for t in block_tables))
         seq = torch.repeat_interleave(torch.arange(B), q_lens)  # (N,) owning sequence of each new token
         first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
-        slot_mapping = tables[seq, pos // bs] * bs + pos % bs
-        return cls(slot_mapping.to(device), query_lens, context_lens, tables, bs, device)
+        batch = cls((tables[seq, pos // bs] * bs + pos % bs).to(device), query_lens, context_lens, tables, bs, dev)
+        single = (q_lens == 1).nonzero().flatten()  # (B_dec,) sequences with one new token
+        if len(single):
+            keys = -(-int(ctx[single].max()) // DECODE_BUCKET) * DECODE_BUCKET
+            width = -(-keys // bs)
+            batch.decode_tables = F.pad(tables[single, :width], (0, max(0, width - tables.shape[1])))
+            batch.decode_tables = batch.decode_tables.to(device, torch.int32)
+            batch.decode_lens = ctx[single].to(device, torch.int32)
+            if len(single) < B:
+                batch.decode_rows = (torch.cumsum(q_lens, 0) - 1)[single].to(device)
+            batch.splits = decode_splits(len(single), num_kv_heads, keys, dev)
+        return batch
 
 
-def decode_slots(tables: torch.Tensor, ctx: torch.Tensor, width: int, block_size: int):
-    """Host tensors for a decode batch: (B, width) context slots, (B, width) key mask, (B,) slot of each new token.
+def pad_tables(block_tables: list[list[int]], width: int) -> torch.Tensor:
+    """(B, width) int64 host tensor of the block tables, zero-padded (entries past a context are never read)."""
+    return torch.tensor([t[:width] + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
 
-    Padding repeats each sequence's own last slot, never another request's: masked keys still enter the weighted
-    sum with weight 0, and 0 * NaN left in someone else's block would be NaN.
-    """
-    B, bs = ctx.shape[0], block_size
-    pos = torch.minimum(torch.arange(width).expand(B, width), (ctx - 1).unsqueeze(1))  # (B, width)
-    slots = tables.gather(1, pos // bs) * bs + pos % bs
-    mask = torch.arange(width).unsqueeze(0) < ctx.unsqueeze(1)
-    return slots, mask, slots[torch.arange(B), ctx - 1]
+
+def last_slots(tables: torch.Tensor, ctx: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(B,) pool slot of each sequence's newest token (position ctx - 1)."""
+    last = ctx - 1
+    return tables[torch.arange(tables.shape[0]), last // block_size] * block_size + last % block_size
+
+
+def decode_splits(batch: int, num_kv_heads: int, keys: int, device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    from longseq.attention.kernels.paged_decode import num_splits
+
+    return num_splits(batch, num_kv_heads, keys, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: PagedBatch, window: int | None = None
 ) -> torch.Tensor:
     """q (1, H, N, D) -> (1, H, N, D). New K/V must already be written into the pools."""
-    if batch.decode_slots is not None:
-        return _decode(q, k_pool, v_pool, batch, window)
-    return reference_paged_attention(q, k_pool, v_pool, batch, window)
+    if batch.decode_tables is None:
+        return reference_paged_attention(q, k_pool, v_pool, batch, window)
+    rows = batch.decode_rows
+    if rows is None:
+        return decode_attention(q, k_pool, v_pool, batch, window)
+    # A mixed step: the single-token rows in one decode call, each longer query (a prompt chunk) on its own.
+    out = torch.empty_like(q)
+    out[:, :, rows] = decode_attention(q[:, :, rows], k_pool, v_pool, batch, window)
+    start = 0
+    for q_len, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.context_slots, strict=True):
+        if q_len > 1:
+            out[:, :, start : start + q_len] = _attend_context(q[:, :, start : start + q_len], k_pool, v_pool, slots,
+                                                               ctx, window)
+        start += q_len
+    return out
+
+
+def decode_attention(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> torch.Tensor:
+    """One query per decode sequence, q (1, H, B_dec, D): the Triton kernel on a GPU, the gather path elsewhere."""
+    if use_decode_kernel(q.device, q.shape[-1]):
+        from longseq.attention.kernels.paged_decode import paged_decode
+
+        out = paged_decode(q[0].transpose(0, 1), k_pool, v_pool, batch.decode_tables, batch.decode_lens,
+                           batch.block_size, window, batch.splits)  # (B_dec, H, D)
+        return out.transpose(0, 1).unsqueeze(0)
+    return gather_decode(q, k_pool, v_pool, batch, window)
+
+
+def use_decode_kernel(device: torch.device, head_dim: int) -> bool:
+    """The Triton kernel needs a GPU and a power-of-two head size (tl.arange); otherwise decode takes the gather
+    path. LONGSEQ_PAGED_KERNEL=0 forces the gather path (to compare the two)."""
+    D = head_dim
+    return (torch.device(device).type == "cuda" and D >= 16 and D & (D - 1) == 0
+            and os.environ.get("LONGSEQ_PAGED_KERNEL", "1") != "0")
 
 
 def reference_paged_attention(q, k_pool, v_pool, batch: PagedBatch, window: int | None = None) -> torch.Tensor:
-    """One contiguous attention per sequence over its gathered context: the reference path (also used for
-    prefill chunks, whose few long sequences make the loop cheap)."""
+    """One contiguous attention per sequence over its gathered context: the reference path."""
     outs, start = [], 0
     for q_len, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.context_slots, strict=True):
-        k = k_pool[slots].transpose(0, 1).unsqueeze(0)  # (1, H_kv, ctx, D)
-        v = v_pool[slots].transpose(0, 1).unsqueeze(0)
-        outs.append(attention(q[:, :, start : start + q_len], k, v, q_start=ctx - q_len, window=window))
+        outs.append(_attend_context(q[:, :, start : start + q_len], k_pool, v_pool, slots, ctx, window))
         start += q_len
     return torch.cat(outs, dim=2)
 
 
-def _decode(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> torch.Tensor:
-    # Every sequence has one query: gather all contexts padded to the longest, one batched SDPA with a key mask.
-    B, T = batch.decode_slots.shape
+def _attend_context(q, k_pool, v_pool, slots, ctx: int, window: int | None) -> torch.Tensor:
+    k = k_pool[slots].transpose(0, 1).unsqueeze(0)  # (1, H_kv, ctx, D)
+    v = v_pool[slots].transpose(0, 1).unsqueeze(0)
+    return attention(q, k, v, q_start=ctx - q.shape[2], window=window)
+
+
+def decode_slots(tables: torch.Tensor, lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) context slots and (B, T) key mask of a decode batch, T = tables' width * block_size.
+
+    Padding repeats each sequence's own last slot, never another request's: masked keys still enter the weighted
+    sum with weight 0, and 0 * NaN left in someone else's block would be NaN.
+    """
+    B, bs = tables.shape[0], block_size
+    T = tables.shape[1] * bs
+    cols = torch.arange(T, device=tables.device)
+    pos = torch.minimum(cols.expand(B, T), (lens.long() - 1).unsqueeze(1))  # (B, T)
+    slots = tables.long().gather(1, pos // bs) * bs + pos % bs
+    return slots, cols.unsqueeze(0) < lens.unsqueeze(1)
+
+
+def gather_decode(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> torch.Tensor:
+    """Decode without the kernel: gather all contexts padded to the longest, one batched SDPA with a key mask."""
+    slots, mask = decode_slots(batch.decode_tables, batch.decode_lens, batch.block_size)
+    B, T = slots.shape
     H, num_kv_heads = q.shape[1], k_pool.shape[1]
-    k = k_pool[batch.decode_slots].transpose(1, 2)  # (B, H_kv, T, D)
-    v = v_pool[batch.decode_slots].transpose(1, 2)
-    mask = batch.decode_mask
+    k = k_pool[slots].transpose(1, 2)  # (B, H_kv, T, D)
+    v = v_pool[slots].transpose(1, 2)
     if window is not None:
-        lens = mask.sum(-1, keepdim=True)  # (B, 1)
-        mask = mask & (torch.arange(T, device=mask.device) >= lens - window)
+        mask = mask & (torch.arange(T, device=mask.device) >= batch.decode_lens.unsqueeze(1) - window)
     # GQA without copying K/V per query head: the group of query heads sharing a KV head (head h uses KV head
     # h // group, as HF's repeat_kv) stands in for the query-length dimension of one attention per KV head.
     D = q.shape[-1]
@@ -131,6 +193,7 @@ class PagedKVCache:
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_kv_heads = num_kv_heads
         self.batch: PagedBatch | None = None
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

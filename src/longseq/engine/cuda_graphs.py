@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from longseq.attention.paged import PagedBatch, decode_slots
+from longseq.attention.paged import PagedBatch, decode_splits, last_slots, pad_tables
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 MIN_KEYS = 64  # key-length buckets are powers of two from here
@@ -21,56 +21,60 @@ def key_bucket(n: int) -> int:
 
 
 class DecodeGraph:
-    """Static inputs for `batch_size` sequences attending over at most `num_keys` keys, and the captured graph."""
+    """Static inputs for `batch_size` sequences attending over at most `num_keys` keys, and the captured graph of
+    the model up to its final hidden states."""
 
     def __init__(self, runner, batch_size: int, num_keys: int, pool):
         dev = runner.device
         self.runner, self.B, self.T = runner, batch_size, num_keys
+        self.width = -(-num_keys // runner.block_size)  # block-table columns
         self.ids = torch.zeros(1, batch_size, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, batch_size, dtype=torch.long, device=dev)
         self.batch = PagedBatch(
             slot_mapping=torch.zeros(batch_size, dtype=torch.long, device=dev), query_lens=[1] * batch_size,
             context_lens=[1] * batch_size, block_tables=torch.zeros(batch_size, 1, dtype=torch.long),
             block_size=runner.block_size, device=dev,
-            decode_slots=torch.zeros(batch_size, num_keys, dtype=torch.long, device=dev),
-            decode_mask=torch.zeros(batch_size, num_keys, dtype=torch.bool, device=dev),
+            decode_tables=torch.zeros(batch_size, self.width, dtype=torch.int32, device=dev),
+            decode_lens=torch.ones(batch_size, dtype=torch.int32, device=dev),
+            splits=decode_splits(batch_size, runner.cache.num_kv_heads, num_keys, dev),
         )
         self._fill_padding(0)
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, autotuning
+        with torch.cuda.stream(stream):  # warm-up outside the graph: lazy inits, Triton compilation, autotuning
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream(dev).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self._forward()
+            self.hidden = self._forward()
 
     def _forward(self) -> torch.Tensor:
         runner = self.runner
         runner.cache.batch = self.batch
-        hidden = runner.model.hidden(self.ids, self.positions, cache=runner.cache)  # (1, B, d)
-        return runner.model.lm_head(hidden[0])  # (B, V)
+        return runner.model.hidden(self.ids, self.positions, cache=runner.cache)[0]  # (B, d)
 
     def _fill_padding(self, start: int) -> None:
-        # Rows past the real batch write and read only the scratch slot, which no sequence owns.
+        # Rows past the real batch write and read only the scratch slot (block num_blocks), which no sequence owns.
         scratch = self.runner.scratch_slot
         self.ids[0, start:] = 0
         self.positions[0, start:] = 0
         self.batch.slot_mapping[start:] = scratch
-        self.batch.decode_slots[start:] = scratch
-        self.batch.decode_mask[start:] = False
-        self.batch.decode_mask[start:, 0] = True
+        self.batch.decode_tables[start:] = scratch // self.runner.block_size
+        self.batch.decode_lens[start:] = 1
 
-    def replay(self, ids: list[int], positions: list[int], tables: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        n = len(ids)
-        slots, mask, slot_mapping = decode_slots(tables, ctx, self.T, self.runner.block_size)
-        dev = self.runner.device
-        self.ids[0, :n] = torch.tensor(ids).to(dev, non_blocking=True)
-        self.positions[0, :n] = torch.tensor(positions).to(dev, non_blocking=True)
-        self.batch.slot_mapping[:n] = slot_mapping.to(dev, non_blocking=True)
-        self.batch.decode_slots[:n] = slots.to(dev, non_blocking=True)
-        self.batch.decode_mask[:n] = mask.to(dev, non_blocking=True)
+    def replay(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
+               context_lens: list[int]) -> torch.Tensor:
+        n, dev = len(ids), self.runner.device
+        tables, ctx = pad_tables(block_tables, self.width), torch.tensor(context_lens)
+        # One host tensor, one copy: four small copies cost more host time than the rest of the replay.
+        host = torch.cat([torch.tensor(ids), torch.tensor(positions), last_slots(tables, ctx, self.runner.block_size),
+                          ctx, tables.flatten()]).to(dev, non_blocking=True)
+        self.ids[0, :n] = host[:n]
+        self.positions[0, :n] = host[n : 2 * n]
+        self.batch.slot_mapping[:n] = host[2 * n : 3 * n]
+        self.batch.decode_lens[:n] = host[3 * n : 4 * n]
+        self.batch.decode_tables[:n] = host[4 * n :].view(n, self.width)
         self._fill_padding(n)
         self.graph.replay()
-        return self.logits[:n]
+        return self.hidden[:n]

@@ -99,7 +99,7 @@ class LLMEngine:
             return []
         tokens, logprobs = sample(logits, to_sample)
         pairs = enumerate(zip(to_sample, tokens, strict=True))
-        return [self._append(seq, token, logprobs[i]) for i, (seq, token) in pairs]
+        return [self._append(seq, token, None if logprobs is None else logprobs[i]) for i, (seq, token) in pairs]
 
     def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         seq.token_ids.append(token)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longseq.attention.paged import PagedBatch, PagedKVCache
+from longseq.attention.paged import PagedBatch, PagedKVCache, use_decode_kernel
 from longseq.config import EngineConfig
 from longseq.distributed.tensor_parallel import local_kv_heads
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
@@ -37,6 +37,20 @@ class ModelRunner:
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # The decode kernel reads each context's length on the device, so one graph per batch bucket serves every
+        # length up to the model's context, and all of them are captured now rather than on a request's first
+        # step. The gather path needs the key length in the graph's shapes: one graph per power-of-two length.
+        self.max_model_len = min(cfg.max_model_len or mc.max_seq_len, mc.max_seq_len)
+        self.fixed_keys = use_decode_kernel(self.device, mc.head_dim)
+        if self.use_graphs and self.fixed_keys:
+            self._capture_all()
+
+    @torch.inference_mode()  # as every step runs: with autograd on, a capture would keep activations alive
+    def _capture_all(self) -> None:
+        sizes = [b for b in BATCH_BUCKETS if b < self.cfg.max_num_seqs] + [bucket(self.cfg.max_num_seqs,
+                                                                                    BATCH_BUCKETS)]
+        for size in reversed([b for b in sizes if b is not None]):  # largest first: the rest reuse its pool
+            self.graphs[(size, self.max_model_len)] = DecodeGraph(self, size, self.max_model_len, self.graph_pool)
 
     def _blocks_from_memory(self) -> int:
         per_block = kv_bytes_per_block(self.model, self.block_size)
@@ -76,7 +90,7 @@ class ModelRunner:
             if logits is not None:
                 return logits
         self.cache.batch = PagedBatch.build(step.block_tables, step.query_lens, step.context_lens, self.block_size,
-                                            self.device)
+                                            self.device, self.cache.num_kv_heads)
         ids_t = torch.tensor([step.ids], device=self.device)  # (1, N)
         pos_t = torch.tensor([step.positions], device=self.device)
         hidden = self.model.hidden(ids_t, pos_t, cache=self.cache)  # (1, N, d)
@@ -89,14 +103,13 @@ class ModelRunner:
         size = bucket(len(step.ids), BATCH_BUCKETS)
         if size is None:
             return None
-        keys = key_bucket(max(step.context_lens))
+        keys = self.max_model_len if self.fixed_keys else key_bucket(max(step.context_lens))
         graph = self.graphs.get((size, keys))
         if graph is None:
             graph = self.graphs[(size, keys)] = DecodeGraph(self, size, keys, self.graph_pool)
-        width = max(len(t) for t in step.block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in step.block_tables], dtype=torch.int64)
-        logits = graph.replay(step.ids, step.positions, tables, torch.tensor(step.context_lens))
-        return logits.float()
+        hidden = graph.replay(step.ids, step.positions, step.block_tables, step.context_lens)  # (B, d)
+        # The vocabulary projection stays outside the graphs: its (B, V) output per captured graph would hold GBs.
+        return self.model.lm_head(hidden).float()
 
 
 @dataclass

@@ -21,10 +21,14 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor]:
-    """logits (B, V) float32 -> one token id per sequence, and the raw log-probabilities (B, V) for logprobs."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # of the model's distribution, before any processing (as vLLM)
-    logits = apply_penalties(logits.clone(), seqs)
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
+    """logits (B, V) float32 -> one token id per sequence, and the raw log-probabilities (B, V) when any sequence
+    asked for logprobs (None otherwise: a log-softmax over a 128K vocabulary per row is not free)."""
+    logprobs = None
+    if any(s.logprobs is not None for s in seqs):
+        logprobs = torch.log_softmax(logits, dim=-1)  # of the model's distribution, before any processing (as vLLM)
+    if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
+        logits = apply_penalties(logits.clone(), seqs)
     tokens = logits.argmax(-1)  # greedy rows keep this
     for i, s in enumerate(seqs):
         p = s.params

@@ -1,0 +1,1 @@
+"""Triton kernels. Each is imported only when its wrapper runs on a GPU (or under TRITON_INTERPRET=1 in tests)."""

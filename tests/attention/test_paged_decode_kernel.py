@@ -1,0 +1,78 @@
+"""The Triton paged decode kernel against the gather reference: under Triton's CPU interpreter in CI (tests/conftest.py
+sets TRITON_INTERPRET=1), compiled on a GPU with LONGSEQ_TEST_CUDA=1.
+"""
+
+import os
+
+import pytest
+import torch
+
+from longseq.attention.paged import PagedBatch, gather_decode
+
+pytest.importorskip("triton")
+
+ON_GPU = os.environ.get("LONGSEQ_TEST_CUDA") == "1" and torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+BS = 16
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from longseq.attention.kernels import paged_decode
+
+    return paged_decode
+
+
+def pools(ctx_lens, num_kv_heads, D, dtype, seed, num_blocks=48):
+    """K/V pools full of NaN except where the sequences' contexts were written, through random block tables."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.full((num_blocks * BS, num_kv_heads, D), float("nan"), dtype=dtype)
+    v = k.clone()
+    free, tables = torch.randperm(num_blocks, generator=g).tolist(), []
+    for ctx in ctx_lens:
+        tables.append([free.pop() for _ in range(-(-ctx // BS))])
+        for i in range(ctx):
+            slot = tables[-1][i // BS] * BS + i % BS
+            k[slot] = torch.randn(num_kv_heads, D, generator=g).to(dtype)
+            v[slot] = torch.randn(num_kv_heads, D, generator=g).to(dtype)
+    return k.to(DEVICE), v.to(DEVICE), tables
+
+
+CASES = {
+    "gqa": ([1, 70, 33, 129, 16], 8, 2, 32),
+    "mha": ([5, 64], 4, 4, 16),
+    "mqa": ([200, 3], 6, 1, 64),
+    "llama-group": ([300], 32, 8, 128),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+@pytest.mark.parametrize("window", [None, 1, 40])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_equals_gather(kernel, case, window, splits):
+    ctx_lens, H, H_kv, D = CASES[case]
+    k, v, tables = pools(ctx_lens, H_kv, D, torch.float32, seed=len(ctx_lens) * 31 + H)
+    batch = PagedBatch.build(tables, [1] * len(ctx_lens), ctx_lens, BS, DEVICE)
+    q = torch.randn(1, H, len(ctx_lens), D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ref = gather_decode(q, k, v, batch, window)[0].transpose(0, 1)  # (B, H, D)
+    out = kernel.paged_decode(q[0].transpose(0, 1), k, v, batch.decode_tables, batch.decode_lens, BS, window, splits)
+    assert out.shape == ref.shape and not out.isnan().any()
+    # tl.dot may use TF32 on a GPU; the interpreter computes in float32
+    torch.testing.assert_close(out, ref, atol=2e-2 if ON_GPU else 1e-5, rtol=0)
+
+
+# The interpreter computes through numpy, which has no bfloat16 (it returns garbage for it): bf16 runs on a GPU only.
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_kernel_half_precision(kernel, dtype):
+    k, v, tables = pools([77, 150, 2], 2, 64, dtype, seed=9)
+    batch = PagedBatch.build(tables, [1, 1, 1], [77, 150, 2], BS, DEVICE)
+    q = torch.randn(1, 8, 3, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    ref = gather_decode(q.float(), k.float(), v.float(), batch, None)[0].transpose(0, 1)
+    out = kernel.paged_decode(q[0].transpose(0, 1), k, v, batch.decode_tables, batch.decode_lens, BS, None, 2)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
+
+
+@pytest.mark.parametrize("programs, keys, expect", [(2048, 512, 1), (8, 64, 1), (8, 8192, 32), (8, 1024, 4)])
+def test_splits_fill_the_gpu_only_when_needed(kernel, programs, keys, expect):
+    assert kernel.num_splits(programs, 1, keys, num_sms=132) == expect

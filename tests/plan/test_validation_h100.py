@@ -51,3 +51,25 @@ def test_serving_kv_pool_matches_the_engine():
     plan = plan_serve(get_model("llama-3-8b"), get_gpu("H100"),
                       ServeSetup(gpu_memory_fraction=0.9, max_num_batched_tokens=8192, max_num_seqs=256, context=512))
     assert plan.kv_tokens / 16 == pytest.approx(27917, rel=0.03)
+
+
+def test_long_context_rows_within_2_percent(capsys):
+    """2026-11-24-long-context-h100: the rows `--plan auto` ran (untiled, tiled, offloaded; LoRA and QLoRA, 4K-384K),
+    predicted with the techniques each row used, against torch.cuda.max_memory_allocated."""
+    rows = [r for name in "abcd" for r in json.loads((RESULTS / "2026-11-24-long-context-h100" / f"{name}.json")
+                                                    .read_text())["rows"] if r["side"] != "hf" and "peak_gib" in r]
+    assert len(rows) == 10
+    lines = ["side     seq_len  recompute  tile  keep  measured GiB  predicted GiB  error   peak moment"]
+    for row in rows:
+        # benchmarks/long_context.py: Llama-3-8B shape, LoRA r16 on all seven linears, TokenLoss (drops `hidden`)
+        setup = TrainSetup(method="qlora" if row["side"] == "qlora" else "lora", seq_len=row["seq_len"],
+                           recompute=row["recompute"], mlp_tile=row["tile"], offload_keep=row["offload_keep"],
+                           loss_chunk=1024, keep_hidden=False)
+        memory = plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
+        error = memory.allocated / 2**30 / row["peak_gib"] - 1
+        lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<9}  {row['tile'] or '-':>5}  "
+                     f"{row['offload_keep']:>4}  {row['peak_gib']:>12.2f}  {memory.allocated / 2**30:>13.2f}  "
+                     f"{error:+6.2%}  {memory.activation.phase}")
+        assert abs(error) < 0.02, lines[-1]
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))

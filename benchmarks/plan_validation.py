@@ -8,7 +8,8 @@ the optimizer) on random weights of a model shape, each in its own process so it
 built as `longseq train` builds it (fp32 masters for full fine-tuning, bf16 base + fp32 adapters for LoRA, NF4
 after loading for QLoRA), then 1 warm-up and 2 timed steps. Memory: torch.cuda.max_memory_allocated after
 reset_peak_memory_stats (the QLoRA load peak is read before the reset). Engine rows build LLMEngine, which sizes its
-KV pool from measured memory, then time decode steps of a batch. A row that runs out of memory is recorded as OOM
+KV pool from measured memory (and record beside it the block count `--kv-pool plan` gives in the same memory), then
+time decode steps of a batch. A row that runs out of memory is recorded as OOM
 (with the prediction, which should say it does not fit). Writes validation.json and validation.md to --out.
 Runtime on one H100: about 6 minutes.
 """
@@ -167,6 +168,11 @@ def run_engine(row: dict, device_name: str) -> dict:
                        max_num_seqs=256, num_kv_blocks=None if device.type == "cuda" else 64)
     engine = LLMEngine(LoadedModel(model, _Tokenizer(), Path(row["model"])), cfg)
     kv_tokens = engine.runner.num_blocks * cfg.kv_block_size
+    planned_blocks = None
+    if device.type == "cuda":  # what `--kv-pool plan` would have given, in the same memory (no step run for it)
+        from longseq.engine.model_runner import planned_reserve
+
+        planned_blocks = engine.runner.kv_blocks_left(planned_reserve(model, cfg))
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     for _ in range(row["batch"]):
@@ -182,7 +188,8 @@ def run_engine(row: dict, device_name: str) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return dict(kv_tokens=kv_tokens, decode_tokens_per_s=row["batch"] / statistics.median(times))
+    return dict(kv_tokens=kv_tokens, num_blocks=engine.runner.num_blocks, planned_blocks=planned_blocks,
+                decode_tokens_per_s=row["batch"] / statistics.median(times))
 
 
 def predict(row: dict, device_name: str) -> dict:
@@ -255,6 +262,8 @@ def main():
         for key in ("peak_gib", "load_peak_gib", "step_s", "kv_tokens", "decode_tokens_per_s"):
             if key in pred and meas.get(key) is not None:
                 rec[f"error_{key}"] = _error(pred[key], meas[key])
+        if meas.get("planned_blocks") is not None:  # the engine's own --kv-pool plan against its measured pool
+            rec["error_planned_blocks"] = _error(meas["planned_blocks"], meas["num_blocks"])
         results.append(rec)
         print(f"[{i + 1}/{len(rows)} {time.perf_counter() - started:.0f}s] {json.dumps(rec)}", flush=True)
     env = {"device": device_name or args.device, "python": sys.version.split()[0]}
@@ -273,8 +282,8 @@ def markdown(results: list[dict], env: dict) -> str:
     lines = [f"# longseq plan: predicted vs measured ({env['device']}, torch {env.get('torch', '?')})", "",
              "| # | model | method | recompute | seq × batch | opt | peak GiB meas | pred | err | step s meas | pred | "
              "err | peak moment |", "|" + "---|" * 13]
-    engine = ["", "| # | model | fraction | batched tokens | KV tokens meas | pred | err | decode tok/s meas | "
-              "bound | meas / bound |", "|" + "---|" * 10]
+    engine = ["", "| # | model | fraction | batched tokens | KV tokens meas | pred | err | KV blocks: measure | "
+              "plan | err | decode tok/s meas | bound | meas / bound |", "|" + "---|" * 13]
     train_errors = []
     for i, rec in enumerate(results):
         r, p, m = rec["row"], rec["predicted"], rec["measured"]
@@ -294,11 +303,13 @@ def markdown(results: list[dict], env: dict) -> str:
         else:
             if "error" in m:
                 engine.append(f"| {i} | {r['model']} | {r['fraction']} | {r['batched_tokens']} | {m['error']} | "
-                              f"{p['kv_tokens']:,} | | | | |")
+                              f"{p['kv_tokens']:,} | | | | | | | |")
                 continue
             ratio = m["decode_tokens_per_s"] / p["decode_tokens_per_s"]
+            planned = "–" if m.get("planned_blocks") is None else f"{m['planned_blocks']:,}"
             engine.append(f"| {i} | {r['model']} | {r['fraction']} | {r['batched_tokens']} | {m['kv_tokens']:,} | "
-                          f"{p['kv_tokens']:,} | {_pct(rec.get('error_kv_tokens'))} | "
+                          f"{p['kv_tokens']:,} | {_pct(rec.get('error_kv_tokens'))} | {m.get('num_blocks', 0):,} | "
+                          f"{planned} | {_pct(rec.get('error_planned_blocks'))} | "
                           f"{m['decode_tokens_per_s']:,.0f} | {p['decode_tokens_per_s']:,.0f} | {ratio:.0%} |")
     if train_errors:
         lines += ["", f"Training peak memory: mean |error| {statistics.mean(train_errors):.1%}, "

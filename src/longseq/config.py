@@ -359,6 +359,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 RECOMPUTE_POLICIES = ("none", "selective", "full", "offloaded")
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+KV_POOL_MODES = ("measure", "plan")
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -519,6 +520,8 @@ class EngineConfig:
     num_kv_blocks: int | None = _help("KV blocks (default: from free memory; on CPU from --kv-cache-gib)",
                                       default=None)
     kv_cache_gib: float = _help("KV pool size on CPU", default=1.0)
+    kv_pool: str = _help("GPU KV pool sizing: measure (run the largest step, give the pool what is left) | plan "
+                         "(weights and that step's peak predicted by longseq.plan, nothing run)", default="measure")
     enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
     max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
     cuda_graphs: bool = _help("replay decode steps as CUDA graphs (GPU only)", default=True)
@@ -535,3 +538,5 @@ class EngineConfig:
             raise LongseqError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_gib <= 0:
             raise LongseqError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.kv_pool not in KV_POOL_MODES:
+            raise LongseqError(f"kv_pool must be one of {', '.join(KV_POOL_MODES)}, got {self.kv_pool!r}")

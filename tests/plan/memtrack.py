@@ -77,12 +77,22 @@ def saved_bytes(model: CausalLM, ids: torch.Tensor, chunk: int) -> int:
 
 
 class LiveBytes(TorchDispatchMode):
-    def __init__(self, skip: set[int]):
+    """`mark`: a substring of op names (e.g. "attention_for_cpu_backward"); `marks` gets the live bytes right after
+    each such op, its outputs included."""
+
+    def __init__(self, skip: set[int], mark: str | None = None):
         super().__init__()
         self.skip, self.sizes, self.live, self.peak = skip, {}, 0, 0
+        self.mark, self.marks = mark, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._count(out)
+        if self.mark is not None and self.mark in str(func):
+            self.marks.append(self.live)
+        return out
+
+    def _count(self, out) -> None:
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and not _is_nf4(t):
                 storage = t.untyped_storage()
@@ -93,7 +103,6 @@ class LiveBytes(TorchDispatchMode):
                 self.live += size
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(storage, self._free, key)
-        return out
 
     def _free(self, key: int) -> None:
         size = self.sizes.pop(key, None)

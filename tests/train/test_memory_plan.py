@@ -49,8 +49,14 @@ def test_choice_grows_with_the_sequence_on_an_80gb_gpu(monkeypatch, seq_len, exp
 
 def test_nothing_fits_gives_the_most_frugal_and_says_so(monkeypatch):
     _budget(monkeypatch, 8.0)
-    choice = choose(LLAMA8B, TrainConfig(data=("x",), seq_len=65536), "bf16", CUDA, packed=False)
-    assert not choice.fits and (choice.recompute, choice.tile, choice.offload_keep) == ("offloaded", 8192, 0)
+    cfg = TrainConfig(data=("x",), seq_len=65536)
+    choice = choose(LLAMA8B, cfg, "bf16", CUDA, packed=False)
+    assert not choice.fits and (choice.recompute, choice.tile) == ("offloaded", 8192)
+    # The untiled forward of an offloaded layer sets the floor: of the keeps that reach it, the most kept on the GPU.
+    frugal = predict(LLAMA8B, cfg, "bf16", False, "offloaded", 8192, 0)[0] / GIB
+    assert choice.predicted_gib == pytest.approx(frugal)
+    more = predict(LLAMA8B, cfg, "bf16", False, "offloaded", 8192, choice.offload_keep + 1)[0] / GIB
+    assert more > frugal
 
 
 def test_host_memory_limits_offload(monkeypatch):

@@ -1,4 +1,5 @@
-"""Runs the shared model on the scheduler's flat batches over a paged KV pool sized from measured memory."""
+"""Runs the shared model on the scheduler's flat batches over a paged KV pool sized from measured (or planned)
+memory."""
 
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
     # keeps H_kv / N on each GPU).
     cfg, dtype = model.config, model.lm_head.weight.dtype
     return 2 * cfg.num_layers * block_size * local_kv_heads(model) * cfg.head_dim * dtype.itemsize
+
+
+# Weight formats of longseq.plan (plan/quant.py) for the dtypes the engine serves in.
+PLAN_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def planned_reserve(model: CausalLM, cfg: EngineConfig) -> float:
+    """kv_pool="plan": the bytes longseq.plan.serving predicts for this GPU's weights and the peak of the largest
+    step (max_num_batched_tokens tokens, logits for max_num_seqs rows), from the model's config and dtype: the
+    engine-side glue (ModelConfig -> ModelSpec, as `longseq train --plan auto` does in train/memory_plan.py)."""
+    from longseq.plan.models import ModelSpec
+    from longseq.plan.serving import engine_activation_bytes, weight_bytes
+
+    dtype = model.lm_head.weight.dtype
+    if dtype not in PLAN_FORMATS:
+        raise LongseqError(f"--kv-pool plan has no weight format for {dtype}; serve in bf16, fp16 or fp32, or use "
+                           "--kv-pool measure")
+    spec, tp = ModelSpec("engine", model.config), cfg.tensor_parallel
+    step = engine_activation_bytes(spec, cfg.max_num_batched_tokens, cfg.max_num_seqs, dtype.itemsize, tp)
+    return weight_bytes(spec, PLAN_FORMATS[dtype]) / tp + step
 
 
 class ModelRunner:
@@ -53,21 +74,30 @@ class ModelRunner:
             self.graphs[(size, self.max_model_len)] = DecodeGraph(self, size, self.max_model_len, self.graph_pool)
 
     def _blocks_from_memory(self) -> int:
-        per_block = kv_bytes_per_block(self.model, self.block_size)
         if self.device.type != "cuda":
-            return max(1, int(self.cfg.kv_cache_gib * 2**30) // per_block)
-        # Measure, do not guess: run the largest step the scheduler can issue, then give the KV pool what is left
-        # of gpu_memory_fraction after weights and that step's peak activations.
+            return max(1, int(self.cfg.kv_cache_gib * 2**30) // kv_bytes_per_block(self.model, self.block_size))
+        # The KV pool gets what is left of gpu_memory_fraction after the weights and the peak activations of the
+        # largest step: measured by running that step, or predicted by the planner (kv_pool="plan").
+        reserve = planned_reserve(self.model, self.cfg) if self.cfg.kv_pool == "plan" else self._measured_peak()
+        return self.kv_blocks_left(reserve)
+
+    def _measured_peak(self) -> int:
+        """Measure, do not guess: the allocated peak (weights included) of the largest step the scheduler issues."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(1, self.cfg.max_num_batched_tokens, dtype=torch.long, device=self.device)
         with torch.inference_mode():
             self.model.lm_head(self.model.hidden(ids)[:, -self.cfg.max_num_seqs :])
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def kv_blocks_left(self, reserve: float) -> int:
+        """KV blocks that fit in total × gpu_memory_fraction beside other processes and `reserve` bytes (this
+        process's weights and step peak)."""
+        per_block = kv_bytes_per_block(self.model, self.block_size)
         free, total = torch.cuda.mem_get_info(self.device)
-        others = total - free - torch.cuda.memory_reserved(self.device)  # other processes on this GPU
-        budget = total * self.cfg.gpu_memory_fraction - others - peak
+        others = total - free - torch.cuda.memory_reserved(self.device)  # other processes, this one's CUDA context
+        budget = total * self.cfg.gpu_memory_fraction - others - reserve
         if budget < per_block:
             raise LongseqError(
                 f"no GPU memory left for the KV cache (budget {budget / 2**30:.2f} GiB): raise --gpu-memory-fraction "

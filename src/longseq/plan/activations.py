@@ -19,10 +19,19 @@ The peak of a step is the largest of a few moments of backward, each measured te
 torch's saved-tensor hooks and a live-storage tracker (tests/plan/test_activations_measured.py):
 the loss chunks (three fp32 chunk × vocab tensors), the final RMSNorm backward (five fp32 S × d temporaries),
 the last layer's MLP backward (gate, up, silu(gate) and three S × I gradients at once) and attention backward.
-- "offloaded" (models/offload.py) keeps all but the last `offload_keep` layer inputs in pinned host memory; in
-  backward the GPU holds the kept ones plus the one being recomputed. `mlp_tile` (models/tiling.py) runs every
-  RMSNorm and MLP over that many tokens at a time: norms keep their input and one fp32 rsqrt a token, and their
-  backward and the MLP's intermediates exist for one tile at a time.
+- `mlp_tile` (models/tiling.py) runs every RMSNorm and MLP over that many tokens at a time: norms keep their input
+  and one fp32 rsqrt a token, the MLP keeps its input, and the MLP's intermediates exist for one tile at a time.
+  A recomputed layer's first norm then saves the layer input itself (no extra copy). The tiled step peaks where a
+  recomputed layer's working set is largest: attention backward (saved q, k, v, output, the normed input, dO,
+  dQ/dK/dV and FlashAttention's fp32 dQ accumulator and GQA-expanded dK/dV) once the MLP half is freed, or the
+  recompute reaching o_proj (the projections' pre-RoPE q and k are still referenced there).
+- "offloaded" (models/offload.py) sends the inputs of all but the last `offload_keep` layers to pinned host
+  memory. In backward a kept layer sees the kept inputs below it; an offloaded layer its own input and the
+  prefetched previous one, plus what reentrant checkpointing holds (the recomputed output, the output gradient).
+  Two costs the code has today: layer 0's input stays on the GPU as well (a frozen embedding's output becomes a
+  leaf whose AccumulateGrad node references it), and an offloaded layer's forward runs under no_grad, where tiles
+  are skipped: 4 S × I MLP tensors at once, the 384K-token peak on an H100. These moments are checked on CPU in
+  tests/plan/test_tiled_offloaded_measured.py, and against the measured H100 rows in test_validation_h100.py.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from longseq.plan.models import ModelSpec
 from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
 
 POLICIES = ("none", "selective", "full", "offloaded")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 FP32 = 4  # RMSNorm statistics, loss logits, log-sum-exp, master weights
 INDEX = 8  # int64 token ids and targets
 NORM_BACKWARD_TEMPS = 5  # fp32 S×d tensors alive at once in RMSNorm's backward (measured: grad·r, mean grad, x, 2x, …)
@@ -125,12 +135,11 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     x_rg = not first or z.emb_grad
     casts_in = z.casts and z.r != z.a  # fp32 normed input, cast to bf16 by each linear separately
     qkv_saving = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
-    gu_saving = [n for n in ("gate_proj", "up_proj") if n in z.saves and (n != "gate_proj" or spec.mlp == "swiglu")]
     parts: dict[str, float] = {}
     tiled = st.mlp_tile is not None
     parts["norms"] = _norm_bytes(z, d, x_rg, tiled) + _norm_bytes(z, d, True, tiled)
-    parts["normed inputs"] = z.a * d * ((len(qkv_saving) if casts_in else min(1, len(qkv_saving)))
-                                        + (len(gu_saving) if casts_in else min(1, len(gu_saving))))
+    parts["normed inputs"] = (z.a * d * (len(qkv_saving) if casts_in else min(1, len(qkv_saving)))
+                              + _mlp_input_bytes(spec, st))
     lse = FP32 * cfg.num_heads
     if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved;
         # Ulysses attends over the whole sequence on every GPU: S·S bytes over S/sp local tokens
@@ -152,9 +161,31 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
             mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
     parts["attention"] = attn
     parts["mlp"] = mlp if st.mlp_tile is None else 0.0  # tiled: intermediates exist per tile only (see peak)
-    parts["lora"] = z.a * st.lora_rank * sum(layer_linears(spec)[t].copies for t in z.targets if
-                                             t in layer_linears(spec))
+    # LoRA B keeps x·Aᵀ; a tiled MLP's adapters run inside the tile (models/tiling.py _TiledMLP saves only its input)
+    adapters = [t for t in z.targets if t in layer_linears(spec) and not (tiled and t in MLP_LINEARS)]
+    parts["lora"] = z.a * st.lora_rank * sum(layer_linears(spec)[t].copies for t in adapters)
     return {key: value for key, value in parts.items() if value}
+
+
+def _mlp_input_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
+    """Per token, the MLP's saved input: _TiledMLP saves the post-attention norm's output (residual dtype:
+    weight * x.to(dtype) in RMSNorm); untiled, gate/up keep it when they save inputs (autocast: a bf16 cast each)."""
+    z, d = _sizes(st), spec.config.hidden_size
+    if st.mlp_tile is not None:
+        return float(z.r * d)
+    gu_saving = [n for n in ("gate_proj", "up_proj") if n in z.saves and (n != "gate_proj" or spec.mlp == "swiglu")]
+    return float(z.a * d * (len(gu_saving) if z.casts and z.r != z.a else min(1, len(gu_saving))))
+
+
+def mlp_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
+    """Per token, what the MLP half of a (not checkpointed) layer keeps beside its intermediates ("mlp"): the
+    post-attention RMSNorm, the MLP's input and its adapters' x·Aᵀ. Backward frees them before the layer's
+    attention backward starts (autograd releases a node's saved tensors once it has run)."""
+    z, d = _sizes(st), spec.config.hidden_size
+    tiled = st.mlp_tile is not None
+    lin = layer_linears(spec)
+    adapters = 0 if tiled else sum(lin[t].copies for t in z.targets & set(MLP_LINEARS) if t in lin)
+    return _norm_bytes(z, d, True, tiled) + _mlp_input_bytes(spec, st) + z.a * st.lora_rank * adapters
 
 
 def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
@@ -223,12 +254,15 @@ def _grad_bytes(spec: ModelSpec, st: ActivationSetup) -> tuple[float, float, flo
     return 0.0, adapters / cfg.num_layers, adapters
 
 
-def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
+def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool = True) -> ActivationPeak:
     """The activation bytes at the worst moment of one training micro-step, and which moment that is.
 
     Each candidate moment is (activations + workspace, gradients alive then); the step's peak is the largest sum.
     Backward frees a layer's activations as it goes and creates that layer's gradients, so for the layer moments
-    only the two ends can be the largest: the last layer (first in backward) and layer 0.
+    only the ends can be the largest: the last layer (first in backward), layer 0, and under "offloaded" the last
+    offloaded layer (the first one backward meets; its reentrant checkpoint holds more).
+    kernel_workspace=False leaves out what CUDA kernels allocate inside themselves (FlashAttention-2 backward's fp32
+    dQ accumulator and GQA-expanded dK/dV), which a CPU run never allocates and a dispatch-level tracker never sees.
     """
     if st.recompute not in POLICIES:
         raise ValueError(f"recompute must be one of {POLICIES}")
@@ -237,13 +271,22 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
     layers = cfg.num_layers // st.pp
     t = _tokens(st) / st.tp  # tokens' worth of activations on this GPU (tensor/sequence parallel shard them)
     vocab = cfg.vocab_size / st.tp  # vocabulary-parallel loss under tensor parallelism
+    tiled = st.mlp_tile is not None
+    recomputing = st.recompute in ("full", "offloaded")
     saved = saved_bytes(spec, st)
+    u_in = z.r * d * t  # one layer input (the residual stream)
+    # CausalLM.hidden: under "offloaded" the layers below num_layers - offload_keep run under reentrant checkpoints
+    # whose saved input goes to pinned host memory (models/offload.py); the last offload_keep stay as under "full".
+    offloaded = layers - min(st.offload_keep, layers) if st.recompute == "offloaded" else 0
+    # Layer 0's input needs no grad when the embedding is frozen: LayerInputOffloader.run makes it a leaf
+    # (x.detach().requires_grad_()), and that leaf's AccumulateGrad node keeps the embedding output on the GPU
+    # until backward has passed layer 0. Its host copy is a second copy.
+    held = u_in if offloaded and not z.emb_grad and st.pp == 1 else 0.0
     host = 0.0
-    on_gpu = min(layers, st.offload_keep + 1)  # kept inputs, plus the one being recomputed (or prefetched)
-    if st.recompute == "offloaded":  # layer inputs in pinned host memory
+    if offloaded:
         per_layer = saved["layer inputs"] / layers
-        host = per_layer * max(0, layers - st.offload_keep)
-        saved["layer inputs"] = per_layer * on_gpu
+        host = per_layer * offloaded
+        saved["layer inputs"] = per_layer * (layers - offloaded) + held
     total = sum(saved.values())
     outside = {key: v * t for key, v in outside_bytes_per_token(spec, st).items()}
     cos_sin_ids = outside["rope cos/sin"] + (INDEX * t if z.emb_grad else 0.0)
@@ -257,27 +300,65 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
     mlp_rows = t if st.mlp_tile is None else min(t, st.mlp_tile / st.tp)
     width = inter * k
     mlp_event = (MLP_BACKWARD_TENSORS if spec.mlp == "swiglu" else 4) * z.a * width * mlp_rows
+    # _TiledMLP.backward allocates the whole input gradient (torch.empty_like(rows)) before its first tile, and
+    # differentiates each tile's recomputed output (tile × d).
+    mlp_dx = z.r * d * t if tiled else 0.0
+    mlp_event += z.a * d * mlp_rows if tiled else 0.0
     none_layer = {key: v * t for key, v in layer_bytes_per_token(spec, st, "none").items()}
     none_rest = sum(v for key, v in none_layer.items() if key != "mlp")
+    mlp_half = mlp_half_bytes_per_token(spec, st) * t
     const = _layer_constants(spec, st) / st.tp
-    recomputing = st.recompute in ("full", "offloaded")
+    # The recomputed layer's first norm saves the layer input itself: the tiled norm saves x, and the plain one's
+    # x.float() is x when the residual is fp32 (full fine-tuning).
+    alias = u_in if tiled else (FP32 * d * t if z.r == FP32 else 0.0)
 
     hidden_kept = outside["hidden (loss input)"] if st.keep_hidden else 0.0
-    # At a layer's MLP backward its down_proj is done: the bf16 cast of that weight is already freed.
+    # At a layer's MLP backward its down_proj is done: the bf16 cast of that weight is already freed; at its
+    # attention backward, all of the MLP's casts are.
     down_cast = 2.0 * inter * d * k / st.tp if z.casts else 0.0
+    mlp_casts = 2.0 * sum(x.params for n, x in layer_linears(spec).items() if n in MLP_LINEARS) / st.tp
+    mlp_casts = mlp_casts if z.casts else 0.0
 
-    def layer_moment(i: int) -> float:
-        """Activations at the MLP backward of layer i (0-based, counted from the input)."""
-        common = cos_sin_ids + hidden_kept + dy + mlp_event - down_cast
+    def inputs_at(i: int) -> float:
+        """Layer inputs on the GPU while layer i (0-based, counted from the input) runs its backward."""
+        if i >= offloaded:  # non-reentrant checkpoints: inputs of the layers from `offloaded` to i (later: freed)
+            return (i - offloaded + 1) * u_in + held
+        # offloaded: its own input fetched back and, from layer 1 up, the previous one prefetched (offload.py
+        # _unpack); torch.utils.checkpoint.CheckpointFunction.backward keeps the recomputed output alive too
+        return (1 + (i > 0)) * u_in + held + u_in
+
+    def mlp_moment(i: int) -> float:
+        """Activations at the MLP backward of layer i."""
+        common = cos_sin_ids + hidden_kept + dy + mlp_event + mlp_dx - down_cast
         if recomputing:
-            inputs = z.r * d * t * (min(i + 1, on_gpu + 1) if st.recompute == "offloaded" else i + 1)
-            # fp32 residual (full fine-tuning): the first norm's fp32 input is the layer input itself
-            alias = FP32 * d * t if z.r == FP32 else 0.0
-            return inputs + none_rest - alias + const + common
+            return inputs_at(i) + none_rest - alias + const + common
         first = _layer_saved(spec, st, st.pp == 1)
         other = _layer_saved(spec, st, False)
         kept = sum(first.values()) + i * sum(other.values()) - (other if i else first).get("mlp", 0.0)
         return kept + const * (i + 1) + common
+
+    q_bytes, kv_bytes = z.a * spec.q_dim * t, z.a * spec.kv_dim * t
+    attn_ws = 2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV
+    if kernel_workspace:  # inside FlashAttention-2's backward (flash_api.cpp mha_bwd): dq_accum (fp32, B·S·H·D)
+        attn_ws += FP32 * spec.q_dim * t + (2 * q_bytes if cfg.num_kv_heads != cfg.num_heads else 0.0)  # and
+        # dk_expanded / dv_expanded under GQA
+
+    def o_proj_moment(i: int) -> float:
+        """Activations when layer i's recompute reaches o_proj: Attention.forward still holds the projections'
+        q and k (pre-RoPE locals) beside what the attention core saved, and o_proj (with LoRA) has its base output,
+        B·A·x and the scaled copy at once. The residual gradient of the layer's output is waiting; a reentrant
+        checkpoint's recomputed output does not exist yet."""
+        reentrant = u_in if i < offloaded else 0.0
+        o_out = z.a * d * t * (3 if "o_proj" in z.targets else 1)
+        return (inputs_at(i) - reentrant + none_rest - mlp_half - alias + const + z.a * (spec.q_dim + spec.kv_dim) * t
+                + o_out + cos_sin_ids + hidden_kept + dy)
+
+    def attention_moment(i: int) -> float:
+        """Activations at the attention backward of layer i: its MLP half is done and freed (saved tensors, weight
+        casts, the MLP's temporaries); the residual gradient is now the mid-layer one. A reentrant (offloaded)
+        checkpoint still holds the layer's output gradient."""
+        reentrant = u_in if recomputing and i < offloaded else 0.0
+        return (mlp_moment(i) - mlp_event - mlp_dx + down_cast - mlp_casts - mlp_half + reentrant + attn_ws)
 
     chunk = min(st.loss_chunk, _tokens(st))
     chunks = -(-_tokens(st) // chunk)
@@ -290,17 +371,33 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
         "loss backward": (total + loss, grads(head_grad if chunks > 1 else 0.0)),
         "final norm backward": (total - hidden_freed - INDEX * t + NORM_BACKWARD_TEMPS * FP32 * d * mlp_rows,
                                 grads(head_grad)),
-        "MLP backward, last layer": (layer_moment(layers - 1), grads(head_grad + layer_grad / 3)),
+        "MLP backward, last layer": (mlp_moment(layers - 1), grads(head_grad + layer_grad / 3)),
+        "attention backward, last layer": (attention_moment(layers - 1), grads(head_grad + layer_grad)),
     }
     if z.full or st.grads_persist:
-        events["MLP backward, layer 0"] = (layer_moment(0), grads(head_grad + (layers - 1 + 1 / 3) * layer_grad))
+        events["MLP backward, layer 0"] = (mlp_moment(0), grads(head_grad + (layers - 1 + 1 / 3) * layer_grad))
+    if recomputing:
+        events["attention output projection, last layer recompute"] = (o_proj_moment(layers - 1),
+                                                                       grads(head_grad))
+    if 0 < offloaded < layers:  # the last offloaded layer, first of them in backward
+        top, done = offloaded - 1, layers - offloaded  # `done` layers have their gradients already
+        events["MLP backward, last offloaded layer"] = (mlp_moment(top),
+                                                        grads(head_grad + (done + 1 / 3) * layer_grad))
+        events["attention backward, last offloaded layer"] = (attention_moment(top),
+                                                              grads(head_grad + (done + 1) * layer_grad))
+    if offloaded:
+        # An offloaded layer's forward runs under no_grad (reentrant checkpoint), where RMSNorm and the MLP skip
+        # their tiles (models/llama.py: tiles only when grad is enabled): gate, up, silu(gate) and silu·up exist
+        # for the whole sequence at once (with LoRA on up: base output, B·A·x, its scaled copy, their sum; 4 S×I
+        # either way), beside the layer input, the mid-layer residual and the normed MLP input. From layer 1 up the
+        # held embedding output is a fourth S×d tensor.
+        mlp_fwd = 4 * z.a * width * t
+        if st.method == "qlora":  # or: gate, up's output and up's weight dequantized (torchao NF4)
+            biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
+            mlp_fwd = max(mlp_fwd, 2 * z.a * width * t + NF4_DEQUANT_BYTES * biggest)
+        fwd = cos_sin_ids + (held if offloaded > 1 else 0.0) + 3 * u_in + mlp_fwd
+        events["forward, offloaded layer"] = (fwd, grads(0.0))
     events["optimizer step"] = (0.0, all_grads)
-    q_bytes, kv_bytes = z.a * spec.q_dim * t, z.a * spec.kv_dim * t
-    attn_ws = (2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV
-               + FP32 * spec.q_dim * t  # FlashAttention-2 backward's fp32 dQ accumulator
-               + (2 * q_bytes if cfg.num_kv_heads != cfg.num_heads else 0.0))  # dK, dV expanded to H heads
-    attn = layer_moment(layers - 1) - mlp_event - none_layer.get("mlp", 0.0) * (not recomputing) + attn_ws
-    events["attention backward, last layer"] = (attn, grads(head_grad + layer_grad))
     if z.casts:  # autocast caches a bf16 copy of every fp32 weight until the forward's autocast region ends
         casts = 2.0 * count_params(spec).linear / (st.tp * st.pp) if recomputing else 0.0
         events["forward end"] = (total + casts + (z.a + 2 * FP32) * chunk * vocab, grads(0.0))
@@ -309,7 +406,9 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup) -> ActivationPeak:
         dequant = NF4_DEQUANT_BYTES * biggest
         if recomputing:  # the last layer's recompute reaches down_proj with gate, up, silu(gate), silu·up and
             # the mid-layer residual (a local of the layer's forward) alive
-            at = layer_moment(layers - 1) - mlp_event + 4 * z.a * width * mlp_rows + z.r * d * t + dequant
+            # (tiled: the post-attention norm saved that residual, already counted)
+            at = (mlp_moment(layers - 1) - mlp_event - mlp_dx + 4 * z.a * width * mlp_rows
+                  + (0.0 if tiled else z.r * d * t) + dequant)
         else:
             at = total - sum(outside.values()) + outside["rope cos/sin"] + dequant
         events["NF4 dequantize"] = (at, grads(0.0))

@@ -18,7 +18,8 @@ TRAIN_OUTPUTS = """outputs (one line each in the table; keys of --json):
   allocated peak     what torch.cuda.max_memory_allocated would report for one training step
   reserve            CUDA context and caching-allocator slack on top of the allocated peak
   total              allocated peak (or the QLoRA load peak) plus reserve, against the GPU's memory
-  step time          one optimizer step: compute at longseq's measured efficiency, exposed communication, other
+  step time          one optimizer step: compute at longseq's measured efficiency (small models: the host's
+                     per-layer kernel-launch time, which overlaps it), exposed communication, other
   throughput         trained tokens per second over all GPUs
   MFU                model FLOPs (6N + 12·L·d·S, PaLM appendix B) per second over the GPUs' dense peak
   time / GPU-hours / cost   for --tokens tokens at the GPU's approximate on-demand price (or --price)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # Fractions of dense peak that longseq's eager PyTorch step sustains, fitted (relative least squares) to the five
@@ -10,6 +11,19 @@ from dataclasses import dataclass
 # of the fit: within 1.6% on all five runs. Other GPUs and stacks: pass --efficiency.
 MATMUL_EFFICIENCY = 0.384
 ATTENTION_EFFICIENCY = 0.581
+# Host time per decoder layer per pass of longseq's eager step: Python and kernel launches for the norms, RoPE,
+# SwiGLU, LoRA adds, ... (passes: forward 1, backward 2, a recompute 1 more). The CPU issues kernels while the GPU
+# runs earlier ones, so this does not add to the GPU time: a step takes about hypot(GPU time, launch time)
+# (`overlapped_s`), the GPU time where kernels are long (8B), the launch time where they are short (0.5B-1.7B).
+# Fitted with the two efficiencies above held fixed: relative least squares over the 25 measured training rows of
+# benchmarks/results/2026-11-24-plan-validation-h100/validation.json and the five calibration runs, on a 0.05 ms
+# grid, keeping every Llama-3-8B full-recompute row (validation rows 0-2, the calibration runs) within 5%: 1.45 ms
+# (unconstrained, 1.70 ms puts the 4K calibration run at +6.8%); 1.40 ms leaves room for run-to-run noise (that 4K
+# step measured 0.531 s and 0.550 s in two runs). |Error| over the 30 rows: median 44% -> 8%, max 78% -> 46%.
+# What is left is GPU time the FLOP model misses in small models at long sequences, mostly with LoRA (-30% to -46%:
+# elementwise work, ∝ tokens·(d + I), that MATMUL_EFFICIENCY absorbs at the 8B width).
+LAYER_PASS_LAUNCH_S = 1.40e-3
+LAYER_PASSES = {"none": 3, "selective": 4, "full": 4, "offloaded": 4}
 FA_BACKWARD_RATIO = 2.5  # FlashAttention-2 backward does 2.5x the forward's matmul FLOPs (Dao 2023, §3.1)
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # compute-optimal tokens ≈ 20 N (Hoffmann et al. 2022, arXiv 2203.15556)
 
@@ -69,6 +83,18 @@ def step_time_s(flops: StepFlops, tokens: float, peak_tflops: float, efficiency:
     if efficiency is not None:
         return tokens * flops.total / (peak * efficiency)
     return tokens * (flops.matmul / MATMUL_EFFICIENCY + flops.attention / ATTENTION_EFFICIENCY) / peak
+
+
+def launch_time_s(num_layers: int, recompute: str) -> float:
+    """Host (Python + kernel launch) time of one micro-step's decoder layers on one GPU."""
+    return LAYER_PASS_LAUNCH_S * num_layers * LAYER_PASSES[recompute]
+
+
+def overlapped_s(gpu_s: float, launch_s: float) -> float:
+    """A step whose kernels take `gpu_s` on the GPU and `launch_s` to issue from the host, which overlap: the
+    smooth maximum sqrt(gpu² + launch²) fitted above (the overlap is partial: the step's host syncs, such as
+    reading the loss, drain the queue)."""
+    return math.hypot(gpu_s, launch_s)
 
 
 def training_time_s(total_flops: float, peak_tflops: float, num_gpus: int, mfu: float = 1.0) -> float:

@@ -2,6 +2,8 @@
 
 The KV budget follows longseq's engine (engine/model_runner.py): total memory × gpu_memory_fraction, minus the
 weights, minus the peak activations of the largest step (max_num_batched_tokens tokens, max_num_seqs logits rows).
+The engine measures those two by running that step, or, with `--kv-pool plan`, takes them from `weight_bytes` and
+`engine_activation_bytes` here.
 """
 
 from __future__ import annotations
@@ -87,10 +89,11 @@ def engine_activation_bytes(spec: ModelSpec, tokens: int, seqs: int, act_bytes: 
     gate, up, silu(gate) and product (4 · S × I at once), and the LM head's logits for the sampled rows in bf16
     and fp32 (model_runner: lm_head(...).float()). Tensor parallel (distributed/tensor_parallel.py): the residual
     stream is replicated, the MLP split over tp, and the logits all-gathered: the local V/tp slice, the gathered
-    pieces and their concatenation in bf16, then the fp32 copy."""
+    pieces and their concatenation in bf16, then the fp32 copy (none when the model is fp32: .float() is a no-op)."""
     cfg = spec.config
     per_token = act_bytes * (2 * cfg.hidden_size + 4 * cfg.intermediate_size * spec.experts_per_token / tp)
-    logits = act_bytes + 4 if tp == 1 else act_bytes / tp + 2 * act_bytes + 4
+    copy = 4 if act_bytes != 4 else 0
+    logits = act_bytes + copy if tp == 1 else act_bytes / tp + 2 * act_bytes + copy
     return tokens * per_token + min(tokens, seqs) * cfg.vocab_size * logits
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from longseq.plan.flops import (
     chinchilla_tokens,
+    launch_time_s,
+    overlapped_s,
     step_flops_per_token,
     step_time_s,
     train_flops_per_token,
@@ -39,7 +41,7 @@ class TrainPlan:
     mfu: float  # model FLOPs (6N + 12·L·d·S, PaLM) / (time · GPUs · peak)
     model_flops_per_token: float
     hw_flops_per_token: float
-    compute_s: float
+    compute_s: float  # GPU work, or the host launch time where that is longer (plan/flops.py overlapped_s)
     comm_s: float  # exposed communication per step
     other_s: float  # optimizer step, NF4 dequantization, offload transfers
     tokens: float | None = None
@@ -118,6 +120,8 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     micro_tokens = setup.batch_size * setup.seq_len
     shard = p.tp * p.pp * p.sp
     micro_s = step_time_s(flops, micro_tokens / shard, peak, efficiency)
+    if efficiency is None:  # a given efficiency is a measured one: launch time is in it already
+        micro_s = overlapped_s(micro_s, launch_time_s(cfg.num_layers // p.pp, setup.recompute))
     compute = micro_s * (setup.grad_accum + p.pp - 1)  # 1F1B / GPipe bubble: p - 1 extra micro-steps
     gpus_per_node = p.num_gpus // p.nodes
     comm, other = 0.0, 0.0

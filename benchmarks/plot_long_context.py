@@ -14,13 +14,20 @@ import tempfile
 LABELS = {"longseq": "longseq LoRA", "qlora": "longseq QLoRA", "hf": "transformers + PEFT LoRA"}
 
 
+def _forced(row: dict) -> bool:
+    # `SIDE:LEN:RECOMPUTE` runs; the first files predate the flag: their one forced run kept 31 layers on the GPU
+    return row.get("forced", False) or row.get("offload_keep", 0) == 31
+
+
 def load(paths: list[str]) -> list[dict]:
-    rows = []
+    """Rows of every file; a later file's run of the same side, length and forcing replaces an earlier one's."""
+    rows: dict[tuple, dict] = {}
     for path in paths:
         with open(path) as f:
-            rows += json.load(f)["rows"]
-    # A forced-policy row (`SIDE:LEN:RECOMPUTE`) is kept in the table but not in the plot's lines.
-    return sorted(rows, key=lambda r: (r["seq_len"], r["side"]))
+            for r in json.load(f)["rows"]:
+                rows[(r["side"], r["seq_len"], _forced(r), r.get("recompute") if _forced(r) else None)] = r
+    # A forced-policy row is kept in the table but not in the plot's lines.
+    return sorted(rows.values(), key=lambda r: (r["seq_len"], r["side"], _forced(r)))
 
 
 def table(rows: list[dict]) -> str:
@@ -31,7 +38,8 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['error']} | | | | | | | | |")
             continue
-        tech = "—" if r["side"] == "hf" else f"{r['recompute']}" + (f", tiles {r['tile']:,}" if r.get("tile") else "") \
+        tech = "—" if r["side"] == "hf" else f"{r['recompute']}" + (" (forced)" if _forced(r) else "") \
+            + (f", tiles {r['tile']:,}" if r.get("tile") else "") \
             + (f", keep {r['offload_keep']}" if r["recompute"] == "offloaded" else "")
         out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['tokens_per_s']:,.0f} | {r['mfu_causal']:.1%} | "
                    f"{r['mfu_palm']:.1%} | {r['peak_gib']:.2f} | {r.get('predicted_gib', '—')} | "
@@ -47,7 +55,7 @@ def plot(rows: list[dict], path: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for side, style in (("longseq", "o-"), ("qlora", "s--"), ("hf", "^-")):
-        ok = [r for r in rows if r["side"] == side and "error" not in r and r.get("offload_keep", 0) != 31]
+        ok = [r for r in rows if r["side"] == side and "error" not in r and not _forced(r)]
         if not ok:
             continue
         xs = [r["seq_len"] / 1024 for r in ok]

@@ -356,7 +356,7 @@ METHODS = ("lora", "qlora", "full")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
-RECOMPUTE_POLICIES = ("none", "selective", "full", "offloaded")
+RECOMPUTE_POLICIES = ("none", "selective", "keep_attention", "full", "offloaded")
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 KV_POOL_MODES = ("measure", "plan")
@@ -436,8 +436,9 @@ class TrainConfig(ModelOverrides):
     precision: str = _help("auto | bf16 | fp16 | fp32 (auto: bf16 on GPU, fp32 on CPU)", default="auto")
     plan: str = _help("auto: choose recompute, tiling and offload from the planner and the free memory; off: "
                       "as the flags say", default="auto")
-    recompute: str = _help("activation checkpointing: auto | none | selective | full | offloaded (full, with layer "
-                           "inputs in pinned host memory)", default="auto")
+    recompute: str = _help("activation checkpointing: auto | none | selective | keep_attention (recompute all but "
+                           "attention) | full | offloaded (full, with layer inputs in pinned host memory)",
+                           default="auto")
     tile_tokens: int | None = _help("tokens per RMSNorm / MLP tile for long sequences; 0: off (default: planned)",
                                     default=None)
     offload_keep: int | None = _help("recompute offloaded: the last layers whose inputs stay on the GPU "

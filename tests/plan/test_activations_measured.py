@@ -25,6 +25,8 @@ QWEN2 = ModelConfig(arch="qwen2", vocab_size=640, hidden_size=256, intermediate_
 
 CASES = [
     (LLAMA, "lora", "none", ALL), (LLAMA, "lora", "selective", ALL), (LLAMA, "lora", "full", ALL),
+    (LLAMA, "lora", "keep_attention", ALL), (LLAMA, "full", "keep_attention", ALL),
+    (QWEN3, "lora", "keep_attention", ALL),
     (LLAMA, "lora", "none", QV), (LLAMA, "lora", "selective", QV), (LLAMA, "lora", "full", QV),
     (LLAMA, "full", "none", ALL), (LLAMA, "full", "selective", ALL), (LLAMA, "full", "full", ALL),
     (QWEN3, "lora", "none", ALL), (QWEN3, "lora", "selective", ALL), (QWEN3, "lora", "full", ALL),

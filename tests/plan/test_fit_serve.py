@@ -18,7 +18,8 @@ def test_fit_returns_the_fastest_setup_that_fits():
     best = result.best
     assert best is not None and best.fits and result.fitting >= 1
     assert best.memory.total <= H100.memory_gib * 2**30
-    assert best.setup.recompute in ("none", "selective", "full")
+    # 32K on an H100: attention is the costliest recompute and its saved tensors (about 0.6 GiB a layer) still fit
+    assert best.setup.recompute == "keep_attention"
     # plain recompute none at 32K does not fit: the search had to pick something else
     assert not plan_train(LLAMA3_8B, H100, TrainSetup(method="lora", seq_len=32768)).fits
     for other in result.runners_up:

@@ -47,7 +47,7 @@ def _loss_and_grads(model, ids, targets, doc_ids=None, positions=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("policy", ["selective", "full"])
+@pytest.mark.parametrize("policy", ["selective", "keep_attention", "full"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_recompute_policies_are_exact(policy, lora):
     model = tiny()

@@ -26,14 +26,15 @@ def _budget(monkeypatch, device_gib, host_gib=1000.0):
 def test_candidates_fastest_first_and_user_flags_win():
     cfg = TrainConfig(data=("x",))
     got = candidates(cfg, 4, CUDA)
-    assert got[:4] == [("none", None, 0), ("selective", None, 0), ("full", None, 0), ("full", 8192, 0)]
-    assert got[4:] == [("offloaded", 8192, k) for k in (3, 2, 1, 0)]
+    assert got[:6] == [("none", None, 0), ("selective", None, 0), ("keep_attention", None, 0),
+                       ("keep_attention", 8192, 0), ("full", None, 0), ("full", 8192, 0)]
+    assert got[6:] == [("offloaded", 8192, k) for k in (3, 2, 1, 0)]
     assert all(c[0] != "offloaded" for c in candidates(cfg, 4, torch.device("cpu")))
     fixed = candidates(TrainConfig(data=("x",), recompute="offloaded", tile_tokens=0, offload_keep=2), 4, CUDA)
     assert fixed == [("offloaded", None, 2)]
 
 
-@pytest.mark.parametrize("seq_len,expect", [(4096, ("none", None)), (32768, ("full", None)),
+@pytest.mark.parametrize("seq_len,expect", [(4096, ("none", None)), (32768, ("keep_attention", None)),
                                             (131072, ("full", 8192)), (262144, ("offloaded", 8192))])
 def test_choice_grows_with_the_sequence_on_an_80gb_gpu(monkeypatch, seq_len, expect):
     _budget(monkeypatch, 79.1)

@@ -75,26 +75,44 @@ class Attention(nn.Module):
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        q, k, v = self.project(x)
+        # Recompute is for training; a cache means generation, where the core writes K/V and must run once.
+        out = _maybe_checkpoint(self.recompute_core and cache is None, self._core, q, k, v, cos, sin, cache, doc_ids)
+        return self.output(out)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, d) -> q (B, S, H, D), k and v (B, S, H_kv, D)."""
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
-        # Recompute is for training; a cache means generation, where the core writes K/V and must run once.
-        out = _maybe_checkpoint(self.recompute_core and cache is None, self._core, q, k, v, cos, sin, cache, doc_ids)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+        return q, k, v
 
-    def _core(self, q, k, v, cos, sin, cache, doc_ids) -> torch.Tensor:
-        """q (B, S, H, D), k/v (B, S, H_kv, D) from the projections -> attention output (B, H, S, D)."""
+    def position(self, q, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, S, H, D), k/v (B, S, H_kv, D) -> (B, H, S, D) each: q/k norms (Qwen3) and RoPE applied."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
         if not self.variant.alibi:  # ALiBi replaces position embeddings (Press et al. 2021)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q, k, v, cache=None, doc_ids=None) -> torch.Tensor:
+        """q (B, H, S, D), k/v (B, H_kv, S, D) -> attention output (B, H, S, D)."""
         if cache is not None:  # the cache stores this step's K/V and attends over everything it holds
             return cache.attention(self.layer_idx, q, k, v, self.window)
         if self.sequence_parallel is not None:  # Ulysses: all-to-all to whole-sequence heads and back
             return self.sequence_parallel(q, k, v, window=self.window, doc_ids=doc_ids)
         return attention(q, k, v, window=self.window, doc_ids=doc_ids, variant=self.variant)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output (B, H, S, D) -> o_proj (B, S, d)."""
+        B, _, S, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+
+    def _core(self, q, k, v, cos, sin, cache, doc_ids) -> torch.Tensor:
+        """q (B, S, H, D), k/v (B, S, H_kv, D) from the projections -> attention output (B, H, S, D)."""
+        return self.attend(*self.position(q, k, v, cos, sin), cache, doc_ids)
 
 
 class MLP(nn.Module):
@@ -129,9 +147,25 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.keep_attention = False  # recompute "keep_attention": checkpoint around attention, never through it
 
     def forward(self, x, cos, sin, cache=None, doc_ids=None):
+        if self.keep_attention and cache is None and torch.is_grad_enabled():
+            # Two checkpoints around attention instead of one over the layer: backward recomputes the norms and
+            # projections, but attention's saved q, k, v, output and log-sum-exp stay from the forward, so the
+            # layer's costliest kernel at long sequences runs once, not twice.
+            q, k, v = checkpoint(self._qkv, x, cos, sin, use_reentrant=False)
+            out = self.self_attn.attend(q, k, v, None, doc_ids)
+            return checkpoint(self._after_attention, x, out, use_reentrant=False)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_ids)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _qkv(self, x, cos, sin):
+        attn = self.self_attn
+        return attn.position(*attn.project(self.input_layernorm(x)), cos, sin)
+
+    def _after_attention(self, x, out):
+        x = x + self.self_attn.output(out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -159,8 +193,10 @@ class CausalLM(nn.Module):
 
     def set_recompute(self, policy: str, keep_on_gpu: int = 0) -> None:
         """Activation checkpointing: none; selective (recompute attention internals and the SwiGLU product,
-        keep every matmul output, after Korthikanti et al. 2022); full (keep only each layer's input);
-        offloaded (full, with the inputs of all but the last `keep_on_gpu` layers in pinned host memory)."""
+        keep every matmul output, after Korthikanti et al. 2022); keep_attention (recompute everything but
+        attention, whose inputs and output stay: the long-sequence inverse of selective); full (keep only each
+        layer's input); offloaded (full, with the inputs of all but the last `keep_on_gpu` layers in pinned host
+        memory)."""
         if policy not in RECOMPUTE_POLICIES:
             raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
         self.recompute, self.offload_keep = policy, max(0, keep_on_gpu)
@@ -168,6 +204,7 @@ class CausalLM(nn.Module):
             self.offloader = LayerInputOffloader()
         for layer in self.model.layers:
             layer.self_attn.recompute_core = layer.mlp.recompute_act = policy == "selective"
+            layer.keep_attention = policy == "keep_attention"
 
     def set_tiling(self, tile: int | None) -> None:
         """Run every RMSNorm and MLP over `tile` tokens at a time in training (None: whole sequences)."""

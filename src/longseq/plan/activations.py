@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
 
-POLICIES = ("none", "selective", "full", "offloaded")
+POLICIES = ("none", "selective", "keep_attention", "full", "offloaded")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 FP32 = 4  # RMSNorm statistics, loss logits, log-sum-exp, master weights
 INDEX = 8  # int64 token ids and targets
@@ -56,7 +56,7 @@ class ActivationSetup:
     """The parts of a training setup that shape activation memory."""
 
     method: str = "lora"  # full | lora | qlora
-    recompute: str = "none"  # none | selective | full | offloaded
+    recompute: str = "none"  # none | selective | keep_attention | full | offloaded
     precision: str = "bf16"  # bf16 | fp16 (autocast) | fp32
     batch_size: int = 1  # sequences per micro-batch
     seq_len: int = 2048
@@ -132,6 +132,9 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     d, q, kv, inter, k = cfg.hidden_size, spec.q_dim, spec.kv_dim, cfg.intermediate_size, spec.experts_per_token
     if policy in ("full", "offloaded"):  # checkpoint keeps only the layer input (torch.utils.checkpoint saves args)
         return {"layer inputs": float(z.r * d)}
+    if policy == "keep_attention":  # DecoderLayer: two checkpoints (they save the layer input and the attention
+        # output) around attention, which keeps RoPE'd q, k, v, its output and the log-sum-exp
+        return {"layer inputs": float(z.r * d), "attention": attention_kept_bytes_per_token(spec, st)}
     x_rg = not first or z.emb_grad
     casts_in = z.casts and z.r != z.a  # fp32 normed input, cast to bf16 by each linear separately
     qkv_saving = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
@@ -167,6 +170,14 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     return {key: value for key, value in parts.items() if value}
 
 
+def attention_kept_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
+    """Per token, what SDPA saves for its backward: RoPE'd q, k, v, the output and a fp32 log-sum-exp per head
+    (packed rows: k/v expanded to H heads and the bool mask, attention/sdpa.py _sdpa_masked)."""
+    z, cfg = _sizes(st), spec.config
+    kv = 2 * z.a * spec.q_dim + st.seq_len * st.sp if st.packed else 2 * z.a * spec.kv_dim
+    return float(2 * z.a * spec.q_dim + kv + FP32 * cfg.num_heads)
+
+
 def _mlp_input_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
     """Per token, the MLP's saved input: _TiledMLP saves the post-attention norm's output (residual dtype:
     weight * x.to(dtype) in RMSNorm); untiled, gate/up keep it when they save inputs (autocast: a bf16 cast each)."""
@@ -186,6 +197,21 @@ def mlp_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
     lin = layer_linears(spec)
     adapters = 0 if tiled else sum(lin[t].copies for t in z.targets & set(MLP_LINEARS) if t in lin)
     return _norm_bytes(z, d, True, tiled) + _mlp_input_bytes(spec, st) + z.a * st.lora_rank * adapters
+
+
+def qkv_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
+    """Per token, what the attention half before SDPA keeps (a not checkpointed layer): the input RMSNorm, the normed
+    input the q/k/v projections save, their adapters' x·Aᵀ and, with q/k norms (Qwen3), those norms' fp32 copies."""
+    z, cfg = _sizes(st), spec.config
+    d, q, kv = cfg.hidden_size, spec.q_dim, spec.kv_dim
+    qkv = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
+    normed = z.a * d * (len(qkv) if z.casts and z.r != z.a else min(1, len(qkv)))
+    lin = layer_linears(spec)
+    adapters = sum(lin[t].copies for t in z.targets & {"q_proj", "k_proj", "v_proj"} if t in lin)
+    qk_norms = 0.0
+    if cfg.qk_norm:  # as layer_bytes_per_token's "attention" counts them
+        qk_norms = FP32 * (q + kv) + FP32 * (cfg.num_heads + cfg.num_kv_heads) + (z.a * (q + kv) if z.norm_grad else 0)
+    return _norm_bytes(z, d, True, st.mlp_tile is not None) + normed + z.a * st.lora_rank * adapters + qk_norms
 
 
 def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
@@ -272,9 +298,12 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     t = _tokens(st) / st.tp  # tokens' worth of activations on this GPU (tensor/sequence parallel shard them)
     vocab = cfg.vocab_size / st.tp  # vocabulary-parallel loss under tensor parallelism
     tiled = st.mlp_tile is not None
-    recomputing = st.recompute in ("full", "offloaded")
+    recomputing = st.recompute in ("full", "offloaded", "keep_attention")
     saved = saved_bytes(spec, st)
     u_in = z.r * d * t  # one layer input (the residual stream)
+    # keep_attention: the layers below the one in backward still hold their attention's saved tensors; the layer's
+    # own are counted in its recompute (none_rest) as under "full".
+    kept_attention = attention_kept_bytes_per_token(spec, st) * t if st.recompute == "keep_attention" else 0.0
     # CausalLM.hidden: under "offloaded" the layers below num_layers - offload_keep run under reentrant checkpoints
     # whose saved input goes to pinned host memory (models/offload.py); the last offload_keep stay as under "full".
     offloaded = layers - min(st.offload_keep, layers) if st.recompute == "offloaded" else 0
@@ -306,6 +335,9 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     mlp_event += z.a * d * mlp_rows if tiled else 0.0
     none_layer = {key: v * t for key, v in layer_bytes_per_token(spec, st, "none").items()}
     none_rest = sum(v for key, v in none_layer.items() if key != "mlp")
+    if st.recompute == "keep_attention":  # the first checkpoint (norm, q/k/v projections) is recomputed only after
+        # attention's backward: through the MLP backward its half of the layer does not exist
+        none_rest -= qkv_half_bytes_per_token(spec, st) * t
     mlp_half = mlp_half_bytes_per_token(spec, st) * t
     const = _layer_constants(spec, st) / st.tp
     # The recomputed layer's first norm saves the layer input itself: the tiled norm saves x, and the plain one's
@@ -322,7 +354,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     def inputs_at(i: int) -> float:
         """Layer inputs on the GPU while layer i (0-based, counted from the input) runs its backward."""
         if i >= offloaded:  # non-reentrant checkpoints: inputs of the layers from `offloaded` to i (later: freed)
-            return (i - offloaded + 1) * u_in + held
+            return (i - offloaded + 1) * u_in + held + i * kept_attention
         # offloaded: its own input fetched back and, from layer 1 up, the previous one prefetched (offload.py
         # _unpack); torch.utils.checkpoint.CheckpointFunction.backward keeps the recomputed output alive too
         return (1 + (i > 0)) * u_in + held + u_in
@@ -345,11 +377,11 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
 
     def o_proj_moment(i: int) -> float:
         """Activations when layer i's recompute reaches o_proj: Attention.forward still holds the projections'
-        q and k (pre-RoPE locals) beside what the attention core saved, and o_proj (with LoRA) has its base output,
-        B·A·x and the scaled copy at once. The residual gradient of the layer's output is waiting; a reentrant
-        checkpoint's recomputed output does not exist yet."""
+        q and k (pre-RoPE locals) beside what the attention core saved, and o_proj (with LoRA) has its base output
+        and the sum (train/lora.py: addmm adds B·A·x inside the matmul). The residual gradient of the layer's
+        output is waiting; a reentrant checkpoint's recomputed output does not exist yet."""
         reentrant = u_in if i < offloaded else 0.0
-        o_out = z.a * d * t * (3 if "o_proj" in z.targets else 1)
+        o_out = z.a * d * t * (2 if "o_proj" in z.targets else 1)
         return (inputs_at(i) - reentrant + none_rest - mlp_half - alias + const + z.a * (spec.q_dim + spec.kv_dim) * t
                 + o_out + cos_sin_ids + hidden_kept + dy)
 
@@ -388,9 +420,9 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     if offloaded:
         # An offloaded layer's forward runs under no_grad (reentrant checkpoint), where RMSNorm and the MLP skip
         # their tiles (models/llama.py: tiles only when grad is enabled): gate, up, silu(gate) and silu·up exist
-        # for the whole sequence at once (with LoRA on up: base output, B·A·x, its scaled copy, their sum; 4 S×I
-        # either way), beside the layer input, the mid-layer residual and the normed MLP input. From layer 1 up the
-        # held embedding output is a fourth S×d tensor.
+        # for the whole sequence at once (with LoRA on up: base output and the sum; 4 S×I either way), beside
+        # the layer input, the mid-layer residual and the normed MLP input. From layer 1 up the held embedding
+        # output is a fourth S×d tensor.
         mlp_fwd = 4 * z.a * width * t
         if st.method == "qlora":  # or: gate, up's output and up's weight dequantized (torchao NF4)
             biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp

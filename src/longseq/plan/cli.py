@@ -46,8 +46,8 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
     t.add_argument("--method", default=None, help="full, lora or qlora; with --fit a comma list to search "
                    "(default: lora; --fit: lora,qlora)")
-    t.add_argument("--recompute", default=None, help="none, selective, full or offloaded "
-                   "(default: none; --fit searches all four)")
+    t.add_argument("--recompute", default=None, help="none, selective, keep_attention, full or offloaded "
+                   "(default: none; --fit searches all five)")
     t.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per GPU (default: 1)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--optimizer", default=None, help="adamw, adamw8bit, sgd or adafactor (default: adamw; "

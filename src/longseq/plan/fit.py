@@ -69,8 +69,8 @@ def _candidates(spec: ModelSpec, base: TrainSetup, space: SearchSpace, num_gpus:
         for micro in _divisors(per_replica):
             for method, policy, optimizer in itertools.product(space.methods, policies, space.optimizers):
                 # Tiling only pays where whole-sequence norms and MLPs are the problem: with layer recompute.
-                tiles = (None, DEFAULT_TILE_TOKENS) if policy == "full" else (DEFAULT_TILE_TOKENS,) \
-                    if policy == "offloaded" else (base.mlp_tile,)
+                tiles = (None, DEFAULT_TILE_TOKENS) if policy in ("full", "keep_attention") else \
+                    (DEFAULT_TILE_TOKENS,) if policy == "offloaded" else (base.mlp_tile,)
                 for zero, tile in itertools.product(space.zero_stages if par.dp > 1 else (0,), tiles):
                     out.append(replace(base, method=method, recompute=policy, optimizer=optimizer, batch_size=micro,
                                        grad_accum=per_replica // micro, parallel=replace(par, zero=zero),

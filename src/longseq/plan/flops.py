@@ -23,7 +23,7 @@ ATTENTION_EFFICIENCY = 0.581
 # What is left is GPU time the FLOP model misses in small models at long sequences, mostly with LoRA (-30% to -46%:
 # elementwise work, ∝ tokens·(d + I), that MATMUL_EFFICIENCY absorbs at the 8B width).
 LAYER_PASS_LAUNCH_S = 1.40e-3
-LAYER_PASSES = {"none": 3, "selective": 4, "full": 4, "offloaded": 4}
+LAYER_PASSES = {"none": 3, "selective": 4, "keep_attention": 4, "full": 4, "offloaded": 4}
 FA_BACKWARD_RATIO = 2.5  # FlashAttention-2 backward does 2.5x the forward's matmul FLOPs (Dao 2023, §3.1)
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # compute-optimal tokens ≈ 20 N (Hoffmann et al. 2022, arXiv 2203.15556)
 
@@ -62,9 +62,10 @@ def step_flops_per_token(matmul_params: int, layer_matmul_params: int, adapter_p
     bases skip it: 4N not 6N); full recompute repeats the layers' forward (+2 N_layers, so 8N full / 6N LoRA);
     the chunked loss always recomputes the LM head (counted in N's forward). Adapters: 8 FLOPs a parameter with
     recompute, 6 without. Attention, causal: forward 2·L·d_attn·S̄ with S̄ the mean keys a query sees (S/2, or the
-    sliding window), backward FA_BACKWARD_RATIO × forward, recompute (full or selective) one more forward."""
+    sliding window), backward FA_BACKWARD_RATIO × forward, recompute (full or selective, not keep_attention) one more
+    forward; keep_attention recomputes the layers' matmuls as full does."""
     head = matmul_params - num_layers * layer_matmul_params  # the LM head (and anything outside the layers)
-    recomputes = recompute in ("full", "offloaded")
+    recomputes = recompute in ("full", "offloaded", "keep_attention")
     mm = 2.0 * matmul_params + 2.0 * matmul_params + (2.0 * matmul_params if trains_base else 0.0)
     mm += 2.0 * head  # chunked loss: the LM head forward runs again in backward
     if recomputes:
@@ -72,7 +73,7 @@ def step_flops_per_token(matmul_params: int, layer_matmul_params: int, adapter_p
     mm += (8.0 if recomputes else 6.0) * adapter_params
     keys = seq_len / 2 if window is None else min(seq_len / 2, window)
     fwd = 4.0 * num_layers * attn_dim * keys  # QKᵀ and AV, 2 FLOPs per multiply-add
-    attn = fwd * (1 + FA_BACKWARD_RATIO + (recompute != "none"))
+    attn = fwd * (1 + FA_BACKWARD_RATIO + (recompute not in ("none", "keep_attention")))
     return StepFlops(matmul=mm, attention=attn)
 
 

@@ -138,7 +138,8 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     comm += max(0.0, dp_comm - 2 / 3 * compute)  # overlapped with backward (two thirds of the step)
     act_bytes = (2 if setup.precision != "fp32" else 4) * micro_tokens * cfg.hidden_size / p.sp
     layers_here = cfg.num_layers // p.pp
-    collectives = 4 + 2 * (setup.recompute in ("full", "offloaded"))  # Megatron: 2 fwd + 2 bwd per layer
+    # Megatron: 2 all-reduces forward + 2 backward per layer, 2 more when the layer's forward is recomputed
+    collectives = 4 + 2 * (setup.recompute in ("full", "offloaded", "keep_attention"))
     tp_comm = collectives * layers_here * _ring_allreduce_s(act_bytes, p.tp, _link_gbs(gpu, p.tp, gpus_per_node))
     attn_bytes = micro_tokens * (2 * spec.q_dim + 2 * spec.kv_dim) * 2 / p.sp
     sp_comm = 2 * layers_here * (p.sp - 1) / p.sp * attn_bytes / (_link_gbs(gpu, p.sp * p.tp, gpus_per_node) * 1e9)
@@ -150,7 +151,7 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     else:  # CPU Adam, gradients down and weights up over PCIe
         other += trainable / opt_shard / CPU_ADAM_PARAMS_PER_S + 4.0 * trainable / opt_shard / (PCIE_GBS * 1e9)
     if setup.method == "qlora":  # each pass dequantizes every NF4 weight: memory-bound
-        passes = 2 + (setup.recompute in ("full", "offloaded"))
+        passes = 2 + (setup.recompute in ("full", "offloaded", "keep_attention"))
         other += (setup.grad_accum * passes * counts.linear / (p.tp * p.pp) * NF4_DEQUANT_TRAFFIC
                   / (gpu.bandwidth_tbs * 1e12))
     step = compute + comm + other

@@ -1,9 +1,10 @@
 """`longseq train --plan auto`: pick the memory techniques a run needs from the planner and the memory there is.
 
-The candidates, fastest first: no recompute; selective; full; full with tiled norms and MLPs; layer inputs
-offloaded to pinned host memory (keeping on the GPU as many of the last layers' inputs as fit). The first whose
-predicted peak (longseq.plan, validated against measured H100 runs) fits the GPU's memory wins. A flag the user
-set (`--recompute`, `--tile-tokens`, `--offload-keep`) is kept as given.
+The candidates, fastest first: no recompute; selective; keep_attention (recompute all but attention), untiled
+then with tiled norms and MLPs; full, untiled then tiled; layer inputs offloaded to pinned host memory (keeping on
+the GPU as many of the last layers' inputs as fit). The first whose predicted peak (longseq.plan, validated
+against measured H100 runs) fits the GPU's memory wins. A flag the user set (`--recompute`, `--tile-tokens`,
+`--offload-keep`) is kept as given.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
     """(recompute, tile, offload_keep) to try, fastest first, restricted by what the user fixed. Host offload is
     single-process only for now (its reentrant checkpoints are untested under DDP / FSDP hooks)."""
     tile_on = cfg.tile_tokens if cfg.tile_tokens else DEFAULT_TILE_TOKENS
-    out: list[tuple[str, int | None, int]] = [("none", None, 0), ("selective", None, 0), ("full", None, 0),
-                                              ("full", tile_on, 0)]
+    out: list[tuple[str, int | None, int]] = [("none", None, 0), ("selective", None, 0), ("keep_attention", None, 0),
+                                              ("keep_attention", tile_on, 0), ("full", None, 0), ("full", tile_on, 0)]
     if device.type == "cuda" and not distributed:  # host offload saves device memory only off the host
         out += [("offloaded", tile_on, keep) for keep in range(num_layers - 1, -1, -1)]
     if cfg.recompute != "auto":

@@ -54,12 +54,12 @@ def test_serving_kv_pool_matches_the_engine():
 
 
 def test_long_context_rows_within_2_percent(capsys):
-    """2026-11-24-long-context-h100: the rows `--plan auto` ran (untiled, tiled, offloaded; LoRA and QLoRA, 4K-384K),
-    predicted with the techniques each row used, against torch.cuda.max_memory_allocated."""
-    rows = [r for name in "abcd" for r in json.loads((RESULTS / "2026-11-24-long-context-h100" / f"{name}.json")
-                                                    .read_text())["rows"] if r["side"] != "hf" and "peak_gib" in r]
-    assert len(rows) == 10
-    lines = ["side     seq_len  recompute  tile  keep  measured GiB  predicted GiB  error   peak moment"]
+    """2026-11-24-long-context-h100: the rows `--plan auto` ran (untiled, keep_attention, tiled, offloaded; LoRA and
+    QLoRA, 4K-384K), predicted with the techniques each row used, against torch.cuda.max_memory_allocated."""
+    rows = [r for name in "abcde" for r in json.loads((RESULTS / "2026-11-24-long-context-h100" / f"{name}.json")
+                                                     .read_text())["rows"] if r["side"] != "hf" and "peak_gib" in r]
+    assert len(rows) == 15
+    lines = ["side     seq_len  recompute       tile  keep  measured GiB  predicted GiB  error   peak moment"]
     for row in rows:
         # benchmarks/long_context.py: Llama-3-8B shape, LoRA r16 on all seven linears, TokenLoss (drops `hidden`)
         setup = TrainSetup(method="qlora" if row["side"] == "qlora" else "lora", seq_len=row["seq_len"],
@@ -67,7 +67,7 @@ def test_long_context_rows_within_2_percent(capsys):
                            loss_chunk=1024, keep_hidden=False)
         memory = plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
         error = memory.allocated / 2**30 / row["peak_gib"] - 1
-        lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<9}  {row['tile'] or '-':>5}  "
+        lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<14}  {row['tile'] or '-':>5}  "
                      f"{row['offload_keep']:>4}  {row['peak_gib']:>12.2f}  {memory.allocated / 2**30:>13.2f}  "
                      f"{error:+6.2%}  {memory.activation.phase}")
         assert abs(error) < 0.02, lines[-1]
@@ -75,28 +75,46 @@ def test_long_context_rows_within_2_percent(capsys):
         print("\n" + "\n".join(lines))
 
 
-def test_step_times_with_launch_overhead(capsys):
-    """2026-11-24-plan-validation-h100: 0.36B-8B training rows. Small models' steps are bound by host launch time
-    (plan/flops.py LAYER_PASS_LAUNCH_S, fitted on these rows); the 8B full-recompute rows stay within 5%."""
-    import statistics
+def _step_errors(name: str) -> dict[tuple, float]:
+    """Predicted / measured - 1 for every training row of one plan_validation.py run."""
     import sys
 
     sys.path.insert(0, str(RESULTS.parents[0]))
     from plan_validation import spec_for
 
-    rows = json.loads((RESULTS / "2026-11-24-plan-validation-h100" / "validation.json").read_text())["rows"]
-    errors = []
+    rows = json.loads((RESULTS / "2026-11-24-plan-validation-h100" / name).read_text())["rows"]
+    out = {}
     for rec in rows:
         r, measured = rec["row"], rec["measured"].get("step_s")
         if r["kind"] != "train" or measured is None:
             continue
         setup = TrainSetup(method=r["method"], seq_len=r["seq_len"], batch_size=r["batch"], recompute=r["recompute"],
                            optimizer=r["optimizer"], loss_chunk=1024, keep_hidden=True)
-        error = plan_train(spec_for(r["model"]), get_gpu("H100"), setup).step_time_s / measured - 1
-        errors.append(abs(error))
-        if r["model"] == "Llama-3-8B" and r["recompute"] == "full":
-            assert abs(error) < 0.05, (r, error)
+        key = (r["model"], r["method"], r["recompute"], r["seq_len"], r["batch"], r["optimizer"])
+        out[key] = plan_train(spec_for(r["model"]), get_gpu("H100"), setup).step_time_s / measured - 1
+    return out
+
+
+def test_step_times_with_launch_overhead(capsys):
+    """2026-11-24-plan-validation-h100 run 1: 0.36B-8B training rows. Small models' steps are bound by host launch
+    time (plan/flops.py LAYER_PASS_LAUNCH_S, fitted on these rows); the 8B full-recompute rows stay within 5%.
+    Run 2 (held out, measured after the fit) adds QLoRA and 8-bit AdamW rows: every 8B LoRA row is within 5% there
+    too; QLoRA steps are a known miss (31-68% slower than predicted: NF4 dequantization traffic)."""
+    import statistics
+
+    fitted = _step_errors("validation_run1.json")
+    for key, error in fitted.items():
+        if key[0] == "Llama-3-8B" and key[2] == "full":
+            assert abs(error) < 0.05, (key, error)
+    errors = [abs(e) for e in fitted.values()]
     assert len(errors) == 25 and statistics.median(errors) < 0.15 and max(errors) < 0.5  # was 51% and 78%
+    held_out = _step_errors("validation.json")
+    assert len(held_out) == 32
+    for key, error in held_out.items():
+        if key[0] == "Llama-3-8B" and key[1] == "lora":
+            assert abs(error) < 0.05, (key, error)
+    plain = [abs(e) for k, e in held_out.items() if k[1] != "qlora"]
+    assert statistics.median(plain) < 0.25
     with capsys.disabled():
         print(f"\nstep time over {len(errors)} rows: median |error| {statistics.median(errors):.1%}, "
               f"max {max(errors):.1%}")

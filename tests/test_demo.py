@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from longseq.config import TrainConfig
-from longseq.demo import DEMO_DATA, FACTS
+from longseq.demo import DEMO_DATA, FACTS, QUESTION, serve_demo
 from longseq.generation import SamplingParams, generate
 from longseq.models import load
 from longseq.train.loop import train
@@ -31,3 +31,14 @@ def test_lora_teaches_a_new_fact(tmp_path):
     result = train(cfg, progress=False)
     assert result.losses[-1] < result.losses[0] / 2
     assert word in generate(result.lm, question, params).text
+
+
+def test_demo_serves_a_streaming_chat_answer():
+    # The real server on a free port, the official openai client streaming, the built-in model (about 7 s on CPU).
+    from rich.console import Console
+
+    console = Console(record=True, width=120)
+    answer = serve_demo(None, "cpu", console)
+    assert "Paris" in answer
+    out = console.export_text()
+    assert QUESTION in out and "server stopped" in out

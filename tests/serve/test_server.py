@@ -3,43 +3,20 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fake_engine import REPLY, FakeEngine, reply_pieces
 from prometheus_client.parser import text_string_to_metric_families
 
 from longseq.serve import create_app
+from longseq.serve.background import running
 
 KEY = "sk-test"
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serves app on a free local port in a background thread; yields the base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 2.0) -> bool:

@@ -22,12 +22,11 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_speed import ALPHA, LLAMA3_8B, RANK, TARGETS, build_hf, random_llama3_8b  # noqa: E402
+from train_speed import ALPHA, LLAMA3_8B, RANK, TARGETS, build_hf, random_llama3_8b, timed_steps  # noqa: E402
 
 
 def host_peak_gib() -> float:
@@ -73,22 +72,7 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
                    offload_keep=choice.offload_keep,
                    predicted_gib=round(choice.predicted_gib, 2), predicted_host_gib=round(choice.host_gib, 2),
                    planned=choice.describe())
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, seq_len), device="cuda")
-    torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = step_loss(ids)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        print(f"step {i}: {times[-1]:.2f} s loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    _, times, losses = timed_steps(model, step_loss, seq_len, warmup + steps, log=True)
     step = statistics.median(times[warmup:])
     from longseq.config import ModelConfig
     from longseq.plan.hardware import find_gpu

@@ -88,16 +88,15 @@ def build_hf(autocast: bool = True):
     return model, step_loss
 
 
-def run_one(side: str, seq_len: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    # hf: under bf16 autocast like longseq; hf-bf16: no autocast (bf16 weights, PEFT keeps adapters in fp32)
-    model, step_loss = build_longseq() if side == "longseq" else build_hf(autocast=side == "hf")
+def timed_steps(model, step_loss, seq_len: int, count: int, log: bool = False):
+    """`count` AdamW steps on one random sequence, peak memory counted from the first: (trainable parameters,
+    each step's synchronized wall time, each step's loss)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, seq_len), device="cuda")
     torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
-    for i in range(2 + steps):
+    for i in range(count):
         torch.cuda.synchronize()
         start = time.perf_counter()
         loss = step_loss(ids)
@@ -105,9 +104,19 @@ def run_one(side: str, seq_len: int, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         losses.append(loss.item())
+        if log:
+            print(f"step {i}: {times[-1]:.2f} s loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    return params, times, losses
+
+
+def run_one(side: str, seq_len: int, steps: int) -> dict:
+    torch.manual_seed(0)
+    # hf: under bf16 autocast like longseq; hf-bf16: no autocast (bf16 weights, PEFT keeps adapters in fp32)
+    model, step_loss = build_longseq() if side == "longseq" else build_hf(autocast=side == "hf")
+    params, times, losses = timed_steps(model, step_loss, seq_len, 2 + steps)
+    times = times[2:]  # two warm-up steps
     step = statistics.median(times)
     from longseq.config import ModelConfig
     from longseq.plan.flops import train_flops_per_token

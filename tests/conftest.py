@@ -1,9 +1,37 @@
-"""Test-session setup shared by every test file."""
+"""Test-session setup and fixtures shared by every test file."""
 
+import json
 import os
+
+import pytest
 
 # Triton kernels run under Triton's CPU interpreter in CI. `triton.jit` reads this when a kernel module (and
 # triton.language itself) is first imported, so it is set before any test imports them. LONGSEQ_TEST_CUDA=1 runs the
 # kernel tests compiled on a GPU instead.
 if os.environ.get("LONGSEQ_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny_training_run(tmp_path_factory):
+    """(root, model_dir, data): a tiny random Llama saved as an HF model folder with the default model's tokenizer,
+    and 40 short JSONL documents, for end-to-end `train` runs (resume, multi-process)."""
+    import torch
+    import transformers
+
+    from longseq.models.loader import default_model_path
+    from longseq.tokenizer import load_tokenizer
+
+    root = tmp_path_factory.mktemp("run")
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    hf_cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(model_dir)
+    load_tokenizer(default_model_path()).save_pretrained(model_dir)
+    data = root / "data.jsonl"
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 9))} for i in range(40)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root, model_dir, data

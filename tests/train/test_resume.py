@@ -1,6 +1,5 @@
 """A run resumed from a checkpoint reproduces the uninterrupted run; checkpoints are atomic; Ctrl-C saves."""
 
-import json
 import os
 import shutil
 import signal
@@ -9,31 +8,15 @@ import sys
 import time
 
 import pytest
-import torch
-import transformers
 
 from longseq.config import TrainConfig
-from longseq.models.loader import default_model_path
-from longseq.tokenizer import load_tokenizer
 from longseq.train import checkpoint as ckpt
 from longseq.train.loop import train
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    model_dir = root / "model"
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                      tie_word_embeddings=True)
-    transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(model_dir)
-    load_tokenizer(default_model_path()).save_pretrained(model_dir)
-    data = root / "data.jsonl"
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 9))} for i in range(40)]
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root, model_dir, data
+def setup(tiny_training_run):
+    return tiny_training_run  # tests/conftest.py
 
 
 def config(setup, out, **kw):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from longseq.config import EngineConfig, ModelConfig
+from longseq.config import EngineConfig
 from longseq.engine import LLMEngine
-from longseq.models.llama import CausalLM
 from longseq.models.loader import LoadedModel
+from tiny_models import random_model
 
 TINY_VOCAB = 97
 
@@ -33,16 +33,7 @@ class FakeTokenizer:
 def tiny_lm(sliding_window: int | None = None, eos_token_id: int | None = None, max_seq_len: int = 256,
             seed: int = 0) -> LoadedModel:
     """A 2-layer GQA model in float64 (batched and single runs then agree far beyond any argmax tie)."""
-    cfg = ModelConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-        max_seq_len=max_seq_len, sliding_window=sliding_window,
-    )
-    torch.manual_seed(seed)
-    model = CausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:  # keep the RMSNorm weights at 1
-                p.normal_(0.0, 0.2)
+    model = random_model(seed, vocab_size=TINY_VOCAB, max_seq_len=max_seq_len, sliding_window=sliding_window)
     return LoadedModel(model.double(), FakeTokenizer(eos_token_id), Path("tiny"))
 
 

@@ -5,28 +5,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from longseq.config import ModelConfig
 from longseq.errors import LongseqError
 from longseq.generation import SamplingParams, generate, generate_tokens
-from longseq.models.llama import CausalLM
 from longseq.models.loader import LoadedModel
+from tiny_models import random_model
 
 MAX_SEQ_LEN = 64
 PROMPT = [5, 17, 42, 3, 88, 23, 61]
 
 
 def tiny_model(sliding_window=None, seed=0):
-    cfg = ModelConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-        max_seq_len=MAX_SEQ_LEN, sliding_window=sliding_window,
-    )
-    torch.manual_seed(seed)
-    model = CausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    return model
+    return random_model(seed, max_seq_len=MAX_SEQ_LEN, sliding_window=sliding_window)
 
 
 @pytest.fixture(scope="module", params=[None, 4], ids=["full", "window4"])

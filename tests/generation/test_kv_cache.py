@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from longseq.config import ModelConfig
 from longseq.generation import KVCache
-from longseq.models.llama import CausalLM
+from tiny_models import random_model
 
 N = 20
 # float32 logits reach ~6 here; different summation orders (cached vs. full) differ by a few ulp of that.
@@ -13,17 +12,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def tiny_model(sliding_window=None, seed=0):
-    cfg = ModelConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-        max_seq_len=64, sliding_window=sliding_window,
-    )
-    torch.manual_seed(seed)
-    model = CausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:  # keep the RMSNorm weights at 1
-                p.normal_(0.0, 0.2)
-    return model
+    return random_model(seed, sliding_window=sliding_window)
 
 
 @pytest.fixture(scope="module", params=[None, 4], ids=["full", "window4"])

@@ -4,28 +4,19 @@ reference that keeps every token and recomputes attention over sinks + window at
 import pytest
 import torch
 
-from longseq.config import AttentionConfig, ModelConfig
+from longseq.config import AttentionConfig
 from longseq.generation import KVCache, SamplingParams, generate_tokens
 from longseq.generation.sink_cache import ReferenceSinkCache, SinkKVCache
-from longseq.models.llama import CausalLM
 from longseq.models.overrides import set_attention
+from tiny_models import random_model
 
 SINK, WINDOW = 3, 6
 
 
 def tiny_model(sink=SINK, window=WINDOW, alibi=False, rope=None, seed=0):
-    cfg = ModelConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-        max_seq_len=32, sliding_window=window, attention=AttentionConfig("streaming", sink_tokens=sink, alibi=alibi),
-        **({"rope": rope} if rope else {}),
-    )
-    torch.manual_seed(seed)
-    model = CausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    return model
+    return random_model(seed, max_seq_len=32, sliding_window=window,
+                        attention=AttentionConfig("streaming", sink_tokens=sink, alibi=alibi),
+                        **({"rope": rope} if rope else {}))
 
 
 def run(model, cache, tokens, chunks):

@@ -7,8 +7,8 @@ import torch
 from longseq.config import AttentionConfig, ModelConfig, ModelOverrides
 from longseq.errors import LongseqError
 from longseq.generation import KVCache
-from longseq.models.llama import CausalLM
 from longseq.models.overrides import apply_overrides
+from tiny_models import random_model
 
 VARIANTS = {
     "sliding": ModelOverrides(attention="sliding", window=5),
@@ -24,15 +24,7 @@ N = 18
 
 
 def tiny_model(seed=0):
-    cfg = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-                      max_seq_len=64)
-    torch.manual_seed(seed)
-    model = CausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
-    return model.double()
+    return random_model(seed).double()
 
 
 @pytest.fixture(scope="module")

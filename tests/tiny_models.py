@@ -1,0 +1,22 @@
+"""Tiny random models for tests (importable from every test folder: tests/conftest.py puts tests/ on sys.path)."""
+
+import torch
+
+from longseq.config import ModelConfig
+from longseq.models.llama import CausalLM
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+            max_seq_len=64)
+
+
+def random_model(seed: int = 0, **config) -> CausalLM:
+    """A 2-layer GQA CausalLM (TINY, with `config` overriding it) in eval mode, its matrices drawn from N(0, 0.2):
+    large enough that greedy tokens are far from ties. RMSNorm weights stay at 1."""
+    cfg = ModelConfig(**{**TINY, **config})
+    torch.manual_seed(seed)
+    model = CausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2)
+    return model

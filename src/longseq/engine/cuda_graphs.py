@@ -66,7 +66,10 @@ class DecodeGraph:
     def replay(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
                context_lens: list[int]) -> torch.Tensor:
         n, dev = len(ids), self.runner.device
-        tables, ctx = pad_tables(block_tables, self.width), torch.tensor(context_lens)
+        # Only the batch's own widest table is copied: the graph's table is max_model_len / block_size wide, and
+        # columns past a row's context (stale from earlier steps) are never read, by the kernel or the gather path.
+        width = min(self.width, max(len(t) for t in block_tables))
+        tables, ctx = pad_tables(block_tables, width), torch.tensor(context_lens)
         # One host tensor, one copy: four small copies cost more host time than the rest of the replay.
         host = torch.cat([torch.tensor(ids), torch.tensor(positions), last_slots(tables, ctx, self.runner.block_size),
                           ctx, tables.flatten()]).to(dev, non_blocking=True)
@@ -74,7 +77,7 @@ class DecodeGraph:
         self.positions[0, :n] = host[n : 2 * n]
         self.batch.slot_mapping[:n] = host[2 * n : 3 * n]
         self.batch.decode_lens[:n] = host[3 * n : 4 * n]
-        self.batch.decode_tables[:n] = host[4 * n :].view(n, self.width)
+        self.batch.decode_tables[:n, :width] = host[4 * n :].view(n, width)
         self._fill_padding(n)
         self.graph.replay()
         return self.hidden[:n]

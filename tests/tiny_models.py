@@ -4,6 +4,7 @@ import torch
 
 from longseq.config import ModelConfig
 from longseq.models.llama import CausalLM
+from longseq.train.loss import chunked_cross_entropy
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
             max_seq_len=64)
@@ -20,3 +21,13 @@ def random_model(seed: int = 0, **config) -> CausalLM:
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
     return model
+
+
+def loss_and_grads(model, ids, targets, doc_ids=None, positions=None):
+    """The trainer's loss (chunked cross-entropy over the final hidden states, 16-token chunks) and every
+    parameter's gradient after one backward."""
+    model.zero_grad(set_to_none=True)
+    hidden = model.hidden(ids, positions, doc_ids=doc_ids)
+    loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), 16)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -8,7 +8,7 @@ from longseq.models.llama import MLP, CausalLM, RMSNorm
 from longseq.models.offload import LayerInputOffloader
 from longseq.models.tiling import tiled_mlp, tiled_rms_norm
 from longseq.train.lora import LoRALinear, apply_lora
-from longseq.train.loss import chunked_cross_entropy
+from tiny_models import loss_and_grads
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_layers=3, num_heads=4, num_kv_heads=2,
                   max_seq_len=128)
@@ -100,14 +100,6 @@ def _model(lora: bool, dtype=torch.float64):
     return model.to(dtype)
 
 
-def _loss_and_grads(model, ids, targets, doc_ids=None, positions=None):
-    model.zero_grad(set_to_none=True)
-    hidden = model.hidden(ids, positions, doc_ids=doc_ids)
-    loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), 16)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("policy,keep,tile", [("full", 0, 8), ("offloaded", 0, None), ("offloaded", 1, 8),
                                               ("offloaded", 0, 8), ("offloaded", 5, 3)])
 @pytest.mark.parametrize("lora", [False, True])
@@ -115,10 +107,10 @@ def test_long_context_techniques_are_exact(policy, keep, tile, lora):
     model = _model(lora)
     ids = torch.randint(0, CFG.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     targets = torch.roll(ids, -1, 1)
-    ref_loss, ref_grads = _loss_and_grads(model, ids, targets)
+    ref_loss, ref_grads = loss_and_grads(model, ids, targets)
     model.set_recompute(policy, keep_on_gpu=keep)
     model.set_tiling(tile)
-    loss, grads = _loss_and_grads(model, ids, targets)
+    loss, grads = loss_and_grads(model, ids, targets)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == ref_grads.keys() and grads
     for name in grads:
@@ -128,7 +120,7 @@ def test_long_context_techniques_are_exact(policy, keep, tile, lora):
     # a second step reuses the host buffers instead of allocating new ones
     if model.offloader is not None:
         before = model.offloader.host_bytes
-        loss2, _ = _loss_and_grads(model, ids, targets)
+        loss2, _ = loss_and_grads(model, ids, targets)
         assert model.offloader.host_bytes == before and torch.equal(loss2, loss)
 
 
@@ -138,10 +130,10 @@ def test_offloaded_packed_documents_exact():
     doc_ids = torch.tensor([[0] * 12 + [1] * 18])
     positions = torch.cat([torch.arange(12), torch.arange(18)])[None]
     targets = torch.roll(ids, -1, 1)
-    ref = _loss_and_grads(model, ids, targets, doc_ids, positions)
+    ref = loss_and_grads(model, ids, targets, doc_ids, positions)
     model.set_recompute("offloaded")
     model.set_tiling(4)
-    got = _loss_and_grads(model, ids, targets, doc_ids, positions)
+    got = loss_and_grads(model, ids, targets, doc_ids, positions)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
     for name in ref[1]:
         torch.testing.assert_close(got[1][name], ref[1][name], rtol=1e-9, atol=1e-10)

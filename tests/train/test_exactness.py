@@ -9,6 +9,7 @@ from longseq.models.llama import CausalLM
 from longseq.train.lora import LoRALinear, apply_lora, merged_state_dict
 from longseq.train.loss import chunked_cross_entropy, reference_cross_entropy
 from longseq.train.optim import lr_factor
+from tiny_models import loss_and_grads
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_seq_len=64)
@@ -39,14 +40,6 @@ def test_chunked_cross_entropy_equals_reference(chunk):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def _loss_and_grads(model, ids, targets, doc_ids=None, positions=None):
-    model.zero_grad(set_to_none=True)
-    hidden = model.hidden(ids, positions, doc_ids=doc_ids)
-    loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), 16)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("policy", ["selective", "keep_attention", "full"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_recompute_policies_are_exact(policy, lora):
@@ -61,9 +54,9 @@ def test_recompute_policies_are_exact(policy, lora):
     ids = torch.randint(0, 96, (2, 24))
     targets = torch.randint(0, 96, (2, 24))
     model.set_recompute("none")
-    ref_loss, ref_grads = _loss_and_grads(model, ids, targets)
+    ref_loss, ref_grads = loss_and_grads(model, ids, targets)
     model.set_recompute(policy)
-    loss, grads = _loss_and_grads(model, ids, targets)
+    loss, grads = loss_and_grads(model, ids, targets)
     assert set(grads) == set(ref_grads) and grads
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     for name in grads:

@@ -68,8 +68,10 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
         model, step_loss = build_hf(autocast=True)
     else:
         model, step_loss, choice = build_longseq("qlora" if side == "qlora" else "lora", seq_len, recompute)
-        row.update(forced=recompute is not None, recompute=choice.recompute, tile=choice.tile,
-                   offload_keep=choice.offload_keep,
+        from longseq.models import fused
+
+        row.update(forced=recompute is not None, fused=fused.available(), recompute=choice.recompute,
+                   tile=choice.tile, offload_keep=choice.offload_keep,
                    predicted_gib=round(choice.predicted_gib, 2), predicted_host_gib=round(choice.host_gib, 2),
                    planned=choice.describe())
     _, times, losses = timed_steps(model, step_loss, seq_len, warmup + steps, log=True)

@@ -154,8 +154,12 @@ def main():
     result["transformers"] = dict(seconds=round(elapsed, 2), tokens_per_s=round(total / elapsed, 1),
                                   output_tokens_per_s=round(len(hf_prompts) * args.output_len / elapsed, 1),
                                   batch=args.hf_batch, requests=len(hf_prompts))
+    from longseq.attention.paged import use_decode_kernel
+    from longseq.models import fused
+
     result["env"] = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                         transformers=transformers.__version__,
+                         transformers=transformers.__version__, fused_kernels=fused.available(),
+                         paged_decode_kernel=use_decode_kernel(torch.device("cuda"), 128),
                          peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result), flush=True)

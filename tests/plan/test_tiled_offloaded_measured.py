@@ -70,7 +70,7 @@ def test_tiled_offloaded_step_matches_planner(method, policy, keep):
     run()  # warm-up: SGD momentum buffers and the offloader's host buffers exist from now on
     spec = ModelSpec("tiny", LLAMA)
     st = ActivationSetup(method=method, recompute=policy, seq_len=SEQ, loss_chunk=CHUNK, keep_hidden=False,
-                         mlp_tile=TILE, offload_keep=keep)
+                         mlp_tile=TILE, offload_keep=keep, fused=False)
     plan = activation_peak(spec, st, kernel_workspace=False)
 
     # Saved for backward: our hooks see what stays on the device; inside offloaded layers the offloader's hooks

@@ -25,7 +25,9 @@ def _longseq_rows() -> list[dict]:
 def _benchmark_plan(seq_len: int):
     # benchmarks/train_speed.py: Llama-3-8B shape, bf16 base, LoRA r16 on all seven linears, recompute full,
     # batch 1, 1024-token loss chunks, fused AdamW on the adapters; its step function drops `hidden` before backward.
-    setup = TrainSetup(method="lora", seq_len=seq_len, recompute="full", loss_chunk=1024, keep_hidden=False)
+    # Measured before the fused RMSNorm / RoPE / SwiGLU kernels: eager ops (fused=False).
+    setup = TrainSetup(method="lora", seq_len=seq_len, recompute="full", loss_chunk=1024, keep_hidden=False,
+                       fused=False)
     return plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup)
 
 
@@ -55,16 +57,18 @@ def test_serving_kv_pool_matches_the_engine():
 
 def test_long_context_rows_within_2_percent(capsys):
     """2026-11-24-long-context-h100: the rows `--plan auto` ran (untiled, keep_attention, tiled, offloaded; LoRA and
-    QLoRA, 4K-384K), predicted with the techniques each row used, against torch.cuda.max_memory_allocated."""
-    rows = [r for name in "abcde" for r in json.loads((RESULTS / "2026-11-24-long-context-h100" / f"{name}.json")
-                                                     .read_text())["rows"] if r["side"] != "hf" and "peak_gib" in r]
-    assert len(rows) == 15
+    QLoRA, 4K-384K; runs a-e with eager norms / RoPE / SwiGLU, f and g with the fused kernels), predicted with the
+    techniques each row used, against torch.cuda.max_memory_allocated."""
+    names = ["a", "b", "c", "d", "e", "f", "f_eager", "g"]
+    rows = [r for name in names for r in json.loads((RESULTS / "2026-11-24-long-context-h100" / f"{name}.json")
+                                                    .read_text())["rows"] if r["side"] != "hf" and "peak_gib" in r]
+    assert len(rows) == 20 and sum(r.get("fused", False) for r in rows) == 4
     lines = ["side     seq_len  recompute       tile  keep  measured GiB  predicted GiB  error   peak moment"]
     for row in rows:
         # benchmarks/long_context.py: Llama-3-8B shape, LoRA r16 on all seven linears, TokenLoss (drops `hidden`)
         setup = TrainSetup(method="qlora" if row["side"] == "qlora" else "lora", seq_len=row["seq_len"],
                            recompute=row["recompute"], mlp_tile=row["tile"], offload_keep=row["offload_keep"],
-                           loss_chunk=1024, keep_hidden=False)
+                           loss_chunk=1024, keep_hidden=False, fused=row.get("fused", False))
         memory = plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
         error = memory.allocated / 2**30 / row["peak_gib"] - 1
         lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<14}  {row['tile'] or '-':>5}  "
@@ -89,7 +93,7 @@ def _step_errors(name: str) -> dict[tuple, float]:
         if r["kind"] != "train" or measured is None:
             continue
         setup = TrainSetup(method=r["method"], seq_len=r["seq_len"], batch_size=r["batch"], recompute=r["recompute"],
-                           optimizer=r["optimizer"], loss_chunk=1024, keep_hidden=True)
+                           optimizer=r["optimizer"], loss_chunk=1024, keep_hidden=True, fused=False)
         key = (r["model"], r["method"], r["recompute"], r["seq_len"], r["batch"], r["optimizer"])
         out[key] = plan_train(spec_for(r["model"]), get_gpu("H100"), setup).step_time_s / measured - 1
     return out

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longseq.attention import attention
 from longseq.config import RECOMPUTE_POLICIES, ModelConfig
+from longseq.models import fused
 from longseq.models.offload import LayerInputOffloader
 from longseq.models.rope import RotaryEmbedding, apply_rope
 from longseq.models.tiling import tiled_mlp, tiled_rms_norm
@@ -40,6 +41,8 @@ class RMSNorm(nn.Module):
         self.tile: int | None = None  # long sequences: tiled fp32 math, no fp32 copy of x kept (models/tiling.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused.active(x):  # one Triton pass; saves x and a float32 rstd per row, as the tiled norm does
+            return fused.rms_norm(x, self.weight, self.eps)
         if self.tile is not None and torch.is_grad_enabled() and x.numel() // x.shape[-1] > self.tile:
             return tiled_rms_norm(x, self.weight, self.eps, self.tile)
         dtype = x.dtype
@@ -92,8 +95,12 @@ class Attention(nn.Module):
         """q (B, S, H, D), k/v (B, S, H_kv, D) -> (B, H, S, D) each: q/k norms (Qwen3) and RoPE applied."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        rope = not self.variant.alibi  # ALiBi replaces position embeddings (Press et al. 2021)
+        if rope and fused.active(q):  # one kernel for q and k, in their (B, S, H, D) layout
+            q, k = fused.rope(q, k, cos, sin)
+            rope = False
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
-        if not self.variant.alibi:  # ALiBi replaces position embeddings (Press et al. 2021)
+        if rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
 
@@ -137,6 +144,8 @@ class MLP(nn.Module):
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if fused.active(gate) and gate.shape == up.shape:  # keeps gate and up, not silu(gate) as well
+        return fused.swiglu(gate, up)
     return F.silu(gate) * up
 
 

@@ -6,7 +6,9 @@ bytes in 16-bit training (`korthikanti_layer_bytes`). longseq differs, and this 
 
 - SDPA (flash / memory-efficient kernels) keeps no s×s scores: the 5·a·s/h term is a (B, H, S) fp32 log-sum-exp.
 - RMSNorm (not LayerNorm), SwiGLU (three S×I tensors), RoPE'd q and k, GQA k/v of H_kv heads; no dropout.
-- RMSNorm computes in fp32: each norm keeps a fp32 copy of its input (4·d bytes a token).
+- RMSNorm computes in fp32: each norm keeps a fp32 copy of its input (4·d bytes a token). On a GPU the fused
+  kernels (models/kernels/, `fused`) keep the input itself and one fp32 rstd, SwiGLU keeps gate and up only (no
+  silu(gate)), and RoPE keeps nothing beyond the shared cos/sin.
 - LoRA: the frozen base matmul keeps nothing (its weight needs no grad); adapter A keeps its input, B keeps x·Aᵀ
   (r values a token). QLoRA's NF4 matmul (torchao linear_nf4) keeps only the quantized weight.
 - Full fine-tuning keeps fp32 master weights under bf16 autocast: the residual stream is fp32, each linear casts its
@@ -48,6 +50,7 @@ INDEX = 8  # int64 token ids and targets
 NORM_BACKWARD_TEMPS = 5  # fp32 S×d tensors alive at once in RMSNorm's backward (measured: grad·r, mean grad, x, 2x, …)
 LOSS_TEMPS = 3  # fp32 chunk×V tensors in the loss backward: log-softmax output, nll grad, log-softmax grad
 MLP_BACKWARD_TENSORS = 6  # S×I tensors at the MLP backward: gate, up, silu(gate) and three gradients
+FUSED_MLP_BACKWARD_TENSORS = 6  # kernels/swiglu.py, measured on CPU: at down_proj's backward as many as eager
 NF4_DEQUANT_BYTES = 14.0  # per weight element, transient, while torchao 0.18 dequantizes an NF4 weight (measured)
 
 
@@ -73,6 +76,7 @@ class ActivationSetup:
     tp: int = 1  # tensor parallel with Megatron sequence parallelism: every activation / tp (Korthikanti §4.2.2)
     sp: int = 1  # Ulysses sequence parallel (longseq train --sequence-parallel): each GPU holds seq_len / sp tokens
     pp: int = 1  # pipeline stages: layers / pp per GPU, pp micro-batches in flight on the first stage
+    fused: bool = True  # RMSNorm / RoPE / SwiGLU run as fused kernels (models/fused.py: on GPUs); False: eager ops
 
 
 @dataclass
@@ -97,6 +101,7 @@ class _Sizes:
     norm_grad: bool
     emb_grad: bool
     casts: bool  # autocast casts fp32 weights (full fine-tuning in bf16/fp16)
+    fused: bool  # fused RMSNorm / SwiGLU kernels
 
 
 def _sizes(st: ActivationSetup) -> _Sizes:
@@ -105,7 +110,8 @@ def _sizes(st: ActivationSetup) -> _Sizes:
     targets = frozenset() if full else frozenset(st.lora_targets)
     saves = frozenset(ATTENTION_LINEARS + ("gate_proj", "up_proj", "down_proj")) if full else targets
     return _Sizes(a=a, r=4 if full else a, full=full, targets=targets, saves=saves,
-                  norm_grad=full or st.train_norms, emb_grad=full or st.train_embed, casts=full and a == 2)
+                  norm_grad=full or st.train_norms, emb_grad=full or st.train_embed, casts=full and a == 2,
+                  fused=st.fused)
 
 
 def korthikanti_layer_bytes(seq_len: int, batch: int, hidden: int, heads: int, tp: int = 1, sp: bool = False) -> float:
@@ -118,7 +124,10 @@ def korthikanti_layer_bytes(seq_len: int, batch: int, hidden: int, heads: int, t
 
 def _norm_bytes(z: _Sizes, d: int, input_needs_grad: bool, tiled: bool = False) -> float:
     """Per token: RMSNorm keeps a fp32 copy of its input (x.float(), or x itself when fp32) and rsqrt (one fp32),
-    plus x.to(dtype) when its weight trains (longseq RMSNorm: weight * x.to(dtype)). Tiled: its input and rsqrt."""
+    plus x.to(dtype) when its weight trains (longseq RMSNorm: weight * x.to(dtype)). Tiled: its input and rsqrt.
+    Fused (kernels/rms_norm.py): its input and rstd, when its input or its weight needs a gradient."""
+    if z.fused:
+        return (z.r * d + FP32) if input_needs_grad or z.norm_grad else 0.0
     if tiled:
         return z.r * d + FP32
     out = (FP32 * d + FP32) if input_needs_grad else 0.0
@@ -151,10 +160,10 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
         kv_saved = 2 * z.a * kv
     if policy == "none":
         attn = z.a * q + kv_saved + z.a * q + lse  # RoPE'd q and k, v, output, log-sum-exp
-        if cfg.qk_norm:  # Qwen3: fp32 copies of q and k in q_norm / k_norm, one rsqrt per head
-            attn += FP32 * (q + kv) + FP32 * (cfg.num_heads + cfg.num_kv_heads) + (z.a * (q + kv) if z.norm_grad
-                                                                                      else 0)
-        mlp = (3 + ("down_proj" in z.saves)) * z.a * inter * k  # gate, silu(gate), up, silu·up (down's input)
+        if cfg.qk_norm:  # Qwen3: q_norm / k_norm
+            attn += _qk_norm_bytes(z, spec)
+        # gate, silu(gate) (not fused), up, silu·up (down's input)
+        mlp = (3 - z.fused + ("down_proj" in z.saves)) * z.a * inter * k
         if spec.mlp == "gelu":
             mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
     else:  # selective: the checkpointed core keeps q, k, v (pre-RoPE); o_proj keeps the output if it saves inputs
@@ -203,15 +212,23 @@ def qkv_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
     """Per token, what the attention half before SDPA keeps (a not checkpointed layer): the input RMSNorm, the normed
     input the q/k/v projections save, their adapters' x·Aᵀ and, with q/k norms (Qwen3), those norms' fp32 copies."""
     z, cfg = _sizes(st), spec.config
-    d, q, kv = cfg.hidden_size, spec.q_dim, spec.kv_dim
+    d = cfg.hidden_size
     qkv = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
     normed = z.a * d * (len(qkv) if z.casts and z.r != z.a else min(1, len(qkv)))
     lin = layer_linears(spec)
     adapters = sum(lin[t].copies for t in z.targets & {"q_proj", "k_proj", "v_proj"} if t in lin)
-    qk_norms = 0.0
-    if cfg.qk_norm:  # as layer_bytes_per_token's "attention" counts them
-        qk_norms = FP32 * (q + kv) + FP32 * (cfg.num_heads + cfg.num_kv_heads) + (z.a * (q + kv) if z.norm_grad else 0)
+    qk_norms = _qk_norm_bytes(z, spec) if cfg.qk_norm else 0.0
     return _norm_bytes(z, d, True, st.mlp_tile is not None) + normed + z.a * st.lora_rank * adapters + qk_norms
+
+
+def _qk_norm_bytes(z: _Sizes, spec: ModelSpec) -> float:
+    """Per token, Qwen3's q_norm and k_norm over each head: fp32 copies of q and k and one rsqrt per head (plus q, k
+    in the activation dtype when the norm weights train); fused, q and k themselves and the rstd."""
+    cfg, q, kv = spec.config, spec.q_dim, spec.kv_dim
+    rstd = FP32 * (cfg.num_heads + cfg.num_kv_heads)
+    if z.fused:
+        return z.a * (q + kv) + rstd
+    return FP32 * (q + kv) + rstd + (z.a * (q + kv) if z.norm_grad else 0)
 
 
 def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
@@ -328,7 +345,10 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     dy = z.r * d * t  # the gradient flowing back along the residual stream
     mlp_rows = t if st.mlp_tile is None else min(t, st.mlp_tile / st.tp)
     width = inter * k
-    mlp_event = (MLP_BACKWARD_TENSORS if spec.mlp == "swiglu" else 4) * z.a * width * mlp_rows
+    swiglu_tensors = FUSED_MLP_BACKWARD_TENSORS if z.fused else MLP_BACKWARD_TENSORS
+    if z.fused and st.recompute == "selective" and spec.mlp == "swiglu":
+        swiglu_tensors += 1  # the checkpoint's recomputed silu(gate)·up is alive through the kernel's backward
+    mlp_event = (swiglu_tensors if spec.mlp == "swiglu" else 4) * z.a * width * mlp_rows
     # _TiledMLP.backward allocates the whole input gradient (torch.empty_like(rows)) before its first tile, and
     # differentiates each tile's recomputed output (tile × d).
     mlp_dx = z.r * d * t if tiled else 0.0
@@ -340,9 +360,9 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
         none_rest -= qkv_half_bytes_per_token(spec, st) * t
     mlp_half = mlp_half_bytes_per_token(spec, st) * t
     const = _layer_constants(spec, st) / st.tp
-    # The recomputed layer's first norm saves the layer input itself: the tiled norm saves x, and the plain one's
-    # x.float() is x when the residual is fp32 (full fine-tuning).
-    alias = u_in if tiled else (FP32 * d * t if z.r == FP32 else 0.0)
+    # The recomputed layer's first norm saves the layer input itself: the tiled and fused norms save x, and the
+    # plain one's x.float() is x when the residual is fp32 (full fine-tuning).
+    alias = u_in if tiled or z.fused else (FP32 * d * t if z.r == FP32 else 0.0)
 
     hidden_kept = outside["hidden (loss input)"] if st.keep_hidden else 0.0
     # At a layer's MLP backward its down_proj is done: the bf16 cast of that weight is already freed; at its
@@ -399,9 +419,11 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     if z.casts:  # the chunk's recompute casts the LM head and the fp32 hidden chunk to bf16
         loss += z.a * vocab * d + z.a * chunk * d / st.tp
     hidden_freed = 0.0 if st.keep_hidden else outside["hidden (loss input)"]
+    # The fused norm's backward allocates only its input's gradient; the eager one five fp32 temporaries (a tile's).
+    norm_temps = z.r * d * t if z.fused else NORM_BACKWARD_TEMPS * FP32 * d * mlp_rows
     events: dict[str, tuple[float, float]] = {
         "loss backward": (total + loss, grads(head_grad if chunks > 1 else 0.0)),
-        "final norm backward": (total - hidden_freed - INDEX * t + NORM_BACKWARD_TEMPS * FP32 * d * mlp_rows,
+        "final norm backward": (total - hidden_freed - INDEX * t + norm_temps,
                                 grads(head_grad)),
         "MLP backward, last layer": (mlp_moment(layers - 1), grads(head_grad + layer_grad / 3)),
         "attention backward, last layer": (attention_moment(layers - 1), grads(head_grad + layer_grad)),
@@ -423,7 +445,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
         # for the whole sequence at once (with LoRA on up: base output and the sum; 4 S×I either way), beside
         # the layer input, the mid-layer residual and the normed MLP input. From layer 1 up the held embedding
         # output is a fourth S×d tensor.
-        mlp_fwd = 4 * z.a * width * t
+        mlp_fwd = (3 if z.fused else 4) * z.a * width * t  # fused SwiGLU: no silu(gate)
         if st.method == "qlora":  # or: gate, up's output and up's weight dequantized (torchao NF4)
             biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
             mlp_fwd = max(mlp_fwd, 2 * z.a * width * t + NF4_DEQUANT_BYTES * biggest)

@@ -51,6 +51,7 @@ class MemoryChoice:
 
 def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
            tile: int | None, keep: int, parallel=None):
+    from longseq.models import fused
     from longseq.plan.memory import Parallelism, TrainSetup
 
     return TrainSetup(
@@ -58,7 +59,7 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: boo
         recompute=recompute, optimizer=cfg.optimizer, precision=precision, lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
         train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
-        mlp_tile=tile, offload_keep=keep, parallel=parallel or Parallelism())
+        mlp_tile=tile, offload_keep=keep, parallel=parallel or Parallelism(), fused=fused.available())
 
 
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.models.kernels import elements_per_program
+
 
 @triton.jit
 def _rms_norm_fwd(X, W, Y, Rstd, stride_x, stride_y, n_rows, n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
@@ -52,9 +54,8 @@ def _rms_norm_bwd(DY, X, W, Rstd, DX, DW, stride_dy, stride_x, stride_dx, n_rows
 
 
 def _rows(block: int, device: torch.device) -> int:
-    """Rows a program takes: enough for ~4K elements on a GPU (one row of an 8B model); the CPU interpreter pays per
-    program, so there far more."""
-    return max(1, (4096 if device.type == "cuda" else 1 << 16) // block)
+    """Rows a program takes: ~4K elements on a GPU (one row of an 8B model)."""
+    return max(1, elements_per_program(device, 4096) // block)
 
 
 def _programs(blocks: int, device: torch.device) -> int:

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.models.kernels import elements_per_program
+
 
 @triton.jit
 def _rotate(X, Y, Cos, Sin, n_rows, S, H, stride_xb, stride_xs, stride_xh, stride_cb, stride_cs, row0,
@@ -64,8 +66,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     half = D // 2
     half_pad = triton.next_power_of_2(half)
-    # ~4K elements a program on a GPU; the CPU interpreter pays per program, so it takes far bigger blocks.
-    rows = max(1, (4096 if q.is_cuda else 1 << 16) // half_pad)
+    rows = max(1, elements_per_program(q.device, 4096) // half_pad)
     n_q, n_k = B * S * Hq, B * S * Hk
     if n_q:
         _rope_kernel[(triton.cdiv(n_q, rows), 2)](

@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.models.kernels import elements_per_program
+
 
 def _block(x: torch.Tensor) -> int:
-    return 1024 if x.is_cuda else 1 << 16  # the CPU interpreter pays per program: far bigger blocks there
+    return elements_per_program(x.device, 1024)
 
 
 @triton.jit

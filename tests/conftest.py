@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -12,15 +13,24 @@ if os.environ.get("LONGSEQ_TEST_CUDA") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The default model's tokenizer saved as HF tokenizer files, once per session: copy them into tiny model
+    folders (shutil.copytree(tokenizer_dir, folder, dirs_exist_ok=True))."""
+    from longseq.models.loader import default_model_path
+    from longseq.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    load_tokenizer(default_model_path()).save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
-def tiny_training_run(tmp_path_factory):
+def tiny_training_run(tmp_path_factory, tokenizer_dir):
     """(root, model_dir, data): a tiny random Llama saved as an HF model folder with the default model's tokenizer,
     and 40 short JSONL documents, for end-to-end `train` runs (resume, multi-process)."""
     import torch
     import transformers
-
-    from longseq.models.loader import default_model_path
-    from longseq.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("run")
     model_dir = root / "model"
@@ -29,7 +39,7 @@ def tiny_training_run(tmp_path_factory):
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       tie_word_embeddings=True)
     transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(model_dir)
-    load_tokenizer(default_model_path()).save_pretrained(model_dir)
+    shutil.copytree(tokenizer_dir, model_dir, dirs_exist_ok=True)
     data = root / "data.jsonl"
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     rows = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(5 + i % 9))} for i in range(40)]

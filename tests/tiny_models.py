@@ -3,6 +3,7 @@
 import torch
 
 from longseq.config import ModelConfig
+from longseq.generation import KVCache
 from longseq.models.llama import CausalLM
 from longseq.train.loss import chunked_cross_entropy
 
@@ -21,6 +22,19 @@ def random_model(seed: int = 0, **config) -> CausalLM:
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
     return model
+
+
+def cached_logits(model, tokens, prefill: int):
+    """Logits of tokens (B, N) computed through a float64 KVCache: the first `prefill` tokens at once, then one token
+    a step (what generation does), to compare with one full forward."""
+    B, N = tokens.shape
+    cache = KVCache(model.config, B, N, "cpu", torch.float64)
+    out = [model(tokens[:, :prefill], cache=cache)]
+    cache.advance(prefill)
+    for t in range(prefill, N):
+        out.append(model(tokens[:, t : t + 1], cache=cache))
+        cache.advance(1)
+    return torch.cat(out, dim=1)
 
 
 def loss_and_grads(model, ids, targets, doc_ids=None, positions=None):

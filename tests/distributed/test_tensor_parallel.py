@@ -121,18 +121,18 @@ def test_degree_must_divide_heads_and_mlp():
         check_tensor_parallel(ModelConfig(**{**CONFIGS["gqa-untied"], "num_kv_heads": 4, "intermediate_size": 90}), 4)
 
 
-def test_llm_with_tensor_parallel_starts_and_stops_its_workers(tmp_path):
+def test_llm_with_tensor_parallel_starts_and_stops_its_workers(tmp_path, tokenizer_dir):
+    import shutil
+
     import transformers
 
     from longseq.engine import LLM
-    from longseq.models.loader import default_model_path
-    from longseq.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     hf = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     transformers.AutoModelForCausalLM.from_config(hf).save_pretrained(tmp_path)
-    load_tokenizer(default_model_path()).save_pretrained(tmp_path)
+    shutil.copytree(tokenizer_dir, tmp_path, dirs_exist_ok=True)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
     params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
     want = LLM(str(tmp_path), device="cpu", dtype="float32", num_kv_blocks=64).generate(prompts, params)

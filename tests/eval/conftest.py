@@ -1,21 +1,13 @@
-"""Shared fixtures: the default tokenizer, and a tiny random HF model directory that uses it."""
+"""Shared fixtures: the default tokenizer (from tests/conftest.py's tokenizer_dir), and a tiny random HF model
+directory that uses it."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 VOCAB = 49152  # the default tokenizer's
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from longseq.models.loader import default_model_path
-    from longseq.tokenizer import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    load_tokenizer(default_model_path()).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +28,5 @@ def tiny_dir(tmp_path_factory, tokenizer_dir) -> Path:
     hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     path = tmp_path_factory.mktemp("tiny")
     hf.save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        (path / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(tokenizer_dir, path, dirs_exist_ok=True)
     return path

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longseq.generation import KVCache
-from tiny_models import random_model
+from tiny_models import cached_logits, random_model
 
 N = 20
 # float32 logits reach ~6 here; different summation orders (cached vs. full) differ by a few ulp of that.
@@ -56,13 +56,7 @@ def test_decode_equals_full_forward_float64(tokens, window):
     # In float64 the rounding noise vanishes: cached decode must agree to ~1e-12.
     model = tiny_model(window).double()
     full = model(tokens)
-    cache = KVCache(model.config, 2, N, "cpu", torch.float64)
-    out = [model(tokens[:, :5], cache=cache)]
-    cache.advance(5)
-    for t in range(5, N):
-        out.append(model(tokens[:, t : t + 1], cache=cache))
-        cache.advance(1)
-    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-10, rtol=0)
+    torch.testing.assert_close(cached_logits(model, tokens, 5), full, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("chunks", [(5, 6, 9), (3, 1, 8, 8), (2, 18)])

@@ -6,9 +6,8 @@ import torch
 
 from longseq.config import AttentionConfig, ModelConfig, ModelOverrides
 from longseq.errors import LongseqError
-from longseq.generation import KVCache
 from longseq.models.overrides import apply_overrides
-from tiny_models import random_model
+from tiny_models import cached_logits, random_model
 
 VARIANTS = {
     "sliding": ModelOverrides(attention="sliding", window=5),
@@ -37,13 +36,7 @@ def tokens():
 def test_cached_decode_equals_full_forward(name, tokens):
     model = apply_overrides(tiny_model(), VARIANTS[name])
     full = model(tokens)
-    cache = KVCache(model.config, 2, N, "cpu", torch.float64)
-    out = [model(tokens[:, :7], cache=cache)]
-    cache.advance(7)
-    for t in range(7, N):
-        out.append(model(tokens[:, t : t + 1], cache=cache))
-        cache.advance(1)
-    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-10, rtol=0)
+    torch.testing.assert_close(cached_logits(model, tokens, 7), full, atol=1e-10, rtol=0)
     plain = tiny_model()(tokens)
     if name == "chunked":  # the same attention, computed in tiles
         torch.testing.assert_close(full, plain, atol=1e-10, rtol=0)

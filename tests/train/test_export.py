@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,25 +32,14 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def tokenizer_files(tmp_path_factory) -> Path:
-    from longseq.models.loader import default_model_path
-    from longseq.tokenizer import load_tokenizer
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    load_tokenizer(default_model_path()).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def base_dirs(tmp_path_factory, tokenizer_files) -> dict[str, Path]:
+def base_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     dirs = {}
     for name, (cls, extra) in CASES.items():
         torch.manual_seed(0)
         hf = transformers.AutoModelForCausalLM.from_config(cls(**{**BASE, **extra}), dtype=torch.float32)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path)
-        for f in tokenizer_files.iterdir():
-            (path / f.name).write_bytes(f.read_bytes())
+        shutil.copytree(tokenizer_dir, path, dirs_exist_ok=True)
         dirs[name] = path
     return dirs
 
@@ -168,12 +158,12 @@ def test_merged_same_logits(base_dirs, tmp_path, case, method):
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
-def test_merged_bf16_sharded_with_tokenizer(base_dirs, tmp_path, tokenizer_files):
+def test_merged_bf16_sharded_with_tokenizer(base_dirs, tmp_path, tokenizer_dir):
     from longseq.tokenizer import load_tokenizer
 
     model, _ = _trained(base_dirs["llama"])
     ours = _our_logits(model)
-    out = ex.export_merged(model, tmp_path / "merged", tokenizer=load_tokenizer(tokenizer_files),
+    out = ex.export_merged(model, tmp_path / "merged", tokenizer=load_tokenizer(tokenizer_dir),
                            max_shard_bytes=2_000_000)  # default dtype: bfloat16
     index = json.loads((out / ex.INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (out / ex.WEIGHTS_FILE).exists()

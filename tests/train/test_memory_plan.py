@@ -1,6 +1,7 @@
 """`--plan auto`: the trainer picks recompute / tiling / offload from the planner and the memory it has."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -8,8 +9,6 @@ import transformers
 
 from longseq.config import ModelConfig, TrainConfig
 from longseq.errors import LongseqError
-from longseq.models.loader import default_model_path
-from longseq.tokenizer import load_tokenizer
 from longseq.train import memory_plan
 from longseq.train.loop import train
 from longseq.train.memory_plan import GIB, candidates, choose, predict
@@ -81,14 +80,14 @@ def test_bad_long_context_flags(kw, msg):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("plan")
     torch.manual_seed(0)
     hf_cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       tie_word_embeddings=True)
     transformers.AutoModelForCausalLM.from_config(hf_cfg).save_pretrained(root / "model")
-    load_tokenizer(default_model_path()).save_pretrained(root / "model")
+    shutil.copytree(tokenizer_dir, root / "model", dirs_exist_ok=True)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     rows = [{"text": " ".join(words[(i * 5 + j) % len(words)] for j in range(40))} for i in range(20)]
     (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")

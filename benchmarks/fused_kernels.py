@@ -1,11 +1,12 @@
 """The fused RMSNorm / RoPE / SwiGLU kernels (models/kernels/) against the eager ops, on one GPU:
 
 - micro: forward + backward at 32K tokens with Llama-3-8B widths (and torch's F.rms_norm beside RMSNorm);
-- decode: a Llama-3-8B-shaped engine at batch 1 with the kernels, then with the eager ops (fused.MODE = "0") in the
-  same process: tokens/s against the bandwidth bound, one graph replay's GPU time, one engine step, and the kernels
-  a replay launches (torch.profiler).
+- decode: a Llama-3-8B-shaped engine at batch 1, as configured by default, then with one thing at a time taken away
+  in the same process (the Triton GEMV, async scheduling, fused q/k/v and gate/up matmuls, the fused kernels via
+  fused.MODE = "0"), then as run 5 of the serve table had it (kernels only): tokens/s against the bandwidth bound,
+  one graph replay's GPU time, one engine step, and the kernels a replay launches (torch.profiler).
 
-    PYTHONPATH=src python3 benchmarks/fused_kernels.py --out fused_check.json
+    PYTHONPATH=src python3 benchmarks/fused_kernels.py --out fused_check.json [--skip-micro]
 """
 
 from __future__ import annotations
@@ -68,16 +69,17 @@ def micro(S: int = 32768, d: int = 4096, inter: int = 14336, H: int = 32, H_kv: 
     return {name: round(ms, 3) for name, ms in times.items()}
 
 
-def decode(model, prompt: list[int], bandwidth: float) -> dict:
+def decode(model, prompt: list[int], bandwidth: float, **options) -> dict:
     from serve_throughput import NullTokenizer, batch1_decode
 
     from longseq.config import EngineConfig
     from longseq.engine.llm_engine import LLMEngine
     from longseq.generation.sampling import SamplingParams
+    from longseq.models import fused
     from longseq.models.loader import LoadedModel
 
     engine = LLMEngine(LoadedModel(model, NullTokenizer(), Path("random")),
-                       EngineConfig(max_num_seqs=1, max_model_len=1024, num_kv_blocks=512))
+                       EngineConfig(max_num_seqs=1, max_model_len=1024, num_kv_blocks=512, **options))
     row = batch1_decode(engine, model, prompt, 256, bandwidth)
     graph = engine.runner.graphs[(1, 1024)].graph
     engine.add_request(prompt, SamplingParams(max_new_tokens=200, ignore_eos=True))
@@ -101,7 +103,8 @@ def decode(model, prompt: list[int], bandwidth: float) -> dict:
         entry[0] += 1
         entry[1] += e.device_time
     top = sorted(([name, n, round(us, 1)] for name, (n, us) in by_name.items()), key=lambda t: -t[2])[:25]
-    row.update(graph_replay_ms=round(cuda_ms(graph.replay, 100), 3), engine_step_ms=round(step_ms, 3),
+    row.update(options=options, fused_kernels=fused.MODE != "0", gemv=engine.runner.gemv_report,
+               graph_replay_ms=round(cuda_ms(graph.replay, 100), 3), engine_step_ms=round(step_ms, 3),
                kernels=len(kernels), kernel_us_sum=round(sum(e.device_time for e in kernels), 1), top=top)
     return row
 
@@ -109,6 +112,7 @@ def decode(model, prompt: list[int], bandwidth: float) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--skip-micro", action="store_true")
     args = ap.parse_args()
     from serve_throughput import LLAMA3_8B, copy_bandwidth
 
@@ -116,7 +120,7 @@ def main():
     from longseq.models import fused
     from longseq.models.llama import CausalLM
 
-    result = {"micro_ms_fwd_bwd_32k": micro()}
+    result = {} if args.skip_micro else {"micro_ms_fwd_bwd_32k": micro()}
     print(json.dumps(result), flush=True)
     torch.cuda.empty_cache()
     with torch.device("meta"):
@@ -129,9 +133,17 @@ def main():
     model.eval()
     bandwidth = copy_bandwidth()
     prompt = torch.randint(0, LLAMA3_8B["vocab_size"], (128,)).tolist()
-    for name, mode in (("decode_fused", "auto"), ("decode_eager", "0")):
+    variants = [
+        ("decode_default", "auto", {}),
+        ("decode_no_gemv", "auto", dict(decode_gemv=False)),
+        ("decode_no_async_scheduling", "auto", dict(async_scheduling=False)),
+        ("decode_separate_projections", "auto", dict(fuse_projections=False)),
+        ("decode_eager_ops", "0", {}),
+        ("decode_run5", "auto", dict(async_scheduling=False, fuse_projections=False, decode_gemv=False)),
+    ]
+    for name, mode, options in variants:
         fused.MODE = mode  # graphs are captured when the engine starts: each engine keeps its path
-        result[name] = decode(model, prompt, bandwidth)
+        result[name] = decode(model, prompt, bandwidth, **options)
         print(json.dumps({k: v for k, v in result[name].items() if k != "top"}), flush=True)
         torch.cuda.empty_cache()
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--port", type=int, default=8123)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--client", help=argparse.SUPPRESS)  # internal: run as the load generator against this URL
     args = ap.parse_args()
     if args.client:
@@ -109,7 +110,8 @@ def main():
     torch.manual_seed(0)
     model = random_llama3_8b().eval()
     t0 = time.perf_counter()
-    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048)
+    cfg = EngineConfig(max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=2048,
+                       async_scheduling=args.async_scheduling)
     engine = AsyncLLMEngine(LLMEngine(LoadedModel(model, NullTokenizer(), Path("random")), cfg), "random")
     startup = time.perf_counter() - t0
     server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=args.port, log_level="warning"))
@@ -118,7 +120,8 @@ def main():
     while not server.started:
         time.sleep(0.1)
     result = {"input_len": args.input_len, "output_len": args.output_len, "engine_startup_s": round(startup, 1),
-              "kv_blocks": engine.engine.blocks.num_blocks, "client": "separate process"}
+              "kv_blocks": engine.engine.blocks.num_blocks, "client": "separate process",
+              "async_scheduling": args.async_scheduling}
     rows_file = Path(args.out).with_suffix(".rows.json")
     subprocess.run([sys.executable, __file__, "--client", f"http://127.0.0.1:{args.port}", "--out", str(rows_file),
                     "--rates", *map(str, args.rates), "--requests", str(args.requests), "--input-len",

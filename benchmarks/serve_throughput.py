@@ -116,6 +116,7 @@ def main():
                        max_model_len=args.input_len + args.output_len + 16)
     engine = LLMEngine(LoadedModel(ours, NullTokenizer(), Path("random")), cfg)
     result["kv_blocks"] = engine.blocks.num_blocks
+    result["gemv"] = engine.runner.gemv_report
     for p in prompts[:4]:  # warm-up
         engine.add_request(p, SamplingParams(max_new_tokens=8, ignore_eos=True))
     while engine.has_unfinished():

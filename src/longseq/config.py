@@ -526,6 +526,12 @@ class EngineConfig:
     enable_prefix_caching: bool = _help("reuse the KV of shared prompt prefixes", default=True)
     max_queue: int = _help("waiting requests accepted before new ones are refused (429)", default=1024)
     cuda_graphs: bool = _help("replay decode steps as CUDA graphs (GPU only)", default=True)
+    fuse_projections: bool = _help("q/k/v and gate/up each as one matmul (fewer, larger decode GEMVs; same "
+                                   "memory)", default=True)
+    decode_gemv: bool = _help("single-row matmuls (batch-1 decode) by a Triton GEMV for the weight shapes where "
+                              "timing at start finds it faster than cuBLAS (GPU; needs fuse_projections)", default=True)
+    async_scheduling: bool = _help("queue the next decode step before reading this step's tokens, so host work "
+                                   "overlaps the GPU's", default=True)
     tensor_parallel: int = _help("GPUs (processes) the model is split over: weights, heads and KV cache / N",
                                  default=1)
 

@@ -76,3 +76,19 @@ def test_kernel_half_precision(kernel, dtype):
 @pytest.mark.parametrize("programs, keys, expect", [(2048, 512, 1), (8, 64, 1), (8, 8192, 32), (8, 1024, 4)])
 def test_splits_fill_the_gpu_only_when_needed(kernel, programs, keys, expect):
     assert kernel.num_splits(programs, 1, keys, num_sms=132) == expect
+
+
+@pytest.mark.parametrize("N,H,D", [(1, 8, 128), (7, 2, 16), (40, 3, 64)])
+def test_kv_write_kernel_equals_indexed_assignment(N, H, D):
+    """Strided K/V (the model's transposed (1, H, N, D) views) into scattered slots of NaN-filled pools."""
+    from longseq.attention.kernels.kv_write import write_kv
+
+    g = torch.Generator().manual_seed(N)
+    k = torch.randn(1, H, N, D, generator=g).to(DEVICE)[0].transpose(0, 1)
+    v = torch.randn(1, H, N, D, generator=g).to(DEVICE)[0].transpose(0, 1)
+    slots = torch.randperm(3 * N + 5, generator=g)[:N].to(DEVICE)
+    pools = [torch.full((3 * N + 5, H, D), float("nan"), device=DEVICE) for _ in range(4)]
+    write_kv(pools[0], pools[1], k, v, slots)
+    pools[2][slots], pools[3][slots] = k, v
+    assert torch.equal(pools[0].nan_to_num(7.0), pools[2].nan_to_num(7.0))
+    assert torch.equal(pools[1].nan_to_num(7.0), pools[3].nan_to_num(7.0))

@@ -74,6 +74,19 @@ def test_rms_norm_weight_only_grad_and_fp32_weight_on_low_precision_input():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 7, 64), (1, 1, 4096), (0, 32), (300, 48)])
+def test_add_rms_norm_matches_add_then_norm(dtype, shape):
+    from longseq.models.kernels.rms_norm import add_rms_norm
+
+    torch.manual_seed(4)
+    x, delta = _leaf(shape, dtype, grad=False, scale=3.0), _leaf(shape, dtype, grad=False)
+    w = (1 + 0.1 * torch.randn(shape[-1])).to(DEVICE, dtype)
+    h, y = add_rms_norm(x, delta, w, 1e-6)
+    assert torch.equal(h, x + delta)  # the residual stream itself is bit-exact
+    _close([y], [_ref_rms_norm(x + delta, w, 1e-6)], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 5, 96), (1, 3000), (0, 8)])
 def test_swiglu_matches_reference(dtype, shape):
     from longseq.models.kernels.swiglu import swiglu
@@ -82,6 +95,25 @@ def test_swiglu_matches_reference(dtype, shape):
     gate, up = _leaf(shape, dtype, scale=3.0), _leaf(shape, dtype)
     fast = _grads(swiglu, [gate, up])
     ref = _grads(lambda g, u: F.silu(g) * u, [gate, up])
+    _close(fast[0], ref[0], dtype)
+    _close(fast[1], ref[1], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 5, 2 * 96), (1, 1, 2 * 3000), (4, 2 * 7)])
+def test_swiglu_reads_the_halves_of_one_gate_up_matmul(dtype, shape):
+    """gate and up as column halves of one fused projection's output: the kernel reads them in place (strided
+    rows), forward and backward, and gives what it gives on contiguous copies."""
+    from longseq.models.kernels.swiglu import _row_stride, swiglu
+
+    torch.manual_seed(3)
+    gate_up = _leaf(shape, dtype, scale=3.0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert _row_stride(gate) == _row_stride(up)
+    if gate.numel() > gate.shape[-1]:  # several rows: really read in place, row stride = the fused width
+        assert not gate.is_contiguous() and _row_stride(gate) == shape[-1]
+    fast = _grads(lambda t: swiglu(*t.chunk(2, dim=-1)), [gate_up])
+    ref = _grads(lambda t: F.silu(t.chunk(2, dim=-1)[0]) * t.chunk(2, dim=-1)[1], [gate_up])
     _close(fast[0], ref[0], dtype)
     _close(fast[1], ref[1], dtype)
 

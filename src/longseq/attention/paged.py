@@ -195,11 +195,18 @@ class PagedKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_kv_heads = num_kv_heads
         self.batch: PagedBatch | None = None
+        self.write_kernel = use_decode_kernel(device, head_dim)  # one Triton launch writes K and V
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   window: int | None) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) for this step's N new tokens."""
         slots = self.batch.slot_mapping
-        self.k[layer_idx][slots] = k[0].transpose(0, 1)  # (N, H_kv, D)
-        self.v[layer_idx][slots] = v[0].transpose(0, 1)
+        k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, H_kv, D)
+        if self.write_kernel and k.dtype == self.k[layer_idx].dtype:
+            from longseq.attention.kernels.kv_write import write_kv
+
+            write_kv(self.k[layer_idx], self.v[layer_idx], k, v, slots)
+        else:
+            self.k[layer_idx][slots] = k
+            self.v[layer_idx][slots] = v
         return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window)

@@ -29,6 +29,8 @@ _STOP = None  # broadcast to end the workers' loop
 class TensorParallelRunner(ModelRunner):
     """A ModelRunner over one rank's shard; rank 0's `execute` also sends the step to the other ranks."""
 
+    takes_device_ids = False  # the workers get the step as host lists, so the engine never runs ahead of a sample
+
     def __init__(self, model, cfg: EngineConfig, tp: TensorParallel, control_group=None):
         self.tp, self.control = tp, control_group
         super().__init__(model, cfg)
@@ -42,7 +44,8 @@ class TensorParallelRunner(ModelRunner):
     def _collective_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
-    def execute(self, step: StepInputs) -> torch.Tensor:
+    def execute(self, step: StepInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
+        assert ids is None, "tensor-parallel steps carry their token ids on the host"
         if self.tp.rank == 0:
             dist.broadcast_object_list([step], src=0, group=self.control)
         return super().execute(step)

@@ -63,17 +63,19 @@ class DecodeGraph:
         self.batch.decode_tables[start:] = scratch // self.runner.block_size
         self.batch.decode_lens[start:] = 1
 
-    def replay(self, ids: list[int], positions: list[int], block_tables: list[list[int]],
-               context_lens: list[int]) -> torch.Tensor:
+    def replay(self, ids: list[int], positions: list[int], block_tables: list[list[int]], context_lens: list[int],
+               device_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`device_ids` (n,), if given, replace `ids`: the previous step's samples, still on the GPU."""
         n, dev = len(ids), self.runner.device
         # Only the batch's own widest table is copied: the graph's table is max_model_len / block_size wide, and
         # columns past a row's context (stale from earlier steps) are never read, by the kernel or the gather path.
         width = min(self.width, max(len(t) for t in block_tables))
         tables, ctx = pad_tables(block_tables, width), torch.tensor(context_lens)
-        # One host tensor, one copy: four small copies cost more host time than the rest of the replay.
+        # One host tensor, one copy: four small copies cost more host time than the rest of the replay. Pinned, so
+        # the copy is queued behind the step in flight instead of waiting for it (pageable memory may sync).
         host = torch.cat([torch.tensor(ids), torch.tensor(positions), last_slots(tables, ctx, self.runner.block_size),
-                          ctx, tables.flatten()]).to(dev, non_blocking=True)
-        self.ids[0, :n] = host[:n]
+                          ctx, tables.flatten()]).pin_memory().to(dev, non_blocking=True)
+        self.ids[0, :n] = host[:n] if device_ids is None else device_ids
         self.positions[0, :n] = host[n : 2 * n]
         self.batch.slot_mapping[:n] = host[2 * n : 3 * n]
         self.batch.decode_lens[:n] = host[3 * n : 4 * n]

@@ -8,11 +8,12 @@ from typing import Any
 
 from longseq.config import EngineConfig
 from longseq.engine.block_manager import BlockManager
+from longseq.engine.inflight import InflightStep
 from longseq.engine.model_runner import ModelRunner
 from longseq.engine.outputs import RequestOutput, TokenLogprob
 from longseq.engine.sampler import sample
 from longseq.engine.scheduler import Scheduler
-from longseq.engine.sequence import Sequence
+from longseq.engine.sequence import Sequence, Status
 from longseq.errors import LongseqError
 from longseq.generation.sampling import SamplingParams
 
@@ -32,6 +33,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = set(lm.eos_token_ids)
+        self.inflight: InflightStep | None = None  # launched ahead of its predecessor's tokens (async scheduling)
+        self.num_steps_ahead = 0  # steps launched that way
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -68,6 +71,8 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
+        if self.inflight is not None and self.inflight.stale:
+            self.inflight = None  # its work is queued on the device before anything later; nothing to read
         return self._output(seq, "")
 
     def close(self) -> None:
@@ -88,18 +93,65 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        logits, to_sample = self.runner.run(scheduled)
+        """One step's outputs. With async scheduling the next decode step is queued on the device before this
+        step's tokens are read, so the host's work below overlaps the GPU's."""
+        launched, self.inflight = self.inflight, None
+        if launched is None:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                return []
+            launched = self._launch(scheduled)
+        if self.cfg.async_scheduling:
+            self.inflight = self._launch_ahead(launched)
+        return self._finish(launched)
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]], ids=None) -> InflightStep:
+        logits, to_sample = self.runner.run(scheduled, ids)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.blocks.commit(seq)
-        if not to_sample:
-            return []
-        tokens, logprobs = sample(logits, to_sample)
-        pairs = enumerate(zip(to_sample, tokens, strict=True))
-        return [self._append(seq, token, None if logprobs is None else logprobs[i]) for i, (seq, token) in pairs]
+        tokens, logprobs = sample(logits, to_sample) if to_sample else (None, None)
+        return InflightStep(scheduled, to_sample, tokens, logprobs)
+
+    def _launch_ahead(self, prev: InflightStep) -> InflightStep | None:
+        """The decode step the scheduler will issue after `prev`, launched now from prev's tokens on the device;
+        None where that step is not knowable yet: it may admit or preempt, or needs prev's tokens on the host."""
+        running = self.scheduler.running
+        seqs = prev.to_sample
+        if (not self.runner.takes_device_ids or len(seqs) != len(prev.scheduled) or len(seqs) != len(running)
+                or any(s.status != Status.RUNNING for s in seqs)):
+            return None  # some sequence is mid-prompt, waits outside this batch, or was aborted
+        if self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs:
+            return None  # the next step admits a waiting prompt
+        if any(s.logprobs is not None or s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
+            return None  # these read the new tokens on the host before sampling again
+        # A sequence whose token in flight is its last by length stays out, as the scheduler would leave it out.
+        ahead = [s for s in seqs if len(s.output_ids) + 1 < s.max_output_tokens]
+        if not ahead or len(ahead) > self.scheduler.max_num_batched_tokens:
+            return None
+        if sum(self.blocks.blocks_needed(s, s.num_computed_tokens + 1) for s in ahead) > self.blocks.num_free_blocks:
+            return None  # the scheduler would preempt
+        rows = {id(s): i for i, s in enumerate(seqs)}
+        for s in ahead:
+            self.blocks.ensure(s, s.num_computed_tokens + 1)
+        ids = prev.tokens if len(ahead) == len(seqs) else prev.tokens[[rows[id(s)] for s in ahead]]
+        self.num_steps_ahead += 1
+        return self._launch([(s, 1) for s in ahead], ids)
+
+    def _finish(self, launched: InflightStep) -> list[RequestOutput]:
+        """Read the step's tokens and append them. A sequence that finished meanwhile (it stopped while this step
+        was launched ahead, or was aborted) drops its token."""
+        tokens = launched.token_ids()
+        for seq, _ in launched.scheduled:
+            if seq.status != Status.FINISHED:
+                self.blocks.commit(seq)
+        outputs = []
+        for i, (seq, token) in enumerate(zip(launched.to_sample, tokens, strict=True)):
+            if seq.status != Status.FINISHED:
+                row = None if launched.logprobs is None else launched.logprobs[i]
+                outputs.append(self._append(seq, token, row))
+        if self.inflight is not None and self.inflight.stale:
+            self.inflight = None
+        return outputs
 
     def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         seq.token_ids.append(token)

@@ -13,6 +13,7 @@ from longseq.distributed.tensor_parallel import local_kv_heads
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
 from longseq.engine.sequence import Sequence
 from longseq.errors import LongseqError
+from longseq.models.fused_linear import calibrate
 from longseq.models.llama import CausalLM
 
 
@@ -47,6 +48,11 @@ class ModelRunner:
     def __init__(self, model: CausalLM, cfg: EngineConfig):
         self.model, self.cfg = model, cfg
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        fused = model.fuse_projections(cfg.fuse_projections)
+        for layer in fused:
+            layer.gemv = False  # until timed (an earlier engine on this model may have set it)
+        # Which single-row matmuls take the Triton GEMV: timed here, before any graph is captured.
+        self.gemv_report = calibrate(fused) if cfg.decode_gemv and fused and self.device.type == "cuda" else {}
         self.block_size = cfg.kv_block_size
         self.num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         mc = model.config
@@ -87,7 +93,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(1, self.cfg.max_num_batched_tokens, dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            self.model.lm_head(self.model.hidden(ids)[:, -self.cfg.max_num_seqs :])
+            self.model.logits(self.model.hidden(ids)[:, -self.cfg.max_num_seqs :])
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device)
 
@@ -105,31 +111,40 @@ class ModelRunner:
             )
         return int(budget // per_block)
 
-    @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute the scheduled tokens; return float32 logits (M, V) for the M sequences whose last token was
-        computed (they sample next), with those sequences."""
-        step, to_sample = prepare_step(scheduled)
-        return self.execute(step), to_sample
+    # The engine may hand `run` the step's token ids as a device tensor (the previous step's samples, not yet on
+    # the host): a tensor-parallel runner, whose workers get host lists, sets this False.
+    takes_device_ids = True
 
     @torch.inference_mode()
-    def execute(self, step: StepInputs) -> torch.Tensor:
-        """The model on one step's inputs: float32 logits (M, V) of the tokens to sample from."""
+    def run(self, scheduled: list[tuple[Sequence, int]],
+            ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+        """Compute the scheduled tokens; return float32 logits (M, V) for the M sequences whose last token was
+        computed (they sample next), with those sequences.
+
+        `ids` (N,) on the device: a decode step whose tokens were sampled by the step before and are still in
+        flight (not yet in the sequences' token_ids)."""
+        step, to_sample = prepare_step(scheduled, ahead=ids is not None)
+        return self.execute(step, ids), to_sample
+
+    @torch.inference_mode()
+    def execute(self, step: StepInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The model on one step's inputs: float32 logits (M, V) of the tokens to sample from. `ids`, if given,
+        replaces step.ids (placeholders then)."""
         if self.use_graphs and step.decode:
-            logits = self._graph_run(step)
+            logits = self._graph_run(step, ids)
             if logits is not None:
                 return logits
         self.cache.batch = PagedBatch.build(step.block_tables, step.query_lens, step.context_lens, self.block_size,
                                             self.device, self.cache.num_kv_heads)
-        ids_t = torch.tensor([step.ids], device=self.device)  # (1, N)
+        ids_t = ids.view(1, -1) if ids is not None else torch.tensor([step.ids], device=self.device)  # (1, N)
         pos_t = torch.tensor([step.positions], device=self.device)
         hidden = self.model.hidden(ids_t, pos_t, cache=self.cache)  # (1, N, d)
         if not step.last:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-        logits = self.model.lm_head(hidden[0, torch.tensor(step.last, device=self.device)])  # (M, V)
+        logits = self.model.logits(hidden[0, torch.tensor(step.last, device=self.device)])  # (M, V)
         return logits.float()
 
-    def _graph_run(self, step: StepInputs) -> torch.Tensor | None:
+    def _graph_run(self, step: StepInputs, ids: torch.Tensor | None) -> torch.Tensor | None:
         size = bucket(len(step.ids), BATCH_BUCKETS)
         if size is None:
             return None
@@ -137,9 +152,9 @@ class ModelRunner:
         graph = self.graphs.get((size, keys))
         if graph is None:
             graph = self.graphs[(size, keys)] = DecodeGraph(self, size, keys, self.graph_pool)
-        hidden = graph.replay(step.ids, step.positions, step.block_tables, step.context_lens)  # (B, d)
+        hidden = graph.replay(step.ids, step.positions, step.block_tables, step.context_lens, ids)  # (B, d)
         # The vocabulary projection stays outside the graphs: its (B, V) output per captured graph would hold GBs.
-        return self.model.lm_head(hidden).float()
+        return self.model.logits(hidden).float()
 
 
 @dataclass
@@ -156,16 +171,18 @@ class StepInputs:
     decode: bool  # every sequence computes exactly its one last token (CUDA-graph eligible)
 
 
-def prepare_step(scheduled: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
+def prepare_step(scheduled: list[tuple[Sequence, int]], ahead: bool = False) -> tuple[StepInputs, list[Sequence]]:
+    """`ahead`: every sequence computes one token that is sampled but not yet appended to its token_ids (the
+    ids are then placeholders; the runner takes the real ones from the device)."""
     ids, positions, to_sample, last = [], [], [], []
     for seq, n in scheduled:
-        start = seq.num_computed_tokens
-        ids.extend(seq.token_ids[start : start + n])
+        start, total = seq.num_computed_tokens, len(seq) + ahead
+        ids.extend([0] * n if ahead else seq.token_ids[start : start + n])
         positions.extend(range(start, start + n))
-        if start + n == len(seq):
+        if start + n == total:
             to_sample.append(seq)
             last.append(len(ids) - 1)
-    decode = all(n == 1 and s.num_computed_tokens + 1 == len(s) for s, n in scheduled)
+    decode = all(n == 1 and s.num_computed_tokens + 1 == len(s) + ahead for s, n in scheduled)
     step = StepInputs(ids, positions, [s.block_table for s, _ in scheduled], [n for _, n in scheduled],
                       [s.num_computed_tokens + n for s, n in scheduled], last, decode)
     return step, to_sample

@@ -21,9 +21,10 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-    """logits (B, V) float32 -> one token id per sequence, and the raw log-probabilities (B, V) when any sequence
-    asked for logprobs (None otherwise: a log-softmax over a 128K vocabulary per row is not free)."""
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (B, V) float32 -> one token id per sequence (B,), on the logits' device and not waited for, and the
+    raw log-probabilities (B, V) when any sequence asked for logprobs (None otherwise: a log-softmax over a 128K
+    vocabulary per row is not free)."""
     logprobs = None
     if any(s.logprobs is not None for s in seqs):
         logprobs = torch.log_softmax(logits, dim=-1)  # of the model's distribution, before any processing (as vLLM)
@@ -40,4 +41,4 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch
         if p.seed is not None and s.generator is None:
             s.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
         tokens[i] = torch.multinomial(row, 1, generator=s.generator)[0, 0]
-    return tokens.tolist(), logprobs
+    return tokens, logprobs

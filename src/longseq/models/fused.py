@@ -37,6 +37,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernel(x, weight, eps)
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from longseq.models.kernels.rms_norm import add_rms_norm as kernel
+
+    return kernel(x, delta, weight, eps)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from longseq.models.kernels.swiglu import swiglu as kernel
 

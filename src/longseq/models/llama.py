@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from longseq.attention import attention
 from longseq.config import RECOMPUTE_POLICIES, ModelConfig
 from longseq.models import fused
+from longseq.models.fused_linear import FusedLinear, fuse
 from longseq.models.offload import LayerInputOffloader
 from longseq.models.rope import RotaryEmbedding, apply_rope
 from longseq.models.tiling import tiled_mlp, tiled_rms_norm
@@ -50,6 +51,16 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm(h)) for h = x + delta (x alone when delta is None): the residual add and the norm after it,
+        one kernel in inference where the fused kernels run."""
+        if delta is None:
+            return x, self(x)
+        if fused.active(x) and delta.dtype == x.dtype and not torch.is_grad_enabled():
+            return fused.add_rms_norm(x, delta, self.weight, self.eps)
+        h = x + delta
+        return h, self(h)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -68,6 +79,8 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.recompute_core = False  # selective recompute: keep projections, recompute norms/RoPE/attention
+        self.qkv: FusedLinear | None = None  # q/k/v as one matmul (CausalLM.fuse_projections, inference)
+        self.o: FusedLinear | None = None  # o_proj as inference runs it (a Triton GEMV for single rows, maybe)
         self.sequence_parallel = None  # distributed.ulysses.UlyssesAttention when the sequence is split over GPUs
 
     def forward(
@@ -86,9 +99,13 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, d) -> q (B, S, H, D), k and v (B, S, H_kv, D)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None and not torch.is_grad_enabled():  # the fused weight is outside autograd
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, S, self.num_heads, self.head_dim)
+        k = k.view(B, S, self.num_kv_heads, self.head_dim)
+        v = v.view(B, S, self.num_kv_heads, self.head_dim)
         return q, k, v
 
     def position(self, q, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,7 +132,8 @@ class Attention(nn.Module):
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """Attention output (B, H, S, D) -> o_proj (B, S, d)."""
         B, _, S, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+        proj = self.o if self.o is not None and not torch.is_grad_enabled() else self.o_proj
+        return proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
     def _core(self, q, k, v, cos, sin, cache, doc_ids) -> torch.Tensor:
         """q (B, S, H, D), k/v (B, S, H_kv, D) from the projections -> attention output (B, H, S, D)."""
@@ -130,6 +148,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.recompute_act = False  # selective recompute: store gate and up, recompute silu(gate) * up
+        self.gate_up: FusedLinear | None = None  # gate and up as one matmul (CausalLM.fuse_projections)
+        self.down: FusedLinear | None = None
         self.tile: int | None = None  # long sequences: run over this many tokens at a time (models/tiling.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,8 +159,12 @@ class MLP(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _maybe_checkpoint(self.recompute_act, _swiglu, self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(act)
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = _maybe_checkpoint(self.recompute_act, _swiglu, gate, up)
+        return self.down(act) if self.down is not None and not torch.is_grad_enabled() else self.down_proj(act)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -168,6 +192,14 @@ class DecoderLayer(nn.Module):
             return checkpoint(self._after_attention, x, out, use_reentrant=False)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def step(self, x, delta, cos, sin, cache=None, doc_ids=None):
+        """Inference form of forward over a residual stream: the layer's input is x + delta (the previous layer's
+        MLP output, not yet added, so the add fuses into this layer's first norm); returns (h, MLP output), whose
+        sum is the layer's output."""
+        x, normed = self.input_layernorm.add_forward(x, delta)
+        x, normed = self.post_attention_layernorm.add_forward(x, self.self_attn(normed, cos, sin, cache, doc_ids))
+        return x, self.mlp(normed)
 
     def _qkv(self, x, cos, sin):
         attn = self.self_attn
@@ -198,6 +230,7 @@ class CausalLM(nn.Module):
         self.recompute = "none"
         self.offload_keep = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
         self.offloader: LayerInputOffloader | None = None
+        self.head: FusedLinear | None = None  # lm_head as inference runs it (fuse_projections)
         self.tie_weights()
 
     def set_recompute(self, policy: str, keep_on_gpu: int = 0) -> None:
@@ -223,6 +256,28 @@ class CausalLM(nn.Module):
             if isinstance(module, (RMSNorm, MLP)):
                 module.tile = tile
 
+    def fuse_projections(self, enabled: bool = True) -> list[FusedLinear]:
+        """Inference engines: q/k/v and gate/up each as one matmul, every linear layer behind a FusedLinear that
+        can take the Triton GEMV for single rows (models/fused_linear.py; layers that are not plain nn.Linear,
+        e.g. LoRA-wrapped or tensor-parallel with hooks, stay as they are). Fusing again is free; `enabled=False`
+        goes back to the plain layers over the same (view) weights. Only passes without autograd take these
+        (training sees the separate layers). The model must not be moved or cast after fusing. Returns them."""
+        if not enabled:
+            for layer in self.model.layers:
+                layer.self_attn.qkv = layer.self_attn.o = layer.mlp.gate_up = layer.mlp.down = None
+            self.head = None
+            return []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = attn.qkv or fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+            attn.o = attn.o or fuse([attn.o_proj])
+            mlp.gate_up = mlp.gate_up or fuse([mlp.gate_proj, mlp.up_proj])
+            mlp.down = mlp.down or fuse([mlp.down_proj])
+        self.head = self.head or fuse([self.lm_head])
+        found = [m for layer in self.model.layers for m in (layer.self_attn.qkv, layer.self_attn.o,
+                                                              layer.mlp.gate_up, layer.mlp.down)]
+        return [m for m in [*found, self.head] if m is not None]
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -241,7 +296,11 @@ class CausalLM(nn.Module):
         x = self.hidden(input_ids, positions, cache)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        return self.logits(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over final hidden states (..., d) -> (..., V)."""
+        return self.head(hidden) if self.head is not None and not torch.is_grad_enabled() else self.lm_head(hidden)
 
     def hidden(
         self,
@@ -260,6 +319,11 @@ class CausalLM(nn.Module):
             positions = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)  # (B, S, hidden)
         cos, sin = self.rotary(positions, x.dtype)  # (B, S, head_dim)
+        if not torch.is_grad_enabled():  # inference: residual adds fused into the norms after them
+            delta = None
+            for layer in self.model.layers:
+                x, delta = layer.step(x, delta, cos, sin, cache, doc_ids)
+            return self.model.norm.add_forward(x, delta)[1]
         full = self.recompute in ("full", "offloaded") and cache is None
         offload_below = len(self.model.layers) - self.offload_keep if self.recompute == "offloaded" else 0
         if offload_below and torch.is_grad_enabled() and cache is None:

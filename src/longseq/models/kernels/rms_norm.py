@@ -14,12 +14,17 @@ import triton.language as tl
 from longseq.models.kernels import elements_per_program
 
 
-@triton.jit
-def _rms_norm_fwd(X, W, Y, Rstd, stride_x, stride_y, n_rows, n_cols, eps, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+@triton.jit(do_not_specialize=["n_rows"])  # one compiled variant whatever the step size
+def _rms_norm_fwd(X, W, Y, Rstd, D, H, stride_x, stride_y, stride_d, stride_h, n_rows, n_cols, eps,
+                  BLOCK: tl.constexpr, ROWS: tl.constexpr, ADD: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]  # (ROWS, 1)
     cols = tl.arange(0, BLOCK)[None, :]
     mask = (rows < n_rows) & (cols < n_cols)
     x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:  # the residual add before the norm: h = x + d, rounded as the eager add rounds, kept for the next add
+        x = (x + tl.load(D + rows * stride_d + cols, mask=mask, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+        tl.store(H + rows * stride_h + cols, x, mask=mask)
+        x = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / n_cols + eps)  # (ROWS,)
     # As HF Llama: normalise in float32, round to x's dtype, then scale by the weight.
     xn = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
@@ -76,8 +81,8 @@ class RMSNormFunction(torch.autograd.Function):
         n, block = rows.shape[0], triton.next_power_of_2(d)
         if n:
             per = _rows(block, x.device)
-            _rms_norm_fwd[(triton.cdiv(n, per),)](rows, weight, y, rstd, rows.stride(0), y.stride(0), n, d, eps,
-                                                  BLOCK=block, ROWS=per)
+            _rms_norm_fwd[(triton.cdiv(n, per),)](rows, weight, y, rstd, rows, rows, rows.stride(0), y.stride(0), 0, 0,
+                                                  n, d, eps, BLOCK=block, ROWS=per, ADD=False)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.shape = x.shape
         return y.view(*x.shape[:-1], d)
@@ -106,3 +111,22 @@ class RMSNormFunction(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inference only (no autograd): h = x + delta and rms_norm(h) in one pass; returns (h, normed). Saves a decode
+    layer two elementwise launches and a round trip of h through memory."""
+    d = x.shape[-1]
+    rows, drows = x.reshape(-1, d), delta.reshape(-1, d)
+    if rows.stride(-1) != 1 or drows.stride(-1) != 1:
+        rows, drows = rows.contiguous(), drows.contiguous()
+    h = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
+    n, block = rows.shape[0], triton.next_power_of_2(d)
+    if n:
+        per = _rows(block, x.device)
+        _rms_norm_fwd[(triton.cdiv(n, per),)](rows, weight, y, rstd, drows, h, rows.stride(0), y.stride(0),
+                                              drows.stride(0), h.stride(0), n, d, eps, BLOCK=block, ROWS=per, ADD=True)
+    return h.view(x.shape), y.view(*x.shape[:-1], d)

@@ -41,7 +41,7 @@ def _rotate(X, Y, Cos, Sin, n_rows, S, H, stride_xb, stride_xs, stride_xh, strid
     tl.store(y + HALF, y2.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "n_q", "n_k"])  # one variant whatever the step size
 def _rope_kernel(Q, K, Cos, Sin, QO, KO, S, H_Q, H_K, n_q, n_k, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
                  stride_kh, stride_cb, stride_cs, HALF: tl.constexpr, HALF_PAD: tl.constexpr, ROWS: tl.constexpr,
                  BACKWARD: tl.constexpr):

@@ -17,12 +17,18 @@ def _block(x: torch.Tensor) -> int:
     return elements_per_program(x.device, 1024)
 
 
-@triton.jit
-def _swiglu_fwd(G, U, Y, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
+@triton.jit(do_not_specialize=["n"])  # one compiled variant whatever the step size
+def _swiglu_fwd(G, U, Y, n, cols, stride_row, BLOCK: tl.constexpr, STRIDED: tl.constexpr):
+    if STRIDED:  # gate/up as column halves of one matmul: program (row, column block), no per-element division
+        row, col = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = col < cols
+        src, offs = row * stride_row + col, row * cols + col
+    else:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        src = offs
+    g = tl.load(G + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + src, mask=mask, other=0.0).to(tl.float32)
     act = (g * tl.sigmoid(g)).to(G.dtype.element_ty).to(tl.float32)  # rounded as eager F.silu rounds it
     tl.store(Y + offs, (act * u).to(Y.dtype.element_ty), mask=mask)
 
@@ -44,23 +50,39 @@ def _swiglu_bwd(DY, G, U, DG, DU, n, BLOCK: tl.constexpr):
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate.contiguous(), up.contiguous()
-        y = torch.empty_like(gate, dtype=torch.promote_types(gate.dtype, up.dtype))
+        cols = gate.shape[-1]
+        stride = _row_stride(gate)
+        if stride is None or stride != _row_stride(up):
+            gate, up, stride = gate.contiguous(), up.contiguous(), cols
+        y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
         n = gate.numel()
         if n:
-            _swiglu_fwd[(triton.cdiv(n, _block(y)),)](gate, up, y, n, BLOCK=_block(y))
+            block = _block(y)
+            grid = (n // cols, triton.cdiv(cols, block)) if stride != cols else (triton.cdiv(n, block),)
+            _swiglu_fwd[grid](gate, up, y, n, cols, stride, BLOCK=block, STRIDED=stride != cols)
         ctx.save_for_backward(gate, up)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        gate, up = ctx.saved_tensors
+        gate, up = (t.contiguous() for t in ctx.saved_tensors)
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
         n = gate.numel()
         if n:
             _swiglu_bwd[(triton.cdiv(n, _block(dg)),)](dy, gate, up, dg, du, n, BLOCK=_block(dg))
         return dg, du
+
+
+def _row_stride(x: torch.Tensor) -> int | None:
+    """Stride between the rows of x (..., C) seen as (R, C) with unit column stride; None if it has no such view
+    (empty tensors included)."""
+    if x.numel() == 0 or x.stride(-1) != 1:
+        return None
+    try:
+        return x.view(-1, x.shape[-1]).stride(0)
+    except RuntimeError:
+        return None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

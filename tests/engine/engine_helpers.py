@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from longseq.config import EngineConfig
-from longseq.engine import LLMEngine
+from longseq.engine import LLMEngine, SamplingParams
 from longseq.models.loader import LoadedModel
 from tiny_models import random_model
 
@@ -61,6 +61,40 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], params, max_steps: i
     else:
         raise AssertionError(f"the engine did not finish in {max_steps} steps: {engine.stats()}")
     return [done[r] for r in ids]
+
+
+def random_traffic(engine: LLMEngine, rng, iterations: int, add: float, abort: float, max_prompt: int,
+                   max_new: int) -> dict[str, int]:
+    """Random adds (probability `add`), aborts (`abort`) and steps, checking after each that every output belongs
+    to a live request and that the block accounting holds; then steps until all finish. Returns how many requests
+    finished during the random phase and how many aborts came while a step was launched ahead."""
+    live: list[str] = []
+    counts = {"finished": 0, "aborted_ahead": 0}
+    for _ in range(iterations):
+        r = rng.random()
+        if r < add:
+            p = [rng.randrange(TINY_VOCAB) for _ in range(rng.randint(1, max_prompt))]
+            params = SamplingParams(max_new_tokens=rng.randint(1, max_new), ignore_eos=True)
+            live.append(engine.add_request(p, params))
+        elif r < add + abort and live:
+            counts["aborted_ahead"] += engine.inflight is not None
+            assert engine.abort(live.pop(rng.randrange(len(live)))).finish_reason == "abort"
+        else:
+            for out in engine.step():
+                assert out.request_id in live
+                if out.finished:
+                    live.remove(out.request_id)
+                    counts["finished"] += 1
+        bm = engine.blocks
+        assert sum(bm.ref_counts) == sum(len(s.block_table) for s in engine.scheduler.running)
+        assert all((b in bm.free) == (bm.ref_counts[b] == 0) for b in range(bm.num_blocks))
+        assert set(engine.seqs) == set(live)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                live.remove(out.request_id)
+    assert not live
+    return counts
 
 
 def assert_idle(engine: LLMEngine) -> None:

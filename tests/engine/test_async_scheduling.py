@@ -5,7 +5,7 @@ preemption, chunked prefill and aborts, with every block returned."""
 import random
 
 import pytest
-from engine_helpers import TINY_VOCAB, assert_idle, make_engine, random_prompts, run_engine, tiny_lm
+from engine_helpers import assert_idle, make_engine, random_prompts, random_traffic, run_engine, tiny_lm
 
 from longseq.engine import SamplingParams
 
@@ -77,25 +77,6 @@ def test_aborts_while_a_step_is_ahead(seed):
     lm = tiny_lm()
     rng = random.Random(seed)
     engine = make_engine(lm, kv_block_size=4, num_kv_blocks=40, max_num_seqs=4)
-    live: list[str] = []
-    aborted_ahead = 0
-    for _ in range(200):
-        r = rng.random()
-        if r < 0.15:
-            p = [rng.randrange(TINY_VOCAB) for _ in range(rng.randint(1, 20))]
-            live.append(engine.add_request(p, SamplingParams(max_new_tokens=rng.randint(1, 30), ignore_eos=True)))
-        elif r < 0.25 and live:
-            aborted_ahead += engine.inflight is not None
-            assert engine.abort(live.pop(rng.randrange(len(live)))).finish_reason == "abort"
-        else:
-            for out in engine.step():
-                assert out.request_id in live
-                if out.finished:
-                    live.remove(out.request_id)
-        bm = engine.blocks
-        assert sum(bm.ref_counts) == sum(len(s.block_table) for s in engine.scheduler.running)
-    while engine.has_unfinished():
-        for out in engine.step():
-            live.remove(out.request_id) if out.finished else None
-    assert not live and aborted_ahead > 0 and engine.num_steps_ahead > 0
+    counts = random_traffic(engine, rng, 200, add=0.15, abort=0.10, max_prompt=20, max_new=30)
+    assert counts["aborted_ahead"] > 0 and engine.num_steps_ahead > 0
     assert_idle(engine)

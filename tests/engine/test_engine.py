@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from engine_helpers import TINY_VOCAB, assert_idle, make_engine, random_prompts, run_engine, tiny_lm
+from engine_helpers import TINY_VOCAB, assert_idle, make_engine, random_prompts, random_traffic, run_engine, tiny_lm
 
 from longseq.engine import SamplingParams
 from longseq.engine.sampler import apply_penalties
@@ -131,30 +131,8 @@ def test_random_adds_aborts_and_steps_leave_nothing_behind(lm, seed):
     rng = random.Random(seed)
     engine = make_engine(lm, kv_block_size=4, num_kv_blocks=24, max_num_seqs=rng.randint(2, 6),
                          max_num_batched_tokens=rng.randint(8, 40))
-    live: list[str] = []
-    finished = 0
-    for _ in range(150):
-        r = rng.random()
-        if r < 0.25:
-            p = [rng.randrange(TINY_VOCAB) for _ in range(rng.randint(1, 40))]
-            live.append(engine.add_request(p, SamplingParams(max_new_tokens=rng.randint(1, 20), ignore_eos=True)))
-        elif r < 0.35 and live:
-            assert engine.abort(live.pop(rng.randrange(len(live)))).finish_reason == "abort"
-        else:
-            for out in engine.step():
-                if out.finished:
-                    live.remove(out.request_id)
-                    finished += 1
-        bm = engine.blocks
-        tables = [s.block_table for s in engine.scheduler.running]
-        assert sum(bm.ref_counts) == sum(map(len, tables))
-        assert all((b in bm.free) == (bm.ref_counts[b] == 0) for b in range(bm.num_blocks))
-        assert set(engine.seqs) == set(live)
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                live.remove(out.request_id)
-    assert not live and finished > 5
+    counts = random_traffic(engine, rng, 150, add=0.25, abort=0.10, max_prompt=40, max_new=20)
+    assert counts["finished"] > 5
     assert_idle(engine)
 
 

@@ -71,8 +71,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
-        if self.inflight is not None and self.inflight.stale:
-            self.inflight = None  # its work is queued on the device before anything later; nothing to read
+        self._drop_stale_inflight()
         return self._output(seq, "")
 
     def close(self) -> None:
@@ -125,15 +124,15 @@ class LLMEngine:
         if any(s.logprobs is not None or s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
             return None  # these read the new tokens on the host before sampling again
         # A sequence whose token in flight is its last by length stays out, as the scheduler would leave it out.
-        ahead = [s for s in seqs if len(s.output_ids) + 1 < s.max_output_tokens]
+        rows = [i for i, s in enumerate(seqs) if len(s.output_ids) + 1 < s.max_output_tokens]
+        ahead = [seqs[i] for i in rows]
         if not ahead or len(ahead) > self.scheduler.max_num_batched_tokens:
             return None
         if sum(self.blocks.blocks_needed(s, s.num_computed_tokens + 1) for s in ahead) > self.blocks.num_free_blocks:
             return None  # the scheduler would preempt
-        rows = {id(s): i for i, s in enumerate(seqs)}
         for s in ahead:
             self.blocks.ensure(s, s.num_computed_tokens + 1)
-        ids = prev.tokens if len(ahead) == len(seqs) else prev.tokens[[rows[id(s)] for s in ahead]]
+        ids = prev.tokens if len(ahead) == len(seqs) else prev.tokens[rows]
         self.num_steps_ahead += 1
         return self._launch([(s, 1) for s in ahead], ids)
 
@@ -149,9 +148,14 @@ class LLMEngine:
             if seq.status != Status.FINISHED:
                 row = None if launched.logprobs is None else launched.logprobs[i]
                 outputs.append(self._append(seq, token, row))
+        self._drop_stale_inflight()
+        return outputs
+
+    def _drop_stale_inflight(self) -> None:
+        # A step launched ahead whose sequences have all finished: its work is queued on the device before anything
+        # launched later, so nothing needs it read.
         if self.inflight is not None and self.inflight.stale:
             self.inflight = None
-        return outputs
 
     def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
         seq.token_ids.append(token)

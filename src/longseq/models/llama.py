@@ -33,6 +33,12 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
     return fn(*args)
 
 
+def _inference(layer: FusedLinear | None) -> FusedLinear | None:
+    """The FusedLinear to run instead of the plain layer(s): only set by fuse_projections, and only without autograd
+    (its weights are detached views, so gradients would not reach the parameters)."""
+    return layer if layer is not None and not torch.is_grad_enabled() else None
+
+
 class RMSNorm(nn.Module):
     # Zhang & Sennrich 2019 (arXiv 1910.07467); normalise in float32, scale in the input dtype (as HF Llama).
     def __init__(self, dim: int, eps: float):
@@ -99,7 +105,7 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, d) -> q (B, S, H, D), k and v (B, S, H_kv, D)."""
         B, S, _ = x.shape
-        if self.qkv is not None and not torch.is_grad_enabled():  # the fused weight is outside autograd
+        if _inference(self.qkv):
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -132,7 +138,7 @@ class Attention(nn.Module):
     def output(self, out: torch.Tensor) -> torch.Tensor:
         """Attention output (B, H, S, D) -> o_proj (B, S, d)."""
         B, _, S, _ = out.shape
-        proj = self.o if self.o is not None and not torch.is_grad_enabled() else self.o_proj
+        proj = _inference(self.o) or self.o_proj
         return proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
     def _core(self, q, k, v, cos, sin, cache, doc_ids) -> torch.Tensor:
@@ -159,12 +165,12 @@ class MLP(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is not None and not torch.is_grad_enabled():
+        if _inference(self.gate_up):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         act = _maybe_checkpoint(self.recompute_act, _swiglu, gate, up)
-        return self.down(act) if self.down is not None and not torch.is_grad_enabled() else self.down_proj(act)
+        return (_inference(self.down) or self.down_proj)(act)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -300,7 +306,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head over final hidden states (..., d) -> (..., V)."""
-        return self.head(hidden) if self.head is not None and not torch.is_grad_enabled() else self.lm_head(hidden)
+        return (_inference(self.head) or self.lm_head)(hidden)
 
     def hidden(
         self,

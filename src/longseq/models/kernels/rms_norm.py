@@ -72,20 +72,11 @@ def _programs(blocks: int, device: torch.device) -> int:
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        d = x.shape[-1]
-        rows = x.reshape(-1, d)
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        y = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-        rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)  # (N,)
-        n, block = rows.shape[0], triton.next_power_of_2(d)
-        if n:
-            per = _rows(block, x.device)
-            _rms_norm_fwd[(triton.cdiv(n, per),)](rows, weight, y, rstd, rows, rows, rows.stride(0), y.stride(0), 0, 0,
-                                                  n, d, eps, BLOCK=block, ROWS=per, ADD=False)
+        rows = _unit_stride_rows(x)
+        y, rstd, _ = _forward(rows, weight, eps)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.shape = x.shape
-        return y.view(*x.shape[:-1], d)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -117,16 +108,29 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Inference only (no autograd): h = x + delta and rms_norm(h) in one pass; returns (h, normed). Saves a decode
     layer two elementwise launches and a round trip of h through memory."""
-    d = x.shape[-1]
-    rows, drows = x.reshape(-1, d), delta.reshape(-1, d)
-    if rows.stride(-1) != 1 or drows.stride(-1) != 1:
-        rows, drows = rows.contiguous(), drows.contiguous()
-    h = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    y = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    rstd = torch.empty(rows.shape[0], dtype=torch.float32, device=x.device)
-    n, block = rows.shape[0], triton.next_power_of_2(d)
+    y, _, h = _forward(_unit_stride_rows(x), weight, eps, _unit_stride_rows(delta))
+    return h.view(x.shape), y.view(x.shape)
+
+
+def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., d) as (N, d) rows with unit column stride (a copy only where the layout needs one)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _forward(rows: torch.Tensor, weight: torch.Tensor, eps: float,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One launch over rows (N, d): y = norm(rows), or norm(h) with h = rows + delta; returns y, the float32 rstd
+    (N,) and h (None without delta)."""
+    (n, d), dev = rows.shape, rows.device
+    y = torch.empty(rows.shape, dtype=torch.promote_types(weight.dtype, rows.dtype), device=dev)
+    rstd = torch.empty(n, dtype=torch.float32, device=dev)
+    add = delta is not None
+    h = torch.empty(rows.shape, dtype=rows.dtype, device=dev) if add else None
     if n:
-        per = _rows(block, x.device)
-        _rms_norm_fwd[(triton.cdiv(n, per),)](rows, weight, y, rstd, drows, h, rows.stride(0), y.stride(0),
-                                              drows.stride(0), h.stride(0), n, d, eps, BLOCK=block, ROWS=per, ADD=True)
-    return h.view(x.shape), y.view(*x.shape[:-1], d)
+        block = triton.next_power_of_2(d)
+        per = _rows(block, dev)
+        _rms_norm_fwd[(triton.cdiv(n, per),)](
+            rows, weight, y, rstd, delta if add else rows, h if add else rows, rows.stride(0), y.stride(0),
+            delta.stride(0) if add else 0, h.stride(0) if add else 0, n, d, eps, BLOCK=block, ROWS=per, ADD=add)
+    return y, rstd, h

@@ -71,11 +71,14 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
         from longseq.models import fused
 
         row.update(forced=recompute is not None, fused=fused.available(), recompute=choice.recompute,
-                   tile=choice.tile, offload_keep=choice.offload_keep,
+                   tile=choice.tile, offload_keep=choice.offload_keep, plain_layers=choice.plain_layers,
                    predicted_gib=round(choice.predicted_gib, 2), predicted_host_gib=round(choice.host_gib, 2),
                    planned=choice.describe())
     _, times, losses = timed_steps(model, step_loss, seq_len, warmup + steps, log=True)
     step = statistics.median(times[warmup:])
+    if os.environ.get("LONG_CONTEXT_PROFILE"):
+        row["profile_s"] = profile_step(model, step_loss, seq_len,
+                                        os.path.join(os.environ["LONG_CONTEXT_PROFILE"], f"{side}_{seq_len}.txt"))
     from longseq.config import ModelConfig
     from longseq.plan.hardware import find_gpu
     from longseq.train.loop import matmul_params
@@ -96,11 +99,41 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
     return row
 
 
+KERNEL_KINDS = (("attention", ("flash", "fmha", "cudnn", "attn")),
+                ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "splitk")),
+                ("copies", ("memcpy", "memset")))
+
+
+def profile_step(model, step_loss, seq_len: int, path: str) -> dict:
+    """One more forward + backward under torch.profiler: GPU kernel seconds by kind (attention, matmul, copies,
+    the rest: norms, RoPE, SwiGLU, adds, casts, loss), and the 40 costliest kernels written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (1, seq_len), device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_loss(ids).backward()
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():
+        seconds = e.device_time_total / 1e6
+        if seconds <= 0:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="device_time_total", row_limit=40, max_name_column_width=90))
+    return {k: round(v, 4) for k, v in sorted(kinds.items())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", nargs="+", default=[], help="SIDE:LEN[:RECOMPUTE], SIDE in longseq, qlora, hf")
     ap.add_argument("--out", default="long_context.json")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    ap.add_argument("--profile", help="folder: profile one extra step of each run (kernel seconds by kind)")
     ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -109,6 +142,8 @@ def main():
         print("RESULT " + json.dumps(row), flush=True)
         return
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    if args.profile:
+        env["LONG_CONTEXT_PROFILE"] = os.path.abspath(args.profile)
     rows = []
     for spec in args.runs:
         side, n, *rc = spec.split(":")

@@ -9,9 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import tempfile
 
 LABELS = {"longseq": "longseq LoRA", "qlora": "longseq QLoRA", "hf": "transformers + PEFT LoRA"}
+
+
+def _plain(row: dict) -> int:
+    """Layers that recompute only the SwiGLU product (from the planner's description in older rows)."""
+    if "plain_layers" in row:
+        return row["plain_layers"]
+    m = re.search(r"the last (\d+) of", row.get("planned", ""))
+    return int(m.group(1)) if m else 0
 
 
 def _forced(row: dict) -> bool:
@@ -40,7 +49,8 @@ def table(rows: list[dict]) -> str:
             continue
         tech = "—" if r["side"] == "hf" else f"{r['recompute']}" + (" (forced)" if _forced(r) else "") \
             + (f", tiles {r['tile']:,}" if r.get("tile") else "") \
-            + (f", keep {r['offload_keep']}" if r["recompute"] == "offloaded" else "")
+            + (f", keep {r['offload_keep']}" if r["recompute"] == "offloaded" else "") \
+            + (f", {_plain(r)} plain" if _plain(r) else "")
         out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['tokens_per_s']:,.0f} | {r['mfu_causal']:.1%} | "
                    f"{r['mfu_palm']:.1%} | {r['peak_gib']:.2f} | {r.get('predicted_gib', '—')} | "
                    f"{r['host_peak_gib']:.1f} | {r['pinned_gib']:.1f} | {tech} | {r['step_s']:.2f} |")

@@ -443,6 +443,8 @@ class TrainConfig(ModelOverrides):
                                     default=None)
     offload_keep: int | None = _help("recompute offloaded: the last layers whose inputs stay on the GPU "
                                      "(default: planned from free memory)", default=None)
+    plain_layers: int | None = _help("recompute keep_attention / full: the last layers that recompute only the "
+                                     "SwiGLU product (default: as many as fit)", default=None)
     lora_rank: int = _help("LoRA rank r", default=16)
     lora_alpha: float = _help("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = _help("dropout on the LoRA input", default=0.0)
@@ -488,7 +490,7 @@ class TrainConfig(ModelOverrides):
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
             if not getattr(self, name) >= 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("tile_tokens", "offload_keep"):
+        for name in ("tile_tokens", "offload_keep", "plain_layers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:

@@ -36,7 +36,8 @@ def build(cfg: ModelConfig, method: str, policy: str, targets: tuple[str, ...], 
             p.requires_grad_(True)
     else:
         apply_lora(model, TrainConfig(lora_rank=rank, lora_alpha=2 * rank, method=method, lora_targets=targets))
-    model.set_recompute(policy)
+    policy, _, plain = policy.partition("+")  # "keep_attention+2": the last 2 layers plain
+    model.set_recompute(policy, plain_layers=int(plain or 0))
     model.train()
     return model
 

@@ -34,6 +34,9 @@ CASES = [
     (QWEN3, "lora", "none", ALL), (QWEN3, "lora", "selective", ALL), (QWEN3, "lora", "full", ALL),
     (QWEN3, "full", "none", ALL), (QWEN3, "full", "full", ALL),
     (QWEN2, "lora", "none", ALL), (QWEN2, "lora", "full", ALL), (QWEN2, "full", "none", ALL),
+    # the last layers plain (SwiGLU recomputed only), "+N" of them
+    (LLAMA, "lora", "keep_attention+2", ALL), (LLAMA, "lora", "keep_attention+3", ALL), (LLAMA, "lora", "full+1", ALL),
+    (LLAMA, "full", "keep_attention+1", ALL), (QWEN3, "lora", "keep_attention+1", ALL),
 ]
 SHAPES = [(1, 512, 1024, False), (2, 384, 256, True)]  # batch, seq, loss chunk, trainer keeps `hidden`
 
@@ -46,13 +49,14 @@ def _id(case):
 FUSED_CASES = [
     (LLAMA, "lora", "none", ALL), (LLAMA, "lora", "selective", ALL), (LLAMA, "lora", "full", ALL),
     (LLAMA, "lora", "keep_attention", ALL), (LLAMA, "full", "none", ALL), (QWEN3, "lora", "none", ALL),
-    (QWEN3, "full", "full", ALL),
+    (QWEN3, "full", "full", ALL), (LLAMA, "lora", "keep_attention+2", ALL),
 ]
 
 
 def _setup(method, policy, targets, batch, seq, chunk, keep, fused=False):
+    policy, _, plain = policy.partition("+")
     return ActivationSetup(method=method, recompute=policy, batch_size=batch, seq_len=seq, lora_targets=targets,
-                           loss_chunk=chunk, keep_hidden=keep, fused=fused)
+                           loss_chunk=chunk, keep_hidden=keep, fused=fused, plain_layers=int(plain or 0))
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -84,7 +88,10 @@ def _check_saved_and_peak(case, shape, fused):
         model.zero_grad(set_to_none=True)
         peak = peak_bytes(model, ids, chunk, keep)
     plan = activation_peak(spec, st)
-    assert plan.peak + plan.grads == pytest.approx(peak, rel=0.03), (plan.phase, plan.peak + plan.grads, peak)
+    if "+" in policy:  # plain layers over recomputed ones: composed from two models' moments, mostly above
+        assert 0.98 * peak <= plan.peak + plan.grads <= 1.04 * peak, (plan.phase, plan.peak + plan.grads, peak)
+    else:
+        assert plan.peak + plan.grads == pytest.approx(peak, rel=0.03), (plan.phase, plan.peak + plan.grads, peak)
 
 
 @pytest.mark.parametrize("policy", ["none", "full"])

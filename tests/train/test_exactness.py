@@ -40,9 +40,10 @@ def test_chunked_cross_entropy_equals_reference(chunk):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("policy", ["selective", "keep_attention", "full"])
+@pytest.mark.parametrize("policy,plain", [("selective", 0), ("keep_attention", 0), ("full", 0),
+                                          ("keep_attention", 1), ("full", 1)])  # plain: last layers, SwiGLU only
 @pytest.mark.parametrize("lora", [False, True])
-def test_recompute_policies_are_exact(policy, lora):
+def test_recompute_policies_are_exact(policy, plain, lora):
     model = tiny()
     if lora:
         apply_lora(model, TrainConfig(lora_rank=4, lora_dropout=0.0))
@@ -55,7 +56,7 @@ def test_recompute_policies_are_exact(policy, lora):
     targets = torch.randint(0, 96, (2, 24))
     model.set_recompute("none")
     ref_loss, ref_grads = loss_and_grads(model, ids, targets)
-    model.set_recompute(policy)
+    model.set_recompute(policy, plain_layers=plain)
     loss, grads = loss_and_grads(model, ids, targets)
     assert set(grads) == set(ref_grads) and grads
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)

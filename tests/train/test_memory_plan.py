@@ -25,12 +25,28 @@ def _budget(monkeypatch, device_gib, host_gib=1000.0):
 def test_candidates_fastest_first_and_user_flags_win():
     cfg = TrainConfig(data=("x",))
     got = candidates(cfg, 4, CUDA)
-    assert got[:6] == [("none", None, 0), ("selective", None, 0), ("keep_attention", None, 0),
-                       ("keep_attention", 8192, 0), ("full", None, 0), ("full", 8192, 0)]
-    assert got[6:] == [("offloaded", 8192, k) for k in (3, 2, 1, 0)]
+    assert got[:13] == [("none", None, 0, 0), *[("keep_attention", None, 0, n) for n in (4, 3, 2, 1)],
+                        ("selective", None, 0, 0), ("keep_attention", None, 0, 0), ("keep_attention", 8192, 0, 0),
+                        *[("full", None, 0, n) for n in (3, 2, 1)], ("full", None, 0, 0), ("full", 8192, 0, 0)]
+    assert got[13:] == [("offloaded", 8192, k, 0) for k in (3, 2, 1, 0)]
     assert all(c[0] != "offloaded" for c in candidates(cfg, 4, torch.device("cpu")))
     fixed = candidates(TrainConfig(data=("x",), recompute="offloaded", tile_tokens=0, offload_keep=2), 4, CUDA)
-    assert fixed == [("offloaded", None, 2)]
+    assert fixed == [("offloaded", None, 2, 0)]
+    fixed = candidates(TrainConfig(data=("x",), recompute="keep_attention", plain_layers=0), 4, CUDA)
+    assert fixed == [("keep_attention", None, 0, 0), ("keep_attention", 8192, 0, 0)]
+
+
+def test_plain_layers_take_the_memory_left_over(monkeypatch):
+    # 32K tokens: keep_attention fits an 80 GB GPU with room for some plain layers, not all of them.
+    _budget(monkeypatch, 79.1)
+    cfg = TrainConfig(data=("x",), seq_len=32768)
+    choice = choose(LLAMA8B, cfg, "bf16", CUDA, packed=False)
+    assert choice.recompute == "keep_attention" and 0 < choice.plain_layers < 32 and choice.fits
+    assert f"the last {choice.plain_layers} of 32 layers" in choice.describe()
+    one_more = predict(LLAMA8B, cfg, "bf16", False, "keep_attention", None, 0, plain=choice.plain_layers + 1)[0]
+    assert one_more / GIB > 79.1 * memory_plan.MARGIN
+    # 4K: no recompute at all; a smaller GPU: every layer plain or fewer
+    assert choose(LLAMA8B, TrainConfig(data=("x",), seq_len=4096), "bf16", CUDA, packed=False).recompute == "none"
 
 
 @pytest.mark.parametrize("seq_len,expect", [(4096, ("none", None)), (32768, ("keep_attention", None)),
@@ -73,6 +89,7 @@ def test_plan_off_keeps_the_flags():
 @pytest.mark.parametrize("kw,msg", [({"rope_scaling": "cubic", "rope_factor": 2.0}, "rope_scaling"),
                                     ({"rope_scaling": "yarn", "rope_factor": 0.5}, "rope_factor"),
                                     ({"tile_tokens": -1}, "tile_tokens"), ({"recompute": "some"}, "recompute"),
+                                    ({"plain_layers": -2}, "plain_layers"),
                                     ({"plan": "maybe"}, "plan")])
 def test_bad_long_context_flags(kw, msg):
     with pytest.raises(LongseqError, match=msg):

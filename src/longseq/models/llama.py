@@ -12,11 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from longseq.attention import attention
 from longseq.config import RECOMPUTE_POLICIES, ModelConfig
-from longseq.models import fused
+from longseq.models import fused, recompute
 from longseq.models.fused_linear import FusedLinear, fuse
 from longseq.models.offload import LayerInputOffloader
 from longseq.models.rope import RotaryEmbedding, apply_rope
@@ -27,9 +26,8 @@ if TYPE_CHECKING:
 
 
 def _maybe_checkpoint(enabled: bool, fn, *args):
-    # Non-reentrant checkpointing: works with autocast, kwargs-free closures and inputs that need no grad.
     if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
+        return recompute.checkpoint(fn, *args)
     return fn(*args)
 
 
@@ -153,15 +151,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.recompute_act = False  # selective recompute: store gate and up, recompute silu(gate) * up
+        self.recompute_act = False  # keep gate and up, recompute silu(gate) * up (and a frozen down_proj's input)
         self.gate_up: FusedLinear | None = None  # gate and up as one matmul (CausalLM.fuse_projections)
         self.down: FusedLinear | None = None
         self.tile: int | None = None  # long sequences: run over this many tokens at a time (models/tiling.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, S, d) -> (B, S, d). Its output only ever feeds the residual add that ends the layer, so a recompute
+        never reads it (models/recompute.py): the frozen down_proj is skipped there, a tiled MLP entirely."""
         if self.tile is not None and torch.is_grad_enabled() and x.numel() // x.shape[-1] > self.tile:
             params = [p for p in self.parameters() if p.requires_grad]
-            return tiled_mlp(self._forward, x, params, self.tile)
+            with recompute.output_unused():
+                return tiled_mlp(self._forward, x, params, self.tile)
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +170,21 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        act = _maybe_checkpoint(self.recompute_act, _swiglu, gate, up)
-        return (_inference(self.down) or self.down_proj)(act)
+        if self.recompute_act and torch.is_grad_enabled():
+            if getattr(self.down_proj, "frozen_base", False):
+                # LoRA: the checkpoint takes in down_proj too, so silu(gate)·up is not kept as the adapter's input
+                # either; its recompute skips the frozen matmul (models/recompute.py), only the adapter runs again.
+                return recompute.checkpoint(self._down, gate, up)
+            act = recompute.checkpoint(_swiglu, gate, up)
+        else:
+            act = _swiglu(gate, up)
+        with recompute.output_unused():
+            return (_inference(self.down) or self.down_proj)(act)
+
+    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        act = _swiglu(gate, up)
+        with recompute.output_unused():
+            return self.down_proj(act)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -193,9 +207,9 @@ class DecoderLayer(nn.Module):
             # Two checkpoints around attention instead of one over the layer: backward recomputes the norms and
             # projections, but attention's saved q, k, v, output and log-sum-exp stay from the forward, so the
             # layer's costliest kernel at long sequences runs once, not twice.
-            q, k, v = checkpoint(self._qkv, x, cos, sin, use_reentrant=False)
+            q, k, v = recompute.checkpoint(self._qkv, x, cos, sin)
             out = self.self_attn.attend(q, k, v, None, doc_ids)
-            return checkpoint(self._after_attention, x, out, use_reentrant=False)
+            return recompute.checkpoint(self._after_attention, x, out)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -209,7 +223,12 @@ class DecoderLayer(nn.Module):
 
     def _qkv(self, x, cos, sin):
         attn = self.self_attn
-        return attn.position(*attn.project(self.input_layernorm(x)), cos, sin)
+        normed = self.input_layernorm(x)
+        # The recompute needs only the projections' inputs (their adapters'): attention kept q, k and v from the
+        # forward, and RoPE's backward reads no values. Qwen3's q/k norms do, so they keep the matmuls.
+        with recompute.output_unused(attn.q_norm is None):
+            q, k, v = attn.project(normed)
+        return attn.position(q, k, v, cos, sin)
 
     def _after_attention(self, x, out):
         x = x + self.self_attn.output(out)
@@ -235,24 +254,32 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
         self.recompute = "none"
         self.offload_keep = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
+        self.plain_layers = 0  # keep_attention / full: the last layers that recompute only SwiGLU (memory permitting)
         self.offloader: LayerInputOffloader | None = None
         self.head: FusedLinear | None = None  # lm_head as inference runs it (fuse_projections)
         self.tie_weights()
 
-    def set_recompute(self, policy: str, keep_on_gpu: int = 0) -> None:
+    def set_recompute(self, policy: str, keep_on_gpu: int = 0, plain_layers: int = 0) -> None:
         """Activation checkpointing: none; selective (recompute attention internals and the SwiGLU product,
         keep every matmul output, after Korthikanti et al. 2022); keep_attention (recompute everything but
         attention, whose inputs and output stay: the long-sequence inverse of selective); full (keep only each
         layer's input); offloaded (full, with the inputs of all but the last `keep_on_gpu` layers in pinned host
-        memory)."""
+        memory). Under keep_attention or full, the last `plain_layers` layers recompute nothing but the SwiGLU
+        product: what memory is left over buys back recompute layer by layer."""
         if policy not in RECOMPUTE_POLICIES:
             raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
-        self.recompute, self.offload_keep = policy, max(0, keep_on_gpu)
+        num_layers = len(self.model.layers)
+        if plain_layers and (policy not in ("keep_attention", "full") or not 0 <= plain_layers <= num_layers):
+            raise ValueError(f"plain_layers needs recompute keep_attention or full and 0..{num_layers} layers, got "
+                             f"{plain_layers} with {policy!r}")
+        self.recompute, self.offload_keep, self.plain_layers = policy, max(0, keep_on_gpu), plain_layers
         if policy == "offloaded" and self.offloader is None:
             self.offloader = LayerInputOffloader()
-        for layer in self.model.layers:
-            layer.self_attn.recompute_core = layer.mlp.recompute_act = policy == "selective"
-            layer.keep_attention = policy == "keep_attention"
+        for i, layer in enumerate(self.model.layers):
+            plain = i >= num_layers - plain_layers
+            layer.self_attn.recompute_core = policy == "selective"
+            layer.mlp.recompute_act = policy == "selective" or plain
+            layer.keep_attention = policy == "keep_attention" and not plain
 
     def set_tiling(self, tile: int | None) -> None:
         """Run every RMSNorm and MLP over `tile` tokens at a time in training (None: whole sequences)."""
@@ -340,5 +367,6 @@ class CausalLM(nn.Module):
             if i < offload_below:
                 x = self.offloader.run(layer, x, cos, sin, None, doc_ids, keep=(cos, sin, doc_ids))
             else:
-                x = _maybe_checkpoint(full, layer, x, cos, sin, cache, doc_ids)
+                plain = i >= len(self.model.layers) - self.plain_layers
+                x = _maybe_checkpoint(full and not plain, layer, x, cos, sin, cache, doc_ids)
         return self.model.norm(x)

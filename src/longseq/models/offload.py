@@ -18,6 +18,17 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from longseq.models import recompute
+
+
+def _recomputed(layer: Callable) -> Callable:
+    # Reentrant checkpointing runs the forward without grad and the recompute (in backward) with it.
+    def run(*args):
+        with recompute.recomputing(torch.is_grad_enabled()):
+            return layer(*args)
+
+    return run
+
 
 class _Handle:
     """One offloaded tensor: its host copy and, in backward, the prefetched tensor and its copy's event. (The copy
@@ -48,7 +59,7 @@ class LayerInputOffloader:
         if not x.requires_grad:  # reentrant checkpointing only sends gradients to layers whose input needs one
             x = x.detach().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            return checkpoint(layer, x, *args, use_reentrant=True)
+            return checkpoint(_recomputed(layer), x, *args, use_reentrant=True)
 
     def reset(self) -> None:
         """Start a new forward pass: prefetching follows layers in the order this pass offloads them."""

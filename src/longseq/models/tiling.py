@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 
+from longseq.models import recompute
+
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
@@ -66,7 +68,9 @@ def tiled_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, tile: int)
 
 
 class _TiledMLP(torch.autograd.Function):
-    """fn applied to `tile` tokens at a time; backward recomputes each tile and differentiates it alone.
+    """fn applied to `tile` tokens at a time; backward recomputes each tile and differentiates it alone. Inside a
+    checkpoint's recompute of a call marked output_unused (models/recompute.py) the forward computes nothing: only
+    its saved input matters there; fn maps d to d (the MLP).
 
     The trainable parameters are explicit inputs, so their gradients flow through autograd (they are not
     accumulated behind its back) even when x itself needs no gradient.
@@ -79,14 +83,17 @@ class _TiledMLP(torch.autograd.Function):
         ctx.device_type = x.device.type
         ctx.autocast = _autocast_state(ctx.device_type)
         ctx.rng = _rng_state(x.device)  # dropout inside fn (LoRA) must draw the same masks again in backward
+        ctx.save_for_backward(x)
+        ctx.fn, ctx.tile, ctx.params = fn, tile, params  # parameters are leaves: no saved-tensor bookkeeping
+        if recompute.skip():  # a checkpoint's recompute reads only the saved input: backward recomputes the tiles
+            dtype = torch.get_autocast_dtype(ctx.device_type) if ctx.autocast[0] else x.dtype
+            return recompute.unused_output(x.shape, x, dtype)  # an MLP maps d to d
         out = None
         for i in range(0, rows.shape[0], tile):
             y = fn(rows[i : i + tile])
             if out is None:
                 out = torch.empty((rows.shape[0], y.shape[-1]), dtype=y.dtype, device=y.device)
             out[i : i + tile] = y
-        ctx.save_for_backward(x)
-        ctx.fn, ctx.tile, ctx.params = fn, tile, params  # parameters are leaves: no saved-tensor bookkeeping
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -100,7 +107,7 @@ class _TiledMLP(torch.autograd.Function):
         dparams: list[torch.Tensor | None] = [None] * len(params)
         enabled, dtype = ctx.autocast
         with torch.random.fork_rng(devices=_rng_devices(x.device)), torch.enable_grad(), \
-                torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled), recompute.recomputing():
             _set_rng_state(x.device, ctx.rng)
             for i in range(0, rows.shape[0], ctx.tile):
                 xt = rows[i : i + ctx.tile].detach().requires_grad_(need_x)

@@ -38,7 +38,7 @@ the last layer's MLP backward (gate, up, silu(gate) and three S × I gradients a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
@@ -73,6 +73,7 @@ class ActivationSetup:
     grads_persist: bool = False  # gradient accumulation: earlier micro-batches' grads exist during this one
     mlp_tile: int | None = None  # RMSNorms and MLPs run over this many tokens at a time (models/tiling.py)
     offload_keep: int = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
+    plain_layers: int = 0  # keep_attention / full: the last layers recompute only the SwiGLU product ("plain")
     tp: int = 1  # tensor parallel with Megatron sequence parallelism: every activation / tp (Korthikanti §4.2.2)
     sp: int = 1  # Ulysses sequence parallel (longseq train --sequence-parallel): each GPU holds seq_len / sp tokens
     pp: int = 1  # pipeline stages: layers / pp per GPU, pp micro-batches in flight on the first stage
@@ -158,23 +159,26 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
         kv_saved = 2 * z.a * q + st.seq_len * st.sp
     else:
         kv_saved = 2 * z.a * kv
-    if policy == "none":
+    if policy in ("none", "plain"):
         attn = z.a * q + kv_saved + z.a * q + lse  # RoPE'd q and k, v, output, log-sum-exp
         if cfg.qk_norm:  # Qwen3: q_norm / k_norm
             attn += _qk_norm_bytes(z, spec)
-        # gate, silu(gate) (not fused), up, silu·up (down's input)
+    else:  # selective: the checkpointed core keeps q, k, v (pre-RoPE); o_proj keeps the output if it saves inputs
+        attn = z.a * q + (2 * z.a * kv) + (z.a * q if "o_proj" in z.saves else 0)
+    if policy == "none":  # gate, silu(gate) (not fused), up, silu·up (down's input)
         mlp = (3 - z.fused + ("down_proj" in z.saves)) * z.a * inter * k
         if spec.mlp == "gelu":
             mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
-    else:  # selective: the checkpointed core keeps q, k, v (pre-RoPE); o_proj keeps the output if it saves inputs
-        attn = z.a * q + (2 * z.a * kv) + (z.a * q if "o_proj" in z.saves else 0)
-        mlp = (2 + ("down_proj" in z.saves)) * z.a * inter * k  # gate and up (checkpoint inputs), silu·up
+    else:  # selective, plain: gate and up (checkpoint inputs); silu·up only when down_proj's weight trains (a
+        # frozen down_proj, LoRA's, is inside SwiGLU's checkpoint)
+        mlp = (2 + ("down_proj" in z.saves and z.full)) * z.a * inter * k
         if spec.mlp == "gelu":
             mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
     parts["attention"] = attn
     parts["mlp"] = mlp if st.mlp_tile is None else 0.0  # tiled: intermediates exist per tile only (see peak)
     # LoRA B keeps x·Aᵀ; a tiled MLP's adapters run inside the tile (models/tiling.py _TiledMLP saves only its input)
-    adapters = [t for t in z.targets if t in layer_linears(spec) and not (tiled and t in MLP_LINEARS)]
+    adapters = [t for t in z.targets if t in layer_linears(spec) and not (tiled and t in MLP_LINEARS)
+                and not (policy in ("selective", "plain") and t == "down_proj")]
     parts["lora"] = z.a * st.lora_rank * sum(layer_linears(spec)[t].copies for t in adapters)
     return {key: value for key, value in parts.items() if value}
 
@@ -248,37 +252,46 @@ def _tokens(st: ActivationSetup) -> float:
     return st.batch_size * st.seq_len / st.sp
 
 
-def _layer_constants(spec: ModelSpec, st: ActivationSetup) -> float:
+def _layer_constants(spec: ModelSpec, st: ActivationSetup, policy: str | None = None) -> float:
     """Bytes per layer, not per token, kept for backward: bf16 casts of the adapters (LoRA) or of the fp32 weights
-    (full fine-tuning under autocast), which autocast caches and the matmuls save."""
+    (full fine-tuning under autocast), which autocast caches and the matmuls save. Selective and plain layers
+    recompute down_proj's adapter inside SwiGLU's checkpoint: its casts are not kept."""
     z = _sizes(st)
     if z.casts:
         return 2.0 * count_params(spec).linear / spec.config.num_layers
     if z.a == 2 and z.targets:
-        return 2.0 * lora_weight_elements(spec, st.lora_rank, tuple(z.targets))
+        inside = {"down_proj"} if (policy or st.recompute) in ("selective", "plain") else set()
+        return 2.0 * lora_weight_elements(spec, st.lora_rank, tuple(t for t in z.targets if t not in inside))
     return 0.0
 
 
-def _layer_saved(spec: ModelSpec, st: ActivationSetup, first: bool) -> dict[str, float]:
-    """One layer's saved bytes for the micro-batch on one GPU (policy of the setup), by part."""
+def _layer_saved(spec: ModelSpec, st: ActivationSetup, first: bool, policy: str | None = None) -> dict[str, float]:
+    """One layer's saved bytes for the micro-batch on one GPU (policy of the setup by default), by part."""
     scale = _tokens(st) / st.tp
-    return {k: v * scale for k, v in layer_bytes_per_token(spec, st, st.recompute, first=first).items()}
+    return {k: v * scale for k, v in layer_bytes_per_token(spec, st, policy or st.recompute, first=first).items()}
+
+
+def _plain(st: ActivationSetup, layers: int) -> int:
+    """How many of the last layers are plain (recompute only SwiGLU's product) on this GPU."""
+    return min(st.plain_layers, layers) if st.recompute in ("keep_attention", "full") else 0
 
 
 def saved_bytes(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
     """Bytes kept from forward for backward for the whole micro-batch on one GPU, by part (what saved-tensor hooks
     see: unique storages, parameters excluded)."""
     layers = spec.config.num_layers // st.pp
+    plain = _plain(st, layers)
     out: dict[str, float] = {}
-    for first, count in ((st.pp == 1, 1), (False, layers - 1)):
-        for key, value in _layer_saved(spec, st, first).items():
-            out[key] = out.get(key, 0.0) + value * count
+    for i in range(layers):
+        for key, value in _layer_saved(spec, st, st.pp == 1 and i == 0,
+                                       "plain" if i >= layers - plain else None).items():
+            out[key] = out.get(key, 0.0) + value
     for key, value in outside_bytes_per_token(spec, st).items():
         out[key] = out.get(key, 0.0) + value * _tokens(st) / st.tp
     if st.packed and st.recompute != "none":
         out["targets and ids"] += INDEX * _tokens(st) / st.tp  # doc_ids are a checkpoint input
-    if st.recompute in ("none", "selective"):
-        out["weight casts"] = _layer_constants(spec, st) * layers / st.tp
+    if st.recompute in ("none", "selective", "plain") or plain:  # layers that are not recomputed
+        out["weight casts"] = _layer_constants(spec, st, "plain" if plain else None) * (plain or layers) / st.tp
     if st.pp > 1:  # 1F1B: the first stage holds pp micro-batches of its layers (Narayanan et al. 2021, §2.2)
         out = {key: value * st.pp for key, value in out.items()}
     return {key: value for key, value in out.items() if value}
@@ -307,8 +320,49 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     kernel_workspace=False leaves out what CUDA kernels allocate inside themselves (FlashAttention-2 backward's fp32
     dQ accumulator and GQA-expanded dK/dV), which a CPU run never allocates and a dispatch-level tracker never sees.
     """
-    if st.recompute not in POLICIES:
+    if st.recompute not in POLICIES + ("plain",):
         raise ValueError(f"recompute must be one of {POLICIES}")
+    plain = _plain(st, spec.config.num_layers // st.pp)
+    if plain:
+        events, saved, host, all_grads = _mixed_events(spec, st, plain, kernel_workspace)
+    else:
+        events, saved, host, all_grads = _events(spec, st, kernel_workspace)
+    phase = max(events, key=lambda e: sum(events[e]))
+    act, grad = events[phase]
+    total = sum(saved.values())
+    if phase == "optimizer step":  # nothing of the forward is left
+        total, saved = 0.0, {}
+    parts = dict(saved)
+    parts["transient"] = act - total
+    return ActivationPeak(saved=total, peak=act, grads=grad, phase=phase, parts=parts, host=host,
+                          events={e: sum(v) for e, v in events.items()}, all_grads=all_grads)
+
+
+def _mixed_events(spec: ModelSpec, st: ActivationSetup, plain: int, kernel_workspace: bool):
+    """keep_attention / full with the last `plain` layers plain. Backward meets the plain layers first: their
+    moments are those of an all-plain model whose lower layers hold the recomputed policy's (smaller) saved
+    tensors instead; the recomputed layers' moments are those of a model of just them (the plain layers' tensors
+    are freed by then, their gradients exist)."""
+    cfg = spec.config
+    layers = cfg.num_layers // st.pp
+    all_plain = replace(st, recompute="plain", plain_layers=0)
+    events, _, _, all_grads = _events(spec, all_plain, kernel_workspace)
+    saved = saved_bytes(spec, st)
+    shift = sum(saved_bytes(spec, all_plain).values()) - sum(saved.values())
+    events = {e: (act - shift if e != "optimizer step" else act, g) for e, (act, g) in events.items()
+              if "layer 0" not in e}
+    if plain < layers:
+        below = replace(spec, config=replace(cfg, num_layers=(layers - plain) * st.pp))
+        _, layer_grad, _ = _grad_bytes(spec, st)
+        for e, (act, g) in _events(below, replace(st, plain_layers=0), kernel_workspace)[0].items():
+            if "layer" in e or e == "NF4 dequantize":
+                events[e.replace("last layer", "last recomputed layer")] = (act, g + plain * layer_grad)
+    return events, saved, 0.0, all_grads
+
+
+def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
+    """Every candidate moment as (activation bytes, gradient bytes), the saved tensors by part (offloaded ones not
+    counted), the pinned host bytes and all gradients' bytes. One policy for every layer."""
     z, cfg = _sizes(st), spec.config
     d, inter, k = cfg.hidden_size, cfg.intermediate_size, spec.experts_per_token
     layers = cfg.num_layers // st.pp
@@ -346,7 +400,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     mlp_rows = t if st.mlp_tile is None else min(t, st.mlp_tile / st.tp)
     width = inter * k
     swiglu_tensors = FUSED_MLP_BACKWARD_TENSORS if z.fused else MLP_BACKWARD_TENSORS
-    if z.fused and st.recompute == "selective" and spec.mlp == "swiglu":
+    if z.fused and st.recompute in ("selective", "plain") and spec.mlp == "swiglu":
         swiglu_tensors += 1  # the checkpoint's recomputed silu(gate)·up is alive through the kernel's backward
     mlp_event = (swiglu_tensors if spec.mlp == "swiglu" else 4) * z.a * width * mlp_rows
     # _TiledMLP.backward allocates the whole input gradient (torch.empty_like(rows)) before its first tile, and
@@ -466,11 +520,4 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
         else:
             at = total - sum(outside.values()) + outside["rope cos/sin"] + dequant
         events["NF4 dequantize"] = (at, grads(0.0))
-    phase = max(events, key=lambda e: sum(events[e]))
-    act, grad = events[phase]
-    if phase == "optimizer step":  # nothing of the forward is left
-        total, saved = 0.0, {}
-    parts = dict(saved)
-    parts["transient"] = act - total
-    return ActivationPeak(saved=total, peak=act, grads=grad, phase=phase, parts=parts, host=host,
-                          events={e: sum(v) for e, v in events.items()}, all_grads=all_grads)
+    return events, saved, host, all_grads

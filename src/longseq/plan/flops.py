@@ -63,7 +63,9 @@ def step_flops_per_token(matmul_params: int, layer_matmul_params: int, adapter_p
     the chunked loss always recomputes the LM head (counted in N's forward). Adapters: 8 FLOPs a parameter with
     recompute, 6 without. Attention, causal: forward 2·L·d_attn·S̄ with S̄ the mean keys a query sees (S/2, or the
     sliding window), backward FA_BACKWARD_RATIO × forward, recompute (full or selective, not keep_attention) one more
-    forward; keep_attention recomputes the layers' matmuls as full does."""
+    forward; keep_attention recomputes the layers' matmuls as full does. With a frozen base that is an upper
+    bound: a recompute skips the matmuls whose outputs no backward reads (models/recompute.py: q/k/v and down
+    under keep_attention, down under full), and plain layers recompute none."""
     head = matmul_params - num_layers * layer_matmul_params  # the LM head (and anything outside the layers)
     recomputes = recompute in ("full", "offloaded", "keep_attention")
     mm = 2.0 * matmul_params + 2.0 * matmul_params + (2.0 * matmul_params if trains_base else 0.0)

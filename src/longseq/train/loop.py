@@ -86,7 +86,7 @@ def plan_memory(model, cfg: TrainConfig, precision: str, device: torch.device, p
     from longseq.train.memory_plan import choose
 
     choice = choose(model.config, cfg, precision, device, packed, parallelism_for(cfg, world_size))
-    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep)
+    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep, plain_layers=choice.plain_layers)
     model.set_tiling(choice.tile)
     return choice
 

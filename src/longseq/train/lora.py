@@ -11,6 +11,7 @@ from torch import nn
 
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
+from longseq.models import recompute
 
 NF4_BLOCK = 64  # QLoRA: one absmax scale per 64 weights
 
@@ -51,6 +52,8 @@ class LoRALinear(nn.Module):
     rank 0 means no adapter: a frozen (possibly quantized) linear layer.
     """
 
+    frozen_base = True  # backward needs no input for the base matmul, and a recompute may skip it (models/recompute.py)
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, quantize: bool = False):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -68,21 +71,24 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # no activation saved; skipped where a recompute never reads the output
+            return recompute.frozen_linear(x, self.weight, self.bias, is_nf4(self.weight))
         if is_nf4(self.weight):
             y = _nf4()[1](x, self.weight)  # dequantizes block by block to the original dtype inside the matmul
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_forward(x)
-        if not self.rank:
-            return y
-        a = self.lora_A.weight.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_A.weight
-        b = self.lora_B.weight.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_B.weight
-        # The scale goes on the rank-r product and the add into the second matmul (addmm's beta·y): two passes over
-        # the (tokens, out) output fewer than PEFT's `y + B(A(x)) * s`, a tenth of a 32K-token step's time.
-        xa = F.linear(self.dropout(x), a) * self.scaling  # (..., r)
-        return torch.addmm(y.flatten(0, -2), xa.flatten(0, -2), b.t()).view(y.shape)
+        rows = x.flatten(0, -2)  # (N, in): 2-D, so that y is a fresh tensor (not a view) and may take addmm_
+        y = self.base_forward(rows)  # (N, out)
+        if self.rank:
+            a = self.lora_A.weight.to(x.dtype) if not torch.is_autocast_enabled() else self.lora_A.weight
+            # The scale goes on the rank-r product and the add into the second matmul, in place on the base output
+            # (addmm_; out-of-place addmm would first copy y): PEFT's `y + B(A(x)) * s` makes three more passes
+            # over the (tokens, out) output. Nothing reads y in backward, so it may be overwritten.
+            xa = F.linear(self.dropout(rows), a) * self.scaling  # (N, r)
+            y.addmm_(xa, self.lora_B.weight.to(y.dtype).t())
+        return y.view(*x.shape[:-1], self.out_features)
 
     def merged_weight(self) -> torch.Tensor:
         """W0 + (alpha / r) B A in float32 (what a merged export writes)."""

@@ -1,10 +1,11 @@
 """`longseq train --plan auto`: pick the memory techniques a run needs from the planner and the memory there is.
 
-The candidates, fastest first: no recompute; selective; keep_attention (recompute all but attention), untiled
-then with tiled norms and MLPs; full, untiled then tiled; layer inputs offloaded to pinned host memory (keeping on
-the GPU as many of the last layers' inputs as fit). The first whose predicted peak (longseq.plan, validated
-against measured H100 runs) fits the GPU's memory wins. A flag the user set (`--recompute`, `--tile-tokens`,
-`--offload-keep`) is kept as given.
+The candidates, fastest first: no recompute; keep_attention (recompute all but attention) with as many of the
+last layers plain (recomputing only the SwiGLU product) as fit, all of them first; selective; keep_attention,
+untiled then with tiled norms and MLPs; full with plain layers, full, untiled then tiled; layer inputs offloaded to
+pinned host memory (keeping on the GPU as many of the last layers' inputs as fit). The first whose predicted peak
+(longseq.plan, validated against measured H100 runs) fits the GPU's memory wins. A flag the user set
+(`--recompute`, `--tile-tokens`, `--offload-keep`, `--plain-layers`) is kept as given.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MemoryChoice:
     num_layers: int
     auto: bool  # chosen by the planner (else: as the flags say)
     host_budget_gib: float | None = None  # available host memory
+    plain_layers: int = 0  # keep_attention / full: the last layers that recompute only the SwiGLU product
 
     @property
     def fits(self) -> bool:
@@ -38,6 +40,10 @@ class MemoryChoice:
 
     def describe(self) -> str:
         parts = [f"recompute {self.recompute}"]
+        if self.plain_layers >= self.num_layers:
+            parts = ["recompute only the SwiGLU product"]
+        elif self.plain_layers:
+            parts[0] += f" (the last {self.plain_layers} of {self.num_layers} layers: the SwiGLU product only)"
         if self.recompute == "offloaded":
             offloaded = max(0, self.num_layers - self.offload_keep)
             parts[0] += (f" ({offloaded} of {self.num_layers} layer inputs in pinned host memory, "
@@ -50,7 +56,7 @@ class MemoryChoice:
 
 
 def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-           tile: int | None, keep: int, parallel=None):
+           tile: int | None, keep: int, parallel=None, plain: int = 0):
     from longseq.models import fused
     from longseq.plan.memory import Parallelism, TrainSetup
 
@@ -59,16 +65,17 @@ def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: boo
         recompute=recompute, optimizer=cfg.optimizer, precision=precision, lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
         train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
-        mlp_tile=tile, offload_keep=keep, parallel=parallel or Parallelism(), fused=fused.available())
+        mlp_tile=tile, offload_keep=keep, plain_layers=plain, parallel=parallel or Parallelism(),
+        fused=fused.available())
 
 
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-            tile: int | None, keep: int, parallel=None) -> tuple[float, float]:
+            tile: int | None, keep: int, parallel=None, plain: int = 0) -> tuple[float, float]:
     """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
     from longseq.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, train_memory
     from longseq.plan.models import ModelSpec
 
-    setup = _setup(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel)
+    setup = _setup(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel, plain)
     mem = train_memory(ModelSpec("run", model_cfg), setup)
     return mem.allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB, mem.activation.host
 
@@ -84,21 +91,32 @@ def device_budget(device: torch.device) -> tuple[float, float]:
     return host + _meminfo("_rss"), host
 
 
+Candidate = tuple[str, int | None, int, int]  # recompute, tile, offload_keep, plain_layers
+
+
 def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
-               distributed: bool = False) -> list[tuple[str, int | None, int]]:
-    """(recompute, tile, offload_keep) to try, fastest first, restricted by what the user fixed. Host offload is
-    single-process only for now (its reentrant checkpoints are untested under DDP / FSDP hooks)."""
+               distributed: bool = False) -> list[Candidate]:
+    """(recompute, tile, offload_keep, plain_layers) to try, fastest first, restricted by what the user fixed.
+    Host offload is single-process only for now (its reentrant checkpoints are untested under DDP / FSDP hooks)."""
     tile_on = cfg.tile_tokens if cfg.tile_tokens else DEFAULT_TILE_TOKENS
-    out: list[tuple[str, int | None, int]] = [("none", None, 0), ("selective", None, 0), ("keep_attention", None, 0),
-                                              ("keep_attention", tile_on, 0), ("full", None, 0), ("full", tile_on, 0)]
+
+    def plain(policy: str, most: int) -> list[Candidate]:  # each plain layer buys back one layer's recompute
+        return [(policy, None, 0, n) for n in range(most, 0, -1)]
+
+    out: list[Candidate] = [("none", None, 0, 0), *plain("keep_attention", num_layers), ("selective", None, 0, 0),
+                            ("keep_attention", None, 0, 0), ("keep_attention", tile_on, 0, 0),
+                            *plain("full", num_layers - 1), ("full", None, 0, 0), ("full", tile_on, 0, 0)]
     if device.type == "cuda" and not distributed:  # host offload saves device memory only off the host
-        out += [("offloaded", tile_on, keep) for keep in range(num_layers - 1, -1, -1)]
+        out += [("offloaded", tile_on, keep, 0) for keep in range(num_layers - 1, -1, -1)]
     if cfg.recompute != "auto":
-        out = [c for c in out if c[0] == cfg.recompute] or [(cfg.recompute, tile_on, 0)]
+        out = [c for c in out if c[0] == cfg.recompute] or [(cfg.recompute, tile_on, 0, 0)]
     if cfg.tile_tokens is not None:
-        out = [(r, cfg.tile_tokens or None, k) for r, _, k in out]
+        out = [(r, cfg.tile_tokens or None, k, n) for r, _, k, n in out]
     if cfg.offload_keep is not None:
-        out = [(r, t, cfg.offload_keep) for r, t, _ in out]
+        out = [(r, t, cfg.offload_keep, n) for r, t, _, n in out]
+    if cfg.plain_layers is not None:
+        out = [(r, t, k, min(cfg.plain_layers, num_layers) if r in ("keep_attention", "full") else 0)
+               for r, t, k, _ in out]
     return list(dict.fromkeys(out))
 
 
@@ -111,15 +129,19 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
     if cfg.plan == "off":
         recompute = "none" if cfg.recompute == "auto" else cfg.recompute
         keep = cfg.offload_keep if cfg.offload_keep is not None else 0
-        peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep, parallel)
-        return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False)
+        plain = min(cfg.plain_layers or 0, layers) if recompute in ("keep_attention", "full") else 0
+        peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep, parallel,
+                             plain)
+        return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False,
+                            plain_layers=plain)
     budget, host_free = device_budget(device)
-    auto = cfg.recompute == "auto" or cfg.tile_tokens is None or cfg.offload_keep is None
+    auto = (cfg.recompute == "auto" or cfg.tile_tokens is None or cfg.offload_keep is None
+            or cfg.plain_layers is None)
     best = None
-    for recompute, tile, keep in candidates(cfg, layers, device, distributed):
-        peak, host = predict(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel)
+    for recompute, tile, keep, plain in candidates(cfg, layers, device, distributed):
+        peak, host = predict(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel, plain)
         choice = MemoryChoice(recompute, tile, keep, peak / GIB, budget / GIB, host / GIB, layers, auto,
-                              host_free / GIB)
+                              host_free / GIB, plain)
         if choice.fits:
             return choice
         if best is None or choice.predicted_gib < best.predicted_gib:

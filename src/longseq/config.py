@@ -357,6 +357,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 RECOMPUTE_POLICIES = ("none", "selective", "keep_attention", "full", "offloaded")
+PLAIN_LAYER_POLICIES = ("keep_attention", "full")  # the policies whose last layers may run plain (SwiGLU only)
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 KV_POOL_MODES = ("measure", "plan")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longseq.attention import attention
-from longseq.config import RECOMPUTE_POLICIES, ModelConfig
+from longseq.config import PLAIN_LAYER_POLICIES, RECOMPUTE_POLICIES, ModelConfig
 from longseq.models import fused, recompute
 from longseq.models.fused_linear import FusedLinear, fuse
 from longseq.models.offload import LayerInputOffloader
@@ -170,21 +170,17 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.recompute_act and torch.is_grad_enabled():
-            if getattr(self.down_proj, "frozen_base", False):
-                # LoRA: the checkpoint takes in down_proj too, so silu(gate)·up is not kept as the adapter's input
-                # either; its recompute skips the frozen matmul (models/recompute.py), only the adapter runs again.
-                return recompute.checkpoint(self._down, gate, up)
-            act = recompute.checkpoint(_swiglu, gate, up)
-        else:
-            act = _swiglu(gate, up)
+        checkpointed = self.recompute_act and torch.is_grad_enabled()
+        if checkpointed and getattr(self.down_proj, "frozen_base", False):
+            # LoRA: the checkpoint takes in down_proj too, so silu(gate)·up is not kept as the adapter's input
+            # either; its recompute skips the frozen matmul (models/recompute.py), only the adapter runs again.
+            return recompute.checkpoint(self._down, gate, up)
+        return self._down(gate, up, checkpointed)
+
+    def _down(self, gate: torch.Tensor, up: torch.Tensor, checkpoint_act: bool = False) -> torch.Tensor:
+        act = _maybe_checkpoint(checkpoint_act, _swiglu, gate, up)
         with recompute.output_unused():
             return (_inference(self.down) or self.down_proj)(act)
-
-    def _down(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        act = _swiglu(gate, up)
-        with recompute.output_unused():
-            return self.down_proj(act)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -269,7 +265,7 @@ class CausalLM(nn.Module):
         if policy not in RECOMPUTE_POLICIES:
             raise ValueError(f"recompute policy must be one of {RECOMPUTE_POLICIES}, got {policy!r}")
         num_layers = len(self.model.layers)
-        if plain_layers and (policy not in ("keep_attention", "full") or not 0 <= plain_layers <= num_layers):
+        if plain_layers and (policy not in PLAIN_LAYER_POLICIES or not 0 <= plain_layers <= num_layers):
             raise ValueError(f"plain_layers needs recompute keep_attention or full and 0..{num_layers} layers, got "
                              f"{plain_layers} with {policy!r}")
         self.recompute, self.offload_keep, self.plain_layers = policy, max(0, keep_on_gpu), plain_layers

@@ -55,8 +55,11 @@ def skip() -> bool:
     return ENABLED and getattr(_state, "recomputing", False) and getattr(_state, "unused", False)
 
 
-def unused_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The stand-in for a skipped output: uninitialised (NaN under tests)."""
+def unused_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """The stand-in for a skipped output computed from `like`: its dtype (the autocast dtype under autocast, as the
+    matmul's would be), uninitialised (NaN under tests)."""
+    device = like.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else like.dtype
     out = torch.empty(shape, dtype=dtype, device=like.device)
     return out if FILL is None else out.fill_(FILL)
 
@@ -78,15 +81,17 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nf4: bool) -> torch.Tensor:
         ctx.weight = weight  # a parameter: kept by reference, out of the saved-tensor hooks (checkpoint, offload)
         if skip():
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            return unused_output((*x.shape[:-1], weight.shape[0]), x, dtype)
-        # NF4 (QLoRA): dequantized to the input's dtype first, as torchao's linear_nf4 does
-        return F.linear(x, weight.to(x.dtype) if nf4 else weight, bias)
+            return unused_output((*x.shape[:-1], weight.shape[0]), x)
+        return frozen_matmul(x, weight, bias, nf4)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad @ ctx.weight.to(grad.dtype), None, None, None
+
+
+def frozen_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nf4: bool) -> torch.Tensor:
+    """x Wᵀ + b; an NF4 weight (QLoRA) is dequantized to the input's dtype first, as torchao's linear_nf4 does."""
+    return F.linear(x, weight.to(x.dtype) if nf4 else weight, bias)
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, nf4: bool) -> torch.Tensor:

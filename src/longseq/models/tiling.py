@@ -86,8 +86,7 @@ class _TiledMLP(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.fn, ctx.tile, ctx.params = fn, tile, params  # parameters are leaves: no saved-tensor bookkeeping
         if recompute.skip():  # a checkpoint's recompute reads only the saved input: backward recomputes the tiles
-            dtype = torch.get_autocast_dtype(ctx.device_type) if ctx.autocast[0] else x.dtype
-            return recompute.unused_output(x.shape, x, dtype)  # an MLP maps d to d
+            return recompute.unused_output(x.shape, x)  # an MLP maps d to d
         out = None
         for i in range(0, rows.shape[0], tile):
             y = fn(rows[i : i + tile])

@@ -9,8 +9,8 @@ bytes in 16-bit training (`korthikanti_layer_bytes`). longseq differs, and this 
 - RMSNorm computes in fp32: each norm keeps a fp32 copy of its input (4·d bytes a token). On a GPU the fused
   kernels (models/kernels/, `fused`) keep the input itself and one fp32 rstd, SwiGLU keeps gate and up only (no
   silu(gate)), and RoPE keeps nothing beyond the shared cos/sin.
-- LoRA: the frozen base matmul keeps nothing (its weight needs no grad); adapter A keeps its input, B keeps x·Aᵀ
-  (r values a token). QLoRA's NF4 matmul (torchao linear_nf4) keeps only the quantized weight.
+- LoRA: the frozen base matmul keeps nothing (its weight needs no grad; plain or NF4, models/recompute.py
+  frozen_linear); adapter A keeps its input, B keeps x·Aᵀ (r values a token).
 - Full fine-tuning keeps fp32 master weights under bf16 autocast: the residual stream is fp32, each linear casts its
   input to bf16 separately (q, k, v make three copies of the normed input) and saves the cast bf16 weight.
 - recompute "full" keeps each layer's input; backward recomputes one layer at a time. "selective" recomputes the
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from longseq.config import PLAIN_LAYER_POLICIES
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
 
@@ -273,7 +274,7 @@ def _layer_saved(spec: ModelSpec, st: ActivationSetup, first: bool, policy: str 
 
 def _plain(st: ActivationSetup, layers: int) -> int:
     """How many of the last layers are plain (recompute only SwiGLU's product) on this GPU."""
-    return min(st.plain_layers, layers) if st.recompute in ("keep_attention", "full") else 0
+    return min(st.plain_layers, layers) if st.recompute in PLAIN_LAYER_POLICIES else 0
 
 
 def saved_bytes(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:

@@ -24,17 +24,12 @@ def quiet_torchao() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # a deprecation notice torchao triggers
 
 
-def _nf4():
-    # torchao, PyTorch's own quantization library: NF4 with double-quantized scales, pure PyTorch (CPU and GPU).
-    quiet_torchao()
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor, linear_nf4, to_nf4
-
-    return NF4Tensor, linear_nf4, to_nf4
-
-
 def to_nf4_weight(weight: torch.Tensor) -> torch.Tensor:
     """Quantize a frozen weight to NF4 with double quantization (the scales themselves in 8 bits, blocks of 256)."""
-    _, _, to_nf4 = _nf4()
+    # torchao, PyTorch's own quantization library: NF4 with double-quantized scales, pure PyTorch (CPU and GPU).
+    quiet_torchao()
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
     if weight.numel() % NF4_BLOCK:
         raise LongseqError(f"QLoRA needs weight sizes divisible by {NF4_BLOCK}; got shape {tuple(weight.shape)}")
     num_scales = weight.numel() // NF4_BLOCK
@@ -73,10 +68,7 @@ class LoRALinear(nn.Module):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # no activation saved; skipped where a recompute never reads the output
             return recompute.frozen_linear(x, self.weight, self.bias, is_nf4(self.weight))
-        if is_nf4(self.weight):
-            y = _nf4()[1](x, self.weight)  # dequantizes block by block to the original dtype inside the matmul
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return recompute.frozen_matmul(x, self.weight, self.bias, is_nf4(self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.flatten(0, -2)  # (N, in): 2-D, so that y is a fresh tensor (not a view) and may take addmm_

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longseq.config import DEFAULT_TILE_TOKENS, ModelConfig, TrainConfig
+from longseq.config import DEFAULT_TILE_TOKENS, PLAIN_LAYER_POLICIES, ModelConfig, TrainConfig
 
 GIB = 2**30
 MARGIN = 0.95  # of the budget: the planner's error on measured runs is within 3%
@@ -115,7 +115,7 @@ def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
     if cfg.offload_keep is not None:
         out = [(r, t, cfg.offload_keep, n) for r, t, _, n in out]
     if cfg.plain_layers is not None:
-        out = [(r, t, k, min(cfg.plain_layers, num_layers) if r in ("keep_attention", "full") else 0)
+        out = [(r, t, k, min(cfg.plain_layers, num_layers) if r in PLAIN_LAYER_POLICIES else 0)
                for r, t, k, _ in out]
     return list(dict.fromkeys(out))
 
@@ -129,7 +129,7 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
     if cfg.plan == "off":
         recompute = "none" if cfg.recompute == "auto" else cfg.recompute
         keep = cfg.offload_keep if cfg.offload_keep is not None else 0
-        plain = min(cfg.plain_layers or 0, layers) if recompute in ("keep_attention", "full") else 0
+        plain = min(cfg.plain_layers or 0, layers) if recompute in PLAIN_LAYER_POLICIES else 0
         peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep, parallel,
                              plain)
         return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False,

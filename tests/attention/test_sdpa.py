@@ -162,3 +162,39 @@ def test_long_packed_rows_attend_document_by_document(monkeypatch, window):
     doc_ids = torch.tensor([[0] * 5 + [1] * 9 + [2] * 5, [0] * 19])
     torch.testing.assert_close(sdpa.attention(q, k, v, window=window, doc_ids=doc_ids),
                                reference_attention(q, k, v, window=window, doc_ids=doc_ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,groups", [("gqa", 2), ("mha", 4), ("mqa", 1)])
+def test_long_training_attention_runs_by_kv_head_groups(monkeypatch, heads, groups):
+    # Past ATTENTION_GROUP_TOKENS training attention runs one group of KV heads at a time (its backward's workspace
+    # for one group): the same output and gradients as one call, in the layout the projections produce.
+    from longseq import config
+
+    H, H_kv = HEADS[heads]
+    assert config.attention_groups(H_kv, 1 << 20) == groups
+    g = torch.Generator().manual_seed(0)
+    B, S = 2, 37
+    # as Attention.position makes them: (B, H, S, D) views of (B, S, H, D) projections
+    q = torch.randn(B, S, H, D, generator=g).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, H_kv, D, generator=g).transpose(1, 2).requires_grad_()
+    v = torch.randn(B, S, H_kv, D, generator=g).transpose(1, 2).requires_grad_()
+    dout = torch.randn(B, H, S, D, generator=g)
+    whole = attention(q, k, v)
+    whole_grads = torch.autograd.grad(whole, (q, k, v), dout)
+    monkeypatch.setattr(config, "ATTENTION_GROUP_TOKENS", S)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q_, k_, *a, **kw: calls.append((q_.shape[1], k_.shape[1])) or real(q_, k_, *a, **kw))
+    out = attention(q, k, v)
+    assert calls == [(H // groups, H_kv // groups)] * groups
+    assert out.transpose(1, 2).is_contiguous()  # the output projection reads it without a copy
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch.testing.assert_close(out, whole, atol=1e-6, rtol=0)
+    for got, want in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, reference_attention(q, k, v), atol=1e-5, rtol=0)
+    with torch.no_grad():  # inference (prefill) is one call whatever its length
+        calls.clear()
+        attention(q, k, v)
+        assert len(calls) == 1

@@ -36,6 +36,31 @@ def test_train_fit_json(capsys):
     assert code == 1 and not data["fit"]["found"] and data["fit"]["explanation"].startswith("needs")
 
 
+def test_offloaded_keeps_what_fits_and_checks_host_memory(capsys):
+    # As `longseq train --plan auto` does: as many of the last layers' inputs on the GPU as fit, the rest on the
+    # host; with --host-memory a plan whose page-locked buffers exceed it does not fit (512K tokens, H100).
+    base = ["plan", "train", "--model", "llama-3-8b", "--seq-len", "524288", "--recompute", "offloaded",
+            "--mlp-tile", "8192", "--json"]
+    code, out, _ = run(base, capsys)
+    data = json.loads(out)
+    keep = data["setup"]["offload_keep"]
+    assert code == 0 and data["fits"] and 0 < keep < 32
+    assert data["memory_gib"]["host"] == pytest.approx(4.0 * (32 - keep))  # 4 GiB a layer input at 512K
+    code, out, _ = run(base + ["--offload-keep", str(keep + 1)], capsys)
+    assert not json.loads(out)["fits"] and json.loads(out)["memory_gib"]["total"] > json.loads(out)["memory_gib"]["gpu"]
+    code, out, _ = run(base + ["--host-memory", str(4.0 * (32 - keep) - 1)], capsys)
+    data = json.loads(out)
+    assert not data["fits"] and data["setup"]["offload_keep"] == keep  # the GPU holds no more: the host is short
+    assert any("--host-memory" in n for n in data["notes"])
+    code, out, _ = run(base + ["--method", "qlora", "--host-memory", str(4.0 * (32 - keep) - 1)], capsys)
+    data = json.loads(out)
+    assert data["fits"] and data["setup"]["offload_keep"] > keep  # 9.6 GiB less of weights: more layers kept
+    code, out, _ = run(["plan", "train", "--model", "llama-3-8b", "--seq-len", "524288", "--fit", "--host-memory",
+                        "90", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 1 and "page-locked host memory" in data["fit"]["explanation"]
+
+
 def test_serve_json_and_tables(capsys):
     code, out, _ = run(["plan", "serve", "--model", "llama-3-8b", "--gpu", "H100", "--context", "8192", "--batch",
                         "32", "--json"], capsys)
@@ -57,6 +82,8 @@ def test_serve_json_and_tables(capsys):
     (["plan", "train", "--model", "llama-3-8b", "--method", "lora,full"], "need --fit"),
     (["plan", "serve", "--model", "llama-3-8b", "--quant", "int3"], "unknown weight format"),
     (["plan", "train", "--model", "llama-3-8b", "--seq-len", "0"], "--seq-len must be positive"),
+    (["plan", "train", "--model", "llama-3-8b", "--offload-keep", "-1"], "--offload-keep must be 0 or more"),
+    (["plan", "train", "--model", "llama-3-8b", "--host-memory", "0"], "--host-memory must be positive"),
 ])
 def test_bad_input_is_one_line_exit_2(argv, needle, capsys):
     code, _, err = run(argv, capsys)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from longseq import config
 from longseq.attention.masks import causal_mask
 from longseq.attention.variants import block_layout_for, dense_scores_mask
 from longseq.config import AttentionConfig
@@ -54,10 +55,25 @@ def attention(
             k, v = k[:, :, T - window :], v[:, :, T - window :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if q_start == 0 and window is None:
+        groups = config.attention_groups(num_kv_heads, S) if q.requires_grad and torch.is_grad_enabled() else 1
+        if groups > 1:
+            return _grouped_causal(q, k, v, groups)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     # Chunked prefill or a sliding window: an explicit (S, T) mask.
     pos = torch.arange(T, device=q.device)
     return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))
+
+
+def _grouped_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Causal attention by groups of KV heads (with their query heads), one after another: the same kernel, but its
+    backward's workspace exists for one group at a time. Split and joined in the (B, S, H, D) memory layout of the
+    projections: autograd joins the groups' dQ/dK/dV pieces into gradients of the layout q, k, v came in, and the
+    output projection reads the joined output without a copy."""
+    qs, ks, vs = (t.transpose(1, 2).chunk(groups, dim=2) for t in (q, k, v))  # (B, S, H/groups, D) views
+    outs = [F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), is_causal=True,
+                                           enable_gqa=qg.shape[2] != kg.shape[2])
+            for qg, kg, vg in zip(qs, ks, vs, strict=True)]
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)  # (B, H, S, D) over (B, S, H, D)
 
 
 def _attention_by_document(q, k, v, doc_ids, window):

@@ -1,12 +1,15 @@
 """Activation checkpoints in pinned host memory: the layer inputs that full recompute keeps, moved off the GPU.
 
 Full recompute keeps one S x d tensor per layer (4 GiB a layer for Llama-3-8B at 512K tokens: 128 GiB for 32
-layers), which no GPU holds. Here each offloaded layer runs under reentrant checkpointing (it saves its inputs
-through `ctx.save_for_backward`, so saved-tensor hooks see them); the pack hook copies the layer input to a pinned
-host buffer on a side stream while the next layers compute, the unpack hook brings it back in backward and starts
-copying the previous layer's input at once, so the transfer overlaps the recompute (after ALST, arXiv 2506.13996,
-and torch.autograd.graph.save_on_cpu, which copies synchronously). Tensors shared by every layer (RoPE tables,
-document ids) stay where they are. On CPU the "host copy" is a plain copy: the same code path, tested in CI.
+layers), which no GPU holds. Here each offloaded layer runs under non-reentrant checkpointing, which saves the layer's
+inputs through `ctx.save_for_backward` before its own hooks take over: saved-tensor hooks around it see the inputs
+and nothing else. The pack hook copies the layer input to a pinned host buffer on a side stream while the next
+layers compute; the unpack hook (the recompute's first step in backward) brings it back and starts copying the
+previous layer's input at once, so the transfer overlaps the recompute (after ALST, arXiv 2506.13996, and
+torch.autograd.graph.save_on_cpu, which copies synchronously). Non-reentrant, an offloaded layer's backward holds
+what a layer under plain full recompute holds: not the reentrant checkpoint's recomputed output and output gradient
+(8 GiB at 512K), and the first layer's input needs no grad-requiring copy. Tensors shared by every layer (RoPE
+tables, document ids) stay where they are. On CPU the "host copy" is a plain copy: the same code path, tested in CI.
 """
 
 from __future__ import annotations
@@ -16,18 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from longseq.models import recompute
-
-
-def _recomputed(layer: Callable) -> Callable:
-    # Reentrant checkpointing runs the forward without grad and the recompute (in backward) with it.
-    def run(*args):
-        with recompute.recomputing(torch.is_grad_enabled()):
-            return layer(*args)
-
-    return run
 
 
 class _Handle:
@@ -56,10 +49,8 @@ class LayerInputOffloader:
     def run(self, layer: Callable, x: torch.Tensor, *args: Any, keep: tuple = ()) -> torch.Tensor:
         """layer(x, *args) with full recompute, its input x kept on the host until backward needs it."""
         self._keep = {t.data_ptr() for t in keep if isinstance(t, torch.Tensor)}
-        if not x.requires_grad:  # reentrant checkpointing only sends gradients to layers whose input needs one
-            x = x.detach().requires_grad_()
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            return checkpoint(_recomputed(layer), x, *args, use_reentrant=True)
+            return recompute.checkpoint(layer, x, *args)
 
     def reset(self) -> None:
         """Start a new forward pass: prefetching follows layers in the order this pass offloads them."""

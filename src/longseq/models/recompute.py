@@ -10,9 +10,9 @@ MLP, whose backward recomputes its tiles anyway, skips its whole forward. For Ll
 recomputed matmul FLOPs under keep_attention (q, k, v and down of q, k, v, o, gate, up, down) and 27% under full
 recompute (down); tiled, the whole MLP forward of the recompute (81% of a layer's matmuls).
 
-Regions: `checkpoint` (non-reentrant, as llama.py uses it) enters `recomputing()` for its recompute only; the
-offloader's reentrant checkpoint and the tiled MLP's backward enter it themselves. `output_unused()` marks a call
-whose output no backward reads; the two together make `skip()` true.
+Regions: `checkpoint` (non-reentrant, as llama.py and the offloader use it) enters `recomputing()` for its recompute
+only; the tiled MLP's backward enters it itself. `output_unused()` marks a call whose output no backward reads; the
+two together make `skip()` true.
 """
 
 from __future__ import annotations

@@ -29,18 +29,18 @@ the last layer's MLP backward (gate, up, silu(gate) and three S × I gradients a
   recompute reaching o_proj (the projections' pre-RoPE q and k are still referenced there).
 - "offloaded" (models/offload.py) sends the inputs of all but the last `offload_keep` layers to pinned host
   memory. In backward a kept layer sees the kept inputs below it; an offloaded layer its own input and the
-  prefetched previous one, plus what reentrant checkpointing holds (the recomputed output, the output gradient).
-  Two costs the code has today: layer 0's input stays on the GPU as well (a frozen embedding's output becomes a
-  leaf whose AccumulateGrad node references it), and an offloaded layer's forward runs under no_grad, where tiles
-  are skipped: 4 S × I MLP tensors at once, the 384K-token peak on an H100. These moments are checked on CPU in
-  tests/plan/test_tiled_offloaded_measured.py, and against the measured H100 rows in test_validation_h100.py.
+  prefetched previous one, and otherwise what a layer under "full" holds (non-reentrant checkpoints). These moments
+  are checked on CPU in tests/plan/test_tiled_offloaded_measured.py, and against measured H100 rows in
+  test_validation_h100.py.
+- Long sequences attend one group of KV heads at a time in training (attention/sdpa.py, `attention_groups`): the
+  backward kernel's workspace exists for one group; the groups' dQ/dK/dV pieces are joined into dQ, dK, dV.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from longseq.config import PLAIN_LAYER_POLICIES
+from longseq.config import PLAIN_LAYER_POLICIES, attention_groups
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
 
@@ -143,9 +143,12 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     d, q, kv, inter, k = cfg.hidden_size, spec.q_dim, spec.kv_dim, cfg.intermediate_size, spec.experts_per_token
     if policy in ("full", "offloaded"):  # checkpoint keeps only the layer input (torch.utils.checkpoint saves args)
         return {"layer inputs": float(z.r * d)}
+    # Grouped attention (long sequences): the groups' outputs, which their kernels save, and their join, which the
+    # output projection (or keep_attention's second checkpoint) saves, are two tensors, not one.
+    joined = z.a * q if _grouped(spec, st) else 0.0
     if policy == "keep_attention":  # DecoderLayer: two checkpoints (they save the layer input and the attention
         # output) around attention, which keeps RoPE'd q, k, v, its output and the log-sum-exp
-        return {"layer inputs": float(z.r * d), "attention": attention_kept_bytes_per_token(spec, st)}
+        return {"layer inputs": float(z.r * d), "attention": attention_kept_bytes_per_token(spec, st) + joined}
     x_rg = not first or z.emb_grad
     casts_in = z.casts and z.r != z.a  # fp32 normed input, cast to bf16 by each linear separately
     qkv_saving = [n for n in ("q_proj", "k_proj", "v_proj") if n in z.saves]
@@ -162,6 +165,7 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
         kv_saved = 2 * z.a * kv
     if policy in ("none", "plain"):
         attn = z.a * q + kv_saved + z.a * q + lse  # RoPE'd q and k, v, output, log-sum-exp
+        attn += joined if "o_proj" in z.saves else 0.0
         if cfg.qk_norm:  # Qwen3: q_norm / k_norm
             attn += _qk_norm_bytes(z, spec)
     else:  # selective: the checkpointed core keeps q, k, v (pre-RoPE); o_proj keeps the output if it saves inputs
@@ -182,6 +186,16 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
                 and not (policy in ("selective", "plain") and t == "down_proj")]
     parts["lora"] = z.a * st.lora_rank * sum(layer_linears(spec)[t].copies for t in adapters)
     return {key: value for key, value in parts.items() if value}
+
+
+def _dequant_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
+    """Transient bytes while torchao dequantizes the layer's largest NF4 weight (on this GPU's shard)."""
+    return NF4_DEQUANT_BYTES * max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
+
+
+def _grouped(spec: ModelSpec, st: ActivationSetup) -> bool:
+    """Whether training attention runs by groups of KV heads (config.attention_groups; packed rows never do)."""
+    return not st.packed and attention_groups(max(1, spec.config.num_kv_heads // (st.tp * st.sp)), st.seq_len) > 1
 
 
 def attention_kept_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
@@ -317,7 +331,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     Each candidate moment is (activations + workspace, gradients alive then); the step's peak is the largest sum.
     Backward frees a layer's activations as it goes and creates that layer's gradients, so for the layer moments
     only the ends can be the largest: the last layer (first in backward), layer 0, and under "offloaded" the last
-    offloaded layer (the first one backward meets; its reentrant checkpoint holds more).
+    offloaded layer (the first one backward meets, with its own input and the prefetched previous one).
     kernel_workspace=False leaves out what CUDA kernels allocate inside themselves (FlashAttention-2 backward's fp32
     dQ accumulator and GQA-expanded dK/dV), which a CPU run never allocates and a dispatch-level tracker never sees.
     """
@@ -376,18 +390,14 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     # keep_attention: the layers below the one in backward still hold their attention's saved tensors; the layer's
     # own are counted in its recompute (none_rest) as under "full".
     kept_attention = attention_kept_bytes_per_token(spec, st) * t if st.recompute == "keep_attention" else 0.0
-    # CausalLM.hidden: under "offloaded" the layers below num_layers - offload_keep run under reentrant checkpoints
+    # CausalLM.hidden: under "offloaded" the layers below num_layers - offload_keep run under checkpoints
     # whose saved input goes to pinned host memory (models/offload.py); the last offload_keep stay as under "full".
     offloaded = layers - min(st.offload_keep, layers) if st.recompute == "offloaded" else 0
-    # Layer 0's input needs no grad when the embedding is frozen: LayerInputOffloader.run makes it a leaf
-    # (x.detach().requires_grad_()), and that leaf's AccumulateGrad node keeps the embedding output on the GPU
-    # until backward has passed layer 0. Its host copy is a second copy.
-    held = u_in if offloaded and not z.emb_grad and st.pp == 1 else 0.0
     host = 0.0
     if offloaded:
         per_layer = saved["layer inputs"] / layers
         host = per_layer * offloaded
-        saved["layer inputs"] = per_layer * (layers - offloaded) + held
+        saved["layer inputs"] = per_layer * (layers - offloaded)
     total = sum(saved.values())
     outside = {key: v * t for key, v in outside_bytes_per_token(spec, st).items()}
     cos_sin_ids = outside["rope cos/sin"] + (INDEX * t if z.emb_grad else 0.0)
@@ -408,6 +418,9 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     # differentiates each tile's recomputed output (tile × d).
     mlp_dx = z.r * d * t if tiled else 0.0
     mlp_event += z.a * d * mlp_rows if tiled else 0.0
+    if st.method == "qlora" and tiled:  # _TiledMLP.backward recomputes each tile: its frozen matmuls dequantize
+        # each NF4 weight in full (torchao) beside the tile's temporaries (measured on CPU)
+        mlp_event += _dequant_bytes(spec, st)
     none_layer = {key: v * t for key, v in layer_bytes_per_token(spec, st, "none").items()}
     none_rest = sum(v for key, v in none_layer.items() if key != "mlp")
     if st.recompute == "keep_attention":  # the first checkpoint (norm, q/k/v projections) is recomputed only after
@@ -428,11 +441,10 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
 
     def inputs_at(i: int) -> float:
         """Layer inputs on the GPU while layer i (0-based, counted from the input) runs its backward."""
-        if i >= offloaded:  # non-reentrant checkpoints: inputs of the layers from `offloaded` to i (later: freed)
-            return (i - offloaded + 1) * u_in + held + i * kept_attention
-        # offloaded: its own input fetched back and, from layer 1 up, the previous one prefetched (offload.py
-        # _unpack); torch.utils.checkpoint.CheckpointFunction.backward keeps the recomputed output alive too
-        return (1 + (i > 0)) * u_in + held + u_in
+        if i >= offloaded:  # inputs of the layers from `offloaded` to i (later ones: freed)
+            return (i - offloaded + 1) * u_in + i * kept_attention
+        # offloaded: its own input fetched back and, from layer 1 up, the previous one prefetched (offload.py _unpack)
+        return (1 + (i > 0)) * u_in
 
     def mlp_moment(i: int) -> float:
         """Activations at the MLP backward of layer i."""
@@ -445,27 +457,26 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
         return kept + const * (i + 1) + common
 
     q_bytes, kv_bytes = z.a * spec.q_dim * t, z.a * spec.kv_dim * t
-    attn_ws = 2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV
-    if kernel_workspace:  # inside FlashAttention-2's backward (flash_api.cpp mha_bwd): dq_accum (fp32, B·S·H·D)
-        attn_ws += FP32 * spec.q_dim * t + (2 * q_bytes if cfg.num_kv_heads != cfg.num_heads else 0.0)  # and
-        # dk_expanded / dv_expanded under GQA
+    groups = attention_groups(max(1, cfg.num_kv_heads // (st.tp * st.sp)), st.seq_len) if _grouped(spec, st) else 1
+    attn_ws = 2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV (grouped: the groups' pieces, joined once all exist)
+    if kernel_workspace:  # inside the backward kernel (FlashAttention-2 mha_bwd, cuDNN measured alike on an H100):
+        # dq_accum (fp32, B·S·H·D) and, under GQA, dk_expanded / dv_expanded; for one group at a time when grouped
+        attn_ws += (FP32 * spec.q_dim * t + (2 * q_bytes if cfg.num_kv_heads != cfg.num_heads else 0.0)) / groups
 
     def o_proj_moment(i: int) -> float:
         """Activations when layer i's recompute reaches o_proj: Attention.forward still holds the projections'
         q and k (pre-RoPE locals) beside what the attention core saved, and o_proj (with LoRA) has its base output
         and the sum (train/lora.py: addmm adds B·A·x inside the matmul). The residual gradient of the layer's
-        output is waiting; a reentrant checkpoint's recomputed output does not exist yet."""
-        reentrant = u_in if i < offloaded else 0.0
+        output is waiting."""
         o_out = z.a * d * t * (2 if "o_proj" in z.targets else 1)
-        return (inputs_at(i) - reentrant + none_rest - mlp_half - alias + const + z.a * (spec.q_dim + spec.kv_dim) * t
+        return (inputs_at(i) + none_rest - mlp_half - alias + const + z.a * (spec.q_dim + spec.kv_dim) * t
                 + o_out + cos_sin_ids + hidden_kept + dy)
 
     def attention_moment(i: int) -> float:
         """Activations at the attention backward of layer i: its MLP half is done and freed (saved tensors, weight
-        casts, the MLP's temporaries); the residual gradient is now the mid-layer one. A reentrant (offloaded)
-        checkpoint still holds the layer's output gradient."""
-        reentrant = u_in if recomputing and i < offloaded else 0.0
-        return (mlp_moment(i) - mlp_event - mlp_dx + down_cast - mlp_casts - mlp_half + reentrant + attn_ws)
+        casts, the MLP's temporaries); the residual gradient is now the mid-layer one."""
+        joined = q_bytes if groups > 1 and "o_proj" in z.saves else 0.0  # o_proj's backward has freed it
+        return mlp_moment(i) - mlp_event - mlp_dx + down_cast - mlp_casts - mlp_half - joined + attn_ws
 
     chunk = min(st.loss_chunk, _tokens(st))
     chunks = -(-_tokens(st) // chunk)
@@ -494,25 +505,12 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
                                                         grads(head_grad + (done + 1 / 3) * layer_grad))
         events["attention backward, last offloaded layer"] = (attention_moment(top),
                                                               grads(head_grad + (done + 1) * layer_grad))
-    if offloaded:
-        # An offloaded layer's forward runs under no_grad (reentrant checkpoint), where RMSNorm and the MLP skip
-        # their tiles (models/llama.py: tiles only when grad is enabled): gate, up, silu(gate) and silu·up exist
-        # for the whole sequence at once (with LoRA on up: base output and the sum; 4 S×I either way), beside
-        # the layer input, the mid-layer residual and the normed MLP input. From layer 1 up the held embedding
-        # output is a fourth S×d tensor.
-        mlp_fwd = (3 if z.fused else 4) * z.a * width * t  # fused SwiGLU: no silu(gate)
-        if st.method == "qlora":  # or: gate, up's output and up's weight dequantized (torchao NF4)
-            biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
-            mlp_fwd = max(mlp_fwd, 2 * z.a * width * t + NF4_DEQUANT_BYTES * biggest)
-        fwd = cos_sin_ids + (held if offloaded > 1 else 0.0) + 3 * u_in + mlp_fwd
-        events["forward, offloaded layer"] = (fwd, grads(0.0))
     events["optimizer step"] = (0.0, all_grads)
     if z.casts:  # autocast caches a bf16 copy of every fp32 weight until the forward's autocast region ends
         casts = 2.0 * count_params(spec).linear / (st.tp * st.pp) if recomputing else 0.0
         events["forward end"] = (total + casts + (z.a + 2 * FP32) * chunk * vocab, grads(0.0))
     if st.method == "qlora":  # torchao dequantizes each NF4 weight in full before its matmul (forward, recompute)
-        biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
-        dequant = NF4_DEQUANT_BYTES * biggest
+        dequant = _dequant_bytes(spec, st)
         if recomputing:  # the last layer's recompute reaches down_proj with gate, up, silu(gate), silu·up and
             # the mid-layer residual (a local of the layer's forward) alive
             # (tiled: the post-attention norm saved that residual, already counted)

@@ -59,6 +59,10 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--loss-chunk", type=int, default=1024, help="tokens per LM-head + loss chunk (default: 1024)")
     t.add_argument("--packed", action="store_true", help="several documents per sequence (an S×S mask per layer)")
     t.add_argument("--mlp-tile", type=int, default=None, help="tiled RMSNorms and MLPs: tokens per tile")
+    t.add_argument("--offload-keep", type=int, default=None, help="recompute offloaded: the last layers whose "
+                   "inputs stay on the GPU (default: as many as fit, as longseq train picks)")
+    t.add_argument("--host-memory", type=float, default=None, help="GiB of host memory that page-locked buffers "
+                   "(offloaded layer inputs, ZeRO-Offload) may take (default: unlimited)")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages (default: 1)")
     t.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (longseq train "
@@ -146,6 +150,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise LongseqError(f"--num-gpus {args.num_gpus} is not a multiple of tp·pp·sp = {model_par}")
     if args.tokens is not None and args.tokens <= 0:
         raise LongseqError("--tokens must be positive")
+    if args.offload_keep is not None and args.offload_keep < 0:
+        raise LongseqError(f"--offload-keep must be 0 or more, got {args.offload_keep}")
+    if args.host_memory is not None and args.host_memory <= 0:
+        raise LongseqError(f"--host-memory must be positive, got {args.host_memory:g}")
     methods = _split(args.method) or (DEFAULT_METHODS if args.fit else ("lora",))
     policies = _split(args.recompute) or (LONGSEQ_POLICIES if args.fit else ("none",))
     optimizers = _split(args.optimizer) or (DEFAULT_OPTIMIZERS if args.fit else ("adamw",))
@@ -161,8 +169,9 @@ def run_train(args: argparse.Namespace) -> int:
                        precision=args.precision, lora_rank=args.lora_rank,
                        lora_targets=_split(args.lora_targets) or tuple(layer_linears(spec)),
                        train_embed="embed" in extra, train_norms="norm" in extra, loss_chunk=args.loss_chunk,
-                       packed=args.packed, mlp_tile=args.mlp_tile, parallel=parallel)
-    kw = dict(tokens=args.tokens, price=args.price, efficiency=args.efficiency)
+                       packed=args.packed, mlp_tile=args.mlp_tile, offload_keep=args.offload_keep,
+                       parallel=parallel)
+    kw = dict(tokens=args.tokens, price=args.price, efficiency=args.efficiency, host_gib=args.host_memory)
     if args.fit:
         zero = (args.zero,) if args.zero is not None else (0, 1, 2, 3)
         space = SearchSpace(methods=methods, policies=policies, optimizers=optimizers, zero_stages=zero,

@@ -118,6 +118,9 @@ def explain(spec: ModelSpec, gpu: GPU, base: TrainSetup, space: SearchSpace, sma
     need = smallest.memory.total / gib
     text = (f"needs {need:.1f} GiB per GPU at best ({_describe(smallest)}); {gpu.name} has {gpu.memory_gib:.1f} "
             "GiB")
+    if smallest.memory.total <= gpu.memory_bytes:  # the GPU holds it; the host cannot (--host-memory)
+        text = (f"needs {smallest.memory.host / gib:.1f} GiB of page-locked host memory ({_describe(smallest)}); "
+                f"--host-memory is {smallest.host_gib:g} GiB")
     m = smallest.memory
     if m.load_peak > m.allocated:
         text += (f" (training itself needs {(m.allocated + m.reserve) / gib:.1f} GiB, but longseq loads the bf16 "
@@ -149,7 +152,7 @@ def explain(spec: ModelSpec, gpu: GPU, base: TrainSetup, space: SearchSpace, sma
             options.append(f"--seq-len {seq}")
             break
         seq //= 2
-    bigger = [g for g in GPUS.values() if need <= g.memory_gib]
+    bigger = [g for g in GPUS.values() if need <= g.memory_gib] if need > gpu.memory_gib else []
     if bigger:
         options.append(f"a GPU with more memory ({min(bigger, key=lambda g: g.memory_gib).name})")
     return text + (". Use " + " or ".join(options) + "." if options else ": no setup tried fits.")

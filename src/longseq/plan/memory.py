@@ -86,7 +86,7 @@ class TrainSetup:
     packed: bool = False
     keep_hidden: bool = True
     mlp_tile: int | None = None
-    offload_keep: int = 0
+    offload_keep: int | None = None  # "offloaded": layers whose inputs stay on the GPU; None: as many as fit
     plain_layers: int = 0  # keep_attention / full: the last layers recompute only the SwiGLU product
     fused: bool = True  # fused RMSNorm / RoPE / SwiGLU kernels (what longseq runs on a GPU); False: eager ops
     parallel: Parallelism = field(default_factory=Parallelism)
@@ -98,7 +98,8 @@ class TrainSetup:
             seq_len=self.seq_len, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
             train_embed=self.train_embed, train_norms=self.train_norms, loss_chunk=self.loss_chunk,
             packed=self.packed, keep_hidden=self.keep_hidden, grads_persist=self.grad_accum > 1,
-            mlp_tile=self.mlp_tile, offload_keep=self.offload_keep, plain_layers=self.plain_layers, tp=p.tp, sp=p.sp,
+            mlp_tile=self.mlp_tile, offload_keep=self.offload_keep or 0, plain_layers=self.plain_layers, tp=p.tp,
+            sp=p.sp,
             pp=p.pp, fused=self.fused)
 
 

@@ -63,10 +63,16 @@ def train_tables(plan: TrainPlan) -> list[Any]:
     if m.load_peak > m.allocated:
         mem.add_row("load peak", _gib(m.load_peak), "bf16 weights on the GPU before NF4 quantization")
     mem.add_row("reserve", _gib(m.reserve), "CUDA context + allocator slack")
-    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    verdict = "[green]fits[/]" if m.total <= plan.gpu.memory_bytes else "[red]does not fit[/]"
     mem.add_row("total", _gib(m.total), f"of {plan.gpu.memory_gib:.1f} GiB: {verdict}", style="bold")
     if m.host:
-        mem.add_row("host memory", _gib(m.host), "pinned CPU memory (offload)")
+        what = "pinned CPU memory (offload)"
+        if s.recompute == "offloaded":
+            what += f": {plan.layers - min(s.offload_keep or 0, plan.layers)} of {plan.layers} layer inputs"
+        if plan.host_gib is not None:
+            over = m.host > plan.host_gib * GIB
+            what += f"; [red]more than {plan.host_gib:g} GiB[/]" if over else f"; of {plan.host_gib:g} GiB: fits"
+        mem.add_row("host memory", _gib(m.host), what)
 
     speed = Table(show_edge=False, show_header=False)
     speed.add_column("metric")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from longseq.plan.flops import (
@@ -51,6 +51,8 @@ class TrainPlan:
     price_per_hour: float = 0.0
     chinchilla_tokens: float = 0.0
     notes: list[str] = field(default_factory=list)
+    layers: int = 0  # decoder layers on one GPU (a pipeline stage's)
+    host_gib: float | None = None  # the host memory page-locked buffers may take (None: unlimited)
 
     @property
     def num_gpus(self) -> int:
@@ -69,6 +71,7 @@ class TrainPlan:
                 "activations": m.activations / gib, "transient": m.transient / gib,
                 "allocated_peak": m.allocated / gib, "load_peak": m.load_peak / gib, "reserve": m.reserve / gib,
                 "total": m.total / gib, "gpu": self.gpu.memory_gib, "host": m.host / gib,
+                "host_limit": self.host_gib,
             },
             "activation_parts_gib": {k: v / gib for k, v in m.activation.parts.items()},
             "peak_phase": m.activation.phase,
@@ -102,7 +105,24 @@ def _link_gbs(gpu: GPU, group: int, gpus_per_node: int) -> float:
 
 
 def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | None = None,
-               price: float | None = None, efficiency: float | None = None) -> TrainPlan:
+               price: float | None = None, efficiency: float | None = None,
+               host_gib: float | None = None) -> TrainPlan:
+    """Memory, step time, throughput and cost of `setup` on `gpu`. host_gib: host memory that page-locked buffers
+    (offloaded layer inputs, ZeRO-Offload) may take; a plan needing more does not fit. Under recompute "offloaded"
+    with offload_keep None, the plan keeps as many of the last layers' inputs on the GPU as fit (as `longseq
+    train --plan auto` does)."""
+    kw = dict(tokens=tokens, price=price, efficiency=efficiency, host_gib=host_gib)
+    if setup.recompute == "offloaded" and setup.offload_keep is None:
+        layers = spec.config.num_layers // setup.parallel.pp
+        plans = (plan_train(spec, gpu, replace(setup, offload_keep=keep), **kw) for keep in range(layers - 1, -1, -1))
+        on_gpu = last = None
+        for plan in plans:
+            if plan.fits:
+                return plan
+            if on_gpu is None and plan.memory.total <= gpu.memory_bytes:
+                on_gpu = plan  # fits the GPU, not the host
+            last = plan
+        return on_gpu or last  # else keep 0: the least GPU memory
     memory = train_memory(spec, setup)
     cfg, p = spec.config, setup.parallel
     counts = count_params(spec)
@@ -159,11 +179,12 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     model_flops = train_flops_per_token(counts.matmul, cfg.num_layers, spec.q_dim, setup.seq_len)
     plan = TrainPlan(
         model=spec.name, gpu=gpu, setup=setup, memory=memory, params=counts.total, trainable=trainable,
-        fits=memory.total <= gpu.memory_bytes, step_time_s=step, tokens_per_step=tokens_per_step,
+        fits=memory.total <= gpu.memory_bytes and (host_gib is None or memory.host <= host_gib * 2**30),
+        step_time_s=step, tokens_per_step=tokens_per_step,
         tokens_per_s=tokens_per_step / step, mfu=model_flops * tokens_per_step / (step * p.num_gpus * peak * 1e12),
         model_flops_per_token=model_flops, hw_flops_per_token=flops.total, compute_s=compute, comm_s=comm,
         other_s=other, price_per_hour=gpu.price_per_hour if price is None else price,
-        chinchilla_tokens=chinchilla_tokens(counts.total),
+        chinchilla_tokens=chinchilla_tokens(counts.total), layers=cfg.num_layers // p.pp, host_gib=host_gib,
     )
     if tokens:
         plan.tokens = tokens
@@ -175,6 +196,9 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
                           "not in longseq train, which runs DDP (zero 0), FSDP2 (zero 3) and Ulysses (sp)")
     if precision == "bf16" and not gpu.bf16_tflops:
         plan.notes.append(f"{gpu.name} has no bf16 tensor cores: timed at its fp16 rate (train with --precision fp16)")
+    if host_gib is not None and memory.host > host_gib * 2**30:
+        plan.notes.append(f"needs {memory.host / 2**30:.1f} GiB of page-locked host memory; --host-memory is "
+                          f"{host_gib:g} GiB")
     if setup.seq_len > cfg.max_seq_len:
         plan.notes.append(f"seq-len {setup.seq_len:,} is beyond the model's native context {cfg.max_seq_len:,}: "
                           "extend RoPE (rope scaling) when training")

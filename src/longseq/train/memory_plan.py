@@ -97,7 +97,7 @@ Candidate = tuple[str, int | None, int, int]  # recompute, tile, offload_keep, p
 def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
                distributed: bool = False) -> list[Candidate]:
     """(recompute, tile, offload_keep, plain_layers) to try, fastest first, restricted by what the user fixed.
-    Host offload is single-process only for now (its reentrant checkpoints are untested under DDP / FSDP hooks)."""
+    Host offload is single-process only for now (untested under DDP / FSDP hooks)."""
     tile_on = cfg.tile_tokens if cfg.tile_tokens else DEFAULT_TILE_TOKENS
 
     def plain(policy: str, most: int) -> list[Candidate]:  # each plain layer buys back one layer's recompute

@@ -55,6 +55,30 @@ def test_serving_kv_pool_matches_the_engine():
     assert plan.kv_tokens / 16 == pytest.approx(27917, rel=0.03)
 
 
+def _long_context_memory(row: dict):
+    """The planner's memory for a benchmarks/long_context.py row: Llama-3-8B shape, LoRA r16 on all seven linears,
+    TokenLoss (drops `hidden`), with the techniques the row ran."""
+    setup = TrainSetup(method="qlora" if row["side"] == "qlora" else "lora", seq_len=row["seq_len"],
+                       recompute=row["recompute"], mlp_tile=row["tile"], offload_keep=row["offload_keep"],
+                       loss_chunk=1024, keep_hidden=False, fused=row.get("fused", False))
+    return plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
+
+
+def _check_long_context(rows: list[dict], capsys) -> None:
+    """Each row's allocated peak within 2% of the plan, its page-locked host memory as planned; prints the table."""
+    lines = ["side     seq_len  recompute       tile  keep  measured GiB  predicted GiB  error   host GiB  peak moment"]
+    for row in rows:
+        memory = _long_context_memory(row)
+        error = memory.allocated / 2**30 / row["peak_gib"] - 1
+        lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<14}  {row['tile'] or '-':>5}  "
+                     f"{row['offload_keep']:>4}  {row['peak_gib']:>12.2f}  {memory.allocated / 2**30:>13.2f}  "
+                     f"{error:+6.2%}  {memory.activation.host / 2**30:>8.1f}  {memory.activation.phase}")
+        assert abs(error) < 0.02, lines[-1]
+        assert memory.activation.host / 2**30 == pytest.approx(row.get("pinned_gib", 0.0), abs=1e-3)
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+
+
 def test_long_context_rows_within_2_percent(capsys):
     """2026-11-24-long-context-h100: the rows `--plan auto` ran (untiled, keep_attention, tiled; LoRA and
     QLoRA, 4K-128K; runs a-e with eager norms / RoPE / SwiGLU, f and g with the fused kernels), predicted with the
@@ -66,20 +90,7 @@ def test_long_context_rows_within_2_percent(capsys):
                                                     .read_text())["rows"]
             if r["side"] != "hf" and "peak_gib" in r and r["recompute"] != "offloaded"]
     assert len(rows) == 16 and sum(r.get("fused", False) for r in rows) == 4
-    lines = ["side     seq_len  recompute       tile  keep  measured GiB  predicted GiB  error   peak moment"]
-    for row in rows:
-        # benchmarks/long_context.py: Llama-3-8B shape, LoRA r16 on all seven linears, TokenLoss (drops `hidden`)
-        setup = TrainSetup(method="qlora" if row["side"] == "qlora" else "lora", seq_len=row["seq_len"],
-                           recompute=row["recompute"], mlp_tile=row["tile"], offload_keep=row["offload_keep"],
-                           loss_chunk=1024, keep_hidden=False, fused=row.get("fused", False))
-        memory = plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
-        error = memory.allocated / 2**30 / row["peak_gib"] - 1
-        lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<14}  {row['tile'] or '-':>5}  "
-                     f"{row['offload_keep']:>4}  {row['peak_gib']:>12.2f}  {memory.allocated / 2**30:>13.2f}  "
-                     f"{error:+6.2%}  {memory.activation.phase}")
-        assert abs(error) < 0.02, lines[-1]
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    _check_long_context(rows, capsys)
 
 
 def _step_errors(name: str) -> dict[tuple, float]:
@@ -134,17 +145,4 @@ def test_offloaded_long_context_rows_within_2_percent(capsys):
     rows = [r for name in ("l", "m") for r in json.loads((folder / f"{name}.json").read_text())["rows"]]
     assert [(r["side"], r["seq_len"], r["recompute"]) for r in rows] == [
         ("longseq", 262144, "offloaded"), ("qlora", 524288, "offloaded"), ("longseq", 524288, "offloaded")]
-    lines = ["side     seq_len  keep  measured GiB  predicted GiB  error   host GiB  peak moment"]
-    for row in rows:
-        setup = TrainSetup(method="qlora" if row["side"] == "qlora" else "lora", seq_len=row["seq_len"],
-                           recompute=row["recompute"], mlp_tile=row["tile"], offload_keep=row["offload_keep"],
-                           loss_chunk=1024, keep_hidden=False, fused=row["fused"])
-        memory = plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
-        error = memory.allocated / 2**30 / row["peak_gib"] - 1
-        lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['offload_keep']:>4}  {row['peak_gib']:>12.2f}  "
-                     f"{memory.allocated / 2**30:>13.2f}  {error:+6.2%}  {row['pinned_gib']:>8.1f}  "
-                     f"{memory.activation.phase}")
-        assert abs(error) < 0.02, lines[-1]
-        assert memory.activation.host / 2**30 == pytest.approx(row["pinned_gib"], rel=1e-3)
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+    _check_long_context(rows, capsys)

@@ -55,8 +55,9 @@ def attention(
             k, v = k[:, :, T - window :], v[:, :, T - window :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     if q_start == 0 and window is None:
-        groups = config.attention_groups(num_kv_heads, S) if q.requires_grad and torch.is_grad_enabled() else 1
-        if groups > 1:
+        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        groups = config.attention_groups(num_kv_heads, S) if training else 1
+        if groups > 1:  # long training sequences: the backward's workspace for one group of KV heads at a time
             return _grouped_causal(q, k, v, groups)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     # Chunked prefill or a sliding window: an explicit (S, T) mask.

@@ -145,7 +145,7 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
         return {"layer inputs": float(z.r * d)}
     # Grouped attention (long sequences): the groups' outputs, which their kernels save, and their join, which the
     # output projection (or keep_attention's second checkpoint) saves, are two tensors, not one.
-    joined = z.a * q if _grouped(spec, st) else 0.0
+    joined = z.a * q if _attention_groups(spec, st) > 1 else 0.0
     if policy == "keep_attention":  # DecoderLayer: two checkpoints (they save the layer input and the attention
         # output) around attention, which keeps RoPE'd q, k, v, its output and the log-sum-exp
         return {"layer inputs": float(z.r * d), "attention": attention_kept_bytes_per_token(spec, st) + joined}
@@ -193,9 +193,10 @@ def _dequant_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
     return NF4_DEQUANT_BYTES * max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
 
 
-def _grouped(spec: ModelSpec, st: ActivationSetup) -> bool:
-    """Whether training attention runs by groups of KV heads (config.attention_groups; packed rows never do)."""
-    return not st.packed and attention_groups(max(1, spec.config.num_kv_heads // (st.tp * st.sp)), st.seq_len) > 1
+def _attention_groups(spec: ModelSpec, st: ActivationSetup) -> int:
+    """Groups of KV heads training attention runs one after another on a GPU (config.attention_groups over its
+    share of the KV heads; packed rows attend by documents instead: 1)."""
+    return 1 if st.packed else attention_groups(max(1, spec.config.num_kv_heads // (st.tp * st.sp)), st.seq_len)
 
 
 def attention_kept_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
@@ -457,7 +458,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
         return kept + const * (i + 1) + common
 
     q_bytes, kv_bytes = z.a * spec.q_dim * t, z.a * spec.kv_dim * t
-    groups = attention_groups(max(1, cfg.num_kv_heads // (st.tp * st.sp)), st.seq_len) if _grouped(spec, st) else 1
+    groups = _attention_groups(spec, st)
     attn_ws = 2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV (grouped: the groups' pieces, joined once all exist)
     if kernel_workspace:  # inside the backward kernel (FlashAttention-2 mha_bwd, cuDNN measured alike on an H100):
         # dq_accum (fp32, B·S·H·D) and, under GQA, dk_expanded / dv_expanded; for one group at a time when grouped

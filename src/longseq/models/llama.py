@@ -272,10 +272,14 @@ class CausalLM(nn.Module):
         if policy == "offloaded" and self.offloader is None:
             self.offloader = LayerInputOffloader()
         for i, layer in enumerate(self.model.layers):
-            plain = i >= num_layers - plain_layers
+            plain = self._plain(i)
             layer.self_attn.recompute_core = policy == "selective"
             layer.mlp.recompute_act = policy == "selective" or plain
             layer.keep_attention = policy == "keep_attention" and not plain
+
+    def _plain(self, i: int) -> bool:
+        """Whether layer i is one of the last `plain_layers` (only the SwiGLU product recomputed)."""
+        return i >= len(self.model.layers) - self.plain_layers
 
     def set_tiling(self, tile: int | None) -> None:
         """Run every RMSNorm and MLP over `tile` tokens at a time in training (None: whole sequences)."""
@@ -363,6 +367,5 @@ class CausalLM(nn.Module):
             if i < offload_below:
                 x = self.offloader.run(layer, x, cos, sin, None, doc_ids, keep=(cos, sin, doc_ids))
             else:
-                plain = i >= len(self.model.layers) - self.plain_layers
-                x = _maybe_checkpoint(full and not plain, layer, x, cos, sin, cache, doc_ids)
+                x = _maybe_checkpoint(full and not self._plain(i), layer, x, cos, sin, cache, doc_ids)
         return self.model.norm(x)

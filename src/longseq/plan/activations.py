@@ -170,15 +170,13 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
             attn += _qk_norm_bytes(z, spec)
     else:  # selective: the checkpointed core keeps q, k, v (pre-RoPE); o_proj keeps the output if it saves inputs
         attn = z.a * q + (2 * z.a * kv) + (z.a * q if "o_proj" in z.saves else 0)
-    if policy == "none":  # gate, silu(gate) (not fused), up, silu·up (down's input)
+    if spec.mlp == "gelu":  # GELU's input (the up projection's output), and its output when down_proj saves it
+        mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
+    elif policy == "none":  # gate, silu(gate) (not fused), up, silu·up (down's input)
         mlp = (3 - z.fused + ("down_proj" in z.saves)) * z.a * inter * k
-        if spec.mlp == "gelu":
-            mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
     else:  # selective, plain: gate and up (checkpoint inputs); silu·up only when down_proj's weight trains (a
         # frozen down_proj, LoRA's, is inside SwiGLU's checkpoint)
         mlp = (2 + ("down_proj" in z.saves and z.full)) * z.a * inter * k
-        if spec.mlp == "gelu":
-            mlp = (1 + ("down_proj" in z.saves)) * z.a * inter * k
     parts["attention"] = attn
     parts["mlp"] = mlp if st.mlp_tile is None else 0.0  # tiled: intermediates exist per tile only (see peak)
     # LoRA B keeps x·Aᵀ; a tiled MLP's adapters run inside the tile (models/tiling.py _TiledMLP saves only its input)

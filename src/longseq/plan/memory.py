@@ -99,8 +99,7 @@ class TrainSetup:
             train_embed=self.train_embed, train_norms=self.train_norms, loss_chunk=self.loss_chunk,
             packed=self.packed, keep_hidden=self.keep_hidden, grads_persist=self.grad_accum > 1,
             mlp_tile=self.mlp_tile, offload_keep=self.offload_keep or 0, plain_layers=self.plain_layers, tp=p.tp,
-            sp=p.sp,
-            pp=p.pp, fused=self.fused)
+            sp=p.sp, pp=p.pp, fused=self.fused)
 
 
 @dataclass

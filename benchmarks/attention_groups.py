@@ -1,5 +1,5 @@
 """Causal GQA attention at long lengths on one GPU: one SDPA call against one call per group of KV heads (what
-training runs from config.ATTENTION_GROUP_TOKENS on, attention/sdpa.py `_grouped_causal`): seconds, TFLOP/s and the
+training runs from config.ATTENTION_GROUP_TOKENS on, attention/sdpa.py `_by_kv_groups`): seconds, TFLOP/s and the
 memory each allocates beyond what exists before it, forward and backward. Then, how much host memory this machine
 lets one process page-lock the way models/offload.py does (cudaHostRegister, 4 GiB buffers).
 

@@ -8,7 +8,10 @@ sequence, AdamW on the adapters. Each run is its own process (its peak memory is
 - `longseq` / `qlora`: the memory techniques `longseq train` would pick on this GPU (train/memory_plan.py: recompute
   none / selective / full / offloaded, tiled norms and MLPs), chunked LM-head + loss, bf16 autocast.
 - `hf`: transformers + PEFT, SDPA attention, gradient checkpointing, under the same bf16 autocast.
-All runs use PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation, for both sides).
+All runs use PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation, for both sides). longseq's
+attention is FlashAttention-4 where flash-attn-4 is installed (each row's `attention`), else SDPA; runs timed without
+a warm-up step (past 128K) first run attention on 1K tokens (FA4 compiles its kernels on first use), and, as the
+trainer does, page-lock the offloaded layer inputs' host buffers before the first step.
 Step = forward + backward + optimizer step; tokens/s = seq_len / median step time. MFU counts model FLOPs per token
 6N + 6·L·d·S (causal attention: half the S×S scores; N = 7.5e9 matmul parameters) against 989.4 TFLOP/s; the PaLM
 convention (6N + 12·L·d·S, non-causal) is reported beside it. Peak host memory is the process's VmHWM.
@@ -74,6 +77,8 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
                    tile=choice.tile, offload_keep=choice.offload_keep, plain_layers=choice.plain_layers,
                    predicted_gib=round(choice.predicted_gib, 2), predicted_host_gib=round(choice.host_gib, 2),
                    planned=choice.describe())
+    if side != "hf":
+        row["attention"] = warm_attention(seq_len) if warmup == 0 else attention_kernel()
     _, times, losses = timed_steps(model, step_loss, seq_len, warmup + steps, log=True)
     step = statistics.median(times[warmup:])
     if os.environ.get("LONG_CONTEXT_PROFILE"):
@@ -97,6 +102,33 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
                pinned_gib=round(offloader.host_bytes / 2**30, 2) if offloader is not None else 0.0,
                warmup=warmup, timed=steps, losses=[round(x, 4) for x in losses], step_times=times)
     return row
+
+
+def attention_kernel() -> str:
+    from longseq.attention import flash
+
+    head_dim = LLAMA3_8B["hidden_size"] // LLAMA3_8B["num_attention_heads"]
+    return flash.describe("auto", True, torch.device("cuda"), torch.bfloat16, head_dim)
+
+
+def warm_attention(seq_len: int) -> str:
+    """Runs timed without a warm-up step (long ones): compile FA4's kernels (CuTe DSL, on first use) or build
+    cuDNN's plans for this run's head groups on a short sequence, outside the timed step."""
+    from longseq import config
+    from longseq.attention import attention
+
+    heads, kv_heads = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"]
+    dim = LLAMA3_8B["hidden_size"] // heads
+    groups, short = config.attention_groups(kv_heads, seq_len), 1024
+    real, config.ATTENTION_GROUP_TOKENS = config.ATTENTION_GROUP_TOKENS, short if groups > 1 else 1 << 62
+    try:
+        q, k, v = (torch.randn(1, short, h, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+                   for h in (heads, kv_heads, kv_heads))
+        attention(q, k, v).sum().backward()
+        torch.cuda.synchronize()
+    finally:
+        config.ATTENTION_GROUP_TOKENS = real
+    return attention_kernel()
 
 
 KERNEL_KINDS = (("attention", ("flash", "fmha", "cudnn", "attn")),

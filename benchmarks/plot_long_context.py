@@ -15,6 +15,15 @@ import tempfile
 LABELS = {"longseq": "longseq LoRA", "qlora": "longseq QLoRA", "hf": "transformers + PEFT LoRA"}
 
 
+def _fa4(row: dict) -> bool:
+    """The run's attention went through FlashAttention-4 (rows before it name no kernel: SDPA)."""
+    return row.get("attention") == "FlashAttention-4"
+
+
+def _label(row: dict) -> str:
+    return LABELS[row["side"]] + (" + FA4" if _fa4(row) else "")
+
+
 def _plain(row: dict) -> int:
     """Layers that recompute only the SwiGLU product (from the planner's description in older rows)."""
     if "plain_layers" in row:
@@ -34,7 +43,7 @@ def load(paths: list[str]) -> list[dict]:
     for path in paths:
         with open(path) as f:
             for r in json.load(f)["rows"]:
-                rows[(r["side"], r["seq_len"], _forced(r), r.get("recompute") if _forced(r) else None)] = r
+                rows[(r["side"], r["seq_len"], _forced(r), r.get("recompute") if _forced(r) else None, _fa4(r))] = r
     # A forced-policy row is kept in the table but not in the plot's lines.
     return sorted(rows.values(), key=lambda r: (r["seq_len"], r["side"], _forced(r)))
 
@@ -45,13 +54,13 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['error']} | | | | | | | | |")
+            out.append(f"| {_label(r)} | {r['seq_len']:,} | {r['error']} | | | | | | | | |")
             continue
         tech = "—" if r["side"] == "hf" else f"{r['recompute']}" + (" (forced)" if _forced(r) else "") \
             + (f", tiles {r['tile']:,}" if r.get("tile") else "") \
             + (f", keep {r['offload_keep']}" if r["recompute"] == "offloaded" else "") \
             + (f", {_plain(r)} plain" if _plain(r) else "")
-        out.append(f"| {LABELS[r['side']]} | {r['seq_len']:,} | {r['tokens_per_s']:,.0f} | {r['mfu_causal']:.1%} | "
+        out.append(f"| {_label(r)} | {r['seq_len']:,} | {r['tokens_per_s']:,.0f} | {r['mfu_causal']:.1%} | "
                    f"{r['mfu_palm']:.1%} | {r['peak_gib']:.2f} | {r.get('predicted_gib', '—')} | "
                    f"{r['host_peak_gib']:.1f} | {r['pinned_gib']:.1f} | {tech} | {r['step_s']:.2f} |")
     return "\n".join(out) + "\n"
@@ -64,15 +73,17 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for side, style in (("longseq", "o-"), ("qlora", "s--"), ("hf", "^-")):
-        ok = [r for r in rows if r["side"] == side and "error" not in r and not _forced(r)]
+    # FA4 rows are markers only: they were measured at a few lengths, and a line would interpolate between them
+    for side, fa4, style in (("longseq", False, "o-"), ("longseq", True, "D"), ("qlora", False, "s--"),
+                             ("qlora", True, "P"), ("hf", False, "^-")):
+        ok = [r for r in rows if r["side"] == side and _fa4(r) == fa4 and "error" not in r and not _forced(r)]
         if not ok:
             continue
         xs = [r["seq_len"] / 1024 for r in ok]
-        ax1.plot(xs, [r["tokens_per_s"] for r in ok], style, label=LABELS[side])
-        ax2.plot(xs, [r["peak_gib"] for r in ok], style, label=LABELS[side])
+        ax1.plot(xs, [r["tokens_per_s"] for r in ok], style, label=_label(ok[0]))
+        ax2.plot(xs, [r["peak_gib"] for r in ok], style, label=_label(ok[0]))
         for r in rows:
-            if r["side"] == side and "error" in r:
+            if r["side"] == side and _fa4(r) == fa4 and "error" in r:
                 ax2.plot([r["seq_len"] / 1024], [80], "x", color="red", markersize=10)
                 ax2.annotate(f"{LABELS[side]}: OOM at {r['seq_len'] // 1024}K", (r["seq_len"] / 1024, 80),
                              textcoords="offset points", xytext=(5, -12), fontsize=8, color="red")
@@ -81,6 +92,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xlabel("sequence length (K tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    ax1.set_yscale("log")
     ax1.set_ylabel("tokens/s")
     ax1.set_title("Llama-3-8B shape, LoRA r=16, one H100 80GB")
     ax2.axhline(79.1, color="gray", linestyle=":")

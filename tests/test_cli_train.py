@@ -53,6 +53,7 @@ def test_bad_yaml(tmp_path, content, match):
     (["train", "--data", "x.jsonl", "--resume", "latest", "--out-dir", "/nonexistent-run", "--device", "cpu"],
      "no checkpoint"),
     (["export", "--checkpoint", "/nonexistent", "--out", "/tmp/x"], "/nonexistent"),
+    (["train", "--data", "x.jsonl", "--attention-kernel", "flash"], "attention_kernel must be one of"),
 ])
 def test_cli_errors_are_one_line(argv, needle, tmp_path):
     out = subprocess.run([sys.executable, "-m", "longseq", *argv], capture_output=True, text=True, cwd=tmp_path,
@@ -60,3 +61,14 @@ def test_cli_errors_are_one_line(argv, needle, tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2, out.stderr
     assert len(lines) == 1 and "Traceback" not in out.stderr and needle in lines[0], out.stderr
+
+
+def test_fa4_where_it_cannot_run_fails_before_training(tmp_path):
+    (tmp_path / "d.txt").write_text("some text to train on. " * 50)
+    out = subprocess.run([sys.executable, "-m", "longseq", "train", "--data", "d.txt", "--device", "cpu",
+                          "--attention-kernel", "fa4", "--max-steps", "1", "--seq-len", "64"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert lines == ["longseq: error: --attention-kernel fa4: it runs on CUDA GPUs only"], out.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written

@@ -13,6 +13,7 @@ from longseq.errors import LongseqError
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 ATTENTION_VARIANTS = ("causal", "streaming", "dilated", "block_sparse")
+ATTENTION_KERNELS = ("auto", "sdpa", "fa4")  # causal attention: attention/flash.py (FA4) or PyTorch SDPA
 
 
 @dataclass
@@ -84,10 +85,15 @@ class AttentionConfig:
     """ALiBi linear distance bias (Press et al. 2021) instead of RoPE"""
     chunk_size: int = 0
     """> 0: exact attention in (chunk x chunk) tiles with an online softmax, O(chunk * T) memory"""
+    kernel: str = "auto"
+    """auto | sdpa | fa4: causal prefill and training attention (auto: FlashAttention-4 where flash-attn-4 is
+    installed and the GPU is a Hopper or Blackwell, else PyTorch SDPA; fa4: fail where it cannot run)"""
 
     def __post_init__(self):
         if self.variant not in ATTENTION_VARIANTS:
             raise LongseqError(f"unknown attention variant {self.variant!r}; use {', '.join(ATTENTION_VARIANTS)}")
+        if self.kernel not in ATTENTION_KERNELS:
+            raise LongseqError(f"unknown attention kernel {self.kernel!r}; use {', '.join(ATTENTION_KERNELS)}")
         self.segment_lengths = tuple(int(w) for w in self.segment_lengths)
         self.dilation_rates = tuple(int(r) for r in self.dilation_rates)
         if len(self.segment_lengths) != len(self.dilation_rates) or not self.segment_lengths:
@@ -401,6 +407,9 @@ class ModelOverrides:
     global_blocks: int | None = _help("block_sparse: first blocks every query sees (None: 1)", default=None)
     alibi: bool = _help("ALiBi distance bias instead of RoPE (for models trained with it)", default=False)
     attention_chunk: int | None = _help("exact attention in tiles of this many tokens; 0: off", default=None)
+    attention_kernel: str | None = _help("auto | sdpa | fa4: causal attention kernel (auto: FlashAttention-4 where "
+                                         "flash-attn-4 is installed on a Hopper/Blackwell GPU, else SDPA)",
+                                         default=None)
     rope_scaling: str | None = _help("none | linear | dynamic (= ntk) | yarn: RoPE context extension", default=None)
     rope_factor: float | None = _help("RoPE scaling factor: the context multiple", default=None)
     max_seq_len: int | None = _help("context limit (default: the native context x rope factor)", default=None)
@@ -415,6 +424,9 @@ class ModelOverrides:
                 raise LongseqError(f"{name} takes integers; got {value!r}") from None
         if self.attention is not None and self.attention not in OVERRIDE_ATTENTION:
             raise LongseqError(f"attention must be one of {', '.join(OVERRIDE_ATTENTION)}; got {self.attention!r}")
+        if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
+            raise LongseqError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}; "
+                               f"got {self.attention_kernel!r}")
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
             raise LongseqError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
         for name in ("window", "block_size", "local_blocks", "max_seq_len"):

@@ -124,6 +124,22 @@ def test_long_context_techniques_are_exact(policy, keep, tile, lora):
         assert model.offloader.host_bytes == before and torch.equal(loss2, loss)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("keep", [0, 2])
+def test_reserved_host_buffers_are_the_ones_a_step_uses(dtype, keep):
+    # reserve_offload allocates before the first step what that step would: the step allocates nothing more
+    model = _model(lora=True, dtype=dtype)
+    model.set_recompute("offloaded", keep_on_gpu=keep)
+    model.reserve_offload(2, 40)
+    reserved = model.offloader.host_bytes
+    assert reserved == (CFG.num_layers - keep) * 2 * 40 * CFG.hidden_size * torch.finfo(dtype).bits // 8
+    ids = torch.randint(0, CFG.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    loss_and_grads(model, ids, torch.roll(ids, -1, 1))
+    assert model.offloader.host_bytes == reserved
+    model.reserve_offload(2, 40)  # again: the pool already holds them
+    assert model.offloader.host_bytes == reserved
+
+
 def test_offloaded_packed_documents_exact():
     model = _model(lora=True)
     ids = torch.randint(0, CFG.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))

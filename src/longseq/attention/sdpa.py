@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
 from longseq import config
+from longseq.attention import flash
 from longseq.attention.masks import causal_mask
 from longseq.attention.variants import block_layout_for, dense_scores_mask
 from longseq.config import AttentionConfig
@@ -35,6 +37,7 @@ def attention(
     """
     if variant is not None and not variant.plain:
         return _variant_attention(q, k, v, q_start, window, doc_ids, variant)
+    kernel = variant.kernel if variant is not None else "auto"
     B, H, S, D = q.shape
     T, num_kv_heads = k.shape[2], k.shape[1]
     assert T == q_start + S, f"keys ({T}) must end where the queries end ({q_start}+{S})"
@@ -44,6 +47,8 @@ def attention(
         window = None  # the window covers every key: plain causal
     if doc_ids is not None:
         assert q_start == 0 and doc_ids.shape == (B, S)
+        if flash.use_flash(q, kernel):  # one variable-length call over every document of every row
+            return flash.documents(*_bshd(q, k, v), doc_ids, window).transpose(1, 2)
         if B * S * S > DENSE_MASK_LIMIT:  # long packed rows: one causal call per document, O(S) memory
             return _attention_by_document(q, k, v, doc_ids, window)
         pos = torch.arange(S, device=q.device)
@@ -54,27 +59,44 @@ def attention(
         if window is not None:  # decode: the last `window` keys are exactly the visible ones
             k, v = k[:, :, T - window :], v[:, :, T - window :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if q_start == 0 and flash.use_flash(q, kernel):  # prefill and training, a window or none: FlashAttention-4
+        core = functools.partial(flash.causal, window=window)
+        return _by_kv_groups(core, *_bshd(q, k, v), _training_groups(q, k, v)).transpose(1, 2)
     if q_start == 0 and window is None:
-        training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        groups = config.attention_groups(num_kv_heads, S) if training else 1
-        if groups > 1:  # long training sequences: the backward's workspace for one group of KV heads at a time
-            return _grouped_causal(q, k, v, groups)
+        if (groups := _training_groups(q, k, v)) > 1:
+            return _by_kv_groups(_sdpa_causal, *_bshd(q, k, v), groups).transpose(1, 2)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     # Chunked prefill or a sliding window: an explicit (S, T) mask.
     pos = torch.arange(T, device=q.device)
     return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))
 
 
-def _grouped_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """Causal attention by groups of KV heads (with their query heads), one after another: the same kernel, but its
-    backward's workspace exists for one group at a time. Split and joined in the (B, S, H, D) memory layout of the
-    projections: autograd joins the groups' dQ/dK/dV pieces into gradients of the layout q, k, v came in, and the
-    output projection reads the joined output without a copy."""
-    qs, ks, vs = (t.transpose(1, 2).chunk(groups, dim=2) for t in (q, k, v))  # (B, S, H/groups, D) views
-    outs = [F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2), is_causal=True,
-                                           enable_gqa=qg.shape[2] != kg.shape[2])
-            for qg, kg, vg in zip(qs, ks, vs, strict=True)]
-    return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)  # (B, H, S, D) over (B, S, H, D)
+def _training_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Groups of KV heads that attention runs by (config.attention_groups): long training sequences only."""
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return config.attention_groups(k.shape[1], q.shape[2]) if training else 1
+
+
+def _bshd(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, H, S, D) views back in the projections' (B, S, H, D) layout (no copy where they came from it)."""
+    return tuple(t.transpose(1, 2) for t in tensors)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SDPA's causal attention in the (B, S, H, D) layout."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _by_kv_groups(core, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """core(q, k, v) by groups of KV heads (with their query heads), one after another, all in the (B, S, H, D)
+    layout: the same kernel, but its backward's workspace exists for one group at a time. Autograd joins the
+    groups' dQ/dK/dV pieces into gradients of the layout q, k, v came in, and the output projection reads the
+    joined output without a copy."""
+    if groups == 1:
+        return core(q, k, v)
+    return torch.cat([core(*g) for g in zip(*(t.chunk(groups, dim=2) for t in (q, k, v)), strict=True)], dim=2)
 
 
 def _attention_by_document(q, k, v, doc_ids, window):

@@ -277,6 +277,13 @@ class CausalLM(nn.Module):
             layer.mlp.recompute_act = policy == "selective" or plain
             layer.keep_attention = policy == "keep_attention" and not plain
 
+    def reserve_offload(self, batch: int, seq_len: int) -> None:
+        """Recompute offloaded: allocate (page-lock) the host buffers of the offloaded layer inputs now, for
+        micro-batches of (batch, seq_len) tokens, instead of during the first step."""
+        if self.recompute == "offloaded" and (count := len(self.model.layers) - self.offload_keep) > 0:
+            embed = self.model.embed_tokens.weight  # the residual stream's dtype: what every layer receives
+            self.offloader.reserve((batch, seq_len, self.config.hidden_size), embed.dtype, embed.device, count)
+
     def _plain(self, i: int) -> bool:
         """Whether layer i is one of the last `plain_layers` (only the SwiGLU product recomputed)."""
         return i >= len(self.model.layers) - self.plain_layers

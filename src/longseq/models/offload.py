@@ -52,6 +52,14 @@ class LayerInputOffloader:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return recompute.checkpoint(layer, x, *args)
 
+    def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, count: int) -> None:
+        """Hold `count` host buffers for inputs of this shape before the first step: that step then pays no
+        page-locking (registering 112 GiB took some 30 s on an H100 host), and a host short of memory fails here,
+        not halfway through a forward."""
+        free = self._pool.setdefault((tuple(shape), dtype), [])
+        while len(free) < count:
+            free.append(self._new_buffer(tuple(shape), dtype, device))
+
     def reset(self) -> None:
         """Start a new forward pass: prefetching follows layers in the order this pass offloads them."""
         self._last = None
@@ -62,7 +70,7 @@ class LayerInputOffloader:
             return t
         key = (tuple(t.shape), t.dtype)
         free = self._pool.get(key)
-        host = free.pop() if free else self._new_buffer(t)
+        host = free.pop() if free else self._new_buffer(t.shape, t.dtype, t.device)
         if t.device.type == "cuda":
             stream = self._side_stream(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is copied
@@ -115,10 +123,10 @@ class LayerInputOffloader:
         # side stream, so they run after it.
         self._pool.setdefault(h.key, []).append(h.host)
 
-    def _new_buffer(self, t: torch.Tensor) -> torch.Tensor:
-        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+    def _new_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype, device="cpu")
         nbytes = buf.numel() * buf.element_size()
-        if t.device.type == "cuda":
+        if device.type == "cuda":
             # Page-locked by registering this allocation, not through pin_memory=True: PyTorch's caching host
             # allocator rounds every block up to a power of two (a 3 GiB layer input took 4 GiB: 121 GiB of host
             # memory for 90 GiB of inputs at 384K tokens).

@@ -34,6 +34,8 @@ def apply_overrides(model: CausalLM, ov: ModelOverrides) -> CausalLM:
         updates["alibi"] = True
     if ov.attention_chunk is not None:
         updates["chunk_size"] = ov.attention_chunk
+    if ov.attention_kernel is not None:
+        updates["kernel"] = ov.attention_kernel
     window = cfg.sliding_window
     if ov.attention is not None:
         updates["variant"] = "causal" if ov.attention == "sliding" else ov.attention

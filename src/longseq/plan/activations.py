@@ -459,7 +459,9 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     groups = _attention_groups(spec, st)
     attn_ws = 2 * q_bytes + 2 * kv_bytes  # dO, dQ, dK, dV (grouped: the groups' pieces, joined once all exist)
     if kernel_workspace:  # inside the backward kernel (FlashAttention-2 mha_bwd, cuDNN measured alike on an H100):
-        # dq_accum (fp32, B·S·H·D) and, under GQA, dk_expanded / dv_expanded; for one group at a time when grouped
+        # dq_accum (fp32, B·S·H·D) and, under GQA, dk_expanded / dv_expanded; for one group at a time when grouped.
+        # FlashAttention-4 keeps fp32 dK/dV accumulators of the KV heads instead (4 GiB less at 512K, whole): an
+        # upper bound there (benchmarks/results/2026-11-25-fa4-h100)
         attn_ws += (FP32 * spec.q_dim * t + (2 * q_bytes if cfg.num_kv_heads != cfg.num_heads else 0.0)) / groups
 
     def o_proj_moment(i: int) -> float:

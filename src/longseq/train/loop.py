@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from longseq.attention import flash
 from longseq.config import ModelConfig, TrainConfig
 from longseq.distributed import checkpoint as ckpt_io
 from longseq.distributed.data_parallel import gradient_sync
@@ -88,6 +89,8 @@ def plan_memory(model, cfg: TrainConfig, precision: str, device: torch.device, p
     choice = choose(model.config, cfg, precision, device, packed, parallelism_for(cfg, world_size))
     model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep, plain_layers=choice.plain_layers)
     model.set_tiling(choice.tile)
+    if world_size == 1:  # page-lock the offloaded layer inputs' host buffers now, not in the first step
+        model.reserve_offload(cfg.batch_size, cfg.seq_len)
     return choice
 
 
@@ -102,6 +105,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     console.quiet = not env.is_main  # one process reports for all
     lm, data, precision, optimizer, scheduler, scaler, step_model = build(cfg, env)
     model, device = lm.model, lm.device
+    attn = model.config.attention  # the kernel (--attention-kernel fa4 fails here where it cannot run)
+    kernel = flash.describe(attn.kernel, attn.plain, device, precision.autocast_dtype or precision.frozen_dtype,
+                            model.config.head_dim)
     st = data.stats
     console.print(f"[dim]data: {st.files} file(s), {st.documents:,} documents, {st.tokens:,} tokens "
                   f"({st.target_tokens:,} trained)[/]")
@@ -116,7 +122,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
                       "consider --rope-scaling linear|ntk|yarn --rope-factor F[/]")
     memory = plan_memory(model, cfg, precision.name, device, packed=data.stats.documents > 1,
                          world_size=env.world_size)
-    console.print(f"[dim]memory: {memory.describe()}; loss chunks of {cfg.loss_chunk:,} tokens[/]")
+    console.print(f"[dim]memory: {memory.describe()}; loss chunks of {cfg.loss_chunk:,} tokens; attention: "
+                  f"{kernel}[/]")
     if not memory.fits:
         console.print("[yellow]the planner predicts this run does not fit; it may run out of memory "
                       "(try a shorter --seq-len, --method qlora or --optimizer adamw8bit)[/]")

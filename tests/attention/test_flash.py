@@ -118,6 +118,23 @@ def test_cpu_uses_sdpa_and_fa4_insists_with_a_reason():
                                atol=1e-5, rtol=0)
 
 
+def test_unsupported_inputs_have_reasons():
+    cuda = torch.device("cuda")
+    assert flash.supported(torch.device("cpu"), torch.bfloat16, 128) == "it runs on CUDA GPUs only"
+    assert flash.supported(cuda, torch.float32, 128) == "it takes float16 or bfloat16, not torch.float32"
+    assert flash.supported(cuda, torch.bfloat16, 100) == "head_dim 100 is not a multiple of 8 up to 256"
+    assert flash.supported(cuda, torch.float16, 512) == "head_dim 512 is not a multiple of 8 up to 256"
+
+
+def test_describe_names_the_kernel_and_fa4_insists(fake):
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert flash.describe("auto", True, cuda, bf16, 128) == "FlashAttention-4"
+    assert flash.describe("sdpa", True, cuda, bf16, 128) == "PyTorch SDPA"
+    assert flash.describe("auto", False, cuda, bf16, 128) == "PyTorch SDPA"  # dilated, ALiBi, ...: their own paths
+    with pytest.raises(LongseqError, match="fa4: it runs plain causal attention, not attention variants"):
+        flash.describe("fa4", False, cuda, bf16, 128)
+
+
 def test_kernel_is_validated_and_set_by_overrides():
     from longseq.models.overrides import apply_overrides
     from tiny_models import random_model

@@ -36,37 +36,37 @@ def supported(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | 
         return "it runs on CUDA GPUs only"
     if dtype not in (torch.float16, torch.bfloat16):
         return f"it takes float16 or bfloat16, not {dtype}"
+    if head_dim % 8 or head_dim > 256:
+        return f"head_dim {head_dim} is not a multiple of 8 up to 256"
     major = torch.cuda.get_device_capability(device)[0]
     if major not in (9, 10):
         return f"it needs a Hopper or Blackwell GPU (compute capability 9.x or 10.x), not {major}.x"
-    if head_dim % 8 or head_dim > 256:
-        return f"head_dim {head_dim} is not a multiple of 8 up to 256"
     return None
 
 
-def why_not(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Why causal attention will not run through FA4 under the kernel choice auto | sdpa | fa4, or None."""
+def why_not(kernel: str, device: torch.device, dtype: torch.dtype, head_dim: int, plain: bool = True) -> str | None:
+    """Why causal attention will not run through FA4 under the kernel choice auto | sdpa | fa4, or None when it
+    will; kernel fa4 where it cannot run is an error. plain: the attention variant is plain causal
+    (AttentionConfig.plain; the others have kernels of their own)."""
     if kernel == "sdpa":
         return "--attention-kernel sdpa"
-    return supported(device, dtype, head_dim) or (
+    reason = "it runs plain causal attention, not attention variants" if not plain else supported(
+        device, dtype, head_dim) or (
         None if _kernel() is not None else f"flash-attn-4 is not installed: {INSTALL_HINT}")
+    if reason is not None and kernel == "fa4":
+        raise LongseqError(f"--attention-kernel fa4: {reason}")
+    return reason
 
 
 def use_flash(q: torch.Tensor, kernel: str) -> bool:
-    """Whether causal attention on q (B, H, S, D) runs through FA4 (kernel fa4 insists: an error if it cannot)."""
-    reason = why_not(kernel, q.device, q.dtype, q.shape[-1])
-    if reason is not None and kernel == "fa4":
-        raise LongseqError(f"--attention-kernel fa4: {reason}")
-    return reason is None
+    """Whether causal attention on q (B, H, S, D) runs through FA4."""
+    return why_not(kernel, q.device, q.dtype, q.shape[-1]) is None
 
 
 def describe(kernel: str, plain: bool, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The kernel causal attention will run through, for a run's report; kernel fa4 where it cannot run is an
-    error here, before any work. plain: the attention variant is plain causal (AttentionConfig.plain)."""
-    reason = why_not(kernel, device, dtype, head_dim) if plain else "an attention variant"
-    if reason is not None and kernel == "fa4":
-        raise LongseqError(f"--attention-kernel fa4: {reason}")
-    return "FlashAttention-4" if reason is None else "PyTorch SDPA"
+    """The kernel causal attention will run through, for a run's report (before any work: kernel fa4 where it
+    cannot run is an error here)."""
+    return "FlashAttention-4" if why_not(kernel, device, dtype, head_dim, plain) is None else "PyTorch SDPA"
 
 
 def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:

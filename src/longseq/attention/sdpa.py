@@ -59,13 +59,10 @@ def attention(
         if window is not None:  # decode: the last `window` keys are exactly the visible ones
             k, v = k[:, :, T - window :], v[:, :, T - window :]
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    if q_start == 0 and flash.use_flash(q, kernel):  # prefill and training, a window or none: FlashAttention-4
-        core = functools.partial(flash.causal, window=window)
+    fa4 = q_start == 0 and flash.use_flash(q, kernel)  # prefill and training, a window or none
+    if fa4 or (q_start == 0 and window is None):  # FlashAttention-4, else SDPA's causal kernel: no mask
+        core = functools.partial(flash.causal, window=window) if fa4 else _sdpa_causal
         return _by_kv_groups(core, *_bshd(q, k, v), _training_groups(q, k, v)).transpose(1, 2)
-    if q_start == 0 and window is None:
-        if (groups := _training_groups(q, k, v)) > 1:
-            return _by_kv_groups(_sdpa_causal, *_bshd(q, k, v), groups).transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     # Chunked prefill or a sliding window: an explicit (S, T) mask.
     pos = torch.arange(T, device=q.device)
     return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))

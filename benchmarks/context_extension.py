@@ -187,10 +187,11 @@ def main() -> int:
         cfg = TrainConfig(data=(str(data),), out_dir=str(out / "finetune"), method="lora", seq_len=seq_len,
                           max_steps=args.ft_steps, lr=args.ft_lr, warmup_steps=max(1, args.ft_steps // 20),
                           lora_train_extra=("embed", "norm"), recompute="full", save_every=0, device=str(device),
-                          rope_scaling=args.ft_scaling, rope_factor=args.ft_factor, max_seq_len=longest + 64)
+                          overrides=ModelOverrides(rope_scaling=args.ft_scaling, rope_factor=args.ft_factor,
+                                                   max_seq_len=longest + 64))
         start = time.perf_counter()
         result = train(cfg, progress=False)
-        results["finetune"] = {"config": {k: v for k, v in vars(cfg).items()}, "losses": result.losses,
+        results["finetune"] = {"config": cfg.to_dict(), "losses": result.losses,
                                "seconds": time.perf_counter() - start, "checkpoint": str(result.checkpoint)}
         name = f"{args.ft_scaling} x{args.ft_factor:g} + LoRA {args.ft_steps} steps @ {seq_len}"
         lm = load_for_eval(adapter=str(result.checkpoint), device=str(device), dtype=args.dtype,

@@ -133,7 +133,7 @@ def main():
     if args.model == "default":  # the chat answer, on the GPU in bf16
         from longseq.generation import SamplingParams, generate
         from longseq.models.loader import LoadedModel
-        from longseq.tokenizer import load_tokenizer
+        from longseq.models.tokenizer import load_tokenizer
 
         lm = LoadedModel(ours, load_tokenizer(Path(gguf)), Path(gguf))
         result["answer"] = generate(lm, "What is the capital of France?", SamplingParams(max_new_tokens=32)).text

@@ -116,7 +116,7 @@ def main():
     args = ap.parse_args()
     from serve_throughput import LLAMA3_8B, copy_bandwidth
 
-    from longseq.config import ModelConfig
+    from longseq.config.hf import from_hf
     from longseq.models import fused
     from longseq.models.llama import CausalLM
 
@@ -124,7 +124,7 @@ def main():
     print(json.dumps(result), flush=True)
     torch.cuda.empty_cache()
     with torch.device("meta"):
-        model = CausalLM(ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})).to(torch.bfloat16)
+        model = CausalLM(from_hf({"model_type": "llama", **LLAMA3_8B})).to(torch.bfloat16)
     model.to_empty(device="cuda")
     with torch.no_grad():
         for p in model.parameters():

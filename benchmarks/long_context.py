@@ -42,8 +42,8 @@ def host_peak_gib() -> float:
 
 def build_longseq(method: str, seq_len: int, recompute: str | None):
     from longseq.config import TrainConfig
-    from longseq.train.loop import plan_memory
     from longseq.train.lora import make_trainable
+    from longseq.train.memory_plan import plan_memory
     from longseq.train.step import TokenLoss
 
     model = random_llama3_8b()
@@ -84,11 +84,11 @@ def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | N
     if os.environ.get("LONG_CONTEXT_PROFILE"):
         row["profile_s"] = profile_step(model, step_loss, seq_len,
                                         os.path.join(os.environ["LONG_CONTEXT_PROFILE"], f"{side}_{seq_len}.txt"))
-    from longseq.config import ModelConfig
+    from longseq.config.hf import from_hf
     from longseq.plan.hardware import find_gpu
-    from longseq.train.loop import matmul_params
+    from longseq.train.metrics import matmul_params
 
-    cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
+    cfg = from_hf({"model_type": "llama", **LLAMA3_8B})
     n, layers, d = matmul_params(cfg), cfg.num_layers, cfg.hidden_size
     peak = find_gpu(torch.cuda.get_device_name()).bf16_tflops * 1e12
     tps = seq_len / step
@@ -114,20 +114,20 @@ def attention_kernel() -> str:
 def warm_attention(seq_len: int) -> str:
     """Runs timed without a warm-up step (long ones): compile FA4's kernels (CuTe DSL, on first use) or build
     cuDNN's plans for this run's head groups on a short sequence, outside the timed step."""
-    from longseq import config
     from longseq.attention import attention
+    from longseq.config import policy
 
     heads, kv_heads = LLAMA3_8B["num_attention_heads"], LLAMA3_8B["num_key_value_heads"]
     dim = LLAMA3_8B["hidden_size"] // heads
-    groups, short = config.attention_groups(kv_heads, seq_len), 1024
-    real, config.ATTENTION_GROUP_TOKENS = config.ATTENTION_GROUP_TOKENS, short if groups > 1 else 1 << 62
+    groups, short = policy.attention_groups(kv_heads, seq_len), 1024
+    real, policy.ATTENTION_GROUP_TOKENS = policy.ATTENTION_GROUP_TOKENS, short if groups > 1 else 1 << 62
     try:
         q, k, v = (torch.randn(1, short, h, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
                    for h in (heads, kv_heads, kv_heads))
         attention(q, k, v).sum().backward()
         torch.cuda.synchronize()
     finally:
-        config.ATTENTION_GROUP_TOKENS = real
+        policy.ATTENTION_GROUP_TOKENS = real
     return attention_kernel()
 
 

@@ -7,7 +7,7 @@
 Each row runs in its own `torchrun --standalone --nproc-per-node N` (so its peak is its own, and an out-of-memory
 rank ends the row instead of hanging it), on random weights of a model shape built as `longseq train` builds it
 (fp32 masters for full fine-tuning, bf16 base + fp32 adapters for LoRA, the whole model on each GPU, then sharded):
-- train rows: longseq's step (`_train_step`, DDP or FSDP2, optionally CPU offload, Ulysses) for 1 warm-up and 2 timed
+- train rows: longseq's step (`train_step`, DDP or FSDP2, optionally CPU offload, Ulysses) for 1 warm-up and 2 timed
   steps; memory is the largest torch.cuda.max_memory_allocated over the ranks (load peak read before the reset);
 - ulysses rows: LoRA, full recompute, sequence parallel over every GPU, doubling the sequence until it runs out of
   memory: the longest sequence that trains, against the planner's `largest fitting` answer;
@@ -63,14 +63,13 @@ def run_train_row(row: dict, device: str) -> dict | None:
     from plan_validation import build_model, spec_for
 
     from longseq.config import TrainConfig
-    from longseq.distributed.data_parallel import grad_scaler, wrap
-    from longseq.distributed.env import init_distributed
-    from longseq.distributed.ulysses import enable_ulysses
-    from longseq.train.loop import _train_step
     from longseq.train.lora import make_trainable
     from longseq.train.optim import build_optimizer
+    from longseq.train.parallel.data_parallel import grad_scaler, wrap
+    from longseq.train.parallel.env import init_distributed
+    from longseq.train.parallel.ulysses import enable_ulysses
     from longseq.train.precision import resolve_precision
-    from longseq.train.step import TokenLoss
+    from longseq.train.step import TokenLoss, train_step
 
     cfg = TrainConfig(method=row["method"], recompute=row["recompute"], seq_len=row["seq_len"], batch_size=1,
                       optimizer="adamw", lora_rank=16, lora_alpha=32, loss_chunk=1024, parallel=row["parallel"],
@@ -100,7 +99,7 @@ def run_train_row(row: dict, device: str) -> dict | None:
             torch.cuda.synchronize(env.device)
         env.barrier()
         start = time.perf_counter()
-        _train_step(step_model, next(steps), cfg, precision, env.device, optimizer, scaler, env)
+        train_step(step_model, next(steps), cfg, precision, env.device, optimizer, scaler, env)
         if cuda:
             torch.cuda.synchronize(env.device)
         if i:
@@ -141,9 +140,9 @@ def run_serve_row(row: dict, device: str) -> dict | None:
     from plan_validation import _Tokenizer, spec_for
 
     from longseq.config import EngineConfig
-    from longseq.distributed.tensor_parallel import TensorParallel, shard_model
-    from longseq.distributed.tp_engine import TensorParallelRunner
     from longseq.engine import LLMEngine
+    from longseq.engine.tensor_parallel import TensorParallel, shard_model
+    from longseq.engine.tp_engine import TensorParallelRunner
     from longseq.generation import SamplingParams
     from longseq.models.llama import CausalLM
     from longseq.models.loader import LoadedModel, resolve_device
@@ -202,9 +201,9 @@ def predict(row: dict, gpus: int, device_name: str) -> dict:
 
     from longseq.config import TrainConfig
     from longseq.plan.hardware import GPUS, find_gpu
-    from longseq.plan.memory import TrainSetup
     from longseq.plan.serving import ServeSetup, plan_serve
-    from longseq.plan.training import parallelism_for, plan_train
+    from longseq.plan.setup import TrainSetup, parallelism_for
+    from longseq.plan.training import plan_train
 
     gpu = (find_gpu(device_name) if device_name else None) or GPUS["H100"]
     spec = spec_for(row["model"])

@@ -3,7 +3,7 @@
     python benchmarks/plan_validation.py --out results/plan-validation      (default: $OUT, else ./plan_validation)
     python benchmarks/plan_validation.py --device cpu --quick              (harness smoke run: tiny shapes, no memory)
 
-Training rows run longseq's own step (train/loop.py `_train_step`: bf16 autocast, chunked loss, grad clipping,
+Training rows run longseq's own step (train/loop.py `train_step`: bf16 autocast, chunked loss, grad clipping,
 the optimizer) on random weights of a model shape, each in its own process so its peak is its own: the model is
 built as `longseq train` builds it (fp32 masters for full fine-tuning, bf16 base + fp32 adapters for LoRA, NF4
 after loading for QLoRA), then 1 warm-up and 2 timed steps. Memory: torch.cuda.max_memory_allocated after
@@ -104,10 +104,10 @@ def run_train(row: dict, device_name: str) -> dict:
     import torch
 
     from longseq.config import TrainConfig
-    from longseq.train.loop import _train_step
     from longseq.train.lora import make_trainable
     from longseq.train.optim import build_optimizer
     from longseq.train.precision import resolve_precision
+    from longseq.train.step import train_step
 
     device = torch.device(device_name)
     spec = spec_for(row["model"])
@@ -133,7 +133,7 @@ def run_train(row: dict, device_name: str) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        _train_step(model, [batch], cfg, precision, device, optimizer, None)
+        train_step(model, [batch], cfg, precision, device, optimizer, None)
         if cuda:
             torch.cuda.synchronize(device)
         if i:
@@ -194,8 +194,8 @@ def run_engine(row: dict, device_name: str) -> dict:
 
 def predict(row: dict, device_name: str) -> dict:
     from longseq.plan.hardware import GPUS, find_gpu
-    from longseq.plan.memory import TrainSetup
     from longseq.plan.serving import ServeSetup, plan_serve
+    from longseq.plan.setup import TrainSetup
     from longseq.plan.training import plan_train
 
     gpu = (find_gpu(device_name) if device_name else None) or GPUS["H100"]

@@ -89,7 +89,8 @@ def main():
 
     import transformers
 
-    from longseq.config import EngineConfig, ModelConfig
+    from longseq.config import EngineConfig
+    from longseq.config.hf import from_hf
     from longseq.engine.llm_engine import LLMEngine
     from longseq.generation.sampling import SamplingParams
     from longseq.models.llama import CausalLM
@@ -100,7 +101,7 @@ def main():
         hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**LLAMA3_8B),
                                                            dtype=torch.bfloat16).eval()
     with torch.device("meta"):
-        ours = CausalLM(ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B}))
+        ours = CausalLM(from_hf({"model_type": "llama", **LLAMA3_8B}))
     ours.load_state_dict(hf.state_dict(), assign=True, strict=False)  # the same tensors: no extra memory
     ours.tie_weights()
     ours.rotary.reset("cuda")

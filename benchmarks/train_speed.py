@@ -31,10 +31,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def random_llama3_8b():
     """Our model in the Llama-3-8B shape on the GPU, random bf16 weights (built on `meta`, filled in place)."""
-    from longseq.config import ModelConfig
+    from longseq.config.hf import from_hf
     from longseq.models.llama import CausalLM
 
-    cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
+    cfg = from_hf({"model_type": "llama", **LLAMA3_8B})
     with torch.device("meta"):
         model = CausalLM(cfg).to(torch.bfloat16)
     model.to_empty(device="cuda")
@@ -118,12 +118,12 @@ def run_one(side: str, seq_len: int, steps: int) -> dict:
     params, times, losses = timed_steps(model, step_loss, seq_len, 2 + steps)
     times = times[2:]  # two warm-up steps
     step = statistics.median(times)
-    from longseq.config import ModelConfig
+    from longseq.config.hf import from_hf
     from longseq.plan.flops import train_flops_per_token
     from longseq.plan.hardware import find_gpu
-    from longseq.train.loop import matmul_params
+    from longseq.train.metrics import matmul_params
 
-    cfg = ModelConfig.from_hf({"model_type": "llama", **LLAMA3_8B})
+    cfg = from_hf({"model_type": "llama", **LLAMA3_8B})
     flops_per_token = train_flops_per_token(matmul_params(cfg), cfg.num_layers, cfg.hidden_size, seq_len)
     peak = find_gpu(torch.cuda.get_device_name()).bf16_tflops * 1e12
     return dict(side=side, seq_len=seq_len, step_s=round(step, 3), tokens_per_s=round(seq_len / step, 1),

@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory):
     """The default model's tokenizer saved as HF tokenizer files, once per session: copy them into tiny model
     folders (shutil.copytree(tokenizer_dir, folder, dirs_exist_ok=True))."""
     from longseq.models.loader import default_model_path
-    from longseq.tokenizer import load_tokenizer
+    from longseq.models.tokenizer import load_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer(default_model_path()).save_pretrained(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longseq.config import SUPPORTED_ARCHITECTURES
+from longseq.config.model import SUPPORTED_ARCHITECTURES
 from longseq.errors import LongseqError
 from longseq.models.loader import default_model_path
 
@@ -37,7 +37,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory, default_gguf: Path) -> Pa
     """A valid HF model directory: a 2-layer, 64-wide Llama with the default model's tokenizer (vocab 49152)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from longseq.tokenizer import load_tokenizer
+    from longseq.models.tokenizer import load_tokenizer
 
     path = tmp_path_factory.mktemp("tiny")
     tokenizer = load_tokenizer(default_gguf)  # also silences transformers' progress bars

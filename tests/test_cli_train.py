@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from longseq.cli_config import add_dataclass_flags, config_from
 from longseq.config import TrainConfig
+from longseq.config.flags import add_dataclass_flags, config_from
 from longseq.errors import LongseqError
 
 

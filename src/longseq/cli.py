@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--no-chat", action="store_true", help="plain completion, without the chat template")
     g.add_argument("--system", default=None, help="a system message (chat mode)")
-    from longseq.cli_config import add_dataclass_flags
     from longseq.config import ModelOverrides
+    from longseq.config.flags import add_dataclass_flags
 
     add_dataclass_flags(g, ModelOverrides)  # --attention streaming --window 1024: unbounded generation, ...
     g.set_defaults(func=cmd_generate)
@@ -105,8 +105,8 @@ def _version() -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from longseq.cli_config import config_from
     from longseq.config import ModelOverrides
+    from longseq.config.flags import config_from
     from longseq.generation import SamplingParams, generate
     from longseq.models.loader import load, resolve_model_path
     from longseq.models.overrides import apply_overrides
@@ -144,12 +144,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from longseq.cli_config import config_from
     from longseq.config import TrainConfig
+    from longseq.config.flags import config_from
     from longseq.train.loop import train
 
     cfg = config_from(TrainConfig, args, args.config)
-    from longseq.distributed.launch import launched_by_torchrun, relaunch
+    from longseq.train.parallel.launch import launched_by_torchrun, relaunch
 
     if cfg.nproc > 1 and not launched_by_torchrun():
         return relaunch(cfg)
@@ -172,8 +172,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from longseq.cli_config import config_from
     from longseq.config import EngineConfig
+    from longseq.config.flags import config_from
     from longseq.engine.async_engine import AsyncLLMEngine
     from longseq.engine.llm_engine import LLMEngine
     from longseq.models.loader import load, resolve_model_path
@@ -184,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
         if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks
-            from longseq.distributed.tp_engine import start_engine
+            from longseq.engine.tp_engine import start_engine
 
             engine = start_engine(path, args.dtype, args.device, cfg)
         else:

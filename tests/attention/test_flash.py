@@ -87,9 +87,9 @@ def test_packed_documents_in_one_varlen_call(fake, window):
 
 
 def test_long_training_attention_groups_call_fa4_per_group(fake, monkeypatch):
-    from longseq import config
+    from longseq.config import policy
 
-    monkeypatch.setattr(config, "ATTENTION_GROUP_TOKENS", 8)
+    monkeypatch.setattr(policy, "ATTENTION_GROUP_TOKENS", 8)
     q, k, v = _qkv(grad=True)
     attention(q, k, v)
     assert fake.calls == [("dense", (2, 13, 2, 8))] * 2  # 2 KV heads: 2 groups of 2 query heads and 1 KV head
@@ -157,10 +157,10 @@ def _fa4_here() -> bool:
 @pytest.mark.skipif(not _fa4_here(), reason="needs flash-attn-4 on a Hopper or Blackwell GPU")
 @pytest.mark.parametrize("case", ["causal", "window", "documents", "groups"])
 def test_fa4_equals_sdpa_on_gpu(case, monkeypatch):
-    from longseq import config
+    from longseq.config import policy
 
     if case == "groups":
-        monkeypatch.setattr(config, "ATTENTION_GROUP_TOKENS", 512)
+        monkeypatch.setattr(policy, "ATTENTION_GROUP_TOKENS", 512)
     g = torch.Generator(device="cuda").manual_seed(0)
     B, S, H, H_kv, D = 2, 1000, 8, 2, 128
     qkv = [torch.randn(B, S, h, D, generator=g, device="cuda", dtype=torch.bfloat16) for h in (H, H_kv, H_kv)]

@@ -168,10 +168,10 @@ def test_long_packed_rows_attend_document_by_document(monkeypatch, window):
 def test_long_training_attention_runs_by_kv_head_groups(monkeypatch, heads, groups):
     # Past ATTENTION_GROUP_TOKENS training attention runs one group of KV heads at a time (its backward's workspace
     # for one group): the same output and gradients as one call, in the layout the projections produce.
-    from longseq import config
+    from longseq.config import policy
 
     H, H_kv = HEADS[heads]
-    assert config.attention_groups(H_kv, 1 << 20) == groups
+    assert policy.attention_groups(H_kv, 1 << 20) == groups
     g = torch.Generator().manual_seed(0)
     B, S = 2, 37
     # as Attention.position makes them: (B, H, S, D) views of (B, S, H, D) projections
@@ -181,7 +181,7 @@ def test_long_training_attention_runs_by_kv_head_groups(monkeypatch, heads, grou
     dout = torch.randn(B, H, S, D, generator=g)
     whole = attention(q, k, v)
     whole_grads = torch.autograd.grad(whole, (q, k, v), dout)
-    monkeypatch.setattr(config, "ATTENTION_GROUP_TOKENS", S)
+    monkeypatch.setattr(policy, "ATTENTION_GROUP_TOKENS", S)
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",

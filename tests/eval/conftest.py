@@ -12,7 +12,7 @@ VOCAB = 49152  # the default tokenizer's
 
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
-    from longseq.tokenizer import load_tokenizer
+    from longseq.models.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 

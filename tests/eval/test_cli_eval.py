@@ -15,7 +15,7 @@ from longseq.eval.model import load_for_eval
 from longseq.eval.textgen import bleu
 from longseq.models.loader import load_model
 from longseq.models.overrides import apply_overrides
-from longseq.train.checkpoint import trainable_state
+from longseq.train.checkpoint_files import trainable_state
 from longseq.train.export import export_peft
 from longseq.train.lora import apply_lora
 
@@ -118,12 +118,12 @@ def test_peft_adapter(tiny_dir, tmp_path):
 
 def test_checkpoint_adapter_keeps_its_rope_scaling(tiny_dir, tmp_path):
     model, cfg = _lora_model(tiny_dir)
-    cfg = dataclasses.replace(cfg, rope_scaling="linear", rope_factor=2.0)
-    apply_overrides(model, cfg)
+    cfg = dataclasses.replace(cfg, overrides=ModelOverrides(rope_scaling="linear", rope_factor=2.0))
+    apply_overrides(model, cfg.overrides)
     ckpt = tmp_path / "step-000001"
     ckpt.mkdir()
     save_file(trainable_state(model), str(ckpt / "trainable.safetensors"))
-    meta = {"step": 1, "batch_index": 1, "tokens_seen": 1, "config": dataclasses.asdict(cfg)}
+    meta = {"step": 1, "batch_index": 1, "tokens_seen": 1, "config": cfg.to_dict()}
     (ckpt / "trainer_state.json").write_text(json.dumps(meta))
     lm = load_for_eval(adapter=str(ckpt), device="cpu")
     assert lm.config.rope.type == "linear" and lm.config.max_seq_len == 512

@@ -6,7 +6,7 @@ import pytest
 
 from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
 from longseq.models.loader import default_model_path
-from longseq.tokenizer import load_tokenizer
+from longseq.models.tokenizer import load_tokenizer
 
 TEXTS = [
     "Hello world",

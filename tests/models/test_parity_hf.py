@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from longseq.config import ModelConfig
+from longseq.config.hf import from_hf, to_hf
 from longseq.generation import SamplingParams, generate_tokens
 from longseq.models import load_model
 
@@ -75,7 +75,7 @@ def test_dynamic_ntk_beyond_context():
     hf_cfg = cls(**{**BASE, **extra, "max_position_embeddings": 16})
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
-    ours_cfg = ModelConfig.from_hf(hf_cfg.to_dict())
+    ours_cfg = from_hf(hf_cfg.to_dict())
     from longseq.models.llama import CausalLM
 
     ours = CausalLM(ours_cfg).eval()
@@ -102,11 +102,11 @@ def test_greedy_generation_matches(pair):
 def test_config_roundtrip(pair):
     _, hf, ours = pair
     cfg = ours.config
-    again = ModelConfig.from_hf(cfg.to_hf())
+    again = from_hf(to_hf(cfg))
     assert again == cfg
     # transformers reads our config.json dict into an equivalent model definition
-    hf_again = transformers.AutoConfig.for_model(**cfg.to_hf())
-    assert ModelConfig.from_hf(hf_again.to_dict()) == cfg
+    hf_again = transformers.AutoConfig.for_model(**to_hf(cfg))
+    assert from_hf(hf_again.to_dict()) == cfg
 
 
 def test_loads_in_target_dtype(tmp_path_factory):
@@ -135,4 +135,4 @@ def test_unsupported_architecture_names_supported():
     from longseq.errors import LongseqError
 
     with pytest.raises(LongseqError, match="llama, mistral, qwen2, qwen3"):
-        ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 10})
+        from_hf({"model_type": "gpt2", "vocab_size": 10})

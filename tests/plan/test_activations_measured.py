@@ -12,10 +12,11 @@ from memtrack import build, peak_bytes, saved_bytes, transient_bytes
 
 from longseq.config import ModelConfig
 from longseq.models import fused as fused_ops
-from longseq.plan.activations import NF4_DEQUANT_BYTES, ActivationSetup, activation_peak
+from longseq.plan.activations import NF4_DEQUANT_BYTES, activation_peak
 from longseq.plan.activations import saved_bytes as predicted_saved
 from longseq.plan.memory import TORCHAO_NF4_BYTES, nf4_quantize_bytes
 from longseq.plan.models import ModelSpec
+from longseq.plan.setup import TrainSetup
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QV = ("q_proj", "v_proj")
@@ -55,8 +56,8 @@ FUSED_CASES = [
 
 def _setup(method, policy, targets, batch, seq, chunk, keep, fused=False):
     policy, _, plain = policy.partition("+")
-    return ActivationSetup(method=method, recompute=policy, batch_size=batch, seq_len=seq, lora_targets=targets,
-                           loss_chunk=chunk, keep_hidden=keep, fused=fused, plain_layers=int(plain or 0))
+    return TrainSetup(method=method, recompute=policy, batch_size=batch, seq_len=seq, lora_targets=targets,
+                      loss_chunk=chunk, keep_hidden=keep, fused=fused, plain_layers=int(plain or 0))
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)

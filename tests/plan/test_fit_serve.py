@@ -5,9 +5,10 @@ import pytest
 from longseq.errors import LongseqError
 from longseq.plan.fit import SearchSpace, fit_train, layouts
 from longseq.plan.hardware import get_gpu
-from longseq.plan.memory import Parallelism, TrainSetup, train_memory
+from longseq.plan.memory import train_memory
 from longseq.plan.models import get_model
 from longseq.plan.serving import ServeSetup, plan_serve, weight_bytes
+from longseq.plan.setup import Parallelism, TrainSetup
 from longseq.plan.training import plan_train
 
 LLAMA3_8B, H100 = get_model("llama-3-8b"), get_gpu("H100")

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from longseq.config import ModelConfig
+from longseq.config.hf import to_hf
 from longseq.errors import LongseqError
 from longseq.plan.activations import korthikanti_layer_bytes
 from longseq.plan.flops import (
@@ -14,11 +15,12 @@ from longseq.plan.flops import (
     training_time_s,
 )
 from longseq.plan.hardware import GPUS, find_gpu, get_gpu
-from longseq.plan.memory import Parallelism, TrainSetup, _state_bytes, optimizer_bytes, train_memory
+from longseq.plan.memory import _state_bytes, optimizer_bytes, train_memory
 from longseq.plan.models import PRESETS, ModelSpec, get_model
 from longseq.plan.params import count_params, lora_params
 from longseq.plan.quant import nf4_bytes_per_param
 from longseq.plan.serving import kv_bytes_per_token
+from longseq.plan.setup import Parallelism, TrainSetup
 
 LLAMA3_8B = get_model("llama-3-8b")
 
@@ -43,7 +45,7 @@ def test_preset_param_counts_match_published(name, billions):
 
 
 def test_matmul_params_agree_with_the_trainer():
-    from longseq.train.loop import matmul_params
+    from longseq.train.metrics import matmul_params
 
     for spec in PRESETS.values():
         if spec.mlp == "swiglu" and not spec.is_moe:
@@ -54,10 +56,10 @@ def test_model_lookup_by_alias_and_file(tmp_path):
     assert get_model("Meta-Llama-3-8B-Instruct") is LLAMA3_8B
     assert get_model("qwen2.5-7b").config.vocab_size == 152064
     cfg = LLAMA3_8B.config
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf(cfg)))
     from_dir = get_model(str(tmp_path))
     assert count_params(from_dir).total == count_params(LLAMA3_8B).total
-    mixtral = {**PRESETS["Mixtral-8x7B"].config.to_hf(), "model_type": "mixtral", "num_local_experts": 8,
+    mixtral = {**to_hf(PRESETS["Mixtral-8x7B"].config), "model_type": "mixtral", "num_local_experts": 8,
                "num_experts_per_tok": 2}
     (tmp_path / "mixtral.json").write_text(json.dumps(mixtral))
     moe = get_model(str(tmp_path / "mixtral.json"))

@@ -6,12 +6,13 @@ import pytest
 
 from longseq.config import ModelConfig, TrainConfig
 from longseq.errors import LongseqError
-from longseq.plan.activations import ActivationSetup, activation_peak
+from longseq.plan.activations import activation_peak
 from longseq.plan.hardware import get_gpu
-from longseq.plan.memory import Parallelism, TrainSetup, _state_bytes, train_memory
+from longseq.plan.memory import _state_bytes, train_memory
 from longseq.plan.models import ModelSpec, get_model
 from longseq.plan.params import count_params
-from longseq.plan.training import parallelism_for, plan_train
+from longseq.plan.setup import Parallelism, TrainSetup, parallelism_for
+from longseq.plan.training import plan_train
 
 SPEC = ModelSpec("tiny", ModelConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_layers=4,
                                      num_heads=8, num_kv_heads=4))
@@ -20,19 +21,20 @@ SPEC = ModelSpec("tiny", ModelConfig(vocab_size=1000, hidden_size=256, intermedi
 def test_ulysses_divides_saved_activations():
     # fp32 LoRA: no per-layer constants (weight casts), so everything saved is per token
     base = dict(method="lora", precision="fp32", seq_len=4096, recompute="none")
-    one = activation_peak(SPEC, ActivationSetup(**base)).saved
+    one = activation_peak(SPEC, TrainSetup(**base)).saved
     for sp in (2, 4):
-        assert activation_peak(SPEC, ActivationSetup(**base, sp=sp)).saved * sp == pytest.approx(one)
+        assert activation_peak(SPEC, TrainSetup(**base, parallel=Parallelism(sp=sp))).saved * sp == pytest.approx(one)
 
 
 def test_ulysses_keeps_the_whole_document_mask():
     s, layers = 4096, SPEC.config.num_layers
 
     def mask_and_kv(sp):  # packed minus plain: the (S, S) mask and k/v expanded to every query head
-        packed = activation_peak(SPEC, ActivationSetup(method="lora", precision="fp32", seq_len=s, sp=sp,
-                                                       packed=True)).saved
-        return packed - activation_peak(SPEC, ActivationSetup(method="lora", precision="fp32", seq_len=s,
-                                                              sp=sp)).saved
+        parallel = Parallelism(sp=sp)
+        packed = activation_peak(SPEC, TrainSetup(method="lora", precision="fp32", seq_len=s, parallel=parallel,
+                                                  packed=True)).saved
+        return packed - activation_peak(SPEC, TrainSetup(method="lora", precision="fp32", seq_len=s,
+                                                         parallel=parallel)).saved
 
     expanded = 2 * 4 * (SPEC.q_dim - SPEC.kv_dim)  # bytes per token
     for sp in (1, 2, 4):

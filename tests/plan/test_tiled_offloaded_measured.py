@@ -1,7 +1,7 @@
 """The planner's activation model of tiled and offloaded recompute against longseq's own training step, on CPU.
 
 A tiny random Llama (the 8B's proportions: intermediate 3.5·d, GQA 4:1, tiles of 1/16 of the sequence) trained by
-train/loop.py `_train_step` (bf16 autocast, TokenLoss, chunked loss, SGD) with recompute full + tiled norms/MLPs,
+train/loop.py `train_step` (bf16 autocast, TokenLoss, chunked loss, SGD) with recompute full + tiled norms/MLPs,
 and with layer inputs offloaded (models/offload.py: on CPU the "host copy" is a plain copy into pooled buffers,
 the same code path). Measured against the planner:
 - saved: storages packed by saved-tensor hooks (ours around the step, plus the offloader's own), by data_ptr;
@@ -18,12 +18,12 @@ import torch
 from memtrack import LiveBytes, build, model_storages
 
 from longseq.config import ModelConfig, TrainConfig
-from longseq.plan.activations import ActivationSetup, activation_peak, saved_bytes
+from longseq.plan.activations import activation_peak, saved_bytes
 from longseq.plan.models import ModelSpec
-from longseq.train.loop import _train_step
+from longseq.plan.setup import TrainSetup
 from longseq.train.optim import build_optimizer
 from longseq.train.precision import resolve_precision
-from longseq.train.step import TokenLoss
+from longseq.train.step import TokenLoss, train_step
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LLAMA = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=896, num_layers=3, num_heads=4, num_kv_heads=1)
@@ -50,7 +50,7 @@ def _step(method: str, policy: str, keep: int, cfg_model: ModelConfig = LLAMA):
                                positions=positions, doc_ids=None)
 
     def run():
-        _train_step(step_model, [batch()], cfg, precision, cpu, optimizer, None)
+        train_step(step_model, [batch()], cfg, precision, cpu, optimizer, None)
 
     return model, step_model, optimizer, precision, run, batch
 
@@ -70,15 +70,15 @@ def _skip(model, optimizer) -> set[int]:
 def test_tiled_offloaded_step_matches_planner(monkeypatch, method, policy, keep, cfg_model):
     if method == "qlora":
         pytest.importorskip("torchao")
-    from longseq import config
+    from longseq.config import policy as config_policy
 
-    monkeypatch.setattr(config, "ATTENTION_GROUP_TOKENS", SEQ)  # as long sequences run it (no-op for one KV head)
-    groups = config.attention_groups(cfg_model.num_kv_heads, SEQ)
+    monkeypatch.setattr(config_policy, "ATTENTION_GROUP_TOKENS", SEQ)  # as long sequences run it (no-op for one KV head)
+    groups = config_policy.attention_groups(cfg_model.num_kv_heads, SEQ)
     model, step_model, optimizer, precision, run, batch = _step(method, policy, keep, cfg_model)
     run()  # warm-up: SGD momentum buffers and the offloader's host buffers exist from now on
     spec = ModelSpec("tiny", cfg_model)
-    st = ActivationSetup(method=method, recompute=policy, seq_len=SEQ, loss_chunk=CHUNK, keep_hidden=False,
-                         mlp_tile=TILE, offload_keep=keep, fused=False)
+    st = TrainSetup(method=method, recompute=policy, seq_len=SEQ, loss_chunk=CHUNK, keep_hidden=False,
+                    mlp_tile=TILE, offload_keep=keep, fused=False)
     plan = activation_peak(spec, st, kernel_workspace=False)
 
     # Saved for backward: our hooks see what stays on the device; inside offloaded layers the offloader's hooks

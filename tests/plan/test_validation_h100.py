@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from longseq.plan.hardware import get_gpu
-from longseq.plan.memory import TrainSetup
 from longseq.plan.models import get_model
 from longseq.plan.serving import ServeSetup, plan_serve
+from longseq.plan.setup import TrainSetup
 from longseq.plan.training import plan_train
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"

@@ -14,7 +14,7 @@ import torch
 
 from longseq.errors import LongseqError
 from longseq.models.loader import default_model_path
-from longseq.tokenizer import load_tokenizer
+from longseq.models.tokenizer import load_tokenizer
 from longseq.train.data import IGNORE, Document, PackedSequence, TrainData, pack, split_long
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "facts.jsonl"

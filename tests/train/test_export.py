@@ -1,6 +1,5 @@
 """Exports load in PEFT / transformers with the trained model's logits; writes are atomic."""
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from longseq.config import TrainConfig
 from longseq.errors import LongseqError
 from longseq.models.loader import load_model
 from longseq.train import export as ex
-from longseq.train.checkpoint import trainable_state
+from longseq.train.checkpoint_files import trainable_state
 from longseq.train.lora import apply_lora
 
 peft = pytest.importorskip("peft")
@@ -159,7 +158,7 @@ def test_merged_same_logits(base_dirs, tmp_path, case, method):
 
 
 def test_merged_bf16_sharded_with_tokenizer(base_dirs, tmp_path, tokenizer_dir):
-    from longseq.tokenizer import load_tokenizer
+    from longseq.models.tokenizer import load_tokenizer
 
     model, _ = _trained(base_dirs["llama"])
     ours = _our_logits(model)
@@ -180,7 +179,7 @@ def test_merged_bf16_sharded_with_tokenizer(base_dirs, tmp_path, tokenizer_dir):
 def _checkpoint(model, cfg: TrainConfig, path: Path) -> Path:
     path.mkdir()
     save_file(trainable_state(model), str(path / "trainable.safetensors"))
-    meta = {"step": 1, "batch_index": 1, "tokens_seen": 1, "config": dataclasses.asdict(cfg)}
+    meta = {"step": 1, "batch_index": 1, "tokens_seen": 1, "config": cfg.to_dict()}
     (path / "trainer_state.json").write_text(json.dumps(meta))
     return path
 

@@ -93,7 +93,7 @@ def test_plan_off_keeps_the_flags():
                                     ({"plan": "maybe"}, "plan")])
 def test_bad_long_context_flags(kw, msg):
     with pytest.raises(LongseqError, match=msg):
-        TrainConfig(data=("x",), **kw)
+        TrainConfig.from_dict({"data": ("x",), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def tiny_dir(tmp_path_factory, tokenizer_dir):
 def _cfg(root, out, **kw):
     base = dict(model=str(root / "model"), data=(str(root / "data.jsonl"),), out_dir=str(root / out), seq_len=128,
                 max_steps=3, lr=1e-2, lora_rank=4, precision="fp32", device="cpu", save_every=0, seed=0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_dict({**base, **kw})
 
 
 def test_trainer_reports_its_choice_and_tiles_exactly(tiny_dir):

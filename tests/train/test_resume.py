@@ -10,7 +10,7 @@ import time
 import pytest
 
 from longseq.config import TrainConfig
-from longseq.train import checkpoint as ckpt
+from longseq.train import checkpoint_files as ckpt
 from longseq.train.loop import train
 
 
@@ -24,7 +24,7 @@ def config(setup, out, **kw):
     base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
                 batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, warmup_steps=1, lora_rank=4, lora_dropout=0.1,
                 precision="fp32", device="cpu", save_every=3, keep_last=10, seed=0, optimizer="adamw")
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_dict({**base, **kw})
 
 
 @pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("full", "adamw"), ("qlora", "adamw8bit")])

@@ -8,11 +8,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longseq import config
 from longseq.attention import flash
 from longseq.attention.masks import causal_mask
 from longseq.attention.variants import block_layout_for, dense_scores_mask
-from longseq.config import AttentionConfig
+from longseq.config import AttentionConfig, policy
 
 DENSE_MASK_LIMIT = 1 << 26  # packed rows with more mask elements (64 MiB of bools) attend document by document
 
@@ -69,9 +68,9 @@ def attention(
 
 
 def _training_groups(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-    """Groups of KV heads that attention runs by (config.attention_groups): long training sequences only."""
+    """Groups of KV heads that attention runs by (policy.attention_groups): long training sequences only."""
     training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return config.attention_groups(k.shape[1], q.shape[2]) if training else 1
+    return policy.attention_groups(k.shape[1], q.shape[2]) if training else 1
 
 
 def _bshd(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -19,7 +19,7 @@ class LLM:
 
         cfg = EngineConfig(**engine_options)
         if cfg.tensor_parallel > 1:  # this process becomes rank 0 and starts the others (call close() at the end)
-            from longseq.distributed.tp_engine import start_engine
+            from longseq.engine.tp_engine import start_engine
 
             self.engine = start_engine(model, dtype, device, cfg)
         else:

@@ -9,9 +9,9 @@ import torch
 
 from longseq.attention.paged import PagedBatch, PagedKVCache, use_decode_kernel
 from longseq.config import EngineConfig
-from longseq.distributed.tensor_parallel import local_kv_heads
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
 from longseq.engine.sequence import Sequence
+from longseq.engine.tensor_parallel import local_kv_heads
 from longseq.errors import LongseqError
 from longseq.models.fused_linear import calibrate
 from longseq.models.llama import CausalLM

@@ -35,8 +35,8 @@ def _percent_list(text: str) -> tuple[float, ...]:
 
 
 def add_eval_args(p: argparse.ArgumentParser, parser_class: type = argparse.ArgumentParser) -> None:
-    from longseq.cli_config import add_dataclass_flags
     from longseq.config import ModelOverrides
+    from longseq.config.flags import add_dataclass_flags
 
     sub = p.add_subparsers(dest="eval_task", required=True, parser_class=parser_class)
     helps = {
@@ -90,8 +90,8 @@ def add_eval_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
 def run_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from longseq.cli_config import config_from
     from longseq.config import ModelOverrides
+    from longseq.config.flags import config_from
     from longseq.eval.io import write_json
     from longseq.eval.model import load_for_eval
 

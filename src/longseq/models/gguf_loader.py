@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longseq.config import ModelConfig
+from longseq.config.gguf import from_gguf
 from longseq.errors import LongseqError, first_line
 from longseq.models.build import build_from_tensors
 
@@ -83,7 +83,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     by_name = {t.name: t for t in reader.tensors}
     embed = by_name.get("token_embd.weight")
     try:
-        cfg = ModelConfig.from_gguf(meta, vocab_size=int(embed.shape[-1]) if embed is not None else None)
+        cfg = from_gguf(meta, vocab_size=int(embed.shape[-1]) if embed is not None else None)
     except LongseqError as e:  # from_gguf's messages do not name the file
         raise LongseqError(f"{path}: {e}") from None
     cfg.tie_word_embeddings = "output.weight" not in by_name

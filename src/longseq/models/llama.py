@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longseq.attention import attention
-from longseq.config import PLAIN_LAYER_POLICIES, RECOMPUTE_POLICIES, ModelConfig
+from longseq.config import ModelConfig
+from longseq.config.policy import PLAIN_LAYER_POLICIES, RECOMPUTE_POLICIES
 from longseq.models import fused, recompute
 from longseq.models.fused_linear import FusedLinear, fuse
 from longseq.models.offload import LayerInputOffloader

@@ -136,7 +136,7 @@ def load(
 ) -> LoadedModel:
     """Model and tokenizer together; never touches the network."""
     from longseq.models.safetensors_loader import read_config
-    from longseq.tokenizer import load_tokenizer
+    from longseq.models.tokenizer import load_tokenizer
 
     p = resolve_model_path(path)
     dev = resolve_device(device)  # bad flags fail before anything is read

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from longseq.config import ModelConfig
+from longseq.config.hf import read_hf_config
 from longseq.errors import LongseqError, first_line
 from longseq.models.build import build_from_tensors
 
@@ -44,7 +45,7 @@ def read_config(path: Path) -> ModelConfig:
         hint = f"; to load the GGUF file, pass it itself: --model {ggufs[0]}" if ggufs else ""
         raise LongseqError(f"{path}: no config.json (not a Hugging Face model directory){hint}")
     try:
-        cfg = ModelConfig.from_json(file)
+        cfg = read_hf_config(file)
     except LongseqError as e:  # from_hf's messages (unsupported architecture, missing field) do not name the file
         raise LongseqError(str(e) if str(e).startswith(str(file)) else f"{file}: {e}") from None
     _read_generation_config(path, cfg)

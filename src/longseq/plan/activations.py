@@ -40,9 +40,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from longseq.config import PLAIN_LAYER_POLICIES, attention_groups
+from longseq.config.policy import PLAIN_LAYER_POLICIES, attention_groups
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
+from longseq.plan.setup import TrainSetup
 
 POLICIES = ("none", "selective", "keep_attention", "full", "offloaded")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -53,32 +54,6 @@ LOSS_TEMPS = 3  # fp32 chunk×V tensors in the loss backward: log-softmax output
 MLP_BACKWARD_TENSORS = 6  # S×I tensors at the MLP backward: gate, up, silu(gate) and three gradients
 FUSED_MLP_BACKWARD_TENSORS = 6  # kernels/swiglu.py, measured on CPU: at down_proj's backward as many as eager
 NF4_DEQUANT_BYTES = 14.0  # per weight element, transient, while torchao 0.18 dequantizes an NF4 weight (measured)
-
-
-@dataclass(frozen=True)
-class ActivationSetup:
-    """The parts of a training setup that shape activation memory."""
-
-    method: str = "lora"  # full | lora | qlora
-    recompute: str = "none"  # none | selective | keep_attention | full | offloaded
-    precision: str = "bf16"  # bf16 | fp16 (autocast) | fp32
-    batch_size: int = 1  # sequences per micro-batch
-    seq_len: int = 2048
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    train_embed: bool = False  # LoRA + trainable embeddings (LongLoRA)
-    train_norms: bool = False  # LoRA + trainable norms (LongLoRA)
-    loss_chunk: int = 1024
-    packed: bool = False  # several documents per row: a (B, 1, S, S) bool mask per layer, GQA k/v expanded
-    keep_hidden: bool = True  # longseq train's step holds `hidden` through backward (the benchmark does not)
-    grads_persist: bool = False  # gradient accumulation: earlier micro-batches' grads exist during this one
-    mlp_tile: int | None = None  # RMSNorms and MLPs run over this many tokens at a time (models/tiling.py)
-    offload_keep: int = 0  # recompute "offloaded": the last layers whose inputs stay on the GPU
-    plain_layers: int = 0  # keep_attention / full: the last layers recompute only the SwiGLU product ("plain")
-    tp: int = 1  # tensor parallel with Megatron sequence parallelism: every activation / tp (Korthikanti §4.2.2)
-    sp: int = 1  # Ulysses sequence parallel (longseq train --sequence-parallel): each GPU holds seq_len / sp tokens
-    pp: int = 1  # pipeline stages: layers / pp per GPU, pp micro-batches in flight on the first stage
-    fused: bool = True  # RMSNorm / RoPE / SwiGLU run as fused kernels (models/fused.py: on GPUs); False: eager ops
 
 
 @dataclass
@@ -106,7 +81,7 @@ class _Sizes:
     fused: bool  # fused RMSNorm / SwiGLU kernels
 
 
-def _sizes(st: ActivationSetup) -> _Sizes:
+def _sizes(st: TrainSetup) -> _Sizes:
     full = st.method == "full"
     a = 4 if st.precision == "fp32" else 2
     targets = frozenset() if full else frozenset(st.lora_targets)
@@ -136,7 +111,7 @@ def _norm_bytes(z: _Sizes, d: int, input_needs_grad: bool, tiled: bool = False) 
     return out + (z.r * d if z.norm_grad else 0.0)
 
 
-def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, first: bool = False) -> dict[str, float]:
+def layer_bytes_per_token(spec: ModelSpec, st: TrainSetup, policy: str, first: bool = False) -> dict[str, float]:
     """Bytes one decoder layer keeps for backward, per token, by part. `first`: layer 0, whose input needs no grad
     when the embedding is frozen (LoRA): its input norm then keeps nothing."""
     z, cfg = _sizes(st), spec.config
@@ -160,7 +135,7 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     lse = FP32 * cfg.num_heads
     if st.packed:  # masked SDPA: k/v repeated to H heads (attention/sdpa.py) and the bool (S, S) mask saved;
         # Ulysses attends over the whole sequence on every GPU: S·S bytes over S/sp local tokens
-        kv_saved = 2 * z.a * q + st.seq_len * st.sp
+        kv_saved = 2 * z.a * q + st.seq_len * st.parallel.sp
     else:
         kv_saved = 2 * z.a * kv
     if policy in ("none", "plain"):
@@ -186,26 +161,28 @@ def layer_bytes_per_token(spec: ModelSpec, st: ActivationSetup, policy: str, fir
     return {key: value for key, value in parts.items() if value}
 
 
-def _dequant_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
+def _dequant_bytes(spec: ModelSpec, st: TrainSetup) -> float:
     """Transient bytes while torchao dequantizes the layer's largest NF4 weight (on this GPU's shard)."""
-    return NF4_DEQUANT_BYTES * max(x.in_features * x.out_features for x in layer_linears(spec).values()) / st.tp
+    biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values())
+    return NF4_DEQUANT_BYTES * biggest / st.parallel.tp
 
 
-def _attention_groups(spec: ModelSpec, st: ActivationSetup) -> int:
-    """Groups of KV heads training attention runs one after another on a GPU (config.attention_groups over its
+def _attention_groups(spec: ModelSpec, st: TrainSetup) -> int:
+    """Groups of KV heads training attention runs one after another on a GPU (policy.attention_groups over its
     share of the KV heads; packed rows attend by documents instead: 1)."""
-    return 1 if st.packed else attention_groups(max(1, spec.config.num_kv_heads // (st.tp * st.sp)), st.seq_len)
+    p = st.parallel
+    return 1 if st.packed else attention_groups(max(1, spec.config.num_kv_heads // (p.tp * p.sp)), st.seq_len)
 
 
-def attention_kept_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
+def attention_kept_bytes_per_token(spec: ModelSpec, st: TrainSetup) -> float:
     """Per token, what SDPA saves for its backward: RoPE'd q, k, v, the output and a fp32 log-sum-exp per head
     (packed rows: k/v expanded to H heads and the bool mask, attention/sdpa.py _sdpa_masked)."""
     z, cfg = _sizes(st), spec.config
-    kv = 2 * z.a * spec.q_dim + st.seq_len * st.sp if st.packed else 2 * z.a * spec.kv_dim
+    kv = 2 * z.a * spec.q_dim + st.seq_len * st.parallel.sp if st.packed else 2 * z.a * spec.kv_dim
     return float(2 * z.a * spec.q_dim + kv + FP32 * cfg.num_heads)
 
 
-def _mlp_input_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
+def _mlp_input_bytes(spec: ModelSpec, st: TrainSetup) -> float:
     """Per token, the MLP's saved input: _TiledMLP saves the post-attention norm's output (residual dtype:
     weight * x.to(dtype) in RMSNorm); untiled, gate/up keep it when they save inputs (autocast: a bf16 cast each)."""
     z, d = _sizes(st), spec.config.hidden_size
@@ -215,7 +192,7 @@ def _mlp_input_bytes(spec: ModelSpec, st: ActivationSetup) -> float:
     return float(z.a * d * (len(gu_saving) if z.casts and z.r != z.a else min(1, len(gu_saving))))
 
 
-def mlp_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
+def mlp_half_bytes_per_token(spec: ModelSpec, st: TrainSetup) -> float:
     """Per token, what the MLP half of a (not checkpointed) layer keeps beside its intermediates ("mlp"): the
     post-attention RMSNorm, the MLP's input and its adapters' x·Aᵀ. Backward frees them before the layer's
     attention backward starts (autograd releases a node's saved tensors once it has run)."""
@@ -226,7 +203,7 @@ def mlp_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
     return _norm_bytes(z, d, True, tiled) + _mlp_input_bytes(spec, st) + z.a * st.lora_rank * adapters
 
 
-def qkv_half_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> float:
+def qkv_half_bytes_per_token(spec: ModelSpec, st: TrainSetup) -> float:
     """Per token, what the attention half before SDPA keeps (a not checkpointed layer): the input RMSNorm, the normed
     input the q/k/v projections save, their adapters' x·Aᵀ and, with q/k norms (Qwen3), those norms' fp32 copies."""
     z, cfg = _sizes(st), spec.config
@@ -249,7 +226,7 @@ def _qk_norm_bytes(z: _Sizes, spec: ModelSpec) -> float:
     return FP32 * (q + kv) + rstd + (z.a * (q + kv) if z.norm_grad else 0)
 
 
-def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
+def outside_bytes_per_token(spec: ModelSpec, st: TrainSetup) -> dict[str, float]:
     """Per token, outside the layers: RoPE cos/sin (x's dtype), the final norm, the hidden states the loss chunks
     keep, the int64 targets, the token ids when the embedding trains."""
     z, cfg = _sizes(st), spec.config
@@ -262,11 +239,11 @@ def outside_bytes_per_token(spec: ModelSpec, st: ActivationSetup) -> dict[str, f
     }
 
 
-def _tokens(st: ActivationSetup) -> float:
-    return st.batch_size * st.seq_len / st.sp
+def _tokens(st: TrainSetup) -> float:
+    return st.batch_size * st.seq_len / st.parallel.sp
 
 
-def _layer_constants(spec: ModelSpec, st: ActivationSetup, policy: str | None = None) -> float:
+def _layer_constants(spec: ModelSpec, st: TrainSetup, policy: str | None = None) -> float:
     """Bytes per layer, not per token, kept for backward: bf16 casts of the adapters (LoRA) or of the fp32 weights
     (full fine-tuning under autocast), which autocast caches and the matmuls save. Selective and plain layers
     recompute down_proj's adapter inside SwiGLU's checkpoint: its casts are not kept."""
@@ -279,52 +256,53 @@ def _layer_constants(spec: ModelSpec, st: ActivationSetup, policy: str | None = 
     return 0.0
 
 
-def _layer_saved(spec: ModelSpec, st: ActivationSetup, first: bool, policy: str | None = None) -> dict[str, float]:
+def _layer_saved(spec: ModelSpec, st: TrainSetup, first: bool, policy: str | None = None) -> dict[str, float]:
     """One layer's saved bytes for the micro-batch on one GPU (policy of the setup by default), by part."""
-    scale = _tokens(st) / st.tp
+    scale = _tokens(st) / st.parallel.tp
     return {k: v * scale for k, v in layer_bytes_per_token(spec, st, policy or st.recompute, first=first).items()}
 
 
-def _plain(st: ActivationSetup, layers: int) -> int:
+def _plain(st: TrainSetup, layers: int) -> int:
     """How many of the last layers are plain (recompute only SwiGLU's product) on this GPU."""
     return min(st.plain_layers, layers) if st.recompute in PLAIN_LAYER_POLICIES else 0
 
 
-def saved_bytes(spec: ModelSpec, st: ActivationSetup) -> dict[str, float]:
+def saved_bytes(spec: ModelSpec, st: TrainSetup) -> dict[str, float]:
     """Bytes kept from forward for backward for the whole micro-batch on one GPU, by part (what saved-tensor hooks
     see: unique storages, parameters excluded)."""
-    layers = spec.config.num_layers // st.pp
+    layers = spec.config.num_layers // st.parallel.pp
     plain = _plain(st, layers)
     out: dict[str, float] = {}
     for i in range(layers):
-        for key, value in _layer_saved(spec, st, st.pp == 1 and i == 0,
+        for key, value in _layer_saved(spec, st, st.parallel.pp == 1 and i == 0,
                                        "plain" if i >= layers - plain else None).items():
             out[key] = out.get(key, 0.0) + value
     for key, value in outside_bytes_per_token(spec, st).items():
-        out[key] = out.get(key, 0.0) + value * _tokens(st) / st.tp
+        out[key] = out.get(key, 0.0) + value * _tokens(st) / st.parallel.tp
     if st.packed and st.recompute != "none":
-        out["targets and ids"] += INDEX * _tokens(st) / st.tp  # doc_ids are a checkpoint input
+        out["targets and ids"] += INDEX * _tokens(st) / st.parallel.tp  # doc_ids are a checkpoint input
     if st.recompute in ("none", "selective", "plain") or plain:  # layers that are not recomputed
-        out["weight casts"] = _layer_constants(spec, st, "plain" if plain else None) * (plain or layers) / st.tp
-    if st.pp > 1:  # 1F1B: the first stage holds pp micro-batches of its layers (Narayanan et al. 2021, §2.2)
-        out = {key: value * st.pp for key, value in out.items()}
+        constants = _layer_constants(spec, st, "plain" if plain else None)
+        out["weight casts"] = constants * (plain or layers) / st.parallel.tp
+    if st.parallel.pp > 1:  # 1F1B: the first stage holds pp micro-batches of its layers (Narayanan et al. 2021, §2.2)
+        out = {key: value * st.parallel.pp for key, value in out.items()}
     return {key: value for key, value in out.items() if value}
 
 
-def _grad_bytes(spec: ModelSpec, st: ActivationSetup) -> tuple[float, float, float]:
+def _grad_bytes(spec: ModelSpec, st: TrainSetup) -> tuple[float, float, float]:
     """(LM head, one layer, everything) gradient bytes on one GPU: fp32 .grad of the trainable weights."""
     z, cfg = _sizes(st), spec.config
-    shard = st.tp * st.pp
+    shard = st.parallel.tp * st.parallel.pp
     if z.full:
         counts = count_params(spec)
         head = FP32 * cfg.vocab_size * cfg.hidden_size
         layer = FP32 * (counts.attention + counts.mlp + 2 * cfg.hidden_size * cfg.num_layers) / cfg.num_layers
-        return head / st.tp, layer / shard, FP32 * counts.total / shard
+        return head / st.parallel.tp, layer / shard, FP32 * counts.total / shard
     adapters = FP32 * lora_params(spec, st.lora_rank, tuple(z.targets)) / shard
     return 0.0, adapters / cfg.num_layers, adapters
 
 
-def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool = True) -> ActivationPeak:
+def activation_peak(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool = True) -> ActivationPeak:
     """The activation bytes at the worst moment of one training micro-step, and which moment that is.
 
     Each candidate moment is (activations + workspace, gradients alive then); the step's peak is the largest sum.
@@ -336,7 +314,7 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
     """
     if st.recompute not in POLICIES + ("plain",):
         raise ValueError(f"recompute must be one of {POLICIES}")
-    plain = _plain(st, spec.config.num_layers // st.pp)
+    plain = _plain(st, spec.config.num_layers // st.parallel.pp)
     if plain:
         events, saved, host, all_grads = _mixed_events(spec, st, plain, kernel_workspace)
     else:
@@ -352,13 +330,13 @@ def activation_peak(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool
                           events={e: sum(v) for e, v in events.items()}, all_grads=all_grads)
 
 
-def _mixed_events(spec: ModelSpec, st: ActivationSetup, plain: int, kernel_workspace: bool):
+def _mixed_events(spec: ModelSpec, st: TrainSetup, plain: int, kernel_workspace: bool):
     """keep_attention / full with the last `plain` layers plain. Backward meets the plain layers first: their
     moments are those of an all-plain model whose lower layers hold the recomputed policy's (smaller) saved
     tensors instead; the recomputed layers' moments are those of a model of just them (the plain layers' tensors
     are freed by then, their gradients exist)."""
     cfg = spec.config
-    layers = cfg.num_layers // st.pp
+    layers = cfg.num_layers // st.parallel.pp
     all_plain = replace(st, recompute="plain", plain_layers=0)
     events, _, _, all_grads = _events(spec, all_plain, kernel_workspace)
     saved = saved_bytes(spec, st)
@@ -366,7 +344,7 @@ def _mixed_events(spec: ModelSpec, st: ActivationSetup, plain: int, kernel_works
     events = {e: (act - shift if e != "optimizer step" else act, g) for e, (act, g) in events.items()
               if "layer 0" not in e}
     if plain < layers:
-        below = replace(spec, config=replace(cfg, num_layers=(layers - plain) * st.pp))
+        below = replace(spec, config=replace(cfg, num_layers=(layers - plain) * st.parallel.pp))
         _, layer_grad, _ = _grad_bytes(spec, st)
         for e, (act, g) in _events(below, replace(st, plain_layers=0), kernel_workspace)[0].items():
             if "layer" in e or e == "NF4 dequantize":
@@ -374,14 +352,14 @@ def _mixed_events(spec: ModelSpec, st: ActivationSetup, plain: int, kernel_works
     return events, saved, 0.0, all_grads
 
 
-def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
+def _events(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool):
     """Every candidate moment as (activation bytes, gradient bytes), the saved tensors by part (offloaded ones not
     counted), the pinned host bytes and all gradients' bytes. One policy for every layer."""
     z, cfg = _sizes(st), spec.config
     d, inter, k = cfg.hidden_size, cfg.intermediate_size, spec.experts_per_token
-    layers = cfg.num_layers // st.pp
-    t = _tokens(st) / st.tp  # tokens' worth of activations on this GPU (tensor/sequence parallel shard them)
-    vocab = cfg.vocab_size / st.tp  # vocabulary-parallel loss under tensor parallelism
+    layers = cfg.num_layers // st.parallel.pp
+    t = _tokens(st) / st.parallel.tp  # tokens' worth of activations on this GPU (tensor/sequence parallel shard them)
+    vocab = cfg.vocab_size / st.parallel.tp  # vocabulary-parallel loss under tensor parallelism
     tiled = st.mlp_tile is not None
     recomputing = st.recompute in ("full", "offloaded", "keep_attention")
     saved = saved_bytes(spec, st)
@@ -391,7 +369,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     kept_attention = attention_kept_bytes_per_token(spec, st) * t if st.recompute == "keep_attention" else 0.0
     # CausalLM.hidden: under "offloaded" the layers below num_layers - offload_keep run under checkpoints
     # whose saved input goes to pinned host memory (models/offload.py); the last offload_keep stay as under "full".
-    offloaded = layers - min(st.offload_keep, layers) if st.recompute == "offloaded" else 0
+    offloaded = layers - min(st.offload_keep or 0, layers) if st.recompute == "offloaded" else 0
     host = 0.0
     if offloaded:
         per_layer = saved["layer inputs"] / layers
@@ -401,13 +379,13 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     outside = {key: v * t for key, v in outside_bytes_per_token(spec, st).items()}
     cos_sin_ids = outside["rope cos/sin"] + (INDEX * t if z.emb_grad else 0.0)
     head_grad, layer_grad, all_grads = _grad_bytes(spec, st)
-    persist = all_grads if st.grads_persist else None
+    persist = all_grads if st.grad_accum > 1 else None
 
     def grads(value: float) -> float:
         return persist if persist is not None else value
 
     dy = z.r * d * t  # the gradient flowing back along the residual stream
-    mlp_rows = t if st.mlp_tile is None else min(t, st.mlp_tile / st.tp)
+    mlp_rows = t if st.mlp_tile is None else min(t, st.mlp_tile / st.parallel.tp)
     width = inter * k
     swiglu_tensors = FUSED_MLP_BACKWARD_TENSORS if z.fused else MLP_BACKWARD_TENSORS
     if z.fused and st.recompute in ("selective", "plain") and spec.mlp == "swiglu":
@@ -426,7 +404,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
         # attention's backward: through the MLP backward its half of the layer does not exist
         none_rest -= qkv_half_bytes_per_token(spec, st) * t
     mlp_half = mlp_half_bytes_per_token(spec, st) * t
-    const = _layer_constants(spec, st) / st.tp
+    const = _layer_constants(spec, st) / st.parallel.tp
     # The recomputed layer's first norm saves the layer input itself: the tiled and fused norms save x, and the
     # plain one's x.float() is x when the residual is fp32 (full fine-tuning).
     alias = u_in if tiled or z.fused else (FP32 * d * t if z.r == FP32 else 0.0)
@@ -434,8 +412,8 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     hidden_kept = outside["hidden (loss input)"] if st.keep_hidden else 0.0
     # At a layer's MLP backward its down_proj is done: the bf16 cast of that weight is already freed; at its
     # attention backward, all of the MLP's casts are.
-    down_cast = 2.0 * inter * d * k / st.tp if z.casts else 0.0
-    mlp_casts = 2.0 * sum(x.params for n, x in layer_linears(spec).items() if n in MLP_LINEARS) / st.tp
+    down_cast = 2.0 * inter * d * k / st.parallel.tp if z.casts else 0.0
+    mlp_casts = 2.0 * sum(x.params for n, x in layer_linears(spec).items() if n in MLP_LINEARS) / st.parallel.tp
     mlp_casts = mlp_casts if z.casts else 0.0
 
     def inputs_at(i: int) -> float:
@@ -450,7 +428,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
         common = cos_sin_ids + hidden_kept + dy + mlp_event + mlp_dx - down_cast
         if recomputing:
             return inputs_at(i) + none_rest - alias + const + common
-        first = _layer_saved(spec, st, st.pp == 1)
+        first = _layer_saved(spec, st, st.parallel.pp == 1)
         other = _layer_saved(spec, st, False)
         kept = sum(first.values()) + i * sum(other.values()) - (other if i else first).get("mlp", 0.0)
         return kept + const * (i + 1) + common
@@ -484,7 +462,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
     # From the second chunk on, the hidden states' gradient buffer (r·d a token) is being accumulated.
     loss = LOSS_TEMPS * FP32 * chunk * vocab + (z.r * d * t if chunks > 1 else 0.0)
     if z.casts:  # the chunk's recompute casts the LM head and the fp32 hidden chunk to bf16
-        loss += z.a * vocab * d + z.a * chunk * d / st.tp
+        loss += z.a * vocab * d + z.a * chunk * d / st.parallel.tp
     hidden_freed = 0.0 if st.keep_hidden else outside["hidden (loss input)"]
     # The fused norm's backward allocates only its input's gradient; the eager one five fp32 temporaries (a tile's).
     norm_temps = z.r * d * t if z.fused else NORM_BACKWARD_TEMPS * FP32 * d * mlp_rows
@@ -495,7 +473,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
         "MLP backward, last layer": (mlp_moment(layers - 1), grads(head_grad + layer_grad / 3)),
         "attention backward, last layer": (attention_moment(layers - 1), grads(head_grad + layer_grad)),
     }
-    if z.full or st.grads_persist:
+    if z.full or st.grad_accum > 1:
         events["MLP backward, layer 0"] = (mlp_moment(0), grads(head_grad + (layers - 1 + 1 / 3) * layer_grad))
     if recomputing:
         events["attention output projection, last layer recompute"] = (o_proj_moment(layers - 1),
@@ -508,7 +486,7 @@ def _events(spec: ModelSpec, st: ActivationSetup, kernel_workspace: bool):
                                                               grads(head_grad + (done + 1) * layer_grad))
     events["optimizer step"] = (0.0, all_grads)
     if z.casts:  # autocast caches a bf16 copy of every fp32 weight until the forward's autocast region ends
-        casts = 2.0 * count_params(spec).linear / (st.tp * st.pp) if recomputing else 0.0
+        casts = 2.0 * count_params(spec).linear / (st.parallel.tp * st.parallel.pp) if recomputing else 0.0
         events["forward end"] = (total + casts + (z.a + 2 * FP32) * chunk * vocab, grads(0.0))
     if st.method == "qlora":  # torchao dequantizes each NF4 weight in full before its matmul (forward, recompute)
         dequant = _dequant_bytes(spec, st)

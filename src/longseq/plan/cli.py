@@ -134,10 +134,10 @@ def _print(payload: dict[str, Any] | None, tables: list[Any], lines: list[str], 
 def run_train(args: argparse.Namespace) -> int:
     from longseq.plan.fit import DEFAULT_METHODS, DEFAULT_OPTIMIZERS, LONGSEQ_POLICIES, SearchSpace, fit_train
     from longseq.plan.hardware import get_gpu
-    from longseq.plan.memory import Parallelism, TrainSetup
     from longseq.plan.models import get_model
     from longseq.plan.params import layer_linears
     from longseq.plan.report import fit_lines, train_tables
+    from longseq.plan.setup import Parallelism, TrainSetup
     from longseq.plan.training import plan_train
 
     spec, gpu = get_model(args.model), get_gpu(args.gpu)

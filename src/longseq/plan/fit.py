@@ -6,11 +6,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 
-from longseq.config import DEFAULT_TILE_TOKENS, RECOMPUTE_POLICIES
+from longseq.config.policy import DEFAULT_TILE_TOKENS, RECOMPUTE_POLICIES
 from longseq.errors import LongseqError
 from longseq.plan.hardware import GPU, GPUS
-from longseq.plan.memory import Parallelism, TrainSetup
 from longseq.plan.models import ModelSpec
+from longseq.plan.setup import Parallelism, TrainSetup
 from longseq.plan.training import TrainPlan, plan_train
 
 LONGSEQ_POLICIES = RECOMPUTE_POLICIES  # what longseq train implements

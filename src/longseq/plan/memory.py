@@ -20,15 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from longseq.errors import LongseqError
-from longseq.plan.activations import POLICIES, ActivationPeak, ActivationSetup, activation_peak
+from longseq.plan.activations import POLICIES, ActivationPeak, activation_peak
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import count_params, layer_linears, lora_params
 from longseq.plan.quant import nf4_bytes_per_param
+from longseq.plan.setup import TrainSetup
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "sgd")
 PRECISIONS = ("bf16", "fp16", "fp32")
-LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # torchao NF4 (what longseq's QLoRA uses): 64-weight blocks, second-level scales per 256 in the weight dtype.
 TORCHAO_NF4_BYTES = nf4_bytes_per_param(64, 256, second_level_bytes=2)
 # torchao AdamW8bit: two 8-bit states with one fp32 scale per 256 (Dettmers et al. 2021, arXiv 2110.02861);
@@ -44,62 +44,6 @@ def nf4_quantize_bytes(elements: int) -> float:
     """Transient bytes while torchao 0.18 quantizes one bf16 weight to NF4 (measured): 3 per element, plus a fp32
     distance table to the 16 NF4 levels over chunks of 2^20 elements."""
     return 3.0 * elements + 16 * 4 * min(elements, 2**20)
-
-
-@dataclass(frozen=True)
-class Parallelism:
-    """How many GPUs and how the work is split over them (num_gpus = dp · tp · pp · sp)."""
-
-    dp: int = 1  # data parallel
-    tp: int = 1  # tensor parallel (Megatron, with sequence parallelism)
-    pp: int = 1  # pipeline stages
-    sp: int = 1  # context / sequence parallel (Ulysses, ring attention)
-    zero: int = 0  # ZeRO stage over the dp ranks: 0 | 1 | 2 | 3
-    offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (ZeRO-Infinity: optimizer and weights)
-    nodes: int = 1
-
-    @property
-    def num_gpus(self) -> int:
-        return self.dp * self.tp * self.pp * self.sp
-
-    @property
-    def zero_ranks(self) -> int:
-        """Ranks that hold the same weights and partition their states: data × sequence parallel (ZeRO over
-        dp·sp, as DeepSpeed-Ulysses and longseq's FSDP2 do)."""
-        return self.dp * self.sp
-
-
-@dataclass(frozen=True)
-class TrainSetup:
-    method: str = "lora"
-    seq_len: int = 2048
-    batch_size: int = 1  # sequences per micro-batch per GPU (model replica)
-    grad_accum: int = 1
-    recompute: str = "none"
-    optimizer: str = "adamw"
-    precision: str = "bf16"
-    lora_rank: int = 16
-    lora_targets: tuple[str, ...] = LORA_TARGETS_ALL
-    train_embed: bool = False
-    train_norms: bool = False
-    loss_chunk: int = 1024
-    packed: bool = False
-    keep_hidden: bool = True
-    mlp_tile: int | None = None
-    offload_keep: int | None = None  # "offloaded": layers whose inputs stay on the GPU; None: as many as fit
-    plain_layers: int = 0  # keep_attention / full: the last layers recompute only the SwiGLU product
-    fused: bool = True  # fused RMSNorm / RoPE / SwiGLU kernels (what longseq runs on a GPU); False: eager ops
-    parallel: Parallelism = field(default_factory=Parallelism)
-
-    def activation_setup(self) -> ActivationSetup:
-        p = self.parallel
-        return ActivationSetup(
-            method=self.method, recompute=self.recompute, precision=self.precision, batch_size=self.batch_size,
-            seq_len=self.seq_len, lora_rank=self.lora_rank, lora_targets=self.lora_targets,
-            train_embed=self.train_embed, train_norms=self.train_norms, loss_chunk=self.loss_chunk,
-            packed=self.packed, keep_hidden=self.keep_hidden, grads_persist=self.grad_accum > 1,
-            mlp_tile=self.mlp_tile, offload_keep=self.offload_keep or 0, plain_layers=self.plain_layers, tp=p.tp,
-            sp=p.sp, pp=p.pp, fused=self.fused)
 
 
 @dataclass
@@ -256,7 +200,7 @@ def _state_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, floa
 def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
     """Peak bytes on one GPU for a training setup."""
     validate(spec, setup)
-    act = activation_peak(spec, setup.activation_setup())
+    act = activation_peak(spec, setup)
     weights, grads_all, opt, host, notes = _state_bytes(spec, setup)
     p, counts = setup.parallel, count_params(spec)
     gathered = 4.0 if setup.precision == "fp32" else 2.0  # FSDP2 gathers in the autocast dtype

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from longseq.config import ModelConfig, RopeConfig
+from longseq.config.gguf import from_gguf
+from longseq.config.hf import from_hf, read_hf_config
 from longseq.errors import LongseqError, first_line
 
 
@@ -140,7 +142,7 @@ def load_model_file(path: Path) -> ModelSpec:
     """A ModelSpec from an HF config.json (or the folder holding it) or from a GGUF file's metadata."""
     if path.suffix == ".gguf":
         meta, tensors = _gguf_metadata(path)
-        cfg = ModelConfig.from_gguf(meta, meta.get("vocab_size"))
+        cfg = from_gguf(meta, meta.get("vocab_size"))
         cfg.tie_word_embeddings = "output.weight" not in tensors  # llama.cpp omits the LM head when it is tied
         return ModelSpec(name=path.stem, config=cfg, source=str(path))
     file = path / "config.json" if path.is_dir() else path
@@ -155,9 +157,9 @@ def load_model_file(path: Path) -> ModelSpec:
     name = path.name if path.is_dir() else path.parent.name or path.stem
     if hf.get("model_type") == "mixtral":  # the Mistral layout with routed expert MLPs
         experts, top_k = int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2))
-        cfg = ModelConfig.from_hf({**hf, "model_type": "mistral"})
+        cfg = from_hf({**hf, "model_type": "mistral"})
         return ModelSpec(name=name, config=cfg, num_experts=experts, experts_per_token=top_k, source=str(file))
-    return ModelSpec(name=name, config=ModelConfig.from_json(file), source=str(file))
+    return ModelSpec(name=name, config=read_hf_config(file), source=str(file))
 
 
 def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:

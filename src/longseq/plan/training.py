@@ -14,9 +14,10 @@ from longseq.plan.flops import (
     train_flops_per_token,
 )
 from longseq.plan.hardware import GPU, INTER_NODE_GBS
-from longseq.plan.memory import Parallelism, TrainMemory, TrainSetup, train_memory, trainable_params
+from longseq.plan.memory import TrainMemory, train_memory, trainable_params
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import count_params, layer_linears, lora_params
+from longseq.plan.setup import TrainSetup
 
 # Bytes each optimizer reads and writes per trainable parameter in its (memory-bound) step: AdamW fp32 reads p, g,
 # m, v and writes p, m, v (28); 8-bit Adam 1-byte states (16); SGD momentum (20); Adafactor ~ p, g twice (16).
@@ -84,14 +85,6 @@ class TrainPlan:
             "price_per_gpu_hour": self.price_per_hour, "chinchilla_tokens": self.chinchilla_tokens,
             "notes": self.notes + m.notes,
         }
-
-
-def parallelism_for(cfg, world_size: int, nodes: int = 1) -> Parallelism:
-    """The Parallelism of a `longseq train` run (a TrainConfig) on `world_size` processes."""
-    sp = cfg.sequence_parallel
-    fsdp = cfg.parallel == "fsdp"
-    return Parallelism(dp=world_size // sp, sp=sp, zero=3 if fsdp else 0,
-                       offload="params" if cfg.fsdp_offload else "none", nodes=nodes)
 
 
 def _ring_allreduce_s(nbytes: float, n: int, gbs: float) -> float:

@@ -1,62 +1,62 @@
 """Training checkpoints: everything needed to resume exactly, written atomically, the last K kept.
 
-Layout of `out_dir/checkpoints/step-000100/`:
+Two formats, one entry (`save`, `load`, `load_trainable`). A single-process run writes
+`out_dir/checkpoints/step-000100/`:
   trainable.safetensors   the trained parameters (LoRA factors + extras, or every weight for full fine-tuning)
   optimizer.pt            optimizer state
   trainer_state.pt        scheduler, loss scaler, RNG states, step and data position
   trainer_state.json      the same counters and the run's TrainConfig, for people and for `longseq export`
+A multi-process run writes DCP shards instead (train/parallel/dcp.py); either resumes on any number of processes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
-
-PREFIX = "step-"
-
-
-def checkpoint_root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+from longseq.train.checkpoint_files import (
+    PREFIX,
+    checkpoint_root,
+    publish,
+    read_meta,
+    rng_state,
+    set_rng_state,
+    trainable_state,
+)
+from longseq.train.parallel.dcp import (
+    is_distributed_checkpoint,
+    load_distributed,
+    load_single_process,
+    load_trainable_dcp,
+    save_distributed,
+)
+from longseq.train.parallel.env import DistEnv
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler, scaler,
+         counters: dict[str, Any], env: DistEnv) -> Path:
+    """The run's checkpoint: DCP when the run is distributed, else the single-process format."""
+    if env.distributed:
+        return save_distributed(out_dir, cfg, step, model, optimizer, scheduler, scaler, counters, env)
+    return save_checkpoint(out_dir, cfg, step, model, optimizer, scheduler, scaler, counters)
+
+
+def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, env: DistEnv, seed: int) -> dict[str, Any]:
+    """Resume from either format on any number of processes; returns the saved counters."""
+    if is_distributed_checkpoint(path):
+        return load_distributed(path, model, optimizer, scheduler, scaler, env, seed)
+    if env.distributed:
+        return load_single_process(path, model, optimizer, scheduler, scaler, env, seed)
+    return load_checkpoint(path, model, optimizer, scheduler, scaler)
 
 
 def save_checkpoint(
@@ -87,52 +87,14 @@ def save_checkpoint(
         },
         tmp / "trainer_state.pt",
     )
-    meta = {"step": step, **counters, "config": asdict(cfg)}
+    meta = {"step": step, **counters, "config": cfg.to_dict()}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     publish(tmp, final, out_dir, cfg.keep_last)
     return final
 
 
-def publish(tmp: Path, final: Path, out_dir: str | Path, keep_last: int) -> None:
-    """fsync everything under `tmp`, rename it to `final` (replacing a previous save of that step whole), prune."""
-    for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): replace it whole
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    for stale in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-def resolve_checkpoint(resume: str, out_dir: str | Path) -> Path:
-    if resume == "latest":
-        found = list_checkpoints(out_dir)
-        if not found:
-            raise LongseqError(f"--resume latest: no checkpoint in {checkpoint_root(out_dir)}")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise LongseqError(f"{path}: not a longseq checkpoint (no trainer_state.json)")
-    return path
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise LongseqError(f"{path}: unreadable trainer_state.json ({e})") from None
-
-
 def load_trainable(path: Path, model: nn.Module) -> None:
-    if (path / "dcp").is_dir():  # written by a multi-process run
-        from longseq.distributed.checkpoint import load_trainable_dcp
-
+    if is_distributed_checkpoint(path):  # written by a multi-process run
         return load_trainable_dcp(path, model)
     try:
         state = load_file(str(path / "trainable.safetensors"), device=str(next(model.parameters()).device))

@@ -14,7 +14,6 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from longseq.config import TrainConfig
+from longseq.config.flags import flat_fields
+from longseq.config.hf import to_hf
 from longseq.errors import LongseqError
 from longseq.models.loader import DEFAULT_MODEL_NAME, LoadedModel, load, resolve_dtype
 from longseq.models.overrides import apply_overrides
-from longseq.train.checkpoint import load_trainable, read_meta
+from longseq.train.checkpoint import load_trainable
+from longseq.train.checkpoint_files import read_meta
 from longseq.train.lora import lora_layers, make_trainable, merged_state_dict
 
 FORMATS = ("peft", "merged")
@@ -206,7 +208,7 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
 
 def hf_config(model: nn.Module, dtype: torch.dtype) -> dict[str, Any]:
     name = str(dtype).removeprefix("torch.")
-    return {**model.config.to_hf(), "torch_dtype": name, "dtype": name}  # transformers < 5 and >= 5
+    return {**to_hf(model.config), "torch_dtype": name, "dtype": name}  # transformers < 5 and >= 5
 
 
 def generation_config(model: nn.Module) -> dict[str, Any] | None:
@@ -247,9 +249,9 @@ def _train_config(checkpoint: Path, meta: dict[str, Any]) -> TrainConfig:
     saved = meta.get("config")
     if not isinstance(saved, dict):
         raise LongseqError(f"{checkpoint}: trainer_state.json has no training config")
-    known = {f.name for f in fields(TrainConfig)}
+    known = {f.name for f in flat_fields(TrainConfig)}
     try:
-        return TrainConfig(**{k: v for k, v in saved.items() if k in known})  # __post_init__ turns lists to tuples
+        return TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})  # lists become tuples
     except TypeError as e:
         raise LongseqError(f"{checkpoint}: trainer_state.json has an invalid training config ({e})") from None
 
@@ -287,7 +289,7 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> tu
     cfg = _train_config(path, meta)
     dtype = qlora_base_dtype(cfg, meta.get("precision")) if cfg.method == "qlora" else torch.float32
     lm = load(cfg.model, dtype=dtype, device=device)
-    apply_overrides(lm.model, cfg)  # the attention variant / RoPE scaling it was trained with
+    apply_overrides(lm.model, cfg.overrides)  # the attention variant / RoPE scaling it was trained with
     torch.manual_seed(cfg.seed)  # as the trainer; the LoRA init is overwritten by the checkpoint anyway
     make_trainable(lm.model, cfg)
     load_trainable(path, lm.model)

@@ -10,11 +10,17 @@ pinned host memory (keeping on the GPU as many of the last layers' inputs as fit
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
-from longseq.config import DEFAULT_TILE_TOKENS, PLAIN_LAYER_POLICIES, ModelConfig, TrainConfig
+from longseq.config import ModelConfig, TrainConfig
+from longseq.config.policy import DEFAULT_TILE_TOKENS, PLAIN_LAYER_POLICIES
+from longseq.models import fused
+from longseq.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, train_memory
+from longseq.plan.models import ModelSpec
+from longseq.plan.setup import Parallelism, parallelism_for, setup_for
 
 GIB = 2**30
 MARGIN = 0.95  # of the budget: the planner's error on measured runs is within 3%
@@ -55,27 +61,11 @@ class MemoryChoice:
         return ("planned: " if self.auto else "") + text
 
 
-def _setup(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-           tile: int | None, keep: int, parallel=None, plain: int = 0):
-    from longseq.models import fused
-    from longseq.plan.memory import Parallelism, TrainSetup
-
-    return TrainSetup(
-        method=cfg.method, seq_len=cfg.seq_len, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        recompute=recompute, optimizer=cfg.optimizer, precision=precision, lora_rank=cfg.lora_rank,
-        lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
-        train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
-        mlp_tile=tile, offload_keep=keep, plain_layers=plain, parallel=parallel or Parallelism(),
-        fused=fused.available())
-
-
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-            tile: int | None, keep: int, parallel=None, plain: int = 0) -> tuple[float, float]:
+            tile: int | None, keep: int, parallel: Parallelism | None = None, plain: int = 0) -> tuple[float, float]:
     """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
-    from longseq.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, train_memory
-    from longseq.plan.models import ModelSpec
-
-    setup = _setup(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel, plain)
+    setup = setup_for(cfg, precision=precision, packed=packed, recompute=recompute, tile=tile, offload_keep=keep,
+                      plain_layers=plain, fused=fused.available(), parallel=parallel)
     mem = train_memory(ModelSpec("run", model_cfg), setup)
     return mem.allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB, mem.activation.host
 
@@ -84,8 +74,6 @@ def device_budget(device: torch.device) -> tuple[float, float]:
     """(bytes this process may use on the device, bytes of host memory available), measured now."""
     host = _meminfo("MemAvailable")
     if device.type == "cuda":
-        from longseq.plan.memory import CUDA_CONTEXT_GIB
-
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) + CUDA_CONTEXT_GIB * GIB, host
     return host + _meminfo("_rss"), host
@@ -121,9 +109,9 @@ def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
 
 
 def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: torch.device,
-           packed: bool, parallel=None) -> MemoryChoice:
+           packed: bool, parallel: Parallelism | None = None) -> MemoryChoice:
     """The fastest candidate predicted to fit; the most frugal one (with a warning) when none does.
-    `parallel` (longseq.plan Parallelism): the run's processes, for FSDP shards and Ulysses sequence shards."""
+    `parallel`: the run's processes, for FSDP shards and Ulysses sequence shards."""
     layers = model_cfg.num_layers
     distributed = parallel is not None and parallel.num_gpus > 1
     if cfg.plan == "off":
@@ -154,8 +142,6 @@ def _meminfo(key: str) -> float:
     try:
         if key == "_rss":
             with open("/proc/self/statm") as f:
-                import os
-
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         with open("/proc/meminfo") as f:
             for line in f:
@@ -164,3 +150,14 @@ def _meminfo(key: str) -> float:
     except OSError:
         pass
     return float("inf")  # not Linux: no limit known
+
+
+def plan_memory(model, cfg: TrainConfig, precision: str, device: torch.device, packed: bool,
+                world_size: int = 1) -> MemoryChoice:
+    """Choose recompute / tiling / offload for a run and set them on the model (a CausalLM)."""
+    choice = choose(model.config, cfg, precision, device, packed, parallelism_for(cfg, world_size))
+    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep, plain_layers=choice.plain_layers)
+    model.set_tiling(choice.tile)
+    if world_size == 1:  # page-lock the offloaded layer inputs' host buffers now, not in the first step
+        model.reserve_offload(cfg.batch_size, cfg.seq_len)
+    return choice

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from longseq.config import LORA_TARGETS_ALL, TrainConfig
+from longseq.config import TrainConfig
+from longseq.config.policy import LORA_TARGETS_ALL
 from longseq.errors import LongseqError, first_line
 from longseq.train.export import PEFT_PREFIX
 from longseq.train.lora import apply_lora

@@ -1,4 +1,5 @@
-"""The training forward as one module: token ids -> summed next-token loss.
+"""One optimizer step: the training forward as one module (token ids -> summed next-token loss) and the step over a
+batch's micro-batches.
 
 DDP and FSDP2 act in hooks around a module's forward (FSDP2 gathers the root's embedding, final norm and LM head
 there), so the trainer's forward, `hidden` plus the chunked LM head + loss, must be one module call to be wrapped.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from longseq.train.loss import chunked_cross_entropy
+from longseq.models.llama import CausalLM
+from longseq.train.loss import IGNORE, chunked_cross_entropy
+from longseq.train.parallel.data_parallel import gradient_sync
+from longseq.train.parallel.env import DistEnv
 
 
 class TokenLoss(nn.Module):
@@ -24,3 +28,41 @@ class TokenLoss(nn.Module):
         hidden = self.lm.hidden(input_ids, positions, doc_ids=doc_ids)
         return chunked_cross_entropy(hidden.flatten(0, 1), self.lm.lm_head.weight, targets.flatten(),
                                      self.loss_chunk)
+
+
+def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, env: DistEnv | None = None) -> float:
+    """One optimizer step over grad_accum micro-batches; the loss is the mean over all their target tokens, on all
+    processes: sum of token losses / total target tokens (so data parallel equals one process on the same batch).
+
+    `model` is a train.step.TokenLoss (possibly DDP / FSDP-wrapped) or a bare CausalLM."""
+    env = env or DistEnv(device=device)
+    if isinstance(model, CausalLM):
+        model = TokenLoss(model, cfg.loss_chunk)
+    shard = env.shard_sequence  # Ulysses: this rank's slice of each sequence; the identity otherwise
+    num_targets = max(1, env.all_reduce_sum(sum(int((shard(b.targets) != IGNORE).sum()) for b in micro_batches)))
+    total = 0.0
+    for i, b in enumerate(micro_batches):
+        ids, targets, positions = (shard(t).to(device) for t in (b.input_ids, b.targets, b.positions))
+        # Rows that hold a single segment need no document mask (the fast causal kernel). The whole sequence's:
+        # under Ulysses attention runs over all of it.
+        doc_ids = b.doc_ids.to(device) if bool((b.positions[:, 1:] == 0).any()) else None
+        with gradient_sync(model, env, sync=i == len(micro_batches) - 1):  # exchange grads on the last one only
+            with precision.autocast():
+                loss = model(ids, positions, doc_ids, targets) / num_targets
+            # DDP and FSDP average gradients over the processes; times their number, that mean is the sum.
+            scaled = loss * env.world_size if env.distributed else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss.item()
+    total = env.all_reduce_sum(total)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.max_grad_norm > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total

@@ -10,7 +10,6 @@ pickled object over a gloo group (CPU), beside NCCL for the model's own collecti
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longseq import process_group
 from longseq.config import EngineConfig
-from longseq.distributed.tensor_parallel import TensorParallel, check_tensor_parallel, shard_model
 from longseq.engine.llm_engine import LLMEngine
 from longseq.engine.model_runner import ModelRunner, StepInputs
+from longseq.engine.tensor_parallel import TensorParallel, check_tensor_parallel, shard_model
 
 _STOP = None  # broadcast to end the workers' loop
 
@@ -66,10 +66,8 @@ class TensorParallelRunner(ModelRunner):
 
 def join(rank: int, size: int, addr: str, device: torch.device) -> tuple[TensorParallel, Any]:
     """Join the N-process group; returns this rank's TensorParallel and the gloo group for step inputs."""
-    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=addr, rank=rank, world_size=size, timeout=timedelta(minutes=10))
+    dist.init_process_group(process_group.backend(device), init_method=addr, rank=rank, world_size=size,
+                            timeout=timedelta(minutes=10))
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return TensorParallel(size=size, rank=rank), control
 
@@ -97,8 +95,7 @@ def run_worker(lm, cfg: EngineConfig, tp: TensorParallel, control=None) -> None:
 def _device(device: str, rank: int) -> torch.device:
     from longseq.models.loader import resolve_device
 
-    dev = resolve_device(device)
-    return torch.device("cuda", rank) if dev.type == "cuda" else dev
+    return process_group.local_device(resolve_device(device), rank)
 
 
 def _worker_main(rank: int, size: int, addr: str, path: str, dtype: str, device: str, cfg: EngineConfig) -> None:
@@ -137,9 +134,7 @@ def start_engine(path: str | Path | None, dtype: str, device: str, cfg: EngineCo
         from longseq.errors import LongseqError
 
         raise LongseqError(f"tensor parallel {size} needs {size} GPUs; {torch.cuda.device_count()} visible")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        addr = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    addr = process_group.free_address()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker_main, args=(r, size, addr, str(path), dtype, device, cfg), daemon=True)
              for r in range(1, size)]

@@ -1,25 +1,24 @@
-"""One optimizer step of the real training step (`_train_step`) under DDP, FSDP2 (with and without CPU offload) and
+"""One optimizer step of the real training step (`train_step`) under DDP, FSDP2 (with and without CPU offload) and
 Ulysses, on 2 and 4 gloo processes, equals the single-process step on the same global batch: the loss, and each
 trainable weight's update (SGD with lr 1 and no history: the update is the (clipped) gradient). The planner's
 per-GPU weight and optimizer bytes under FSDP2 equal the shards each process holds."""
 
 import pytest
 import torch
-from dist_helpers import TINY, run_workers, synthetic_batches
 
+from dist_helpers import TINY, run_workers, synthetic_batches
 from longseq.config import TrainConfig
-from longseq.distributed.data_parallel import wrap
-from longseq.distributed.env import DistEnv, init_distributed
-from longseq.distributed.ulysses import enable_ulysses
 from longseq.models.llama import CausalLM
 from longseq.plan.memory import _state_bytes
 from longseq.plan.models import ModelSpec
-from longseq.plan.training import parallelism_for
-from longseq.train.loop import _train_step
+from longseq.plan.setup import parallelism_for
 from longseq.train.lora import LoRALinear, make_trainable
 from longseq.train.optim import build_optimizer
+from longseq.train.parallel.data_parallel import wrap
+from longseq.train.parallel.env import DistEnv, init_distributed
+from longseq.train.parallel.ulysses import enable_ulysses
 from longseq.train.precision import resolve_precision
-from longseq.train.step import TokenLoss
+from longseq.train.step import TokenLoss, train_step
 
 SEQ, BATCH = 16, 2
 
@@ -69,7 +68,7 @@ def one_step(case: tuple, world: int, distributed: bool):
     before = {n: _full(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     batches = synthetic_batches(accum * dp, BATCH, SEQ, TINY.vocab_size)
     micro = next(env.step_batches(iter(batches), cfg.grad_accum))
-    loss = _train_step(step_model, micro, cfg, precision, env.device, optimizer, None, env)
+    loss = train_step(step_model, micro, cfg, precision, env.device, optimizer, None, env)
     params = dict(model.named_parameters())
     updates = {n: before[n] - _full(params[n]).detach() for n in names}
     held = {"weights": sum(_local_bytes(p) for p in model.parameters()),
@@ -121,7 +120,7 @@ def test_four_processes_equal_one(results_4, name):
 @pytest.mark.parametrize("name,world", [("fsdp-full-selective-clip", 2), ("ulysses2-fsdp-full", 2),
                                         ("dp2-ulysses2-fsdp-lora-selective", 4)])
 def test_planner_predicts_fsdp_shards(results_2, results_4, name, world):
-    from longseq.plan.memory import TrainSetup
+    from longseq.plan.setup import TrainSetup
 
     parallel, sp, method, *_ = {**CASES_2, **CASES_4}[name]
     cfg = TrainConfig(parallel=parallel, sequence_parallel=sp, seq_len=SEQ)

@@ -2,22 +2,17 @@
 tied and untied embeddings, a vocabulary N does not divide), and the tensor-parallel engine generates exactly what
 the single-process engine generates (greedy; prefill chunks, batched decode, preemption-free)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from engine_helpers import make_engine, run_engine, tiny_lm
+
 from dist_helpers import run_workers
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "engine"))
-from engine_helpers import make_engine, run_engine, tiny_lm  # noqa: E402
-
-from longseq.config import EngineConfig, ModelConfig  # noqa: E402
-from longseq.distributed.tensor_parallel import TensorParallel, check_tensor_parallel, shard_model  # noqa: E402
-from longseq.distributed.tp_engine import build_engine, run_worker  # noqa: E402
-from longseq.errors import LongseqError  # noqa: E402
-from longseq.generation.sampling import SamplingParams  # noqa: E402
-from longseq.models.llama import CausalLM  # noqa: E402
+from longseq.config import EngineConfig, ModelConfig
+from longseq.engine.tensor_parallel import TensorParallel, check_tensor_parallel, shard_model
+from longseq.engine.tp_engine import build_engine, run_worker
+from longseq.errors import LongseqError
+from longseq.generation.sampling import SamplingParams
+from longseq.models.llama import CausalLM
 
 # vocab 97 is odd: the second rank's vocabulary slice is padded
 CONFIGS = {

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from longseq import process_group
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
 
@@ -122,14 +123,9 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
         return DistEnv(device=device)
     if world % cfg.sequence_parallel:
         raise LongseqError(f"sequence_parallel {cfg.sequence_parallel} must divide the number of processes {world}")
-    if device.type == "cuda":
-        if torch.cuda.device_count() < 1:
-            raise LongseqError("no CUDA GPU visible to this process")
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())  # one GPU per local process
-        torch.cuda.set_device(device)
+    device = process_group.local_device(device, local_rank)
     if not dist.is_initialized():
-        # NCCL for GPU tensors; gloo for CPU ones (CPU-offloaded FSDP states, checkpoint metadata).
-        backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+        backend = process_group.backend(device)
         if "RANK" in os.environ:
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
         else:  # `--parallel fsdp` without torchrun: a group of one (FSDP2 and DCP need a process group)

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from dist_helpers import run_workers
 from safetensors.torch import load_file
 
+from dist_helpers import run_workers
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
-from longseq.train import checkpoint as ckpt
+from longseq.train import checkpoint_files as ckpt
 from longseq.train.export import export
 from longseq.train.loop import train
 
@@ -32,7 +32,7 @@ def config(setup, out, **kw) -> TrainConfig:
     base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
                 batch_size=2, grad_accum=2, max_steps=STEPS, lr=1e-2, warmup_steps=1, lora_rank=4, precision="fp32",
                 device="cpu", save_every=2, keep_last=10, seed=0, optimizer="adamw")
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.from_dict({**base, **kw})
 
 
 def resume_copy(setup, source: str, out: str, step: int = 2) -> None:

@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch import nn
 
-from longseq.distributed.env import DistEnv
+from longseq.train.parallel.env import DistEnv
 from longseq.train.precision import Precision
 
 

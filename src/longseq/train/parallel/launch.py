@@ -8,7 +8,6 @@ launch again. Several machines: run torchrun yourself on each (README, "Many GPU
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -27,7 +26,7 @@ def launched_by_torchrun() -> bool:
 def config_yaml(cfg: TrainConfig) -> str:
     import yaml
 
-    values = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}
     return yaml.safe_dump(values, sort_keys=False)
 
 
@@ -36,7 +35,7 @@ def relaunch(cfg: TrainConfig) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    from longseq.train.checkpoint import resolve_checkpoint
+    from longseq.train.checkpoint_files import resolve_checkpoint
     from longseq.train.data import resolve_files
 
     resolve_files(cfg.data)  # bad input fails here, once, not in every worker

@@ -4,13 +4,13 @@ gradients of q, k and v, with GQA, sliding windows and packed documents; bad deg
 import pytest
 import torch
 import torch.distributed as dist
-from dist_helpers import run_workers
 
+from dist_helpers import run_workers
 from longseq.attention import attention
 from longseq.config import TrainConfig
-from longseq.distributed.env import init_distributed
-from longseq.distributed.ulysses import UlyssesAttention, check_degree
 from longseq.errors import LongseqError
+from longseq.train.parallel.env import init_distributed
+from longseq.train.parallel.ulysses import UlyssesAttention, check_degree
 
 B, S, D = 2, 24, 8
 # (query heads, KV heads, window, packed documents)

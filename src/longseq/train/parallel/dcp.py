@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from longseq.config import TrainConfig
-from longseq.distributed.env import DistEnv
 from longseq.errors import LongseqError, first_line
-from longseq.train.checkpoint import (
+from longseq.train.checkpoint_files import (
     PREFIX,
     checkpoint_root,
     publish,
@@ -40,6 +38,7 @@ from longseq.train.checkpoint import (
     trainable_state,
 )
 from longseq.train.optim import trainable_groups
+from longseq.train.parallel.env import DistEnv
 
 DCP_DIR = "dcp"
 # Only what trains is saved (LoRA: the adapters), as in single-process checkpoints; the base comes from the model.
@@ -49,27 +48,6 @@ _LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 def is_distributed_checkpoint(path: Path) -> bool:
     return (path / DCP_DIR).is_dir()
-
-
-def save(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler, scaler,
-         counters: dict[str, Any], env: DistEnv) -> Path:
-    """The run's checkpoint: DCP when the run is distributed, else the single-process format."""
-    if env.distributed:
-        return save_distributed(out_dir, cfg, step, model, optimizer, scheduler, scaler, counters, env)
-    from longseq.train.checkpoint import save_checkpoint
-
-    return save_checkpoint(out_dir, cfg, step, model, optimizer, scheduler, scaler, counters)
-
-
-def load(path: Path, model: nn.Module, optimizer, scheduler, scaler, env: DistEnv, seed: int) -> dict[str, Any]:
-    """Resume from either format on any number of processes; returns the saved counters."""
-    if is_distributed_checkpoint(path):
-        return load_distributed(path, model, optimizer, scheduler, scaler, env, seed)
-    if env.distributed:
-        return load_single_process(path, model, optimizer, scheduler, scaler, env, seed)
-    from longseq.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(path, model, optimizer, scheduler, scaler)
 
 
 def save_distributed(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler,
@@ -88,7 +66,7 @@ def save_distributed(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn
     if env.is_main:
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None},
                    tmp / "trainer_state.pt")
-        meta = {"step": step, **counters, "world_size": env.world_size, "config": asdict(cfg)}
+        meta = {"step": step, **counters, "world_size": env.world_size, "config": cfg.to_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     env.barrier()  # every rank's shards are written
     if env.is_main:

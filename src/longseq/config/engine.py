@@ -1,0 +1,50 @@
+"""Options of the serving engine (`longseq serve`, `LLM(...)`): KV pool, batching limits, queue, fast paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from longseq.config.flags import flag
+from longseq.config.policy import KV_POOL_MODES
+from longseq.errors import LongseqError
+
+
+@dataclass
+class EngineConfig:
+    """The serving engine: KV pool, batching limits, queue."""
+
+    kv_block_size: int = flag("tokens per KV block", default=16)
+    max_num_seqs: int = flag("sequences running at once", default=256)
+    max_num_batched_tokens: int = flag("tokens computed per step (chunked-prefill budget)", default=2048)
+    max_model_len: int | None = flag("longest prompt + output (default: the model's context)", default=None)
+    gpu_memory_fraction: float = flag("share of the GPU's memory the engine may use (weights included)",
+                                      default=0.9)
+    num_kv_blocks: int | None = flag("KV blocks (default: from free memory; on CPU from --kv-cache-gib)",
+                                     default=None)
+    kv_cache_gib: float = flag("KV pool size on CPU", default=1.0)
+    kv_pool: str = flag("GPU KV pool sizing: measure (run the largest step, give the pool what is left) | plan "
+                         "(weights and that step's peak predicted by longseq.plan, nothing run)", default="measure")
+    enable_prefix_caching: bool = flag("reuse the KV of shared prompt prefixes", default=True)
+    max_queue: int = flag("waiting requests accepted before new ones are refused (429)", default=1024)
+    cuda_graphs: bool = flag("replay decode steps as CUDA graphs (GPU only)", default=True)
+    fuse_projections: bool = flag("q/k/v and gate/up each as one matmul (fewer, larger decode GEMVs; same "
+                                  "memory)", default=True)
+    decode_gemv: bool = flag("single-row matmuls (batch-1 decode) by a Triton GEMV for the weight shapes where "
+                             "timing at start finds it faster than cuBLAS (GPU; needs fuse_projections)", default=True)
+    async_scheduling: bool = flag("queue the next decode step before reading this step's tokens, so host work "
+                                  "overlaps the GPU's", default=True)
+    tensor_parallel: int = flag("GPUs (processes) the model is split over: weights, heads and KV cache / N",
+                                default=1)
+
+    def __post_init__(self):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel"):
+            if getattr(self, name) <= 0:
+                raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise LongseqError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise LongseqError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.kv_cache_gib <= 0:
+            raise LongseqError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.kv_pool not in KV_POOL_MODES:
+            raise LongseqError(f"kv_pool must be one of {', '.join(KV_POOL_MODES)}, got {self.kv_pool!r}")

@@ -72,7 +72,8 @@ def test_tiled_offloaded_step_matches_planner(monkeypatch, method, policy, keep,
         pytest.importorskip("torchao")
     from longseq.config import policy as config_policy
 
-    monkeypatch.setattr(config_policy, "ATTENTION_GROUP_TOKENS", SEQ)  # as long sequences run it (no-op for one KV head)
+    # as long sequences run it (a no-op for one KV head)
+    monkeypatch.setattr(config_policy, "ATTENTION_GROUP_TOKENS", SEQ)
     groups = config_policy.attention_groups(cfg_model.num_kv_heads, SEQ)
     model, step_model, optimizer, precision, run, batch = _step(method, policy, keep, cfg_model)
     run()  # warm-up: SGD momentum buffers and the offloader's host buffers exist from now on

@@ -30,7 +30,7 @@ class Sim:
     def add(self, prompt, max_out=8) -> Sequence:
         s = Sequence(f"r{len(self.admitted) + len(self.sched.waiting)}", list(prompt),
                      SamplingParams(max_new_tokens=max_out), None, max_out)
-        assert -(-(len(prompt) + max_out) // self.bm.block_size) <= self.bm.num_blocks  # what check_request does
+        assert -(-(len(prompt) + max_out) // self.bm.block_size) <= self.bm.num_blocks  # what RequestLimits.check does
         self.sched.add(s)
         return s
 
@@ -225,3 +225,48 @@ def test_waiting_head_with_prefix_hits_does_not_deadlock():
     sim.run(max_steps=200)
     assert a.is_finished and x.is_finished and c.is_finished
     assert sim.bm.num_free_blocks == 10
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_schedule_ahead_is_the_next_schedule(seed):
+    # Wherever the scheduler names the next decode step before the sampled tokens are appended, the next
+    # schedule() decodes exactly those sequences first (it may admit prompts after them into slots freed by
+    # sequences that ended by length, which the engine leaves to the step after), and preempts nobody.
+    rng = random.Random(seed)
+    sim = Sim(num_blocks=rng.randint(10, 24), block_size=4, max_num_seqs=rng.randint(2, 5), budget=rng.randint(4, 24))
+    seqs = [sim.add([rng.randrange(97) for _ in range(rng.randint(1, 12))], rng.randint(1, 10)) for _ in range(12)]
+    predicted, known = None, 0
+    while sim.sched.has_unfinished():
+        preempted, waiting = sim.sched.num_preempted, list(sim.sched.waiting)
+        scheduled = sim.sched.schedule()
+        if predicted is not None:
+            assert scheduled[: len(predicted)] == predicted and sim.sched.num_preempted == preempted
+            assert all(s in waiting for s, _ in scheduled[len(predicted) :])
+            known += 1
+        for s, n in scheduled:
+            s.num_computed_tokens += n
+            sim.bm.commit(s)
+        sampled = [s for s, _ in scheduled if s.num_computed_tokens == len(s)]
+        ahead = sim.sched.schedule_ahead(scheduled, sampled)
+        predicted = None if ahead is None else ahead[0]
+        if ahead is not None:
+            assert [sampled[i] for i in ahead[1]] == [s for s, _ in ahead[0]]
+        for s in sampled:
+            s.token_ids.append(next_token(s))
+            if len(s.output_ids) >= s.max_output_tokens:
+                sim.sched.finish(s, "length")
+    assert known > 0 and all(s.is_finished for s in seqs)
+    assert sim.bm.num_free_blocks == sim.bm.num_blocks
+
+
+def test_schedule_ahead_waits_for_admission_and_host_tokens():
+    sim = Sim(max_num_seqs=2, budget=64)
+    a = sim.add([1, 2, 3], max_out=10)
+    scheduled = sim.step()
+    sim.add([4, 5], max_out=10)
+    assert sim.sched.schedule_ahead(scheduled, [a]) is None  # the next step admits the waiting prompt
+    sim.step()
+    scheduled = sim.step()
+    assert sim.sched.schedule_ahead(scheduled, [s for s, _ in scheduled]) is not None
+    b = Sequence("p", [1, 2], SamplingParams(max_new_tokens=4, presence_penalty=0.5), None, 4)
+    assert b.waits_for_tokens and not a.waits_for_tokens

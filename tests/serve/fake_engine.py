@@ -7,6 +7,7 @@ import re
 from collections.abc import AsyncIterator
 
 from longseq.engine.outputs import RequestOutput, TokenLogprob
+from longseq.engine.requests import RequestLimits
 from longseq.errors import LongseqError
 from longseq.generation.sampling import SamplingParams
 from longseq.serve.app import QueueFullError
@@ -33,6 +34,7 @@ class FakeTokenizer:
 class FakeEngine:
     model_name = "fake-model"
     max_model_len = 64
+    limits = RequestLimits(max_model_len, VOCAB, kv_block_size=16, num_kv_blocks=4)  # the pool holds one context
 
     def __init__(self) -> None:
         self.tokenizer = FakeTokenizer()
@@ -67,7 +69,7 @@ class FakeEngine:
             self._abort_events[request_id].set()
 
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, max_output_tokens: int | None = None
     ) -> AsyncIterator[RequestOutput]:
         if self.queue_full:
             raise QueueFullError("the waiting queue is full (0 slots)")

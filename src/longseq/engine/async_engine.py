@@ -27,7 +27,7 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, model_name: str = "longseq", max_queue: int | None = None):
         self.engine, self.model_name = engine, model_name
         self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
+        self.limits = engine.limits
         self.max_queue = max_queue or engine.cfg.max_queue
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -35,6 +35,10 @@ class AsyncLLMEngine:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="longseq-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
 
     def encode(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -58,9 +62,12 @@ class AsyncLLMEngine:
             stats["num_waiting"] += self._pending
         return stats
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        self.engine.check_request(prompt_ids, params)  # pure: safe from this thread
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       max_output_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
+        """The request's snapshots, one per step that gave it a token. `max_output_tokens`: what `limits.check`
+        returned for it, where the caller has checked it already (the server); otherwise it is checked here."""
+        if max_output_tokens is None:
+            max_output_tokens = self.limits.check(prompt_ids, params.max_new_tokens)  # pure: safe from this thread
         with self._lock:
             if request_id in self._streams:  # a second stream would steal the first one's outputs
                 raise LongseqError(f"request id {request_id!r} is already in use")
@@ -69,7 +76,7 @@ class AsyncLLMEngine:
             self._pending += 1
             stream: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, prompt_ids, params))
+        self._commands.put(("add", request_id, prompt_ids, params, max_output_tokens))
         finished = False
         try:
             while not finished:
@@ -110,11 +117,11 @@ class AsyncLLMEngine:
                 if command[0] == "stop":
                     return
                 if command[0] == "add":
-                    _, request_id, prompt_ids, params = command
+                    _, request_id, prompt_ids, params, max_output_tokens = command
                     with self._lock:  # leave pending and join the waiting queue at once, as generate() counts both
                         self._pending -= 1
                         try:
-                            self.engine.add_request(prompt_ids, params, request_id)
+                            self.engine.add_request(prompt_ids, params, request_id, max_output_tokens)
                         except Exception as e:
                             self._deliver(request_id, e)
                 else:

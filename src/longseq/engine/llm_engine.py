@@ -11,6 +11,7 @@ from longseq.engine.block_manager import BlockManager
 from longseq.engine.inflight import InflightStep
 from longseq.engine.model_runner import ModelRunner
 from longseq.engine.outputs import RequestOutput, TokenLogprob
+from longseq.engine.requests import RequestLimits
 from longseq.engine.sampler import sample
 from longseq.engine.scheduler import Scheduler
 from longseq.engine.sequence import Sequence, Status
@@ -27,9 +28,10 @@ class LLMEngine:
             raise LongseqError(f"the serving engine runs causal or sliding-window attention; not {attn.variant}"
                                + (" with ALiBi" if attn.alibi else ""))
         self.tokenizer = lm.tokenizer
-        self.max_model_len = min(self.cfg.max_model_len or lm.config.max_seq_len, lm.config.max_seq_len)
         self.runner = runner or ModelRunner(lm.model, self.cfg)
         self.blocks = BlockManager(self.runner.num_blocks, self.cfg.kv_block_size, self.cfg.enable_prefix_caching)
+        self.limits = RequestLimits(self.runner.max_model_len, lm.config.vocab_size, self.cfg.kv_block_size,
+                                    self.blocks.num_blocks)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = set(lm.eos_token_ids)
@@ -38,29 +40,20 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------------------
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Validate a request; returns how many output tokens it may produce."""
-        if not prompt_ids:
-            raise LongseqError("the prompt is empty")
-        vocab = self.lm.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise LongseqError(f"prompt token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise LongseqError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len} tokens"
-            )
-        max_output = min(params.max_new_tokens, self.max_model_len - len(prompt_ids))
-        need = -(-(len(prompt_ids) + max_output) // self.cfg.kv_block_size)
-        if need > self.blocks.num_blocks:
-            raise LongseqError(f"the request needs {need} KV blocks; the pool has {self.blocks.num_blocks}")
-        return max_output
+    @property
+    def max_model_len(self) -> int:
+        return self.limits.max_model_len
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        max_output = self.check_request(prompt_ids, params)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    max_output_tokens: int | None = None) -> str:
+        """Queue a request; returns its id. `max_output_tokens`: what `limits.check` returned for it, where the
+        caller has checked it already (the server); otherwise it is checked here."""
+        if max_output_tokens is None:
+            max_output_tokens = self.limits.check(prompt_ids, params.max_new_tokens)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.seqs:
             raise LongseqError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output)
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output_tokens)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -113,28 +106,16 @@ class LLMEngine:
 
     def _launch_ahead(self, prev: InflightStep) -> InflightStep | None:
         """The decode step the scheduler will issue after `prev`, launched now from prev's tokens on the device;
-        None where that step is not knowable yet: it may admit or preempt, or needs prev's tokens on the host."""
-        running = self.scheduler.running
-        seqs = prev.to_sample
-        if (not self.runner.takes_device_ids or len(seqs) != len(prev.scheduled) or len(seqs) != len(running)
-                or any(s.status != Status.RUNNING for s in seqs)):
-            return None  # some sequence is mid-prompt, waits outside this batch, or was aborted
-        if self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs:
-            return None  # the next step admits a waiting prompt
-        if any(s.logprobs is not None or s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
-            return None  # these read the new tokens on the host before sampling again
-        # A sequence whose token in flight is its last by length stays out, as the scheduler would leave it out.
-        rows = [i for i, s in enumerate(seqs) if len(s.output_ids) + 1 < s.max_output_tokens]
-        ahead = [seqs[i] for i in rows]
-        if not ahead or len(ahead) > self.scheduler.max_num_batched_tokens:
+        None where the scheduler cannot tell that step yet, or the runner needs the tokens on the host."""
+        if not self.runner.takes_device_ids:
             return None
-        if sum(self.blocks.blocks_needed(s, s.num_computed_tokens + 1) for s in ahead) > self.blocks.num_free_blocks:
-            return None  # the scheduler would preempt
-        for s in ahead:
-            self.blocks.ensure(s, s.num_computed_tokens + 1)
-        ids = prev.tokens if len(ahead) == len(seqs) else prev.tokens[rows]
+        ahead = self.scheduler.schedule_ahead(prev.scheduled, prev.to_sample)
+        if ahead is None:
+            return None
+        scheduled, rows = ahead
+        ids = prev.tokens if len(rows) == len(prev.to_sample) else prev.tokens[rows]
         self.num_steps_ahead += 1
-        return self._launch([(s, 1) for s in ahead], ids)
+        return self._launch(scheduled, ids)
 
     def _finish(self, launched: InflightStep) -> list[RequestOutput]:
         """Read the step's tokens and append them. A sequence that finished meanwhile (it stopped while this step

@@ -10,6 +10,7 @@ import torch
 from longseq.attention.paged import PagedBatch, PagedKVCache, use_decode_kernel
 from longseq.config import EngineConfig
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
+from longseq.engine.requests import max_model_len
 from longseq.engine.sequence import Sequence
 from longseq.engine.tensor_parallel import local_kv_heads
 from longseq.errors import LongseqError
@@ -67,7 +68,7 @@ class ModelRunner:
         # The decode kernel reads each context's length on the device, so one graph per batch bucket serves every
         # length up to the model's context, and all of them are captured now rather than on a request's first
         # step. The gather path needs the key length in the graph's shapes: one graph per power-of-two length.
-        self.max_model_len = min(cfg.max_model_len or mc.max_seq_len, mc.max_seq_len)
+        self.max_model_len = max_model_len(cfg, mc.max_seq_len)
         self.fixed_keys = use_decode_kernel(self.device, mc.head_dim)
         if self.use_graphs and self.fixed_keys:
             self._capture_all()

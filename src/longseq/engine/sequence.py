@@ -39,6 +39,9 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self.stops = StopStringMatcher(params.stop)
         self.logprobs: list | None = [] if params.logprobs is not None else None
+        # Penalties and logprobs read each new token on the host before the next sample, so no step of this
+        # sequence is launched ahead of its predecessor's token.
+        self.waits_for_tokens = self.logprobs is not None or bool(params.presence_penalty or params.frequency_penalty)
         self.generator = None  # a torch.Generator when params.seed is set (made by the sampler)
         self.metrics = {"arrival": time.monotonic()}
 

@@ -152,11 +152,15 @@ class ChatCompletionRequest(SamplingFields):
             out.append({**m, "content": content})
         return out
 
-    def sampling_params(self, room: int) -> SamplingParams:
-        """room: context tokens left after the prompt, the default output budget as in OpenAI's API."""
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The output budget asked for: max_completion_tokens, or the older max_tokens; None if neither."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self, max_new_tokens: int) -> SamplingParams:
+        """max_new_tokens: the budget the engine's check gave (max_output_tokens, or the context left)."""
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling(room if max_tokens is None else max_tokens, logprobs)
+        return self._sampling(max_new_tokens, logprobs)
 
 
 def new_id(prefix: str) -> str:

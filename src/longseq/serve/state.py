@@ -1,0 +1,88 @@
+"""One server's settings and the checks every /v1 request goes through: the API key, the body, the prompt."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from pydantic import ValidationError
+
+from longseq.engine.requests import InvalidRequestError
+from longseq.serve import protocol as p
+from longseq.serve.engine import ServingEngine
+from longseq.serve.errors import refusal
+from longseq.serve.metrics import ServerMetrics
+
+M = TypeVar("M", bound=p.SamplingFields)
+
+
+@dataclass
+class ServerState:
+    engine: ServingEngine
+    model_name: str  # the name the server answers with
+    metrics: ServerMetrics
+    api_key: str | None = None
+    created: int = field(default_factory=p.now)
+    accepted_models: set[str | None] = field(init=False)  # the served name, the engine's own, or none at all
+
+    def __post_init__(self) -> None:
+        self.accepted_models = {None, "", self.model_name, self.engine.model_name}
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "longseq",
+            "max_model_len": self.engine.limits.max_model_len,
+        }
+
+    async def parse(self, request: Request, schema: type[M]) -> M:
+        """The request body as `schema`, for this server's model, asking only for what the server supports."""
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise p.ApiError(f"the request body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise p.ApiError("the request body must be a JSON object")
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise p.ApiError(f"{where}: {first['msg']}", param=where or None) from e
+        if body.model not in self.accepted_models:
+            raise p.ApiError(
+                f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                404, "invalid_request_error", "model", "model_not_found",
+            )
+        body.check_supported()
+        return body
+
+    def check_request(self, ids: list[int], max_tokens: int | None, param: str, prompt_alone: bool = False) -> int:
+        """The engine's one check of a request (RequestLimits.check), in OpenAI's terms: max_tokens over the
+        context is refused, not cut. Returns the output budget: max_tokens, or where None what the prompt leaves.
+        prompt_alone: a prompt that fills the context by itself is reported without max_tokens (the chat wording)."""
+        try:
+            return self.engine.limits.check(ids, max_tokens, strict=True, param=param)
+        except InvalidRequestError as e:
+            raise refusal(e, prompt_alone) from e
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+Server = Annotated[ServerState, Depends(server_state)]  # a route's parameter: its app's ServerState
+
+
+async def check_key(request: Request) -> None:
+    """The /v1 routes' dependency: with an API key set, the request must carry it as a Bearer token."""
+    key = server_state(request).api_key
+    if key is None:
+        return
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise p.ApiError("invalid or missing API key", 401, "invalid_request_error", code="invalid_api_key")

@@ -60,9 +60,10 @@ def rows_for(gpus: int, quick: bool) -> list[dict]:
 
 def run_train_row(row: dict, device: str) -> dict | None:
     import torch
-    from plan_validation import build_model, spec_for
+    from plan_validation import build_model
 
     from longseq.config import TrainConfig
+    from longseq.plan.random_shapes import spec_for
     from longseq.train.lora import make_trainable
     from longseq.train.optim import build_optimizer
     from longseq.train.parallel.data_parallel import grad_scaler, wrap
@@ -137,7 +138,7 @@ def _max_over_ranks(value: float, env) -> float:
 def run_serve_row(row: dict, device: str) -> dict | None:
     import torch
     import torch.distributed as dist
-    from plan_validation import _Tokenizer, spec_for
+    from plan_validation import _Tokenizer
 
     from longseq.config import EngineConfig
     from longseq.engine import LLMEngine
@@ -146,6 +147,7 @@ def run_serve_row(row: dict, device: str) -> dict | None:
     from longseq.generation import SamplingParams
     from longseq.models.llama import CausalLM
     from longseq.models.loader import LoadedModel, resolve_device
+    from longseq.plan.random_shapes import spec_for
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dev = resolve_device(device)
@@ -197,10 +199,9 @@ def worker(row: dict, device: str, result: str) -> None:
 
 
 def predict(row: dict, gpus: int, device_name: str) -> dict:
-    from plan_validation import spec_for
-
     from longseq.config import TrainConfig
     from longseq.plan.hardware import GPUS, find_gpu
+    from longseq.plan.random_shapes import spec_for
     from longseq.plan.serving import ServeSetup, plan_serve
     from longseq.plan.setup import TrainSetup, parallelism_for
     from longseq.plan.training import plan_train

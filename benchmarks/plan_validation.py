@@ -29,9 +29,9 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from longseq.plan.random_shapes import spec_for  # noqa: E402
+
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANDOM_SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3584, num_layers=8, num_heads=8,
-                    num_kv_heads=2, max_seq_len=32768)
 
 
 def T(model, method, recompute, seq_len, batch=1, optimizer="adamw"):  # noqa: N802  (a row of the table)
@@ -69,18 +69,6 @@ CONFIGS = [
 ]
 QUICK = [T("random-tiny", "lora", "full", 256), T("random-tiny", "full", "none", 128, batch=2),
          T("random-tiny", "qlora", "selective", 256), E("random-tiny", 0.9, 256, batch=4, prompt=32)]
-
-
-def spec_for(name: str):
-    from longseq.config import ModelConfig
-    from longseq.plan.models import ModelSpec, get_model
-
-    if name == "random-d1024":
-        return ModelSpec(name, ModelConfig(**RANDOM_SHAPE))
-    if name == "random-tiny":
-        return ModelSpec(name, ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
-                                           num_heads=4, num_kv_heads=2, max_seq_len=1024))
-    return get_model(name)
 
 
 def build_model(spec, dtype, device):

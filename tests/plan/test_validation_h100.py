@@ -7,6 +7,7 @@ import pytest
 
 from longseq.plan.hardware import get_gpu
 from longseq.plan.models import get_model
+from longseq.plan.random_shapes import spec_for
 from longseq.plan.serving import ServeSetup, plan_serve
 from longseq.plan.setup import TrainSetup
 from longseq.plan.training import plan_train
@@ -31,7 +32,7 @@ def _benchmark_plan(seq_len: int):
     return plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup)
 
 
-def test_train_memory_within_5_percent_of_h100_peaks(capsys):
+def test_train_memory_within_5_percent_of_h100_peaks():
     rows = _longseq_rows()
     assert [r["seq_len"] for r in rows] == [4096, 16384, 32768, 49152, 65536]
     lines = ["seq_len  measured GiB  predicted GiB  error   measured s  predicted s  peak moment"]
@@ -41,11 +42,9 @@ def test_train_memory_within_5_percent_of_h100_peaks(capsys):
         error = predicted / row["peak_gib"] - 1
         lines.append(f"{row['seq_len']:>7}  {row['peak_gib']:>12.2f}  {predicted:>13.2f}  {error:+6.2%}  "
                      f"{row['step_s']:>10.3f}  {plan.step_time_s:>11.3f}  {plan.memory.activation.phase}")
-        assert abs(error) < 0.05, lines[-1]
+        assert abs(error) < 0.05, "\n".join(lines)
         assert plan.trainable == row["trainable"]
-        assert plan.step_time_s == pytest.approx(row["step_s"], rel=0.05)  # the calibration's own data
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+        assert plan.step_time_s == pytest.approx(row["step_s"], rel=0.05), "\n".join(lines)  # the fit's own data
 
 
 def test_serving_kv_pool_matches_the_engine():
@@ -65,9 +64,9 @@ def _long_context_memory(row: dict):
     return plan_train(get_model("llama-3-8b"), get_gpu("H100"), setup).memory
 
 
-def _check_long_context(rows: list[dict], capsys, tolerance: float = 0.02) -> None:
-    """Each row's allocated peak within 2% (tolerance) of the plan, its page-locked host memory as planned; prints
-    the table."""
+def _check_long_context(rows: list[dict], tolerance: float = 0.02) -> None:
+    """Each row's allocated peak within 2% (tolerance) of the plan, its page-locked host memory as planned; a
+    failure shows the table up to the row."""
     lines = ["side     seq_len  recompute       tile  keep  measured GiB  predicted GiB  error   host GiB  peak moment"]
     for row in rows:
         memory = _long_context_memory(row)
@@ -75,13 +74,11 @@ def _check_long_context(rows: list[dict], capsys, tolerance: float = 0.02) -> No
         lines.append(f"{row['side']:<8} {row['seq_len']:>7}  {row['recompute']:<14}  {row['tile'] or '-':>5}  "
                      f"{row['offload_keep']:>4}  {row['peak_gib']:>12.2f}  {memory.allocated / 2**30:>13.2f}  "
                      f"{error:+6.2%}  {memory.activation.host / 2**30:>8.1f}  {memory.activation.phase}")
-        assert abs(error) < tolerance, lines[-1]
-        assert memory.activation.host / 2**30 == pytest.approx(row.get("pinned_gib", 0.0), abs=1e-3)
-    with capsys.disabled():
-        print("\n" + "\n".join(lines))
+        assert abs(error) < tolerance, "\n".join(lines)
+        assert memory.activation.host / 2**30 == pytest.approx(row.get("pinned_gib", 0.0), abs=1e-3), lines[-1]
 
 
-def test_long_context_rows_within_2_percent(capsys):
+def test_long_context_rows_within_2_percent():
     """2026-11-24-long-context-h100: the rows `--plan auto` ran (untiled, keep_attention, tiled; LoRA and
     QLoRA, 4K-128K; runs a-e with eager norms / RoPE / SwiGLU, f and g with the fused kernels), predicted with the
     techniques each row used, against torch.cuda.max_memory_allocated."""
@@ -92,16 +89,11 @@ def test_long_context_rows_within_2_percent(capsys):
                                                     .read_text())["rows"]
             if r["side"] != "hf" and "peak_gib" in r and r["recompute"] != "offloaded"]
     assert len(rows) == 16 and sum(r.get("fused", False) for r in rows) == 4
-    _check_long_context(rows, capsys)
+    _check_long_context(rows)
 
 
 def _step_errors(name: str) -> dict[tuple, float]:
     """Predicted / measured - 1 for every training row of one plan_validation.py run."""
-    import sys
-
-    sys.path.insert(0, str(RESULTS.parents[0]))
-    from plan_validation import spec_for
-
     rows = json.loads((RESULTS / "2026-11-24-plan-validation-h100" / name).read_text())["rows"]
     out = {}
     for rec in rows:
@@ -115,7 +107,7 @@ def _step_errors(name: str) -> dict[tuple, float]:
     return out
 
 
-def test_step_times_with_launch_overhead(capsys):
+def test_step_times_with_launch_overhead():
     """2026-11-24-plan-validation-h100 run 1: 0.36B-8B training rows. Small models' steps are bound by host launch
     time (plan/flops.py LAYER_PASS_LAUNCH_S, fitted on these rows); the 8B full-recompute rows stay within 5%.
     Run 2 (held out, measured after the fit) adds QLoRA and 8-bit AdamW rows: every 8B LoRA row is within 5% there
@@ -135,22 +127,19 @@ def test_step_times_with_launch_overhead(capsys):
             assert abs(error) < 0.05, (key, error)
     plain = [abs(e) for k, e in held_out.items() if k[1] != "qlora"]
     assert statistics.median(plain) < 0.25
-    with capsys.disabled():
-        print(f"\nstep time over {len(errors)} rows: median |error| {statistics.median(errors):.1%}, "
-              f"max {max(errors):.1%}")
 
 
-def test_offloaded_long_context_rows_within_2_percent(capsys):
+def test_offloaded_long_context_rows_within_2_percent():
     """2026-11-25-long-context-h100: the non-reentrant offloader and grouped attention at 256K (LoRA) and 512K
     (LoRA and QLoRA), as `--plan auto` chose them, against torch.cuda.max_memory_allocated."""
     folder = RESULTS / "2026-11-25-long-context-h100"
     rows = [r for name in ("l", "m") for r in json.loads((folder / f"{name}.json").read_text())["rows"]]
     assert [(r["side"], r["seq_len"], r["recompute"]) for r in rows] == [
         ("longseq", 262144, "offloaded"), ("qlora", 524288, "offloaded"), ("longseq", 524288, "offloaded")]
-    _check_long_context(rows, capsys)
+    _check_long_context(rows)
 
 
-def test_fa4_long_context_rows(capsys):
+def test_fa4_long_context_rows():
     """2026-11-25-fa4-h100: FlashAttention-4 instead of cuDNN (a smaller backward workspace than the planner's,
     which stays an upper bound), 512K and 32K LoRA as `--plan auto` chose them. 512K within 2%. 32K ran
     keep_attention with 9 plain layers, a mix no earlier validation row had: its peak (69.08 GiB, the same as
@@ -159,5 +148,5 @@ def test_fa4_long_context_rows(capsys):
             if r["side"] != "hf"]
     assert [(r["seq_len"], r["recompute"], r["plain_layers"], r["attention"]) for r in rows] == [
         (524288, "offloaded", 0, "FlashAttention-4"), (32768, "keep_attention", 9, "FlashAttention-4")]
-    _check_long_context(rows[:1], capsys)
-    _check_long_context(rows[1:], capsys, tolerance=0.025)
+    _check_long_context(rows[:1])
+    _check_long_context(rows[1:], tolerance=0.025)

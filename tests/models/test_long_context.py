@@ -64,7 +64,7 @@ def test_tiled_mlp_equals_plain_with_lora(dropout):
     plain = lambda: torch.cat([mlp(r) for r in x.reshape(-1, 64).split(4)]).view(3, 11, 64)  # noqa: E731
     ref, g_ref = _grads(plain, x, *params)
     torch.manual_seed(7)
-    out, g_out = _grads(lambda: tiled_mlp(mlp._forward, x, params, 4), x, *params)
+    out, g_out = _grads(lambda: tiled_mlp(mlp.forward, x, params, 4), x, *params)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -78,10 +78,10 @@ def test_tiled_mlp_gives_parameter_grads_when_input_needs_none():
     params = [mlp.up_proj.weight]
     for p in mlp.parameters():
         p.requires_grad_(p is mlp.up_proj.weight)
-    (tiled_mlp(mlp._forward, x, params, 2).square().sum()).backward()
+    (tiled_mlp(mlp.forward, x, params, 2).square().sum()).backward()
     got = mlp.up_proj.weight.grad.clone()
     mlp.up_proj.weight.grad = None
-    mlp._forward(x).square().sum().backward()
+    mlp.forward(x).square().sum().backward()
     torch.testing.assert_close(got, mlp.up_proj.weight.grad, rtol=1e-5, atol=1e-5)
 
 

@@ -52,6 +52,11 @@ class LayerInputOffloader:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             return recompute.checkpoint(layer, x, *args)
 
+    def layer(self, layer: Callable, x: torch.Tensor, cos, sin, doc_ids) -> torch.Tensor:
+        """A decoder layer (B, S, d) -> (B, S, d) as recompute "offloaded" runs it (CausalLM.set_recompute): its
+        input offloaded; RoPE tables and document ids, shared by every layer, stay where they are."""
+        return self.run(layer, x, cos, sin, None, doc_ids, keep=(cos, sin, doc_ids))
+
     def reserve(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, count: int) -> None:
         """Hold `count` host buffers for inputs of this shape before the first step: that step then pays no
         page-locking (registering 112 GiB took some 30 s on an H100 host), and a host short of memory fails here,

@@ -130,6 +130,16 @@ def tiled_mlp(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, param
     return _TiledMLP.apply(fn, tile, x, *params)
 
 
+def mlp(module, x: torch.Tensor) -> torch.Tensor:
+    """llama.MLP's forward x (B, S, d) -> (B, S, d), `module.tile` tokens at a time. Each tile runs that same forward
+    (the SwiGLU recompute included, where set), which takes it whole: a tile is never longer than the tile size, and
+    the tiled forward itself runs without autograd. The output only feeds the residual add (MLP.output), so a
+    checkpoint's recompute of it computes nothing (models/recompute.py)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    with recompute.output_unused():
+        return tiled_mlp(module.forward, x, params, module.tile)
+
+
 def _rng_devices(device: torch.device) -> list:
     return [device] if device.type == "cuda" else []
 

@@ -62,13 +62,19 @@ def test_a_lone_request_runs_ahead_every_decode_step():
     assert_idle(engine)
 
 
-def test_no_step_ahead_for_logprobs_or_penalties(prompts):
+def test_logprobs_and_penalties_run_ahead(prompts):
+    # Both are computed on the device (engine/sampler.py, engine/penalties.py): no step waits for the host.
     lm = tiny_lm()
-    for params in (SamplingParams(max_new_tokens=8, logprobs=2), SamplingParams(max_new_tokens=8,
-                                                                                 frequency_penalty=0.5)):
-        engine = make_engine(lm)
-        run_engine(engine, prompts[:3], params)
-        assert engine.num_steps_ahead == 0
+    params = [SamplingParams(max_new_tokens=8, logprobs=2), SamplingParams(max_new_tokens=8, frequency_penalty=0.5),
+              SamplingParams(max_new_tokens=8, temperature=0.9, seed=1, presence_penalty=1.0, repetition_penalty=1.3,
+                             logprobs=0, logit_bias={5: 2.0})]
+    for config in ("roomy", "tight"):
+        sync = run_engine(make_engine(lm, async_scheduling=False, **CONFIGS[config]), prompts[:3], params)
+        engine = make_engine(lm, **CONFIGS[config])
+        outs = run_engine(engine, prompts[:3], params)
+        assert engine.num_steps_ahead > 0
+        assert summary(outs) == summary(sync)
+        assert [o.logprobs for o in outs] == [o.logprobs for o in sync]
         assert_idle(engine)
 
 

@@ -8,7 +8,7 @@ import torch
 from engine_helpers import TINY_VOCAB, assert_idle, make_engine, random_prompts, random_traffic, run_engine, tiny_lm
 
 from longseq.engine import SamplingParams
-from longseq.engine.sampler import apply_penalties
+from longseq.engine.sampler import Sampler
 from longseq.engine.sequence import Sequence
 from longseq.errors import LongseqError
 from longseq.generation import generate_tokens
@@ -289,7 +289,9 @@ def test_apply_penalties_formula():
             for i, (p, f) in enumerate([(0.5, 0.25), (0.0, 0.0), (-1.0, 0.0)])]
     for s in seqs:
         s.token_ids += [3, 3, 5]
-    out = apply_penalties(torch.zeros(3, 8), seqs)
+    sampler = Sampler(8, "cpu")
+    out = torch.zeros(3, 8)
+    sampler.adjust(out, sampler.batch(seqs))
     assert out[0].tolist() == [0, 0, 0, -1.0, 0, -0.75, 0, 0]  # prompt tokens 0 and 1 do not count
     assert out[1].tolist() == [0.0] * 8
     assert out[2].tolist() == [0, 0, 0, 1.0, 0, 1.0, 0, 0]

@@ -68,6 +68,8 @@ def test_stops_at_eos(model):
     tokens = run(model, eos=(99, eos), max_new_tokens=20)
     assert tokens == reference[: step + 1]  # EOS is yielded, then nothing
     assert run(model, eos=(eos,), max_new_tokens=20, ignore_eos=True) == reference
+    # A stop token ends generation as EOS does, ignore_eos or not.
+    assert run(model, max_new_tokens=20, ignore_eos=True, stop_token_ids=(eos,)) == reference[: step + 1]
 
 
 def test_eos_as_first_token(model):

@@ -39,11 +39,33 @@ def _draw(logits_row: torch.Tensor, params: SamplingParams, n: int, seed: int) -
         dict(top_p=-0.5),
         dict(top_p=1.01),
         dict(top_p=float("nan")),
+        dict(min_p=-0.1),
+        dict(min_p=1.5),
+        dict(min_p=float("nan")),
+        dict(repetition_penalty=0.0),
+        dict(repetition_penalty=-1.0),
+        dict(repetition_penalty=float("inf")),
+        dict(logit_bias={"5": 1.0}),  # keys are token ids (the server converts OpenAI's strings)
+        dict(logit_bias={-1: 1.0}),
+        dict(logit_bias={5: 100.5}),
+        dict(logit_bias={5: float("nan")}),
+        dict(logit_bias={5: "1"}),
+        dict(logit_bias={True: 1.0}),
+        dict(stop_token_ids=(3, -1)),
+        dict(stop_token_ids=("3",)),
     ],
 )
 def test_params_validation(kw):
-    with pytest.raises(LongseqError):
+    with pytest.raises(LongseqError) as e:
         SamplingParams(**kw)
+    field = next(iter(kw))
+    assert e.value.field == field and str(e.value).startswith(field) and "\n" not in str(e.value)
+
+
+def test_new_params_normalised():
+    p = SamplingParams(min_p=0.1, repetition_penalty=1.2, logit_bias={3: -100, 7: 2}, stop_token_ids=[4, 5])
+    assert p.stop_token_ids == (4, 5) and p.logit_bias == {3: -100, 7: 2}
+    assert SamplingParams().logit_bias == {} and SamplingParams().stop_token_ids == ()
 
 
 def test_params_valid_edges_and_stop_normalisation():
@@ -141,6 +163,16 @@ def test_top_p_after_temperature_and_top_k():
     # top-k first (renormalised over 0.5, 0.25 -> 2/3, 1/3), then top-p: 0.6 keeps only the first
     assert torch.isfinite(filter_logits(logits, 1.0, 2, 0.6)).sum() == 1
     assert torch.isfinite(filter_logits(logits, 1.0, 2, 0.7)).sum() == 2
+
+
+@pytest.mark.parametrize("min_p, kept", [
+    (0.0, {0, 1, 2, 3}), (0.19, {0, 1, 2, 3}), (0.29, {1, 2, 3}), (0.31, {1, 3}), (0.49, {1, 3}), (0.51, {1}),
+    (1.0, {1}),
+])
+def test_min_p_hand_computed(min_p, kept):
+    # Tokens at least min_p times as likely as the best (0.50): 0.25, 0.15, 0.10 stay up to min_p 0.5, 0.3, 0.2.
+    out = filter_logits(PROBS.log()[None], 1.0, 0, 1.0, min_p)
+    assert set(torch.isfinite(out[0]).nonzero().flatten().tolist()) == kept
 
 
 def test_top_p_tiny_keeps_one_even_with_flat_logits():

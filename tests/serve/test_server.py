@@ -150,7 +150,6 @@ def test_token_id_prompt(client: openai.OpenAI) -> None:
         {"messages": [{"role": "user", "content": "word " * 100}]},  # longer than the context
         {"max_tokens": 61},  # prompt + max_tokens longer than the context
         {"n": 2},
-        {"logit_bias": {"42": 5}},
         {"messages": [{"role": "wizard", "content": "hi"}]},  # the chat template refuses it
         {"messages": []},
     ],
@@ -160,6 +159,37 @@ def test_chat_bad_request(client: openai.OpenAI, fake: FakeEngine, kwargs: dict)
         client.chat.completions.create(**{"model": "fake-model", "messages": USER, **kwargs})
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["message"]
     assert fake.calls == []
+
+
+def test_sampling_extensions_reach_the_engine(client: openai.OpenAI, fake: FakeEngine) -> None:
+    client.chat.completions.create(model="fake-model", messages=USER, logit_bias={"42": 5, "7": -100}, extra_body={
+        "min_p": 0.05, "repetition_penalty": 1.2, "stop_token_ids": [3, 9]})
+    params = fake.calls[-1][2]
+    assert params.logit_bias == {42: 5, 7: -100} and params.min_p == 0.05 and params.repetition_penalty == 1.2
+    assert params.stop_token_ids == (3, 9)
+    client.completions.create(model="fake-model", prompt="Hi", max_tokens=2, logit_bias={"0": 1.5})
+    assert fake.calls[-1][2].logit_bias == {0: 1.5} and fake.calls[-1][2].repetition_penalty == 1.0
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"logit_bias": {"42": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"42": "up"}}, "logit_bias"),
+    ({"logit_bias": {"1000": 1}}, "logit_bias"),  # the fake vocabulary has 1000 tokens
+    ({"extra_body": {"stop_token_ids": [1000]}}, "stop_token_ids"),
+    ({"extra_body": {"min_p": 1.5}}, "min_p"),
+    ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+])
+def test_bad_sampling_extensions(client: openai.OpenAI, fake: FakeEngine, kwargs: dict, param: str) -> None:
+    calls = len(fake.calls)
+    for create, prompt in ((client.chat.completions.create, {"messages": USER}),
+                           (client.completions.create, {"prompt": "Hi"})):
+        with pytest.raises(openai.BadRequestError) as e:
+            create(model="fake-model", **prompt, **kwargs)
+        assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
+        assert e.value.body["message"].count("\n") == 0
+    assert len(fake.calls) == calls
 
 
 @pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"temperature": -1}, {"prompt": "a " * 100}, {"echo": True}])

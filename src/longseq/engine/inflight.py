@@ -9,29 +9,48 @@ from __future__ import annotations
 
 import torch
 
+from longseq.engine.sampler import SamplerOutput
 from longseq.engine.sequence import Sequence, Status
+
+# One row's logprobs on the host: the sampled token's, and the top (token id, logprob) pairs, best first.
+RowLogprobs = tuple[float, list[tuple[int, float]]]
 
 
 class InflightStep:
     def __init__(self, scheduled: list[tuple[Sequence, int]], to_sample: list[Sequence],
-                 tokens: torch.Tensor | None, logprobs: torch.Tensor | None):
+                 sampled: SamplerOutput | None):
         self.scheduled, self.to_sample = scheduled, to_sample
-        self.tokens, self.logprobs = tokens, logprobs  # (M,) on the device; (M, V) or None
-        self._host, self._ready = tokens, None
-        if tokens is not None and tokens.is_cuda:
-            # Into pinned memory without waiting: the host reads it once the event says the copy is done.
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+        self.tokens = sampled.tokens if sampled is not None else None  # (M,) on the device
+        self._logprobs = sampled.logprobs if sampled is not None else None
+        device = [] if self.tokens is None else [self.tokens]
+        if self._logprobs is not None:
+            lp = self._logprobs
+            device += [lp.chosen, lp.top_values, lp.top_ids]
+        self._host, self._ready = device, None
+        if self.tokens is not None and self.tokens.is_cuda:
+            # Into pinned memory without waiting, the logprobs with the tokens: the host reads them once the
+            # event says the copies are done.
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device]
+            for host, t in zip(self._host, device, strict=True):
+                host.copy_(t, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def token_ids(self) -> list[int]:
-        """The sampled tokens, one per sequence in `to_sample` (blocks until the device has them)."""
-        if self._host is None:
-            return []
+    def results(self) -> tuple[list[int], list[RowLogprobs | None] | None]:
+        """The sampled tokens, one per sequence in `to_sample`, and where any asked, each one's logprobs (None for
+        the rows that did not ask). Blocks until the device has them."""
+        if self.tokens is None:
+            return [], None
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        tokens = self._host[0].tolist()
+        if self._logprobs is None:
+            return tokens, None
+        chosen, values, ids = (t.tolist() for t in self._host[1:])
+        rows: list[RowLogprobs | None] = [None] * len(tokens)
+        for r, row in enumerate(self._logprobs.rows):
+            rows[row] = (chosen[r], list(zip(ids[r], values[r], strict=True)))
+        return tokens, rows
 
     @property
     def stale(self) -> bool:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from typing import Any
 
 from longseq.config import EngineConfig
 from longseq.engine.block_manager import BlockManager
-from longseq.engine.inflight import InflightStep
+from longseq.engine.inflight import InflightStep, RowLogprobs
 from longseq.engine.model_runner import ModelRunner
 from longseq.engine.outputs import RequestOutput, TokenLogprob
 from longseq.engine.requests import RequestLimits
-from longseq.engine.sampler import sample
+from longseq.engine.sampler import Sampler
 from longseq.engine.scheduler import Scheduler
 from longseq.engine.sequence import Sequence, Status
 from longseq.errors import LongseqError
@@ -33,6 +34,8 @@ class LLMEngine:
         self.limits = RequestLimits(self.runner.max_model_len, lm.config.vocab_size, self.cfg.kv_block_size,
                                     self.blocks.num_blocks)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
+        self.sampler = Sampler(lm.config.vocab_size, self.runner.device)
+        self.seeds = random.Random()  # the sampling seed of each request that brings none
         self.seqs: dict[str, Sequence] = {}
         self.eos_token_ids = set(lm.eos_token_ids)
         self.inflight: InflightStep | None = None  # launched ahead of its predecessor's tokens (async scheduling)
@@ -50,10 +53,12 @@ class LLMEngine:
         caller has checked it already (the server); otherwise it is checked here."""
         if max_output_tokens is None:
             max_output_tokens = self.limits.check(prompt_ids, params.max_new_tokens)
+        self.limits.check_sampling(params)
         request_id = request_id or uuid.uuid4().hex
         if request_id in self.seqs:
             raise LongseqError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output_tokens)
+        seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output_tokens,
+                       seed=self.seeds.getrandbits(64))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         return request_id
@@ -63,7 +68,7 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        self._retire(seq, "abort")
         self._drop_stale_inflight()
         return self._output(seq, "")
 
@@ -101,8 +106,7 @@ class LLMEngine:
         logits, to_sample = self.runner.run(scheduled, ids)
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-        tokens, logprobs = sample(logits, to_sample) if to_sample else (None, None)
-        return InflightStep(scheduled, to_sample, tokens, logprobs)
+        return InflightStep(scheduled, to_sample, self.sampler(logits, to_sample) if to_sample else None)
 
     def _launch_ahead(self, prev: InflightStep) -> InflightStep | None:
         """The decode step the scheduler will issue after `prev`, launched now from prev's tokens on the device;
@@ -120,15 +124,14 @@ class LLMEngine:
     def _finish(self, launched: InflightStep) -> list[RequestOutput]:
         """Read the step's tokens and append them. A sequence that finished meanwhile (it stopped while this step
         was launched ahead, or was aborted) drops its token."""
-        tokens = launched.token_ids()
+        tokens, logprobs = launched.results()
         for seq, _ in launched.scheduled:
             if seq.status != Status.FINISHED:
                 self.blocks.commit(seq)
         outputs = []
         for i, (seq, token) in enumerate(zip(launched.to_sample, tokens, strict=True)):
             if seq.status != Status.FINISHED:
-                row = None if launched.logprobs is None else launched.logprobs[i]
-                outputs.append(self._append(seq, token, row))
+                outputs.append(self._append(seq, token, None if logprobs is None else logprobs[i]))
         self._drop_stale_inflight()
         return outputs
 
@@ -138,14 +141,15 @@ class LLMEngine:
         if self.inflight is not None and self.inflight.stale:
             self.inflight = None
 
-    def _append(self, seq: Sequence, token: int, logprobs) -> RequestOutput:
+    def _append(self, seq: Sequence, token: int, logprobs: RowLogprobs | None) -> RequestOutput:
         seq.token_ids.append(token)
         seq.metrics.setdefault("first_token", time.monotonic())
         if seq.logprobs is not None:
             seq.logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
         finish = None
         new_text = ""
-        if token in self.eos_token_ids and not seq.params.ignore_eos:
+        # A stop token ends the output as EOS does: kept in token_ids, not in the text.
+        if (token in self.eos_token_ids and not seq.params.ignore_eos) or token in seq.params.stop_token_ids:
             finish = "stop"
         else:
             new_text = seq.stops.push(seq.detok.add(token))
@@ -155,18 +159,19 @@ class LLMEngine:
                 finish = "length"
         if finish is not None:
             new_text += seq.stops.flush()
-            self.scheduler.finish(seq, finish)
+            self._retire(seq, finish)
             self.seqs.pop(seq.request_id, None)
             seq.metrics["finished"] = time.monotonic()
         return self._output(seq, new_text)
 
-    def _logprob(self, token: int, row, top_n: int) -> TokenLogprob:
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.release(seq)
+
+    def _logprob(self, token: int, row: RowLogprobs, top_n: int) -> TokenLogprob:
         decode = self.tokenizer.decode
-        top = []
-        if top_n:
-            values, ids = row.topk(top_n)
-            top = [(int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
-        return TokenLogprob(token, decode([token]), float(row[token]), top)
+        chosen, top = row
+        return TokenLogprob(token, decode([token]), chosen, [(i, decode([i]), v) for i, v in top[:top_n]])
 
     def _output(self, seq: Sequence, new_text: str) -> RequestOutput:
         return RequestOutput(

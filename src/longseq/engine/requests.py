@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from longseq.config import EngineConfig
 from longseq.errors import LongseqError
+
+if TYPE_CHECKING:
+    from longseq.generation.sampling import SamplingParams
 
 
 def max_model_len(cfg: EngineConfig, max_seq_len: int) -> int:
@@ -66,3 +70,11 @@ class RequestLimits:
         if need > self.num_kv_blocks:
             raise InvalidRequestError(f"the request needs {need} KV blocks; the pool has {self.num_kv_blocks}")
         return max_output
+
+    def check_sampling(self, params: SamplingParams) -> None:
+        """The token ids the sampling parameters name (logit_bias, stop_token_ids) are in the vocabulary."""
+        vocab = self.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise InvalidRequestError(f"{name} token ids must be in [0, {vocab}), got {bad[0]}", name)

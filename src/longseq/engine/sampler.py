@@ -1,44 +1,122 @@
-"""Batched sampling with per-request parameters: penalties, temperature, top-k, top-p, seeds, logprobs."""
+"""The batched sampler: one token per row of a step's logits, every row with its own parameters, in batched tensor
+ops with no per-row loop and no host sync.
+
+Order per row, as vLLM: raw log-probabilities (when asked) -> logit_bias -> repetition, frequency and presence
+penalties -> greedy argmax, or temperature -> top-k -> top-p -> min-p (HF's order) -> a Gumbel-max draw with
+counter-based noise (engine/gumbel_max.py). generation/sampling.py's per-row sampler is the reference it is tested
+against.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from longseq.engine.gumbel_max import gumbel_max
+from longseq.engine.penalties import PenaltyState
+from longseq.engine.sampling_batch import SamplingBatch
 from longseq.engine.sequence import Sequence
-from longseq.generation.sampling import filter_logits
+from longseq.engine.uploads import upload
+
+NEG_INF = float("-inf")
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI semantics: logit -= presence * [count > 0] + frequency * count, over the tokens generated so far."""
-    rows = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
-    for i in rows:
-        s = seqs[i]
-        out = s.output_ids
-        if not out:
-            continue
-        counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.shape[-1]).float()
-        logits[i] -= s.params.frequency_penalty * counts + s.params.presence_penalty * (counts > 0).float()
-    return logits
+@dataclass
+class BatchLogprobs:
+    rows: list[int]  # the rows (indices into the step's sequences) that asked for logprobs
+    chosen: torch.Tensor  # (R,) float32: each row's sampled token's
+    top_values: torch.Tensor  # (R, N) float32, best first; N: the largest number asked for
+    top_ids: torch.Tensor  # (R, N) int64
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits (B, V) float32 -> one token id per sequence (B,), on the logits' device and not waited for, and the
-    raw log-probabilities (B, V) when any sequence asked for logprobs (None otherwise: a log-softmax over a 128K
-    vocabulary per row is not free)."""
-    logprobs = None
-    if any(s.logprobs is not None for s in seqs):
-        logprobs = torch.log_softmax(logits, dim=-1)  # of the model's distribution, before any processing (as vLLM)
-    if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
-        logits = apply_penalties(logits.clone(), seqs)
-    tokens = logits.argmax(-1)  # greedy rows keep this
-    for i, s in enumerate(seqs):
-        p = s.params
-        if p.greedy:
-            continue
-        # Per row: each request has its own parameters and, with a seed, its own generator, so its samples do
-        # not depend on which other requests share the batch.
-        row = filter_logits(logits[i : i + 1], p.temperature, p.top_k, p.top_p).softmax(-1)
-        if p.seed is not None and s.generator is None:
-            s.generator = torch.Generator(device=logits.device).manual_seed(p.seed)
-        tokens[i] = torch.multinomial(row, 1, generator=s.generator)[0, 0]
-    return tokens, logprobs
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # (B,) int64, on the device and not waited for
+    logprobs: BatchLogprobs | None = None
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return x if len(rows) == len(x) else x[rows]
+
+
+class Sampler:
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, torch.device(device)
+        self.penalties = PenaltyState(vocab_size, self.device)
+        self._batch: SamplingBatch | None = None
+
+    def batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """The rows' parameters: the last step's while the batch has the same sequences in the same order."""
+        if self._batch is None or self._batch.key != tuple(s.seq_id for s in seqs):
+            self._batch = SamplingBatch(seqs, self.vocab_size, self.device, self.penalties)
+        return self._batch
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence has finished: free what it holds (its penalty counts)."""
+        self.penalties.release(seq)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits (B, V) float32, row i of seqs[i], which have counted this step's tokens (num_computed_tokens).
+        The logits are modified in place."""
+        b = self.batch(seqs)
+        if b.plain_greedy:
+            return SamplerOutput(logits.argmax(-1))
+        # Log-probabilities of the model's own distribution, before any processing (as vLLM and OpenAI report).
+        raw = torch.log_softmax(_take(logits, b.logprob_rows_t), -1) if b.logprob_rows else None  # (R, V)
+        self.adjust(logits, b)
+        if b.all_greedy:
+            tokens = logits.argmax(-1)
+        else:
+            # The output index of the token each row samples: its noise's counter (generation/counter_rng.py).
+            positions = upload(self.device, [[s.num_computed_tokens - s.num_prompt_tokens for s in seqs]])[0][0]
+            tokens = gumbel_max(logits, b.inv_temp, *self.cuts(logits, b), b.rng_keys, positions)
+        if b.penalty_rows:
+            self.penalties.add(b.slots, tokens[b.penalty_rows_t])
+        return SamplerOutput(tokens, None if raw is None else self._logprobs(raw, tokens, b))
+
+    def adjust(self, logits: torch.Tensor, b: SamplingBatch) -> None:
+        """logit_bias, then the penalties, in place on logits (B, V)."""
+        if b.any_bias:
+            logits.view(-1).index_add_(0, b.bias_index, b.bias_values)
+        if b.penalty_rows:
+            self.penalties.apply(logits, b.penalty_rows_t, b.slots, b.presence, b.frequency,
+                                 b.repetition if b.any_repetition else None)
+
+    def cuts(self, logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's kept tokens as (floor, cut_value, cut_index) (B,) in units of logit / T (gumbel_max.kept):
+        the same tokens as filter_logits keeps. Only the top-k / top-p rows are ranked: by one sort where any row
+        has top-p, else by a top-k as deep as the largest k; min-p needs each row's maximum alone."""
+        B, V = logits.shape
+        floor = logits.new_full((B,), NEG_INF)
+        cut_value = logits.new_full((B,), NEG_INF)
+        cut_index = torch.full((B,), V, dtype=torch.int64, device=logits.device)
+        if b.cut_rows:
+            rows = b.cut_rows_t
+            scaled = _take(logits, rows) * b.inv_temp[rows, None]  # (F, V)
+            if b.any_top_p:
+                ranked, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (F, V)
+            else:
+                ranked = torch.topk(scaled, b.max_top_k, dim=-1).values  # (F, max k), descending
+            k = b.top_k[rows]  # (F,), 0: no top-k
+            kth = ranked.gather(1, (k.clamp(min=1) - 1)[:, None])  # (F, 1)
+            kth = torch.where(k[:, None] > 0, kth, NEG_INF)
+            floor[rows] = kth[:, 0]
+            if b.any_top_p:
+                # As filter_logits: renormalise over the top-k, drop a token once those before it reach top_p.
+                probs = ranked.masked_fill(ranked < kth, NEG_INF).softmax(-1)
+                before = probs.cumsum(-1).sub_(probs)  # the mass ranked ahead of each token
+                num_kept = (before < b.top_p[rows, None]).sum(-1, keepdim=True)  # >= 1: the first has none ahead
+                on = b.top_p_on[rows] > 0
+                cut_value[rows] = torch.where(on, ranked.gather(1, num_kept - 1)[:, 0], NEG_INF)
+                cut_index[rows] = torch.where(on, order.gather(1, num_kept - 1)[:, 0], V)
+        if b.any_min_p:
+            # Min-p: p_i >= min_p * p_max, i.e. logit_i / T >= max logit / T + log(min_p) (arXiv 2407.01082).
+            floor = torch.maximum(floor, logits.max(-1).values * b.inv_temp + b.log_min_p)
+        return floor, cut_value, cut_index
+
+    def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, b: SamplingBatch) -> BatchLogprobs:
+        chosen = raw.gather(1, _take(tokens, b.logprob_rows_t)[:, None])[:, 0]  # (R,)
+        top_values, top_ids = raw.topk(b.max_logprobs, dim=-1)  # (R, N), N may be 0
+        return BatchLogprobs(b.logprob_rows, chosen, top_values, top_ids)

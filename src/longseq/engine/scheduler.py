@@ -71,16 +71,13 @@ class Scheduler:
         their new tokens: each decodes one more, but those whose new token is their last by length. Returns that
         batch, with its blocks allocated now, and the rows of `sampled` it decodes. schedule() would decode the
         same sequences first; a prompt it would admit after them into a slot freed by a finished sequence waits
-        for the step after. None where the step is not knowable yet: it may admit or preempt, or needs the new
-        tokens on the host."""
+        for the step after. None where the step is not knowable yet: it may admit or preempt."""
         running = self.running
         if (len(sampled) != len(scheduled) or len(sampled) != len(running)
                 or any(s.status != Status.RUNNING for s in sampled)):
             return None  # some sequence is mid-prompt, waits outside this batch, or was aborted
         if self.waiting and len(running) < self.max_num_seqs:
             return None  # the next step admits a waiting prompt
-        if any(s.waits_for_tokens for s in sampled):
-            return None
         # A sequence whose token in flight is its last by length stays out: it finishes before the next step.
         rows = [i for i, s in enumerate(sampled) if len(s.output_ids) + 1 < s.max_output_tokens]
         ahead = [sampled[i] for i in rows]

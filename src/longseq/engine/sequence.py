@@ -7,6 +7,7 @@ import time
 from enum import Enum, auto
 from typing import Any
 
+from longseq.generation.counter_rng import seed_key
 from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
 from longseq.generation.sampling import SamplingParams
 
@@ -23,7 +24,8 @@ class Sequence:
     """Prompt + output tokens, how many of them have KV in the cache, and the blocks holding that KV."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Any,
-                 max_output_tokens: int):
+                 max_output_tokens: int, seed: int = 0):
+        """`seed`: the sampling seed where params has none (the engine draws one per request)."""
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -39,10 +41,8 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids) if tokenizer is not None else None
         self.stops = StopStringMatcher(params.stop)
         self.logprobs: list | None = [] if params.logprobs is not None else None
-        # Penalties and logprobs read each new token on the host before the next sample, so no step of this
-        # sequence is launched ahead of its predecessor's token.
-        self.waits_for_tokens = self.logprobs is not None or bool(params.presence_penalty or params.frequency_penalty)
-        self.generator = None  # a torch.Generator when params.seed is set (made by the sampler)
+        # The key of this request's sampling noise (generation/counter_rng.py): its draws depend on it alone.
+        self.rng_key = seed_key(params.seed if params.seed is not None else seed)
         self.metrics = {"arrival": time.monotonic()}
 
     def __len__(self) -> int:

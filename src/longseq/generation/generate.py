@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -10,9 +11,10 @@ from typing import Any
 import torch
 
 from longseq.errors import LongseqError
+from longseq.generation.counter_rng import row_states, seed_key
 from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
 from longseq.generation.kv_cache import KVCache
-from longseq.generation.sampling import SamplingParams, sample
+from longseq.generation.sampling import SamplingParams, sample_gumbel
 from longseq.generation.sink_cache import SinkKVCache
 from longseq.models.llama import CausalLM
 
@@ -39,7 +41,9 @@ def generate_tokens(
     params: SamplingParams,
     eos_token_ids: tuple[int, ...] = (),
 ) -> Iterator[int]:
-    """Yield new token ids until EOS (yielded, then stop), `max_new_tokens` or the model's context is full."""
+    """Yield new token ids until EOS or a stop token (yielded, then stop), `max_new_tokens` or the model's context
+    is full. Sampled with the serving engine's counter-based noise, so a seeded request draws the same tokens
+    here as there."""
     cfg = model.config
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
@@ -54,10 +58,8 @@ def generate_tokens(
             raise LongseqError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.max_seq_len}")
         max_new = min(params.max_new_tokens, cfg.max_seq_len - len(prompt_ids))
         cache = KVCache(cfg, 1, len(prompt_ids) + max_new, device, dtype)
-    generator = None
-    if params.seed is not None and not params.greedy:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-    stop_ids = set() if params.ignore_eos else set(eos_token_ids)
+    key = torch.tensor([seed_key(params.seed if params.seed is not None else random.getrandbits(64))], device=device)
+    stop_ids = (set() if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids)
 
     start = 0
     while start < len(prompt_ids):  # one forward, or cache-sized chunks for the rolling cache
@@ -65,7 +67,10 @@ def generate_tokens(
         logits = _forward(model, torch.tensor([prompt_ids[start : start + size]], device=device), cache)
         start += size
     for step in range(max_new):
-        token = sample(logits[:, -1], params, generator)  # (1,)
+        if params.greedy:
+            token = logits[:, -1].argmax(-1)  # (1,)
+        else:
+            token = sample_gumbel(logits[:, -1], params, row_states(key, torch.tensor([step], device=device)))
         token_id = int(token)  # host sync: the caller streams it
         yield token_id
         if token_id in stop_ids:
@@ -125,7 +130,7 @@ def generate(
         if first is None:
             first = time.perf_counter()
         out_ids.append(token_id)
-        if token_id in eos and not params.ignore_eos:
+        if (token_id in eos and not params.ignore_eos) or token_id in params.stop_token_ids:
             finish = "stop"
             break
         piece = stops.push(detok.add(token_id))

@@ -10,8 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, StrictInt
 
 from longseq.engine.outputs import RequestOutput, TokenLogprob
-from longseq.errors import LongseqError
-from longseq.generation.sampling import SamplingParams
+from longseq.generation.sampling import SamplingParams, SamplingParamsError
 
 
 class ApiError(Exception):
@@ -42,21 +41,22 @@ class SamplingFields(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None  # extension (vLLM spells it the same); -1 or 0 keep all tokens
+    min_p: float | None = None  # extension (vLLM)
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[StrictInt] | None = None  # extension (vLLM)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # extension (vLLM)
     ignore_eos: bool | None = False  # extension
     n: int | None = 1
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (a string, as JSON keys are) -> bias; checked below
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):
             raise ApiError("n > 1 is not supported; send one request per completion", param="n")
-        if self.logit_bias:
-            raise ApiError("logit_bias is not supported", param="logit_bias")
 
     @property
     def include_usage(self) -> bool:
@@ -73,12 +73,26 @@ class SamplingFields(BaseModel):
                 seed=self.seed,
                 stop=stop,
                 ignore_eos=bool(self.ignore_eos),
+                min_p=self.min_p or 0.0,
+                stop_token_ids=tuple(self.stop_token_ids or ()),
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                logit_bias=self._logit_bias(),
                 logprobs=logprobs,
             )
-        except LongseqError as e:
-            raise ApiError(str(e).replace("max_new_tokens", "max_tokens")) from e
+        except SamplingParamsError as e:
+            param = "max_tokens" if e.field == "max_new_tokens" else e.field
+            raise ApiError(str(e).replace("max_new_tokens", "max_tokens"), param=param) from e
+
+    def _logit_bias(self) -> dict[int, Any]:
+        # SamplingParams checks the biases' range; the keys must be token ids written in decimal digits.
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ApiError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            bias[int(key)] = value
+        return bias
 
 
 class CompletionRequest(SamplingFields):

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from pydantic import ValidationError
 
 from longseq.engine.requests import InvalidRequestError
+from longseq.generation.sampling import SamplingParams
 from longseq.serve import protocol as p
 from longseq.serve.engine import ServingEngine
 from longseq.serve.errors import refusal
@@ -68,6 +69,13 @@ class ServerState:
             return self.engine.limits.check(ids, max_tokens, strict=True, param=param)
         except InvalidRequestError as e:
             raise refusal(e, prompt_alone) from e
+
+    def check_sampling(self, params: SamplingParams) -> None:
+        """The token ids the sampling parameters name are in the model's vocabulary (RequestLimits)."""
+        try:
+            self.engine.limits.check_sampling(params)
+        except InvalidRequestError as e:
+            raise refusal(e) from e
 
 
 def server_state(request: Request) -> ServerState:

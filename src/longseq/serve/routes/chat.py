@@ -62,6 +62,7 @@ async def chat_completions(request: Request, server: Server) -> Response:
     # Without max_tokens the output may fill what the prompt leaves of the context, as in OpenAI's API.
     max_output = server.check_request(ids, body.max_output_tokens, "messages", prompt_alone=True)
     params = body.sampling_params(max_output)
+    server.check_sampling(params)
     rid = p.new_id("chatcmpl")
     reply = ChatReply(rid, p.now(), server.model_name, len(ids), body.include_usage, bool(body.logprobs))
     gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival)

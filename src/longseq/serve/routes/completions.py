@@ -57,6 +57,7 @@ async def completions(request: Request, server: Server) -> Response:
         ids = list(prompt)  # the check below keeps them inside the vocabulary
     params = body.sampling_params()
     max_output = server.check_request(ids, params.max_new_tokens, "prompt")
+    server.check_sampling(params)
     rid = p.new_id("cmpl")
     reply = CompletionReply(rid, p.now(), server.model_name, len(ids), body.include_usage, body.logprobs is not None)
     gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from longseq.config import TrainConfig
+from longseq.train import checkpoint
 from longseq.train import checkpoint_files as ckpt
 from longseq.train.loop import train
 
@@ -60,7 +61,7 @@ def test_keep_last_and_crash_during_save(setup, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "save_file", crash)  # the single-process format's writer
     with pytest.raises(OSError):
         train(config(setup, "keep", max_steps=5, save_every=1, keep_last=2, resume="latest"), progress=False)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-000003", "step-000004"]

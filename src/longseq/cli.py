@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(v)
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    v.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1/* and /openapi.json (visible in `ps`: prefer "
+                        "--api-key-file or $LONGSEQ_API_KEY)")
+    v.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file's first line")
+    v.add_argument("--max-request-bytes", type=int, default=None, metavar="N",
+                   help="refuse larger request bodies with 413 (default: 8 MiB)")
     v.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's file name)")
     from longseq.config import EngineConfig
 
@@ -178,8 +183,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from longseq.engine.llm_engine import LLMEngine
     from longseq.models.loader import load, resolve_model_path
     from longseq.serve import serve
+    from longseq.serve.auth import resolve_api_key
+    from longseq.serve.body import DEFAULT_MAX_REQUEST_BYTES
 
     cfg = config_from(EngineConfig, args)
+    api_key = resolve_api_key(args.api_key, args.api_key_file)  # before the model loads: a bad key fails at once
+    max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if args.max_request_bytes is None else args.max_request_bytes
+    if max_request_bytes <= 0:
+        raise LongseqError(f"--max-request-bytes must be positive, got {max_request_bytes}")
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
@@ -199,8 +210,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     err.print(f"serving on http://{args.host}:{args.port}/v1")
     async_engine = AsyncLLMEngine(engine, model_name=name)
     try:
-        serve(async_engine, host=args.host, port=args.port, api_key=args.api_key, served_model_name=name,
-              log_level="warning")
+        serve(async_engine, host=args.host, port=args.port, api_key=api_key, served_model_name=name,
+              log_level="warning", max_request_bytes=max_request_bytes)
     finally:
         async_engine.shutdown()
         engine.close()

@@ -132,10 +132,10 @@ class AsyncLLMEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # e.g. out of memory: fail the requests in flight, keep serving
+            except Exception as e:  # nothing to blame (engine/isolation.py): fail the requests in flight, keep serving
                 for request_id in list(self.engine.seqs):
                     self.engine.abort(request_id)
                     self._deliver(request_id, e)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            for out in outputs:  # a request the step failed gets its error, the others their tokens
+                self._deliver(out.request_id, out if out.error is None else out.error)

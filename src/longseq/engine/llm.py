@@ -53,4 +53,7 @@ class LLM:
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out
+        failed = next((done[r] for r in order if done[r].error is not None), None)
+        if failed is not None:  # the others did finish (engine/isolation.py), but a list with a hole would mislead
+            raise failed.error
         return [done[r] for r in order]

@@ -10,6 +10,7 @@ from typing import Any
 from longseq.config import EngineConfig
 from longseq.engine.block_manager import BlockManager
 from longseq.engine.inflight import InflightStep, RowLogprobs
+from longseq.engine.isolation import Isolation
 from longseq.engine.model_runner import ModelRunner
 from longseq.engine.outputs import RequestOutput, TokenLogprob
 from longseq.engine.requests import RequestLimits
@@ -40,6 +41,7 @@ class LLMEngine:
         self.eos_token_ids = set(lm.eos_token_ids)
         self.inflight: InflightStep | None = None  # launched ahead of its predecessor's tokens (async scheduling)
         self.num_steps_ahead = 0  # steps launched that way
+        self.isolation = Isolation(self)  # finds the request that makes a step raise (engine/isolation.py)
 
     # ---- requests ---------------------------------------------------------------------------------------
 
@@ -60,7 +62,10 @@ class LLMEngine:
         seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output_tokens,
                        seed=self.seeds.getrandbits(64))
         self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+        if self.isolation.active:
+            self.isolation.hold(seq)
+        else:
+            self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -79,11 +84,12 @@ class LLMEngine:
             close()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self.isolation.active
 
     def stats(self) -> dict[str, Any]:
         return {
-            "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting) + self.isolation.num_held,
+            "num_running": len(self.scheduler.running),
             "kv_cache_usage": self.blocks.usage, "num_preempted": self.scheduler.num_preempted,
         }
 
@@ -91,14 +97,22 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One step's outputs. With async scheduling the next decode step is queued on the device before this
-        step's tokens are read, so the host's work below overlaps the GPU's."""
+        step's tokens are read, so the host's work below overlaps the GPU's. A step that raises fails only the
+        request that caused it, once found (engine/isolation.py): its output carries the error."""
+        self.isolation.advance()
+        try:
+            return self._step()
+        except Exception as e:
+            return self.isolation.failed(e)
+
+    def _step(self) -> list[RequestOutput]:
         launched, self.inflight = self.inflight, None
         if launched is None:
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 return []
             launched = self._launch(scheduled)
-        if self.cfg.async_scheduling:
+        if self.cfg.async_scheduling and not self.isolation.active:
             self.inflight = self._launch_ahead(launched)
         return self._finish(launched)
 
@@ -130,8 +144,12 @@ class LLMEngine:
                 self.blocks.commit(seq)
         outputs = []
         for i, (seq, token) in enumerate(zip(launched.to_sample, tokens, strict=True)):
-            if seq.status != Status.FINISHED:
+            if seq.status == Status.FINISHED:
+                continue
+            try:
                 outputs.append(self._append(seq, token, None if logprobs is None else logprobs[i]))
+            except Exception as e:  # this row's own output processing (detokenizer, stop strings): it fails alone
+                outputs.append(self.fail(seq, e))
         self._drop_stale_inflight()
         return outputs
 
@@ -163,6 +181,14 @@ class LLMEngine:
             self.seqs.pop(seq.request_id, None)
             seq.metrics["finished"] = time.monotonic()
         return self._output(seq, new_text)
+
+    def fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """Retire a request that failed; its last output carries the error."""
+        self._retire(seq, "error")
+        self.seqs.pop(seq.request_id, None)
+        out = self._output(seq, "")
+        out.error = error
+        return out
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

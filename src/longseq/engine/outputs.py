@@ -20,7 +20,8 @@ class RequestOutput:
     text: str  # the whole output so far (stop strings cut off)
     token_ids: list[int]  # the whole output so far
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort"
+    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "abort", "error"
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when requested
     new_text: str = ""  # what this snapshot added to text (for streaming)
     metrics: dict[str, float] = field(default_factory=dict)  # arrival, first_token, finished (time.monotonic())
+    error: Exception | None = None  # with finish_reason "error": what failed this request (engine/isolation.py)

@@ -53,8 +53,12 @@ class Sampler:
         return self._batch
 
     def release(self, seq: Sequence) -> None:
-        """The sequence has finished: free what it holds (its penalty counts)."""
+        """The sequence has finished or was reset: free what it holds (its penalty counts)."""
         self.penalties.release(seq)
+
+    def reset(self) -> None:
+        """Forget the cached batch: its rows may name penalty slots that were released."""
+        self._batch = None
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -107,7 +111,8 @@ class Sampler:
                 # As filter_logits: renormalise over the top-k, drop a token once those before it reach top_p.
                 probs = ranked.masked_fill(ranked < kth, NEG_INF).softmax(-1)
                 before = probs.cumsum(-1).sub_(probs)  # the mass ranked ahead of each token
-                num_kept = (before < b.top_p[rows, None]).sum(-1, keepdim=True)  # >= 1: the first has none ahead
+                # >= 1, the first has none ahead; the clamp keeps a row of NaN logits from indexing out of bounds.
+                num_kept = (before < b.top_p[rows, None]).sum(-1, keepdim=True).clamp_(min=1)
                 on = b.top_p_on[rows] > 0
                 cut_value[rows] = torch.where(on, ranked.gather(1, num_kept - 1)[:, 0], NEG_INF)
                 cut_index[rows] = torch.where(on, order.gather(1, num_kept - 1)[:, 0], V)

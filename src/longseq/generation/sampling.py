@@ -20,11 +20,16 @@ class SamplingParamsError(LongseqError):
         self.field = field
 
 
+# Below this a temperature is greedy decoding (as vLLM's 1e-5): 1 / 1e-126 is no float32, and the scaled logits of
+# a temperature that small are infinities and NaNs, on which top-p cannot cut.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 256
     temperature: float = 0.0
-    """0 means greedy decoding."""
+    """0 means greedy decoding, as does any temperature below MIN_TEMPERATURE."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
@@ -33,6 +38,7 @@ class SamplingParams:
     """Min-p sampling (Nguyen et al. 2024, arXiv 2407.01082): drop tokens less likely than min_p times the most
     likely one; 0 keeps all."""
     seed: int | None = None
+    """A 64-bit signed integer (OpenAI's range): the same seed, prompt and parameters give the same tokens."""
     stop: tuple[str, ...] = ()
     """Generation ends before the first occurrence of any of these strings."""
     stop_token_ids: tuple[int, ...] = ()
@@ -63,6 +69,8 @@ class SamplingParams:
             _require(-2.0 <= value <= 2.0, name, f"must be in [-2, 2], got {value}")
         _require(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
                  f"must be a finite number > 0, got {self.repetition_penalty}")
+        _require(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
+                 f"must be an integer in [-2^63, 2^63), got {self.seed!r}")
         _require(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
                  f"must be in [0, 20], got {self.logprobs}")
         if isinstance(self.stop, str):
@@ -80,7 +88,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def _require(ok: bool, field: str, problem: str) -> None:
@@ -88,8 +96,12 @@ def _require(ok: bool, field: str, problem: str) -> None:
         raise SamplingParamsError(field, f"{field} {problem}")
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _is_token_id(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+    return _is_int(t) and t >= 0
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -17,10 +17,13 @@ from longseq.serve.protocol import ApiError, error_body
 log = logging.getLogger("longseq.serve")
 
 
+# A 429 says when to retry; a 401 which scheme to authenticate with (RFC 9110 section 11.6.1, RFC 6750).
+_HEADERS = {429: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"}}
+
+
 def error_response(status: int, message: str, type: str, param: str | None = None,
                    code: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 429 else None
-    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=headers)
+    return JSONResponse(error_body(message, type, param, code), status_code=status, headers=_HEADERS.get(status))
 
 
 def api_error_response(e: ApiError) -> JSONResponse:

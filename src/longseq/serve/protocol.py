@@ -28,6 +28,10 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+MAX_STOP = 4  # stop strings per request, as OpenAI's API
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's message roles
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool = False
@@ -55,8 +59,18 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, Any] | None = None  # token id (a string, as JSON keys are) -> bias; checked below
 
     def check_supported(self) -> None:
+        """The ranges OpenAI's API enforces beyond SamplingParams' own, and what this server does not do."""
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ApiError(f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
+        if self.n is not None and self.n < 1:
+            raise ApiError(f"n must be at least 1, got {self.n}", param="n")
         if self.n not in (None, 1):
             raise ApiError("n > 1 is not supported; send one request per completion", param="n")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stop) > MAX_STOP:
+            raise ApiError(f"stop takes at most {MAX_STOP} strings, got {len(stop)}", param="stop")
+        if any(not s for s in stop):
+            raise ApiError("stop strings must not be empty", param="stop")
 
     @property
     def include_usage(self) -> bool:
@@ -152,6 +166,9 @@ class ChatCompletionRequest(SamplingFields):
         for i, m in enumerate(self.messages):
             if not isinstance(m.get("role"), str):
                 raise ApiError(f"messages[{i}] needs a string 'role'", param="messages")
+            if m["role"] not in ROLES:
+                raise ApiError(f"messages[{i}].role must be one of {', '.join(ROLES)}; got {m['role']!r}",
+                               param="messages")
             content = m.get("content")
             if isinstance(content, list):
                 texts = []

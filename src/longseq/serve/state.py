@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import hmac
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
+import anyio
 from fastapi import Depends, Request
 from pydantic import ValidationError
 
 from longseq.engine.requests import InvalidRequestError
 from longseq.generation.sampling import SamplingParams
 from longseq.serve import protocol as p
+from longseq.serve.body import DEFAULT_MAX_REQUEST_BYTES, parse_json, read_body
 from longseq.serve.engine import ServingEngine
 from longseq.serve.errors import refusal
 from longseq.serve.metrics import ServerMetrics
 
 M = TypeVar("M", bound=p.SamplingFields)
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,6 +29,7 @@ class ServerState:
     model_name: str  # the name the server answers with
     metrics: ServerMetrics
     api_key: str | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     created: int = field(default_factory=p.now)
     accepted_models: set[str | None] = field(init=False)  # the served name, the engine's own, or none at all
 
@@ -38,17 +42,18 @@ class ServerState:
             "max_model_len": self.engine.limits.max_model_len,
         }
 
-    async def parse(self, request: Request, schema: type[M]) -> M:
+    async def prepare(self, request: Request, work: Callable[[bytes], T]) -> T:
+        """work(body) on a worker thread: parsing, templating and tokenizing are O(request), and on the event loop
+        a large prompt would stall every other request and /health for seconds."""
+        raw = await read_body(request, self.max_request_bytes)
+        return await anyio.to_thread.run_sync(work, raw)
+
+    def parse(self, raw: bytes, schema: type[M]) -> M:
         """The request body as `schema`, for this server's model, asking only for what the server supports."""
-        raw = await request.body()
+        data = parse_json(raw)
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise p.ApiError(f"the request body is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise p.ApiError("the request body must be a JSON object")
-        try:
-            body = schema.model_validate(data)
+            # Strict: "stream": "yes" or "max_tokens": "5" is refused, as OpenAI's API does, not coerced.
+            body = schema.model_validate(data, strict=True)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(x) for x in first["loc"])

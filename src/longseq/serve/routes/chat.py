@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -10,10 +11,11 @@ from fastapi.responses import Response
 
 from longseq.engine.outputs import RequestOutput
 from longseq.errors import LongseqError
+from longseq.generation.sampling import SamplingParams
 from longseq.serve import protocol as p
 from longseq.serve.errors import guarded
 from longseq.serve.generation import Generation
-from longseq.serve.state import Server, check_key
+from longseq.serve.state import Server, ServerState, check_key
 from longseq.serve.streaming import Reply, respond
 
 router = APIRouter()
@@ -50,11 +52,9 @@ class ChatReply(Reply):
         return cs
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-@guarded
-async def chat_completions(request: Request, server: Server) -> Response:
-    arrival = time.monotonic()
-    body = await server.parse(request, p.ChatCompletionRequest)
+def _prepare(server: ServerState, raw: bytes) -> tuple[p.ChatCompletionRequest, list[int], SamplingParams, int]:
+    # On a worker thread (ServerState.prepare): the chat template and the tokenizer take time in the prompt's size.
+    body = server.parse(raw, p.ChatCompletionRequest)
     try:
         ids = server.engine.encode_chat(body.chat_messages())
     except LongseqError as e:
@@ -63,6 +63,14 @@ async def chat_completions(request: Request, server: Server) -> Response:
     max_output = server.check_request(ids, body.max_output_tokens, "messages", prompt_alone=True)
     params = body.sampling_params(max_output)
     server.check_sampling(params)
+    return body, ids, params, max_output
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+@guarded
+async def chat_completions(request: Request, server: Server) -> Response:
+    arrival = time.monotonic()
+    body, ids, params, max_output = await server.prepare(request, functools.partial(_prepare, server))
     rid = p.new_id("chatcmpl")
     reply = ChatReply(rid, p.now(), server.model_name, len(ids), body.include_usage, bool(body.logprobs))
     gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival)

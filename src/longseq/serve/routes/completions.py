@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -10,10 +11,11 @@ from fastapi.responses import Response
 
 from longseq.engine.outputs import RequestOutput
 from longseq.errors import LongseqError
+from longseq.generation.sampling import SamplingParams
 from longseq.serve import protocol as p
 from longseq.serve.errors import guarded
 from longseq.serve.generation import Generation
-from longseq.serve.state import Server, check_key
+from longseq.serve.state import Server, ServerState, check_key
 from longseq.serve.streaming import Reply, respond
 
 router = APIRouter()
@@ -42,11 +44,9 @@ class CompletionReply(Reply):
         return [self.chunk([{"index": 0, "text": out.new_text, "logprobs": lps, "finish_reason": out.finish_reason}])]
 
 
-@router.post("/v1/completions", dependencies=[Depends(check_key)])
-@guarded
-async def completions(request: Request, server: Server) -> Response:
-    arrival = time.monotonic()
-    body = await server.parse(request, p.CompletionRequest)
+def _prepare(server: ServerState, raw: bytes) -> tuple[p.CompletionRequest, list[int], SamplingParams, int]:
+    # On a worker thread (ServerState.prepare): the tokenizer takes time in the prompt's size.
+    body = server.parse(raw, p.CompletionRequest)
     prompt = body.single_prompt()
     if isinstance(prompt, str):
         try:
@@ -58,6 +58,14 @@ async def completions(request: Request, server: Server) -> Response:
     params = body.sampling_params()
     max_output = server.check_request(ids, params.max_new_tokens, "prompt")
     server.check_sampling(params)
+    return body, ids, params, max_output
+
+
+@router.post("/v1/completions", dependencies=[Depends(check_key)])
+@guarded
+async def completions(request: Request, server: Server) -> Response:
+    arrival = time.monotonic()
+    body, ids, params, max_output = await server.prepare(request, functools.partial(_prepare, server))
     rid = p.new_id("cmpl")
     reply = CompletionReply(rid, p.now(), server.model_name, len(ids), body.include_usage, body.logprobs is not None)
     gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival)

@@ -72,3 +72,35 @@ def test_fa4_where_it_cannot_run_fails_before_training(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert lines == ["longseq: error: --attention-kernel fa4: it runs on CUDA GPUs only"], out.stderr
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_hostile_data_rows_are_counted_not_a_traceback(tiny_training_run, tmp_path):
+    """Issue 22: a lone surrogate, deep nesting and an oversized line are bad rows with file:line."""
+    _, model_dir, good = tiny_training_run
+    data = tmp_path / "mixed.jsonl"
+    hostile = ['{"text": "a \\ud800 b"}', '{"text": ' + "[" * 5000 + "]" * 5000 + "}",
+               '{"text": "' + "x" * 20000 + '"}']
+    data.write_text("\n".join(hostile) + "\n" + good.read_text())
+    base = [sys.executable, "-m", "longseq", "train", "--model", str(model_dir), "--data", str(data),
+            "--device", "cpu", "--seq-len", "32", "--max-steps", "1", "--save-every", "0", "--precision", "fp32",
+            "--max-row-bytes", "12000"]
+    out = subprocess.run([*base, "--out-dir", str(tmp_path / "skip")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "3 bad row(s) skipped: " in out.stderr
+    for line, kind in ((1, "unpaired surrogate"), (2, "nested too deeply"), (3, "row over --max-row-bytes")):
+        assert f"{data}:{line}: {kind}" in out.stderr
+    out = subprocess.run([*base, "--out-dir", str(tmp_path / "fail"), "--on-bad-row", "fail"], capture_output=True,
+                         text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("longseq: error")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert errors == [f"longseq: error: {data}:1: unpaired surrogate (text holds \\ud800 at character 2)"]
+
+
+def test_max_row_bytes_flag_and_yaml_key(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("max_row_bytes: 1024\n")
+    assert parse([], str(yaml_file)).max_row_bytes == 1024
+    assert parse(["--max-row-bytes", "2048"], str(yaml_file)).max_row_bytes == 2048
+    yaml_file.write_text("max_row_bytes: 1.5\n")
+    with pytest.raises(LongseqError, match="max_row_bytes must be an integer"):
+        parse([], str(yaml_file))

@@ -158,3 +158,52 @@ def test_generate_streams_past_the_context(tiny_dir, capsys):
     assert main(["generate", "hello", "--model", str(tiny_dir), "--device", "cpu", "--no-chat", "--max-new-tokens",
                  "300", "--attention", "streaming", "--window", "32", "--sink-tokens", "4"]) == 0
     assert "300 new tokens" in capsys.readouterr().err
+
+
+# ---- passkey lengths are checked before the model loads (issue 22) ----------------------------------------------
+
+
+def _rope_checkpoint(tiny_dir, folder):
+    model, cfg = _lora_model(tiny_dir)
+    cfg = dataclasses.replace(cfg, overrides=ModelOverrides(rope_scaling="linear", rope_factor=2.0))
+    folder.mkdir()
+    save_file(trainable_state(model), str(folder / "trainable.safetensors"))
+    meta = {"step": 1, "batch_index": 1, "tokens_seen": 1, "config": cfg.to_dict()}
+    (folder / "trainer_state.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--lengths", "1K"], "passkey length 1024 exceeds the model's context (256)"),
+    (["--lengths", "1K", "--rope-scaling", "linear", "--rope-factor", "2"], "exceeds the model's context (512)"),
+    (["--lengths", "600", "--adapter", "CHECKPOINT"], "exceeds the model's context (512)"),  # its own RoPE x2
+    (["--lengths", "1000000000", "--max-seq-len", "2000000000"], "passkey length 1,000,000,000 needs at least"),
+    (["--lengths", "1000000000000", "--attention", "streaming", "--window", "64"], "needs at least"),
+])
+def test_passkey_lengths_fail_in_one_line_before_the_model_loads(tiny_dir, tmp_path, monkeypatch, capsys, extra,
+                                                                 needle):
+    import longseq.eval.model
+    import longseq.eval.passkey
+
+    if "CHECKPOINT" in extra:
+        extra = [str(_rope_checkpoint(tiny_dir, tmp_path / "step-000001")) if x == "CHECKPOINT" else x for x in extra]
+    else:
+        extra = ["--model", str(tiny_dir), *extra]
+    monkeypatch.setattr(longseq.eval.model, "load_for_eval", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(longseq.eval.passkey, "build_prompt", lambda *a, **k: pytest.fail("built a prompt"))
+    assert main(["eval", "passkey", "--device", "cpu", "--out", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("longseq: error: ") and needle in err, err
+    assert not (tmp_path / "passkey.json").exists()
+
+
+def test_passkey_memory_check_also_guards_the_python_api(tiny_dir, monkeypatch):
+    import longseq.eval.passkey
+    from longseq.eval.passkey import PasskeyConfig, run_passkey
+    from longseq.models.loader import load
+
+    lm = load(tiny_dir, dtype="float32", device="cpu")
+    lm.model.config.max_seq_len = 2_000_000_000
+    monkeypatch.setattr(longseq.eval.passkey, "build_prompt", lambda *a, **k: pytest.fail("built a prompt"))
+    with pytest.raises(LongseqError, match="needs at least .* for its prompt and KV cache; cpu has"):
+        run_passkey(lm, PasskeyConfig(lengths=(1_000_000_000,), depths=(0.5,)))

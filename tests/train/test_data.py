@@ -333,3 +333,88 @@ def test_too_little_data_for_the_batch_size_is_an_error():
     data = TrainData(random_docs(3, max_len=10))
     with pytest.raises(LongseqError, match="too small for batch size 4"):
         data.batches(64, 4, seed=0, pad_id=0)  # raised at the call, not at the first next()
+
+
+# ---- hostile rows and the row size limit (issue 22) -------------------------------------------------------------
+
+HOSTILE_ROWS = [
+    ('{"text": "a \\ud800 b"}', "unpaired surrogate"),  # JSON escapes decode to a lone surrogate
+    ('{"text": "end \\udfff"}', "unpaired surrogate"),
+    (json.dumps(chat(("user", "q \ud800"), ("assistant", "a"))), "unpaired surrogate"),
+    (json.dumps({"messages": [{"role": "user", "content": "q", "name": "x\udc00"},
+                              {"role": "assistant", "content": "a"}]}), None),  # an unrendered field: harmless
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"text": "ok", "meta": ' + "{\"a\": " * 5_000 + "1" + "}" * 5_000 + "}", "nested too deeply"),
+    ("[" * 100_000, "nested too deeply"),
+    ('{"text": ' + "9" * 5_000 + "}", "invalid JSON"),  # more digits than Python converts to an int
+    ('{"text": "\\ud83d\\ude00 a paired surrogate is an emoji"}', None),
+]
+
+
+def test_hostile_rows_are_counted_bad_rows_never_a_crash(tok, tmp_path):
+    path = write_jsonl(tmp_path / "hostile.jsonl", [r for r, _ in HOSTILE_ROWS] + [{"text": "fine"}])
+    data = TrainData.load([path], tok)
+    expected = [(f"{path}:{line}", kind) for line, (_, kind) in enumerate(HOSTILE_ROWS, start=1) if kind]
+    assert [(ex.source, ex.reason.split(" (")[0]) for ex in data.bad_rows.examples] == expected
+    assert data.stats.documents == len(HOSTILE_ROWS) - len(expected) + 1
+    assert "\\ud800" in data.bad_rows.examples[0].reason  # names the character, escaped: printable
+
+
+@pytest.mark.parametrize("row,kind", [(r, k) for r, k in HOSTILE_ROWS if k])
+def test_hostile_row_in_fail_mode_is_one_line_with_file_and_line(tok, tmp_path, row, kind):
+    path = write_jsonl(tmp_path / "f.jsonl", [{"text": "ok"}, row])
+    with pytest.raises(LongseqError) as e:
+        TrainData.load([path], tok, on_bad_row="fail")
+    assert str(e.value).startswith(f"{path}:2: {kind}") and "\n" not in str(e.value)
+    str(e.value).encode("utf-8")  # printable: no surrogate copied into the message
+
+
+def test_rows_over_the_limit_are_bad_rows_and_line_numbers_stay_right(tok, tmp_path):
+    limit = 100
+    long_text = {"text": "x" * 200}
+    exact = '{"text": "' + "y" * (limit - 12) + '"}'
+    assert len(exact.encode()) == limit
+    path = tmp_path / "l.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join([json.dumps(long_text), exact, "", json.dumps(long_text),
+                                                  '{"text": "after"}', "z" * 5000]).encode())  # no final newline
+    data = TrainData.load([path], tok, max_row_bytes=limit)
+    assert data.bad_rows.counts == {"row over --max-row-bytes": 3}
+    assert [ex.source for ex in data.bad_rows.examples] == [f"{path}:1", f"{path}:4", f"{path}:6"]
+    assert "5,000 bytes > 100" in data.bad_rows.examples[2].reason
+    assert [d.source for d in data.documents] == [f"{path}:2", f"{path}:5"]
+    with pytest.raises(LongseqError, match=rf"^{path}:1: row over --max-row-bytes \(212 bytes > 100\)$"):
+        TrainData.load([path], tok, on_bad_row="fail", max_row_bytes=limit)
+
+
+def test_txt_file_over_the_limit_is_one_bad_row(tok, tmp_path):
+    (tmp_path / "big.txt").write_text("word " * 100)
+    (tmp_path / "small.txt").write_text("a small document")
+    data = TrainData.load([tmp_path], tok, max_row_bytes=100)
+    assert [ex.source for ex in data.bad_rows.examples] == [f"{tmp_path / 'big.txt'}:1"]
+    assert [d.source for d in data.documents] == [f"{tmp_path / 'small.txt'}:1"]
+    assert TrainData.load([tmp_path], tok, max_row_bytes=500).stats.documents == 2
+
+
+def test_memory_is_bounded_by_the_row_limit_not_the_line(tok, tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "huge.jsonl"
+    with open(path, "w") as f:
+        f.write('{"text": "' + "x" * (30 << 20) + '"}\n')  # one 30 MB line
+        f.write('{"text": "the only usable row"}\n')
+    tracemalloc.start()
+    try:
+        data = TrainData.load([path], tok, max_row_bytes=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data.bad_rows.counts == {"row over --max-row-bytes": 1} and data.stats.documents == 1
+    assert peak < 4 << 20, peak  # a few MB: the 30 MB line was never held
+
+
+def test_max_row_bytes_is_an_option(tmp_path):
+    from longseq.config import TrainConfig
+
+    assert TrainConfig(max_row_bytes=1024).max_row_bytes == 1024
+    with pytest.raises(LongseqError, match="max_row_bytes must be positive"):
+        TrainConfig(max_row_bytes=0)

@@ -1,6 +1,8 @@
 """Exports load in PEFT / transformers with the trained model's logits; writes are atomic."""
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -286,3 +288,84 @@ def test_failure_midway_leaves_nothing(base_dirs, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         ex.export_merged(model, previous, dtype=torch.float32, overwrite=True)
     assert [p.name for p in previous.iterdir()] == ["config.json"] and _leftovers(tmp_path) == []
+
+
+# ---- (e) destinations that cannot be written (issue 22) -------------------------------------------------------
+
+
+def _cli_export(capsys, ckpt: Path, out: Path, *extra: str) -> str:
+    from longseq.cli import main
+
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("longseq: error: "), err
+    return err
+
+
+def test_read_only_destination_is_one_line_before_the_model_loads(base_dirs, tmp_path, monkeypatch, capsys):
+    model, cfg = _trained(base_dirs["llama"])
+    ckpt = _checkpoint(model, cfg, tmp_path / "step-000001")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(ex.os, "access", lambda p, mode: False if Path(p) == read_only else real_access(p, mode))
+    monkeypatch.setattr(ex.os, "statvfs", lambda p: ReadOnly() if Path(p) == read_only else real_statvfs(p))
+    monkeypatch.setattr(ex, "load_checkpoint_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    err = _cli_export(capsys, ckpt, read_only / "adapter")
+    assert f"{read_only / 'adapter'}: cannot write there ({read_only} is on a read-only file system)" in err
+    err = _cli_export(capsys, ckpt, read_only / "new" / "deeper")  # folders to make: the nearest existing one
+    assert "read-only file system" in err
+    assert list(read_only.iterdir()) == []
+
+
+def test_write_failure_midway_is_one_line_and_leaves_nothing(base_dirs, tmp_path, monkeypatch, capsys):
+    model, cfg = _trained(base_dirs["llama"])
+    ckpt = _checkpoint(model, cfg, tmp_path / "step-000001")
+    out = tmp_path / "exports" / "adapter"
+    out.parent.mkdir()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")  # remounted read-only after the check
+
+    monkeypatch.setattr(ex, "save_file", read_only)
+    err = _cli_export(capsys, ckpt, out)
+    assert f"{out}: cannot write the export (Read-only file system); nothing was changed there" in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_mount_point_destination_is_refused(base_dirs, tmp_path, monkeypatch, capsys):
+    model, cfg = _trained(base_dirs["llama"])
+    ckpt = _checkpoint(model, cfg, tmp_path / "step-000001")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    (mount / "data.bin").write_text("someone else's")
+    real = os.path.ismount
+    monkeypatch.setattr(ex.os.path, "ismount", lambda p: Path(p) == mount or real(p))
+    for extra in ((), ("--overwrite",)):
+        err = _cli_export(capsys, ckpt, mount, *extra)
+        assert "is a mount point" in err and "export into a new folder inside it" in err
+    assert [p.name for p in mount.iterdir()] == ["data.bin"]
+
+
+def test_busy_destination_on_overwrite_is_one_line_and_keeps_the_old_export(base_dirs, tmp_path, monkeypatch,
+                                                                               capsys):
+    model, cfg = _trained(base_dirs["llama"])
+    ckpt = _checkpoint(model, cfg, tmp_path / "step-000001")
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:  # moving the old export aside: EBUSY, as renaming a mount point or a busy NFS folder
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ex.os, "replace", busy)
+    err = _cli_export(capsys, ckpt, out, "--overwrite")
+    assert f"{out}: cannot write the export (the folder is busy: a mount point, or in use)" in err
+    assert [p.name for p in out.iterdir()] == ["config.json"] and _leftovers(tmp_path) == []

@@ -15,6 +15,11 @@ from typing import Any
 from longseq.errors import LongseqError, first_line
 
 _SCALARS = {"int": int, "float": float, "str": str, "str | None": str, "int | None": int, "float | None": float}
+# What a YAML file or a checkpoint's recorded config may hold for a field of each declared type (ints count as
+# floats; bools are not numbers here); tuple fields also take a list or a comma-separated string.
+_ACCEPTED = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+             "tuple[str, ...]": (tuple, list, str), "tuple[int, ...]": (tuple, list, str, int)}
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
 
 
 def flag(text: str, **kw: Any) -> Any:
@@ -55,10 +60,22 @@ def from_flat(cls: type, values: dict[str, Any]) -> Any:
             names = {g.name for g in flat_fields(inner)}
             kwargs[f.name] = from_flat(inner, {k: rest.pop(k) for k in list(rest) if k in names})
         elif f.name in rest:
-            kwargs[f.name] = rest.pop(f.name)
+            kwargs[f.name] = _checked(f, rest.pop(f.name))
     if rest:
         raise TypeError(f"{cls.__name__} has no option(s) {', '.join(sorted(rest))}")
     return cls(**kwargs)
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """`value` when its type suits the field's declared type, else a TypeError naming the field."""
+    declared = str(f.type)
+    base = declared.removesuffix(" | None")
+    if (value is None and declared.endswith(" | None")) or base not in _ACCEPTED:
+        return value
+    numeric_bool = isinstance(value, bool) and base != "bool"
+    if numeric_bool or not isinstance(value, _ACCEPTED[base]):
+        raise TypeError(f"{f.name} must be {_TYPE_NAMES.get(base, 'a list')}, got {str(value)[:60]!r}")
+    return value
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type) -> None:

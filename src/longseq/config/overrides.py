@@ -56,7 +56,7 @@ class ModelOverrides:
         for name in ("sink_tokens", "global_blocks", "attention_chunk"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.rope_factor is not None and not self.rope_factor >= 1:
-            raise LongseqError(f"rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_factor is not None and not 1 <= self.rope_factor < float("inf"):
+            raise LongseqError(f"rope_factor must be a finite number >= 1, got {self.rope_factor}")
         if self.attention in ("sliding", "streaming") and self.window is None:
             raise LongseqError(f"--attention {self.attention} needs --window N")

@@ -18,6 +18,10 @@ from longseq.config.policy import (
 )
 from longseq.errors import LongseqError
 
+# Tokenizing a row takes about 150 times its size in memory (the tokenizer's per-token records): 8 MiB, about 2M
+# tokens, takes about 1.2 GB. Longer rows are skipped as bad rows.
+DEFAULT_MAX_ROW_BYTES = 8 * 2**20
+
 
 @dataclass
 class TrainConfig:
@@ -66,6 +70,9 @@ class TrainConfig:
     resume: str | None = flag("checkpoint directory, or 'latest' in out_dir", default=None)
     log_every: int = flag("steps between metric lines", default=1)
     on_bad_row: str = flag("skip | fail on malformed data rows", default="skip")
+    max_row_bytes: int = flag("largest data row read, in bytes: a .jsonl line or a whole .txt file (longer ones are "
+                              "bad rows); tokenizing a row takes about 150x its size in memory",
+                              default=DEFAULT_MAX_ROW_BYTES)
     parallel: str = flag("auto | none | ddp | fsdp: data parallelism over the processes (auto: ddp when several "
                           "run, none on one; fsdp shards weights, gradients and optimizer state, ZeRO-3)",
                           default="auto")
@@ -91,7 +98,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
-                     "log_every", "sequence_parallel", "nproc"):
+                     "log_every", "sequence_parallel", "nproc", "max_row_bytes"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):

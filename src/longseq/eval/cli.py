@@ -102,6 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
         from longseq.eval.passkey import PasskeyConfig
 
         cfg = PasskeyConfig(lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed)
+        _check_passkey_before_loading(cfg, args, overrides)
     if task in ("bleu", "rouge"):
         from longseq.eval.textgen import read_rows
 
@@ -162,6 +163,18 @@ def run_eval(args: argparse.Namespace) -> int:
         Console(highlight=False).print(_table(task, result))
     err.print(f"wrote {path}" + (f" and {extra['heatmap']}" if "heatmap" in extra else ""))
     return 0
+
+
+def _check_passkey_before_loading(cfg, args: argparse.Namespace, overrides) -> None:
+    # Lengths against the context and the device's memory, from the model's config alone: a model takes seconds to
+    # minutes to load.
+    from longseq.eval.model import config_for_eval
+    from longseq.eval.passkey import check_passkey
+    from longseq.models.loader import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model, context = config_for_eval(args.model, args.adapter, overrides)
+    check_passkey(cfg, model, context, resolve_dtype(args.dtype, device), device)
 
 
 def _load(err, load_for_eval, args, overrides):

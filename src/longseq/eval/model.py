@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from longseq.config import ModelOverrides
+from longseq.config import ModelConfig, ModelOverrides
 from longseq.errors import LongseqError
-from longseq.models.loader import LoadedModel, load, resolve_dtype, resolve_model_path
-from longseq.models.overrides import apply_overrides
+from longseq.models.loader import LoadedModel, load, read_model_config, resolve_dtype, resolve_model_path
+from longseq.models.overrides import apply_overrides, overridden_context
 
 
 def load_for_eval(model: str | None = None, adapter: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -43,3 +43,20 @@ def load_for_eval(model: str | None = None, adapter: str | None = None, device: 
         apply_overrides(lm.model, overrides)
     lm.model.eval()
     return lm
+
+
+def config_for_eval(model: str | None = None, adapter: str | None = None,
+                    overrides: ModelOverrides | None = None) -> tuple[ModelConfig, int | None]:
+    """The config of the model load_for_eval would load and its context after every override (None: streaming
+    attention, no limit), read without its weights: for checks that should not wait for the model to load."""
+    layers = [overrides] if overrides is not None else []
+    path = Path(adapter).expanduser() if adapter is not None else None
+    if path is not None and (path / "trainer_state.json").is_file():  # a checkpoint names its base and overrides
+        from longseq.train.export import checkpoint_config
+
+        trained = checkpoint_config(path)
+        base = read_model_config(trained.model)
+        layers.insert(0, trained.overrides)
+    else:
+        base = read_model_config(model)
+    return base, overridden_context(base, *layers)

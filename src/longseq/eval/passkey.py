@@ -7,6 +7,7 @@ the prompt in one prefill and greedily decodes a few tokens; the answer is right
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -14,8 +15,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
+from longseq.config import ModelConfig
 from longseq.errors import LongseqError
 from longseq.generation import SamplingParams, generate_tokens
+
+# The prompt's ids at their peak: Python list entries while build_prompt concatenates (two lists at once) and the
+# int64 tensor generation makes of them.
+PROMPT_BYTES_PER_TOKEN = 24
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
                "I will quiz you about the important information there.")
@@ -115,14 +123,53 @@ def parse_answer(text: str) -> str | None:
     return match.group(0) if match else None
 
 
-def run_passkey(lm: Any, cfg: PasskeyConfig, on_sample: Callable[[PasskeySample], None] | None = None
-                ) -> PasskeyReport:
-    """Every (length, depth, trial) prompt through `generate_tokens`; `lm` is a LoadedModel."""
-    context = lm.config.max_seq_len
-    too_long = [n for n in cfg.lengths if n > context and lm.config.attention.variant != "streaming"]
+def check_passkey(cfg: PasskeyConfig, model: ModelConfig, context: int | None, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """What must hold before any prompt is built (and, from the CLI, before the model loads): every length within
+    the context (None: streaming attention, no limit), and the longest prompt's ids and KV cache within the memory
+    available on the device. The memory needed is a lower bound (a forward's activations come on top)."""
+    too_long = [n for n in cfg.lengths if context is not None and n > context]
     if too_long:
         raise LongseqError(f"passkey length {max(too_long)} exceeds the model's context ({context}); pass "
                            "--rope-scaling with --rope-factor, or --max-seq-len to try anyway")
+    longest = max(cfg.lengths)
+    per_token = PROMPT_BYTES_PER_TOKEN
+    if context is not None:  # a full KV cache; streaming keeps a fixed window
+        per_token += 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize  # K and V
+    need, have = longest * per_token, available_memory(device)
+    if have is not None and need > have:
+        raise LongseqError(f"passkey length {longest:,} needs at least {_gib(need)} for its prompt"
+                           f"{' and KV cache' if context is not None else ''}; {device} has {_gib(have)} available: "
+                           "use shorter --lengths")
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on a GPU, or the memory Linux reports available (MemAvailable) for cpu; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def run_passkey(lm: Any, cfg: PasskeyConfig, on_sample: Callable[[PasskeySample], None] | None = None
+                ) -> PasskeyReport:
+    """Every (length, depth, trial) prompt through `generate_tokens`; `lm` is a LoadedModel."""
+    streaming = lm.config.attention.variant == "streaming"
+    check_passkey(cfg, lm.config, None if streaming else lm.config.max_seq_len, lm.model.lm_head.weight.dtype,
+                  lm.device)
     rng = random.Random(cfg.seed)
     report = PasskeyReport(cfg)
     params = SamplingParams(max_new_tokens=cfg.answer_tokens)

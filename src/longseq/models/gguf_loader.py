@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from longseq.config import ModelConfig
 from longseq.config.gguf import from_gguf
 from longseq.errors import LongseqError, first_line
 from longseq.models.build import build_from_tensors
@@ -74,19 +75,29 @@ def unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def read_gguf_config(path: Path) -> ModelConfig:
+    """The model config of a GGUF file, from its metadata alone (no tensor is read)."""
+    return _config(open_gguf(path), path)
+
+
+def _config(reader, path: Path) -> ModelConfig:
+    by_name = {t.name: t for t in reader.tensors}
+    embed = by_name.get("token_embd.weight")
+    try:
+        cfg = from_gguf(gguf_metadata(reader), vocab_size=int(embed.shape[-1]) if embed is not None else None)
+    except LongseqError as e:  # from_gguf's messages do not name the file
+        raise LongseqError(f"{path}: {e}") from None
+    cfg.tie_word_embeddings = "output.weight" not in by_name
+    return cfg
+
+
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     reader = open_gguf(path)
-    meta = gguf_metadata(reader)
+    cfg = _config(reader, path)
     by_name = {t.name: t for t in reader.tensors}
-    embed = by_name.get("token_embd.weight")
-    try:
-        cfg = from_gguf(meta, vocab_size=int(embed.shape[-1]) if embed is not None else None)
-    except LongseqError as e:  # from_gguf's messages do not name the file
-        raise LongseqError(f"{path}: {e}") from None
-    cfg.tie_word_embeddings = "output.weight" not in by_name
     permuted = cfg.arch == "llama"  # only llama.cpp's Llama converter permutes Q/K
 
     def array(t) -> np.ndarray:

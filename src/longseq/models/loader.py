@@ -107,6 +107,18 @@ def load_model(
     return load_safetensors_dir(p, dt, dev, config)
 
 
+def read_model_config(path: str | Path | None = None) -> ModelConfig:
+    """The config of the model `load` would load, without reading its weights (seconds faster for big models)."""
+    p = resolve_model_path(path)
+    if p.is_file():
+        from longseq.models.gguf_loader import read_gguf_config
+
+        return read_gguf_config(p)
+    from longseq.models.safetensors_loader import read_config
+
+    return read_config(p)
+
+
 @dataclass
 class LoadedModel:
     """A model with its tokenizer: what `generate`, the CLI and the engine work with."""

@@ -6,9 +6,10 @@ Weights are untouched; the config, each layer's window / variant and the rotary 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
-from longseq.config import AttentionConfig, ModelOverrides, RopeConfig
+from longseq.config import AttentionConfig, ModelConfig, ModelOverrides, RopeConfig
 from longseq.errors import LongseqError
 from longseq.models.llama import CausalLM
 from longseq.models.rope import RotaryEmbedding
@@ -59,8 +60,23 @@ def set_attention(model: CausalLM, attention: AttentionConfig, sliding_window: i
         layer.self_attn.window = cfg.layer_window(i)
 
 
-def _set_rope(model: CausalLM, ov: ModelOverrides) -> None:
-    cfg = model.config
+def overridden_context(cfg: ModelConfig, *overrides: ModelOverrides) -> int | None:
+    """The context (max_seq_len) of a model of `cfg` after apply_overrides with each of `overrides` in turn, worked
+    out without a model, for checks made before one loads; None where attention streams (no limit)."""
+    cfg = copy.copy(cfg)  # only rope and max_seq_len are reassigned
+    variant = cfg.attention.variant
+    for ov in overrides:
+        if ov.rope_scaling is not None or ov.rope_factor is not None:
+            cfg.rope, cfg.max_seq_len = _scaled_rope(cfg, ov)
+        if ov.max_seq_len is not None:
+            cfg.max_seq_len = ov.max_seq_len
+        if ov.attention is not None:
+            variant = "causal" if ov.attention == "sliding" else ov.attention
+    return None if variant == "streaming" else cfg.max_seq_len
+
+
+def _scaled_rope(cfg: ModelConfig, ov: ModelOverrides) -> tuple[RopeConfig, int]:
+    """The RoPE config and context that `ov`'s RoPE scaling gives a model of `cfg`."""
     old = cfg.rope
     scaling = ov.rope_scaling if ov.rope_scaling is not None else old.type
     rope_type = {"none": "default", "ntk": "dynamic"}.get(scaling, scaling)
@@ -71,8 +87,13 @@ def _set_rope(model: CausalLM, ov: ModelOverrides) -> None:
     if rope_type != "default" and factor <= 1:
         raise LongseqError(f"--rope-scaling {scaling} needs --rope-factor > 1")
     # Keep theta and the native context; the new type derives its frequencies from them.
-    cfg.rope = RopeConfig(theta=old.theta, type=rope_type, factor=factor, original_max_position_embeddings=native)
-    cfg.max_seq_len = int(native * factor)
+    rope = RopeConfig(theta=old.theta, type=rope_type, factor=factor, original_max_position_embeddings=native)
+    return rope, int(native * factor)
+
+
+def _set_rope(model: CausalLM, ov: ModelOverrides) -> None:
+    cfg = model.config
+    cfg.rope, cfg.max_seq_len = _scaled_rope(cfg, ov)
     device = model.lm_head.weight.device
     rotary = RotaryEmbedding(cfg.rope, cfg.head_dim)
     rotary.freq_factors = None  # llama.cpp's Llama 3.1 divisors belong to the llama3 scaling being replaced

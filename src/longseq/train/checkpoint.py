@@ -3,16 +3,17 @@
 Two formats, one entry (`save`, `load`, `load_trainable`). A single-process run writes
 `out_dir/checkpoints/step-000100/`:
   trainable.safetensors   the trained parameters (LoRA factors + extras, or every weight for full fine-tuning)
-  optimizer.pt            optimizer state
-  trainer_state.pt        scheduler, loss scaler, RNG states, step and data position
-  trainer_state.json      the same counters and the run's TrainConfig, for people and for `longseq export`
+  optimizer.pt            optimizer state: tensors and plain values
+  trainer_state.pt        scheduler, loss scaler and RNG states: tensors and plain values
+  trainer_state.json      step, data position, format and the run's TrainConfig, for people and `longseq export`
 A multi-process run writes DCP shards instead (train/parallel/dcp.py); either resumes on any number of processes.
+Every file is read without running code from it: safetensors, JSON, and `.pt` files through
+`torch.load(weights_only=True)` (checkpoint_files.load_state_file).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from longseq.config import TrainConfig
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 from longseq.train.checkpoint_files import (
+    FORMAT,
     PREFIX,
     checkpoint_root,
+    load_optimizer_state,
+    load_schedule_state,
+    load_state_file,
     publish,
     read_meta,
     rng_state,
     set_rng_state,
+    state_entry,
+    temporary_folder,
     trainable_state,
+    writer_tag,
 )
 from longseq.train.parallel.dcp import (
     is_distributed_checkpoint,
@@ -74,7 +82,7 @@ def save_checkpoint(
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = temporary_folder(final, writer_tag())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -87,7 +95,7 @@ def save_checkpoint(
         },
         tmp / "trainer_state.pt",
     )
-    meta = {"step": step, **counters, "config": cfg.to_dict()}
+    meta = {"step": step, **counters, "format": FORMAT, "config": cfg.to_dict()}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     publish(tmp, final, out_dir, cfg.keep_last)
     return final
@@ -99,10 +107,10 @@ def load_trainable(path: Path, model: nn.Module) -> None:
     try:
         state = load_file(str(path / "trainable.safetensors"), device=str(next(model.parameters()).device))
     except Exception as e:
-        raise LongseqError(f"{path}: cannot read trainable.safetensors ({e})") from None
+        raise LongseqError(f"{path}: cannot read trainable.safetensors ({first_line(e, 200)})") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
-    if set(state) != expected:
+    if set(state) != expected or any(t.shape != params[n].shape for n, t in state.items()):
         raise LongseqError(f"{path}: its trained parameters do not match this model and method")
     with torch.no_grad():
         for name, tensor in state.items():
@@ -112,12 +120,11 @@ def load_trainable(path: Path, model: nn.Module) -> None:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler, scaler and RNG; return the saved counters."""
     meta = read_meta(path)
-    load_trainable(path, model)
     device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=False))
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    optim_state = load_state_file(path / "optimizer.pt", meta, map_location=device)
+    state = load_state_file(path / "trainer_state.pt", meta)
+    load_trainable(path, model)
+    load_optimizer_state(optimizer, optim_state, path / "optimizer.pt")
+    load_schedule_state(state, path / "trainer_state.pt", scheduler, scaler)
+    set_rng_state(state_entry(state, "rng", path / "trainer_state.pt"), path / "trainer_state.pt")
     return meta

@@ -9,6 +9,7 @@ destination and renamed into place, so an interrupted export never leaves a part
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from longseq.config import TrainConfig
 from longseq.config.flags import flat_fields
 from longseq.config.hf import to_hf
-from longseq.errors import LongseqError
+from longseq.errors import LongseqError, first_line
 from longseq.models.loader import DEFAULT_MODEL_NAME, LoadedModel, load, resolve_dtype
 from longseq.models.overrides import apply_overrides
 from longseq.train.checkpoint import load_trainable
@@ -44,11 +46,19 @@ _PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torc
 
 
 def _check_destination(out_dir: Path, overwrite: bool, keep: tuple[Path, ...] = ()) -> None:
-    """Refuse a non-empty out_dir unless overwrite; never replace a folder holding cwd or one of `keep`."""
-    if out_dir.is_file() or out_dir.is_symlink():
-        raise LongseqError(f"{out_dir}: exists and is not a folder")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
-        return
+    """Refuse a non-empty out_dir unless overwrite; never replace a folder holding cwd or one of `keep`, nor a mount
+    point; refuse a destination whose parent cannot be written."""
+    try:
+        if out_dir.is_file() or out_dir.is_symlink():
+            raise LongseqError(f"{out_dir}: exists and is not a folder")
+        _check_writable(out_dir)
+        if out_dir.is_dir() and os.path.ismount(out_dir):
+            raise LongseqError(f"{out_dir}: is a mount point, which an export cannot replace (it is written beside "
+                               "its destination and renamed into place); export into a new folder inside it")
+        if not out_dir.is_dir() or not any(out_dir.iterdir()):
+            return
+    except OSError as e:  # e.g. a folder that cannot be listed
+        raise LongseqError(f"{out_dir}: cannot check the destination ({_reason(e)})") from None
     if not overwrite:
         raise LongseqError(f"{out_dir}: already exists and is not empty (pass --overwrite to replace it)")
     out = out_dir.resolve()
@@ -56,6 +66,36 @@ def _check_destination(out_dir: Path, overwrite: bool, keep: tuple[Path, ...] = 
         path = path.resolve()
         if path == out or out in path.parents:
             raise LongseqError(f"{out_dir}: refusing to replace a folder that holds {path}")
+
+
+def _check_writable(out_dir: Path) -> None:
+    # The export is built beside out_dir, in its parent (or the nearest existing ancestor, where folders get made).
+    parent = Path(os.path.abspath(out_dir)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise LongseqError(f"{out_dir}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        read_only = _read_only_file_system(parent)
+        raise LongseqError(f"{out_dir}: cannot write there ({parent} is "
+                           f"{'on a read-only file system' if read_only else 'not writable'})")
+
+
+def _read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.EBUSY:
+        return "the folder is busy: a mount point, or in use"
+    return e.strerror or first_line(e)
+
+
+def _write_error(out_dir: str | Path, e: OSError) -> LongseqError:
+    return LongseqError(f"{out_dir}: cannot write the export ({_reason(e)}); nothing was changed there")
 
 
 @contextlib.contextmanager
@@ -252,8 +292,21 @@ def _train_config(checkpoint: Path, meta: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in flat_fields(TrainConfig)}
     try:
         return TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})  # lists become tuples
-    except TypeError as e:
-        raise LongseqError(f"{checkpoint}: trainer_state.json has an invalid training config ({e})") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise LongseqError(f"{checkpoint}: trainer_state.json has an invalid training config ({first_line(e)})"
+                           ) from None
+
+
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    if not (path / "trainer_state.json").is_file():
+        raise LongseqError(f"{path}: not a longseq checkpoint (no trainer_state.json)")
+    return read_meta(path)
+
+
+def checkpoint_config(checkpoint_dir: str | Path) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with (its trainer_state.json), checked."""
+    path = Path(checkpoint_dir)
+    return _train_config(path, _checkpoint_meta(path))
 
 
 def qlora_base_dtype(cfg: TrainConfig, recorded_precision: str | None = None) -> torch.dtype:
@@ -283,10 +336,9 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> tu
     qlora loads it in the trainer's dtype (see qlora_base_dtype) so the NF4 base is the one that was trained on.
     """
     path = Path(checkpoint_dir)
-    if not (path / "trainer_state.json").is_file():
-        raise LongseqError(f"{path}: not a longseq checkpoint (no trainer_state.json)")
-    meta = read_meta(path)
+    meta = _checkpoint_meta(path)
     cfg = _train_config(path, meta)
+    _check_lora_rank(path, cfg)  # before building adapters of a rank that only a damaged trainer_state.json names
     dtype = qlora_base_dtype(cfg, meta.get("precision")) if cfg.method == "qlora" else torch.float32
     lm = load(cfg.model, dtype=dtype, device=device)
     apply_overrides(lm.model, cfg.overrides)  # the attention variant / RoPE scaling it was trained with
@@ -295,6 +347,20 @@ def load_checkpoint_model(checkpoint_dir: str | Path, device: str = "cpu") -> tu
     load_trainable(path, lm.model)
     lm.model.eval()
     return lm, cfg
+
+
+def _check_lora_rank(path: Path, cfg: TrainConfig) -> None:
+    file = path / "trainable.safetensors"
+    if cfg.method == "full" or not file.is_file():  # full fine-tuning, or a multi-process (DCP) checkpoint
+        return
+    try:
+        with safe_open(str(file), "pt") as f:
+            ranks = {f.get_slice(n).get_shape()[0] for n in f.keys() if n.endswith(".lora_A.weight")}
+    except Exception as e:
+        raise LongseqError(f"{path}: cannot read trainable.safetensors ({first_line(e, 200)})") from None
+    if ranks != {cfg.lora_rank}:
+        raise LongseqError(f"{path}: trainable.safetensors holds LoRA rank {sorted(ranks) or 'none'}, its "
+                           f"trainer_state.json names rank {cfg.lora_rank}: the checkpoint is damaged")
 
 
 def _base_name(lm: LoadedModel, cfg: TrainConfig) -> str:
@@ -318,7 +384,10 @@ def export(
     _check_destination(Path(out_dir), overwrite, keep=(Path(checkpoint_dir),))  # before the slow model load
     lm, cfg = load_checkpoint_model(checkpoint_dir)
     keep = (Path(checkpoint_dir), lm.path)
-    with torch.no_grad():
-        if fmt == "peft":
-            return export_peft(lm.model, cfg, out_dir, _base_name(lm, cfg), overwrite=overwrite, keep=keep)
-        return export_merged(lm.model, out_dir, tokenizer=lm.tokenizer, dtype=dt, overwrite=overwrite, keep=keep)
+    try:
+        with torch.no_grad():
+            if fmt == "peft":
+                return export_peft(lm.model, cfg, out_dir, _base_name(lm, cfg), overwrite=overwrite, keep=keep)
+            return export_merged(lm.model, out_dir, tokenizer=lm.tokenizer, dtype=dt, overwrite=overwrite, keep=keep)
+    except OSError as e:  # read-only, full or busy destination: the staged folder is gone, the old export intact
+        raise _write_error(out_dir, e) from None

@@ -3,6 +3,7 @@ on Ctrl-C. Each phase is one function over the run's state (`Run`)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,13 @@ from longseq.models.loader import LoadedModel, load
 from longseq.models.overrides import apply_overrides
 from longseq.plan.flops import train_flops_per_token
 from longseq.train import checkpoint
-from longseq.train.checkpoint_files import read_meta, resolve_checkpoint
+from longseq.train.checkpoint_files import (
+    check_counters,
+    checkpoint_root,
+    clean_stale_temporaries,
+    read_meta,
+    resolve_checkpoint,
+)
 from longseq.train.data import TrainData, default_pad_id
 from longseq.train.lora import make_trainable
 from longseq.train.memory_plan import MemoryChoice, plan_memory
@@ -35,7 +42,9 @@ from longseq.train.step import TokenLoss, train_step
 # with the number of processes, as long as the sequences per step stay the same: checked separately.)
 _RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "lora_rank", "lora_alpha", "lora_targets",
                 "lora_train_extra", "seed", "data", "optimizer", "attention", "window",
-                "rope_scaling", "rope_factor")
+                "rope_scaling", "rope_factor", "max_row_bytes")
+_ADDED_RESUME_KEYS = ("max_row_bytes",)  # absent from older checkpoints' configs: compared only where recorded
+MAX_BAD_ROW_EXAMPLES_SHOWN = 5
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Run:
     scaler: Any  # fp16 loss scaler, or None
     step_model: nn.Module  # what a step calls: the model with its loss, data parallel when the run is
     memory: MemoryChoice | None = None
+    resumed_from: Path | None = None
     step: int = 0  # completed optimizer steps
     batch_index: int = 0  # micro-batches consumed, all processes: where the data stream resumes
     tokens_seen: int = 0
@@ -86,7 +96,7 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
     lm = load(cfg.model, dtype=load_dtype, device=env.device)
     apply_overrides(lm.model, cfg.overrides)  # attention variant / RoPE scaling flags
-    data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row)
+    data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row, max_row_bytes=cfg.max_row_bytes)
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
@@ -107,8 +117,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     console = Console(stderr=True, highlight=False)
     if not cfg.data:
         raise LongseqError("no training data: pass --data FILE_OR_FOLDER")
+    if os.environ.get("RANK", "0") == "0":  # before --resume latest looks: it may put a checkpoint back
+        _clean_temporaries(console, cfg.out_dir)
     resume_from = resolve_checkpoint(cfg.resume, cfg.out_dir) if cfg.resume else None  # fail before the slow part
+    if resume_from is not None:
+        check_counters(read_meta(resume_from), resume_from, "batch_index", "tokens_seen")
     env = init_distributed(cfg)
+    resume_from = env.broadcast_object(resume_from)  # every rank resumes what rank 0 found
     console.quiet = not env.is_main  # one process reports for all
     run = build(cfg, env)
     attn = run.model.config.attention  # the kernel (--attention-kernel fa4 fails here where it cannot run)
@@ -137,8 +152,13 @@ def _report_setup(console, run: Run) -> None:
     cfg, model, st = run.cfg, run.model, run.data.stats
     console.print(f"[dim]data: {st.files} file(s), {st.documents:,} documents, {st.tokens:,} tokens "
                   f"({st.target_tokens:,} trained)[/]")
-    if run.data.bad_rows.total:
-        console.print(f"[yellow]{run.data.bad_rows.summary()}[/]")
+    bad = run.data.bad_rows
+    if bad.total:
+        console.print(f"[yellow]{bad.summary()}[/]")
+        for example in bad.examples[:MAX_BAD_ROW_EXAMPLES_SHOWN]:  # unwrapped: file:line stays whole
+            console.print(f"  {example}", style="yellow", markup=False, soft_wrap=True)
+        if bad.total > MAX_BAD_ROW_EXAMPLES_SHOWN:
+            console.print(f"  ... and {bad.total - MAX_BAD_ROW_EXAMPLES_SHOWN} more", style="yellow")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     console.print(f"[dim]{cfg.method}: {trainable:,} trainable parameters · {run.env.device} · {run.precision.name}"
                   + (f" · RoPE {rope.type} x{rope.factor:g} (context {model.config.max_seq_len:,})"
@@ -160,22 +180,38 @@ def _report_memory(console, run: Run, kernel: str) -> None:
                       f"process(es): {env.dp} data parallel × {env.sp} sequence parallel (Ulysses)[/]")
 
 
+def _clean_temporaries(console, out_dir: str) -> None:
+    cleaned, unknown = clean_stale_temporaries(out_dir)
+    if cleaned:
+        console.print(f"[dim]removed {len(cleaned)} temporary folder(s) of interrupted checkpoint saves in "
+                      f"{checkpoint_root(out_dir)}[/]")
+    if unknown:
+        console.print(f"[yellow]{len(unknown)} temporary folder(s) of checkpoint saves by an older longseq in "
+                      f"{checkpoint_root(out_dir)} ({', '.join(p.name for p in unknown[:3])}"
+                      f"{', ...' if len(unknown) > 3 else ''}): remove them once no run writes there[/]")
+
+
 def resume(run: Run, path: Path) -> None:
     """Continue from a checkpoint: weights, optimizer, scheduler, RNG and the counters, after checking that it
     trained what this run trains."""
     meta = read_meta(path)
+    check_counters(meta, path, "batch_index", "tokens_seen")
     saved = meta["config"]
     options = run.cfg.to_dict()
-    changed = [k for k in _RESUME_KEYS if _norm(saved.get(k)) != _norm(options[k])]
+    changed = [k for k in _RESUME_KEYS if (k in saved or k not in _ADDED_RESUME_KEYS)
+               and _norm(saved.get(k)) != _norm(options[k])]
     if changed:
         raise LongseqError(f"cannot resume {path}: the run's {', '.join(changed)} differ from the checkpoint's")
-    saved_sequences = meta.get("sequences_per_step", saved["batch_size"] * saved["grad_accum"])
+    batch_size, grad_accum = saved.get("batch_size"), saved.get("grad_accum")
+    recorded = batch_size * grad_accum if isinstance(batch_size, int) and isinstance(grad_accum, int) else None
+    saved_sequences = meta.get("sequences_per_step", recorded)
     if saved_sequences != run.sequences_per_step:
         raise LongseqError(f"cannot resume {path}: it trained {saved_sequences} sequences per step, this run "
                            f"{run.sequences_per_step} (batch_size × grad_accum × {run.env.dp} data-parallel "
                            "process(es)): set --grad-accum to match")
     meta = checkpoint.load(path, run.model, run.optimizer, run.scheduler, run.scaler, run.env, run.cfg.seed)
     run.step, run.batch_index, run.tokens_seen = meta["step"], meta["batch_index"], meta["tokens_seen"]
+    run.resumed_from = path
 
 
 def save(run: Run) -> Path:
@@ -192,7 +228,9 @@ def run_steps(run: Run, console, progress: bool) -> TrainResult:
     flops_per_token = train_flops_per_token(matmul_params(model.config), model.config.num_layers,
                                             model.config.hidden_size, cfg.seq_len)
     peak = peak_flops(device, run.precision.name)
-    writer = MetricsWriter(Path(cfg.out_dir), enabled=env.is_main)
+    # A resumed run logs again the steps after its checkpoint: their earlier lines go.
+    writer = MetricsWriter(Path(cfg.out_dir), enabled=env.is_main,
+                           resume_step=run.step if run.resumed_from is not None else None)
     result = TrainResult(steps=run.step, memory=run.memory, lm=run.lm)
     stop = _StopFlag()
     bar = _progress(console, enabled=progress and env.is_main)

@@ -4,6 +4,7 @@ appended) and TensorBoard."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -37,19 +38,56 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
 
 
+def drop_steps_after(path: Path, step: int) -> int:
+    """Remove the lines of a metrics JSONL file logged after `step` (a run resumed from the checkpoint of `step`
+    logs those steps again) and a last line cut short by a crash; the file is replaced whole (written beside it,
+    then renamed). Returns the number of lines removed. Lines that are not metrics are kept as they are."""
+    if not path.is_file():
+        return 0
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    removed = 0
+    try:
+        with open(path, "rb") as src, open(tmp, "wb") as dst:
+            for line in src:
+                if not line.endswith(b"\n") or _logged_step(line) > step:
+                    removed += 1
+                    continue
+                dst.write(line)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if removed:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return removed
+
+
+def _logged_step(line: bytes) -> float:
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError, RecursionError):
+        return float("-inf")
+    return step if isinstance(step, int) and not isinstance(step, bool) else float("-inf")
+
+
 class MetricsWriter:
-    def __init__(self, out_dir: Path, tensorboard: bool = True, enabled: bool = True):
+    def __init__(self, out_dir: Path, tensorboard: bool = True, enabled: bool = True, resume_step: int | None = None):
+        """`resume_step`: the run resumed from the checkpoint of that step; what was logged after it goes."""
         self.enabled = enabled  # multi-process runs: rank 0 writes, the others hold a disabled writer
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            drop_steps_after(out_dir / "metrics.jsonl", resume_step)
         self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no line
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the events of this step and later ones written before the resume
+                purge = resume_step + 1 if resume_step is not None else None
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard not installed: JSONL only
                 self.tb = None
 

@@ -1,8 +1,11 @@
-"""Rows that cannot be used: the error a row raises, and the report of those skipped."""
+"""Rows that cannot be used: the error a row raises, the checks that raise it, and the report of those skipped."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from longseq.errors import first_line
 
 MAX_BAD_EXAMPLES = 20
 
@@ -12,6 +15,23 @@ class UnusableRow(Exception):
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(f"{kind} ({detail})" if detail else kind)
         self.kind = kind
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """The token ids of `text`; a text the tokenizer refuses is an unusable row, not a crash."""
+    try:
+        return list(tokenizer(text)["input_ids"])
+    except Exception as e:
+        raise UnusableRow("tokenizer failed", first_line(e, 150)) from None
+
+
+def check_unicode(text: str, what: str) -> None:
+    """JSON's \\ud800-style escapes can decode to unpaired UTF-16 surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UnusableRow("unpaired surrogate", f"{what} holds \\u{ord(text[e.start]):04x} at character {e.start}"
+                          ) from None
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from longseq.config.train import DEFAULT_MAX_ROW_BYTES
 from longseq.errors import LongseqError
 from longseq.train.data.bad_rows import BadRows
 from longseq.train.data.documents import Document, OnBadRow, load_documents
@@ -42,8 +43,9 @@ class TrainData:
     _cached: tuple[tuple[int, int, int, int], list[PackedSequence]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def load(cls, paths: Sequence[str | Path], tokenizer: Any, on_bad_row: OnBadRow = "skip") -> TrainData:
-        documents, bad, files = load_documents(paths, tokenizer, on_bad_row)
+    def load(cls, paths: Sequence[str | Path], tokenizer: Any, on_bad_row: OnBadRow = "skip",
+             max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> TrainData:
+        documents, bad, files = load_documents(paths, tokenizer, on_bad_row, max_row_bytes)
         return cls(documents, bad, files)
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from longseq.errors import first_line
-from longseq.train.data.bad_rows import UnusableRow
+from longseq.train.data.bad_rows import UnusableRow, check_unicode
 
 ROLES = ("system", "user", "assistant")
 
@@ -14,7 +14,10 @@ def chat_tokens(messages: Any, tokenizer: Any) -> tuple[list[int], list[bool]]:
     """The token ids of the rendered chat and, per token, whether it is a training target (inside an assistant turn)."""
     _check_messages(messages)
     text, spans = assistant_spans(messages, tokenizer)
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)  # the template adds its own BOS
+    try:  # the template adds its own BOS
+        enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    except Exception as e:
+        raise UnusableRow("tokenizer failed", first_line(e, 150)) from None
     ids = list(enc["input_ids"])
     # A token straddling a span edge (e.g. the header's "\n" merged with leading whitespace) is left out: never
     # train on the header.
@@ -56,6 +59,7 @@ def _check_messages(messages: Any) -> None:
             raise UnusableRow("malformed messages", f"message {i} is not {{role: str, content: str}}")
         if m["role"] not in ROLES:
             raise UnusableRow("unknown role", f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
+        check_unicode(m["content"], f"message {i}")
     if not any(m["role"] == "assistant" for m in messages):
         raise UnusableRow("no assistant message")
 
@@ -67,4 +71,5 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> st
         raise UnusableRow("chat template failed", first_line(e, 150)) from None
     if not isinstance(text, str):
         raise UnusableRow("chat template failed", f"rendered a {type(text).__name__}, not a string")
+    check_unicode(text, "the rendered chat")  # a field the template renders besides role and content
     return text

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from longseq.errors import LongseqError
-from longseq.train.data.bad_rows import BadRows, UnusableRow
+from longseq.config.train import DEFAULT_MAX_ROW_BYTES
+from longseq.errors import LongseqError, first_line
+from longseq.train.data.bad_rows import BadRows, UnusableRow, check_unicode, tokenize
 from longseq.train.data.chat import chat_tokens
 from longseq.train.data.files import decode, file_rows, is_text_file, resolve_files
 
@@ -24,14 +25,19 @@ class Document:
 
 
 def load_documents(
-    paths: Sequence[str | Path], tokenizer: Any, on_bad_row: OnBadRow = "skip"
+    paths: Sequence[str | Path], tokenizer: Any, on_bad_row: OnBadRow = "skip",
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> tuple[list[Document], BadRows, int]:
-    """Documents of every usable row, the report of bad ones, and the number of files read."""
+    """Documents of every usable row, the report of bad ones, and the number of files read.
+
+    Rows over `max_row_bytes` are bad rows, skipped without being read whole."""
     if on_bad_row not in ("skip", "fail"):
         raise LongseqError(f"on_bad_row must be 'skip' or 'fail', not {on_bad_row!r}")
+    if max_row_bytes <= 0:
+        raise LongseqError(f"max_row_bytes must be positive, got {max_row_bytes}")
     files = resolve_files(paths)
     bad = BadRows()
-    docs = [doc for path in files for doc in _file_documents(path, tokenizer, bad, on_bad_row)]
+    docs = [doc for path in files for doc in _file_documents(path, tokenizer, bad, on_bad_row, max_row_bytes)]
     if not docs:
         detail = f"; {bad.summary()}, e.g. {bad.examples[0]}" if bad.total else ""
         raise LongseqError(f"no usable training documents in {', '.join(map(str, paths))}{detail}")
@@ -43,7 +49,8 @@ def text_document(text: str, tokenizer: Any, source: str) -> Document:
         raise UnusableRow("text is not a string")
     if not text.strip():
         raise UnusableRow("empty text")
-    ids = list(tokenizer(text)["input_ids"])  # adds BOS where the tokenizer is configured to
+    check_unicode(text, "text")
+    ids = tokenize(tokenizer, text)  # adds BOS where the tokenizer is configured to
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)  # documents end with EOS, so the model learns where text stops
@@ -55,6 +62,10 @@ def row_document(line: bytes, tokenizer: Any, source: str) -> Document:
         row = json.loads(decode(line))
     except json.JSONDecodeError as e:
         raise UnusableRow("invalid JSON", e.msg) from None
+    except RecursionError:  # the parser recurses once per level of [ / {
+        raise UnusableRow("nested too deeply", "JSON nesting deeper than Python's recursion limit") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise UnusableRow("invalid JSON", first_line(e, 150)) from None
     if not isinstance(row, dict):
         raise UnusableRow("not a JSON object", f"got {type(row).__name__}")
     if "text" in row and "messages" in row:
@@ -68,10 +79,12 @@ def row_document(line: bytes, tokenizer: Any, source: str) -> Document:
     raise UnusableRow("neither text nor messages")
 
 
-def _file_documents(path: Path, tokenizer: Any, bad: BadRows, on_bad_row: OnBadRow) -> Iterator[Document]:
-    for number, raw in file_rows(path):
-        source = f"{path}:{number}"
+def _file_documents(path: Path, tokenizer: Any, bad: BadRows, on_bad_row: OnBadRow,
+                    max_row_bytes: int) -> Iterator[Document]:
+    for row in file_rows(path, max_row_bytes):
+        source = f"{path}:{row.line}"
         try:
+            raw = row.bytes(max_row_bytes)
             if is_text_file(path):
                 yield text_document(decode(raw), tokenizer, source)
             else:

@@ -6,15 +6,24 @@ Layout of `out_dir/checkpoints/step-000100/` (next to single-process checkpoints
                           process without any process group) reads back exactly the slices it needs (resharding)
   trainer_state.pt        scheduler and loss scaler (the same on every rank)
   rng-rank{r}.pt          each rank's RNG streams (dropout)
-  trainer_state.json      step, data position, world size and the run's TrainConfig
+  trainer_state.json      step, data position, world size, format and the run's TrainConfig
 
-Atomic as the single-process ones: every rank writes into one temporary folder, and after a barrier rank 0
-fsyncs and renames it. The folder must be on storage all nodes share (DCP's file system writer).
+Atomic as the single-process ones: every rank writes into one temporary folder (named for rank 0's host and
+process), and after a barrier rank 0 fsyncs and renames it. The folder must be on storage all nodes share (DCP's
+file system writer).
+
+Read without running code from the files: DCP's own reader unpickles its `.metadata` file with plain `pickle` and
+its non-tensor entries with `torch.load(weights_only=False)`; `_SafeReader` and `_SafePlanner` replace both, the first
+with an unpickler that builds only DCP's metadata classes, the second with weights_only=True.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import pathlib
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -24,18 +33,28 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError, first_line
 from longseq.train.checkpoint_files import (
+    FORMAT,
     PREFIX,
     checkpoint_root,
+    load_schedule_state,
+    load_state_file,
     publish,
     read_meta,
     rng_state,
     set_rng_state,
+    temporary_folder,
     trainable_state,
+    writer_tag,
 )
 from longseq.train.optim import trainable_groups
 from longseq.train.parallel.env import DistEnv
@@ -55,7 +74,7 @@ def save_distributed(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn
     """Collective: every rank calls it. `model` is the CausalLM (sharded or replicated in place)."""
     root = checkpoint_root(out_dir)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}"  # one name all ranks agree on (not the pid)
+    tmp = temporary_folder(final, env.broadcast_object(writer_tag()))  # one name for all ranks: rank 0's
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -66,7 +85,7 @@ def save_distributed(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn
     if env.is_main:
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None},
                    tmp / "trainer_state.pt")
-        meta = {"step": step, **counters, "world_size": env.world_size, "config": cfg.to_dict()}
+        meta = {"step": step, **counters, "world_size": env.world_size, "format": FORMAT, "config": cfg.to_dict()}
         (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=2))
     env.barrier()  # every rank's shards are written
     if env.is_main:
@@ -87,10 +106,10 @@ def load_distributed(path: Path, model: nn.Module, optimizer, scheduler, scaler,
     except Exception as e:  # DCP wraps per-rank failures; one line is what the user needs
         raise LongseqError(f"{path}: cannot read the distributed checkpoint ({first_line(e)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_LOAD)
-    _load_trainer_state(path, scheduler, scaler)
+    _load_trainer_state(path, meta, scheduler, scaler)
     rng = path / f"rng-rank{env.rank}.pt"
     if meta.get("world_size") == env.world_size and rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(load_state_file(rng, meta), rng)
     else:  # another process count: the saved streams do not map onto these ranks; restart them reproducibly
         _reseed(seed, meta["step"], env.rank)
     return meta
@@ -102,17 +121,24 @@ def load_single_process(path: Path, model: nn.Module, optimizer, scheduler, scal
     tensors, which every rank passes in and DCP's state-dict API shards (FSDP) or copies (DDP) into place."""
     meta = read_meta(path)
     device = torch.device("cpu")
-    weights = load_file(str(path / "trainable.safetensors"), device=str(device))
-    saved = torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
+    try:
+        weights = load_file(str(path / "trainable.safetensors"), device=str(device))
+    except Exception as e:
+        raise LongseqError(f"{path}: cannot read trainable.safetensors ({first_line(e, 200)})") from None
+    saved = load_state_file(path / "optimizer.pt", meta, map_location=device)
     # optimizer.pt numbers parameters 0, 1, ... in build_optimizer's order; DCP's API wants their names.
     names = [n for group in trainable_groups(model) for n, _ in group]
-    if len(names) != sum(len(g["params"]) for g in saved["param_groups"]):
-        raise LongseqError(f"{path}: its optimizer state does not match this model and method")
-    osd = {"state": {names[i]: s for i, s in saved["state"].items()},
-           "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    try:
+        if len(names) != sum(len(g["params"]) for g in saved["param_groups"]):
+            raise ValueError("another number of parameters")
+        osd = {"state": {names[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise LongseqError(f"{path}: its optimizer state does not match this model and method ({first_line(e)})"
+                           ) from None
     set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False))
-    _load_trainer_state(path, scheduler, scaler)
+    _load_trainer_state(path, meta, scheduler, scaler)
     _reseed(seed, meta["step"], env.rank)
     return meta
 
@@ -128,16 +154,79 @@ def load_trainable_dcp(path: Path, model: nn.Module) -> None:
 
 
 def _dcp_load(state: dict[str, Any], path: Path, no_dist: bool) -> None:
-    with warnings.catch_warnings():  # one process reading without a process group is intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path / DCP_DIR, no_dist=no_dist)
+    """dcp.load through the safe reader and planner; a failure is a RuntimeError of one line. (DCP raises a
+    CheckpointException, a BaseException holding each rank's traceback, and logs the tracebacks of its fallbacks
+    to the root logger: both would put a traceback on the user's terminal.)"""
+    root = logging.getLogger()
+    root.addFilter(_quiet_dcp)
+    try:
+        with warnings.catch_warnings():  # one process reading without a process group is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path / DCP_DIR, storage_reader=_SafeReader(path / DCP_DIR),
+                     planner=_SafePlanner(), no_dist=no_dist)
+    except CheckpointException as e:
+        failures = [exc for exc, _ in e.failures.values()]
+        raise RuntimeError(first_line(failures[0]) if failures else "DCP load failed") from None
+    finally:
+        root.removeFilter(_quiet_dcp)
 
 
-def _load_trainer_state(path: Path, scheduler, scaler) -> None:
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
+def _quiet_dcp(record: logging.LogRecord) -> bool:
+    return "distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
+
+def _load_trainer_state(path: Path, meta: dict[str, Any], scheduler, scaler) -> None:
+    file = path / "trainer_state.pt"
+    load_schedule_state(load_state_file(file, meta), file, scheduler, scaler)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` building nothing but what it is made of: DCP's metadata dataclasses and enums,
+    torch.Size, dtypes, layouts and paths (Python's "restricting globals", docs.python.org/3/library/pickle.html)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _METADATA_GLOBALS.get((module, name))
+        if allowed is not None:
+            return allowed
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"the checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+_METADATA_GLOBALS: dict[tuple[str, str], Any] = {
+    **{(dcp_metadata.__name__, n): getattr(dcp_metadata, n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING") if hasattr(dcp_metadata, n)},
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+    ("torch", "Size"): torch.Size,
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,  # a path only read, never used to open anything
+    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+}
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        rank = kwargs.get("rank")
+        with self.fs.create_stream(self._get_metadata_path(rank), "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise pickle.UnpicklingError(f"the checkpoint metadata is a {type(metadata).__name__}, not DCP Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)  # what DCP saves as bytes: optimizer hyperparameters
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _reseed(seed: int, step: int, rank: int) -> None:

@@ -78,6 +78,17 @@ def test_splits_fill_the_gpu_only_when_needed(kernel, programs, keys, expect):
     assert kernel.num_splits(programs, 1, keys, num_sms=132) == expect
 
 
+@pytest.mark.parametrize("lens, expect", [
+    ([131072] + [2500] * 40, 16),  # a 128K context decoding beside 40 chats: split, or its programs set the time
+    ([4096] * 200, 1),  # balanced: 200 x 8 programs fill the GPU
+    ([8192] + [100] * 40, 16),
+    ([3000] + [10] * 40, 1),  # too short to be worth splitting whatever the others
+    ([131072] * 40, 1),  # long, but all alike
+])
+def test_a_dominating_context_is_split(kernel, lens, expect):
+    assert kernel.num_splits(len(lens), 8, 131072, num_sms=132, lens=lens) == expect
+
+
 @pytest.mark.parametrize("N,H,D", [(1, 8, 128), (7, 2, 16), (40, 3, 64)])
 def test_kv_write_kernel_equals_indexed_assignment(N, H, D):
     """Strided K/V (the model's transposed (1, H, N, D) views) into scattered slots of NaN-filled pools."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longseq.attention.sdpa import attention
+from longseq.attention.varlen import Chunks, chunk_attention
 
 # Not cuDNN for the masked decode: it builds an execution plan per (batch, length) shape on the host (~3 ms, measured
 # on an H100), and the batch size changes whenever a request joins or leaves.
@@ -40,6 +41,7 @@ class PagedBatch:
     decode_lens: torch.Tensor | None = None  # (B_dec,) int32 context lengths
     decode_rows: torch.Tensor | None = None  # (B_dec,) their query rows in a mixed batch; None: every row
     splits: int = 1  # key splits of the decode kernel (fixed per captured graph)
+    chunks: Chunks | None = None  # the sequences with more than one new token (prompt chunks), packed
     _context_slots: list[torch.Tensor] | None = None
 
     @property
@@ -65,6 +67,7 @@ class PagedBatch:
         first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
         batch = cls((tables[seq, pos // bs] * bs + pos % bs).to(device), query_lens, context_lens, tables, bs, dev)
+        batch.chunks = Chunks.build(tables, q_lens, ctx, bs, dev)
         single = (q_lens == 1).nonzero().flatten()  # (B_dec,) sequences with one new token
         if len(single):
             keys = -(-int(ctx[single].max()) // DECODE_BUCKET) * DECODE_BUCKET
@@ -74,7 +77,7 @@ class PagedBatch:
             batch.decode_lens = ctx[single].to(device, torch.int32)
             if len(single) < B:
                 batch.decode_rows = (torch.cumsum(q_lens, 0) - 1)[single].to(device)
-            batch.splits = decode_splits(len(single), num_kv_heads, keys, dev)
+            batch.splits = decode_splits(len(single), num_kv_heads, keys, dev, ctx[single].tolist())
         return batch
 
 
@@ -89,32 +92,31 @@ def last_slots(tables: torch.Tensor, ctx: torch.Tensor, block_size: int) -> torc
     return tables[torch.arange(tables.shape[0]), last // block_size] * block_size + last % block_size
 
 
-def decode_splits(batch: int, num_kv_heads: int, keys: int, device: torch.device) -> int:
+def decode_splits(batch: int, num_kv_heads: int, keys: int, device: torch.device,
+                  lens: list[int] | None = None) -> int:
+    """Key splits of the decode kernel for `batch` sequences of at most `keys` keys (and these context lengths,
+    where known)."""
     if device.type != "cuda":
         return 1
     from longseq.attention.kernels.paged_decode import num_splits
 
-    return num_splits(batch, num_kv_heads, keys, torch.cuda.get_device_properties(device).multi_processor_count)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return num_splits(batch, num_kv_heads, keys, sms, lens)
 
 
 def paged_attention(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: PagedBatch, window: int | None = None
 ) -> torch.Tensor:
     """q (1, H, N, D) -> (1, H, N, D). New K/V must already be written into the pools."""
-    if batch.decode_tables is None:
-        return reference_paged_attention(q, k_pool, v_pool, batch, window)
-    rows = batch.decode_rows
-    if rows is None:
+    if batch.chunks is None:
         return decode_attention(q, k_pool, v_pool, batch, window)
-    # A mixed step: the single-token rows in one decode call, each longer query (a prompt chunk) on its own.
+    if batch.decode_tables is None:
+        return chunk_attention(q, k_pool, v_pool, batch.chunks, window)
+    # A mixed step: the single-token rows in one decode call, the prompt chunks in one variable-length call.
     out = torch.empty_like(q)
-    out[:, :, rows] = decode_attention(q[:, :, rows], k_pool, v_pool, batch, window)
-    start = 0
-    for q_len, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.context_slots, strict=True):
-        if q_len > 1:
-            out[:, :, start : start + q_len] = _attend_context(q[:, :, start : start + q_len], k_pool, v_pool, slots,
-                                                               ctx, window)
-        start += q_len
+    out[:, :, batch.decode_rows] = decode_attention(q[:, :, batch.decode_rows], k_pool, v_pool, batch, window)
+    rows = batch.chunks.rows
+    out[:, :, rows] = chunk_attention(q[:, :, rows], k_pool, v_pool, batch.chunks, window)
     return out
 
 

@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from longseq.attention import flash
 from longseq.attention.masks import causal_mask
@@ -62,7 +63,9 @@ def attention(
     if fa4 or (q_start == 0 and window is None):  # FlashAttention-4, else SDPA's causal kernel: no mask
         core = functools.partial(flash.causal, window=window) if fa4 else _sdpa_causal
         return _by_kv_groups(core, *_bshd(q, k, v), _training_groups(q, k, v)).transpose(1, 2)
-    # Chunked prefill or a sliding window: an explicit (S, T) mask.
+    if window is None:  # chunked prefill: causal aligned to the last key, FlashAttention without a mask on GPUs
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(S, T), enable_gqa=gqa)
+    # A sliding window past the first chunk: an explicit (S, T) mask.
     pos = torch.arange(T, device=q.device)
     return _sdpa_masked(q, k, v, causal_mask(pos[q_start:], pos, window))
 

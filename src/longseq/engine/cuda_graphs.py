@@ -22,9 +22,10 @@ def key_bucket(n: int) -> int:
 
 class DecodeGraph:
     """Static inputs for `batch_size` sequences attending over at most `num_keys` keys, and the captured graph of
-    the model up to its final hidden states."""
+    the model up to its final hidden states. `splits`: the decode kernel's key splits (None: as decode_splits
+    picks them for this shape)."""
 
-    def __init__(self, runner, batch_size: int, num_keys: int, pool):
+    def __init__(self, runner, batch_size: int, num_keys: int, pool, splits: int | None = None):
         dev = runner.device
         self.runner, self.B, self.T = runner, batch_size, num_keys
         self.width = -(-num_keys // runner.block_size)  # block-table columns
@@ -36,7 +37,7 @@ class DecodeGraph:
             block_size=runner.block_size, device=dev,
             decode_tables=torch.zeros(batch_size, self.width, dtype=torch.int32, device=dev),
             decode_lens=torch.ones(batch_size, dtype=torch.int32, device=dev),
-            splits=decode_splits(batch_size, runner.cache.num_kv_heads, num_keys, dev),
+            splits=splits or decode_splits(batch_size, runner.cache.num_kv_heads, num_keys, dev),
         )
         self._fill_padding(0)
         stream = torch.cuda.Stream(dev)

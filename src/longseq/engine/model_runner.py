@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longseq.attention.paged import PagedBatch, PagedKVCache, use_decode_kernel
+from longseq.attention.paged import PagedBatch, PagedKVCache, decode_splits, use_decode_kernel
 from longseq.config import EngineConfig
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
 from longseq.engine.requests import max_model_len
@@ -63,7 +63,7 @@ class ModelRunner:
                                   mc.head_dim, self.dtype, self.device)
         # Dynamic NTK reads the longest position on the host every step, which a graph cannot do.
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (batch bucket, key bucket, key splits)
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # The decode kernel reads each context's length on the device, so one graph per batch bucket serves every
         # length up to the model's context, and all of them are captured now rather than on a request's first
@@ -77,8 +77,13 @@ class ModelRunner:
     def _capture_all(self) -> None:
         sizes = [b for b in BATCH_BUCKETS if b < self.cfg.max_num_seqs] + [bucket(self.cfg.max_num_seqs,
                                                                                     BATCH_BUCKETS)]
+        keys = self.max_model_len
         for size in reversed([b for b in sizes if b is not None]):  # largest first: the rest reuse its pool
-            self.graphs[(size, self.max_model_len)] = DecodeGraph(self, size, self.max_model_len, self.graph_pool)
+            # Each batch size twice where they differ: the usual key splits, and those of a step whose longest
+            # context dominates it (paged_decode.dominated), so that a long context never decodes unsplit.
+            for splits in {decode_splits(size, self.cache.num_kv_heads, keys, self.device, lens)
+                           for lens in (None, [keys] + [1] * (size - 1))}:
+                self.graphs[(size, keys, splits)] = DecodeGraph(self, size, keys, self.graph_pool, splits)
 
     def _blocks_from_memory(self) -> int:
         if self.device.type != "cuda":
@@ -150,9 +155,10 @@ class ModelRunner:
         if size is None:
             return None
         keys = self.max_model_len if self.fixed_keys else key_bucket(max(step.context_lens))
-        graph = self.graphs.get((size, keys))
+        splits = decode_splits(size, self.cache.num_kv_heads, keys, self.device, step.context_lens)
+        graph = self.graphs.get((size, keys, splits))
         if graph is None:
-            graph = self.graphs[(size, keys)] = DecodeGraph(self, size, keys, self.graph_pool)
+            graph = self.graphs[(size, keys, splits)] = DecodeGraph(self, size, keys, self.graph_pool, splits)
         hidden = graph.replay(step.ids, step.positions, step.block_tables, step.context_lens, ids)  # (B, d)
         # The vocabulary projection stays outside the graphs: its (B, V) output per captured graph would hold GBs.
         return self.model.logits(hidden).float()

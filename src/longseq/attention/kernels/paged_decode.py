@@ -86,13 +86,26 @@ def _merge_splits_kernel(Part, Lse, Out, stride_pb, stride_ph, stride_ob, stride
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
-def num_splits(batch: int, num_kv_heads: int, max_keys: int, num_sms: int) -> int:
+LONG_SPLITS = 16  # parts a context that dominates the step is cut into, at least
+LONG_KEYS = LONG_SPLITS * 4 * BLOCK_N  # shorter contexts are never split for that reason
+
+
+def num_splits(batch: int, num_kv_heads: int, max_keys: int, num_sms: int, lens: list[int] | None = None) -> int:
     """Split the keys only when (sequence, KV head) programs alone would leave most SMs idle, and never below a
-    few tiles per split: a split's fixed cost is one extra partial output and its share of the merge."""
+    few tiles per split: a split's fixed cost is one extra partial output and its share of the merge. `lens`, the
+    step's context lengths where known: a long context beside short ones is split too (see `dominated`)."""
     programs = batch * num_kv_heads
-    if programs >= num_sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_keys, 4 * BLOCK_N), 32))
+    base = 1 if programs >= num_sms else max(1, min(triton.cdiv(2 * num_sms, programs),
+                                                    triton.cdiv(max_keys, 4 * BLOCK_N), 32))
+    return max(base, LONG_SPLITS) if lens is not None and dominated(lens, num_kv_heads, num_sms) else base
+
+
+def dominated(lens: list[int], num_kv_heads: int, num_sms: int) -> bool:
+    """Whether the longest context, read unsplit by one program per KV head, would take over twice as long as the
+    whole step balanced over every SM (a 128K context decoding beside short chats): its programs set the step's
+    time while the other SMs idle."""
+    longest = max(lens)
+    return longest >= LONG_KEYS and longest * num_sms > 2 * sum(lens) * num_kv_heads
 
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,

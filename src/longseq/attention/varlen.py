@@ -1,0 +1,88 @@
+"""Every prompt chunk of a serving step in one variable-length attention call.
+
+A step of the engine holds prompt chunks of many sequences (new prompts, the next chunk of a long one). Attending
+to them one sequence at a time costs a kernel launch or three per sequence per layer, and SDPA backends that plan
+per shape (cuDNN) rebuild a plan for every new length. Here their queries are packed back to back, each one's whole
+context is gathered from the paged pool into one packed K/V, and FlashAttention's variable-length kernel runs them
+all at once: causal aligned to each context's last key, so a chunk sees its sequence's earlier tokens (FlashAttention-2
+varlen semantics, Dao 2023). Where that kernel is not available (CPU, float32, odd head sizes) the same packed
+tensors go through contiguous attention sequence by sequence: the reference the GPU test compares the kernel with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longseq.attention.sdpa import attention
+
+
+@dataclass
+class Chunks:
+    """The multi-token sequences of a step (prompt chunks), packed."""
+
+    rows: torch.Tensor  # (N_c,) their query rows in the step's flat batch, on the device
+    slots: torch.Tensor  # (sum of contexts,) pool slots of every chunk's whole context, sequence after sequence
+    cu_q: torch.Tensor  # (C + 1,) int32 query offsets into the packed queries, on the device
+    cu_k: torch.Tensor  # (C + 1,) int32 key offsets into the packed context
+    q_lens: list[int]
+    ctx_lens: list[int]
+
+    @classmethod
+    def build(cls, tables: torch.Tensor, q_lens: torch.Tensor, ctx: torch.Tensor, block_size: int,
+              device: torch.device) -> Chunks | None:
+        """From the step's host tensors (every sequence: block tables (B, W), new tokens (B,), context after the
+        step (B,)); None where no sequence has more than one new token."""
+        multi = (q_lens > 1).nonzero().flatten()  # (C,)
+        if not len(multi):
+            return None
+        ends = torch.cumsum(q_lens, 0)
+        cq, cc = q_lens[multi], ctx[multi]
+        rows = torch.repeat_interleave(ends[multi] - cq, cq) + _ranges(cq)
+        owner = torch.repeat_interleave(multi, cc)  # (sum cc,) sequence of each context token
+        pos = _ranges(cc)
+        slots = tables[owner, pos // block_size] * block_size + pos % block_size
+        cu = [torch.nn.functional.pad(torch.cumsum(n, 0), (1, 0)).to(device, torch.int32) for n in (cq, cc)]
+        return cls(rows.to(device), slots.to(device), cu[0], cu[1], cq.tolist(), cc.tolist())
+
+
+def _ranges(lens: torch.Tensor) -> torch.Tensor:
+    """0..n-1 for each n of lens, back to back."""
+    starts = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+    return torch.arange(int(lens.sum())) - starts
+
+
+def chunk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, chunks: Chunks,
+                    window: int | None) -> torch.Tensor:
+    """q (1, H, N_c, D), the chunks' queries in packed order -> (1, H, N_c, D). New K/V must be in the pools."""
+    qp = q[0].transpose(0, 1)  # (N_c, H, D)
+    k, v = k_pool[chunks.slots], v_pool[chunks.slots]  # (sum of contexts, H_kv, D)
+    run = flash_varlen if use_flash_varlen(qp) else loop_varlen
+    return run(qp, k, v, chunks, window).transpose(0, 1).unsqueeze(0)
+
+
+def use_flash_varlen(q: torch.Tensor) -> bool:
+    D = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 256
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chunks,
+                 window: int | None) -> torch.Tensor:
+    """PyTorch's FlashAttention-2 variable-length kernel (the op behind torch.nn.attention.varlen, whose public
+    signature has changed between releases); grouped K/V heads as they are. q (N_c, H, D) -> (N_c, H, D)."""
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, chunks.cu_q, chunks.cu_k, max(chunks.q_lens), max(chunks.ctx_lens), 0.0, True, False,
+        window_size_left=-1 if window is None else window - 1, window_size_right=0)
+    return out[0]
+
+
+def loop_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chunks,
+                window: int | None) -> torch.Tensor:
+    """The reference: contiguous causal attention per sequence over the same packed tensors."""
+    out, qs, ks = torch.empty_like(q), 0, 0
+    for n, ctx in zip(chunks.q_lens, chunks.ctx_lens, strict=True):
+        view = [t.transpose(0, 1).unsqueeze(0) for t in (q[qs : qs + n], k[ks : ks + ctx], v[ks : ks + ctx])]
+        out[qs : qs + n] = attention(*view, q_start=ctx - n, window=window)[0].transpose(0, 1)
+        qs, ks = qs + n, ks + ctx
+    return out

@@ -1,0 +1,40 @@
+"""The packed prompt chunks of a step: the right rows, slots and offsets; FlashAttention's varlen kernel (GPU) equals
+contiguous attention sequence by sequence."""
+
+import pytest
+import torch
+
+from longseq.attention.paged import PagedBatch
+from longseq.attention.varlen import Chunks, flash_varlen, loop_varlen
+
+BS = 4
+
+
+def test_chunks_pack_the_multi_token_sequences():
+    # a decode, a fresh 3-token prompt, a decode, a 2-token chunk of a longer prompt
+    tables, q_lens, ctx = [[5, 2], [7], [0, 3, 1], [4, 6, 8]], [1, 3, 1, 2], [6, 3, 9, 10]
+    batch = PagedBatch.build(tables, q_lens, ctx, BS, torch.device("cpu"))
+    c = batch.chunks
+    assert c.rows.tolist() == [1, 2, 3, 5, 6]
+    assert c.q_lens == [3, 2] and c.ctx_lens == [3, 10]
+    assert c.cu_q.tolist() == [0, 3, 5] and c.cu_k.tolist() == [0, 3, 13]
+    assert c.cu_q.dtype == torch.int32
+    assert c.slots.tolist() == batch.context_slots[1].tolist() + batch.context_slots[3].tolist()
+    assert PagedBatch.build([[1], [2]], [1, 1], [3, 2], BS, torch.device("cpu")).chunks is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel runs on CUDA GPUs")
+@pytest.mark.parametrize("window", [None, 5, 200])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
+def test_flash_varlen_equals_loop(window, heads):
+    H, H_kv, D = *heads, 128
+    q_lens, ctx = [37, 1, 300, 64], [37, 900, 1000, 64]  # fresh prompts and chunks continuing long ones
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = Chunks(torch.arange(sum(q_lens)), torch.arange(sum(ctx)),
+               torch.tensor([0, *torch.tensor(q_lens).cumsum(0)], dtype=torch.int32, device="cuda"),
+               torch.tensor([0, *torch.tensor(ctx).cumsum(0)], dtype=torch.int32, device="cuda"), q_lens, ctx)
+    q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(sum(ctx), H_kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    ref = loop_varlen(q.double(), k.double(), v.double(), c, window)
+    torch.testing.assert_close(flash_varlen(q, k, v, c, window).double(), ref, atol=2e-2, rtol=0)

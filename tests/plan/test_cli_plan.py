@@ -102,3 +102,38 @@ def test_plan_never_imports_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_train_without_recompute_shows_what_longseq_train_would_pick(capsys):
+    # Issue 23: 64K LoRA on an H200 was "does not fit" (recompute none) while `longseq train` planned and ran it.
+    from longseq.config import TrainConfig
+    from longseq.plan.auto import Fixed, choose, with_candidate
+    from longseq.plan.hardware import get_gpu
+    from longseq.plan.models import get_model
+    from longseq.plan.setup import TrainSetup
+
+    argv = ["plan", "train", "--model", "llama-3-8b", "--gpu", "H200", "--seq-len", "65536", "--method", "lora"]
+    code, out, _ = run(argv + ["--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["fits"] and data["auto"]["fits"]
+    flags = data["auto"]["flags"].split()
+    assert data["setup"]["recompute"] == flags[flags.index("--recompute") + 1] != "none"
+    # the flags it prints reproduce the same plan, and that plan is the search's choice for the TrainConfig
+    forced = dict(zip(flags[::2], flags[1::2], strict=True))
+    code, out, _ = run(argv + ["--recompute", forced["--recompute"], "--mlp-tile", forced["--tile-tokens"],
+                               "--plain-layers", forced.get("--plain-layers", "0"), "--json"], capsys)
+    assert json.loads(out)["memory_gib"] == data["memory_gib"]
+    cfg = TrainConfig(data=("x",), seq_len=65536)
+    spec, gpu = get_model("llama-3-8b"), get_gpu("H200")
+    pick = choose(spec, TrainSetup(method="lora", seq_len=65536), Fixed(cfg.recompute), gpu.memory_bytes)
+    assert with_candidate(TrainSetup(), (pick.recompute, pick.tile, 0, pick.plain_layers)).recompute == \
+        data["setup"]["recompute"]
+    _, text, _ = run(argv, capsys)
+    assert "as longseq train --plan auto would pick on the H200" in text and "does not fit" not in text
+
+
+@pytest.mark.parametrize("argv", [["--recompute", "auto", "--fit"], ["--recompute", "auto,full", "--fit"],
+                                  ["--plain-layers", "-1"]])
+def test_train_auto_flag_errors(argv, capsys):
+    code, _, err = run(["plan", "train", "--model", "llama-3-8b", *argv], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1

@@ -34,6 +34,11 @@ def test_candidates_fastest_first_and_user_flags_win():
     assert fixed == [("offloaded", None, 2, 0)]
     fixed = candidates(TrainConfig(data=("x",), recompute="keep_attention", plain_layers=0), 4, CUDA)
     assert fixed == [("keep_attention", None, 0, 0), ("keep_attention", 8192, 0, 0)]
+    # a forced policy runs on every layer (issue 23: --recompute full ran 31 of 32 layers plain)
+    assert candidates(TrainConfig(data=("x",), recompute="full"), 4, CUDA) == [("full", None, 0, 0),
+                                                                              ("full", 8192, 0, 0)]
+    assert candidates(TrainConfig(data=("x",), recompute="full", plain_layers=2), 4, CUDA) == [
+        ("full", None, 0, 2), ("full", 8192, 0, 2)]
 
 
 def test_plain_layers_take_the_memory_left_over(monkeypatch):

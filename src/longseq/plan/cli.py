@@ -46,8 +46,8 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
     t.add_argument("--method", default=None, help="full, lora or qlora; with --fit a comma list to search "
                    "(default: lora; --fit: lora,qlora)")
-    t.add_argument("--recompute", default=None, help="none, selective, keep_attention, full or offloaded "
-                   "(default: none; --fit searches all five)")
+    t.add_argument("--recompute", default=None, help="auto, none, selective, keep_attention, full or offloaded "
+                   "(default auto: what longseq train --plan auto would pick on this GPU; --fit searches all five)")
     t.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch per GPU (default: 1)")
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--optimizer", default=None, help="adamw, adamw8bit, sgd or adafactor (default: adamw; "
@@ -58,7 +58,10 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     t.add_argument("--train-extra", default="", help="LoRA: also train embed and/or norm (comma list)")
     t.add_argument("--loss-chunk", type=int, default=1024, help="tokens per LM-head + loss chunk (default: 1024)")
     t.add_argument("--packed", action="store_true", help="several documents per sequence (an S×S mask per layer)")
-    t.add_argument("--mlp-tile", type=int, default=None, help="tiled RMSNorms and MLPs: tokens per tile")
+    t.add_argument("--mlp-tile", type=int, default=None, help="tiled RMSNorms and MLPs: tokens per tile "
+                   "(0: untiled; default: as planned under recompute auto, else untiled)")
+    t.add_argument("--plain-layers", type=int, default=None, help="recompute keep_attention / full: the last layers "
+                   "that recompute only the SwiGLU product (default: 0; auto: as many as fit)")
     t.add_argument("--offload-keep", type=int, default=None, help="recompute offloaded: the last layers whose "
                    "inputs stay on the GPU (default: as many as fit, as longseq train picks)")
     t.add_argument("--host-memory", type=float, default=None, help="GiB of host memory that page-locked buffers "
@@ -132,6 +135,7 @@ def _print(payload: dict[str, Any] | None, tables: list[Any], lines: list[str], 
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from longseq.plan.auto import Fixed, choose, with_candidate
     from longseq.plan.fit import DEFAULT_METHODS, DEFAULT_OPTIMIZERS, LONGSEQ_POLICIES, SearchSpace, fit_train
     from longseq.plan.hardware import get_gpu
     from longseq.plan.models import get_model
@@ -155,7 +159,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.host_memory is not None and args.host_memory <= 0:
         raise LongseqError(f"--host-memory must be positive, got {args.host_memory:g}")
     methods = _split(args.method) or (DEFAULT_METHODS if args.fit else ("lora",))
-    policies = _split(args.recompute) or (LONGSEQ_POLICIES if args.fit else ("none",))
+    policies = _split(args.recompute) or (LONGSEQ_POLICIES if args.fit else ("auto",))
+    if "auto" in policies and (args.fit or len(policies) > 1):
+        raise LongseqError("--recompute auto is the planner's own choice; --fit searches the policies you list")
     optimizers = _split(args.optimizer) or (DEFAULT_OPTIMIZERS if args.fit else ("adamw",))
     if not args.fit and (len(methods) > 1 or len(policies) > 1 or len(optimizers) > 1):
         raise LongseqError("several values for --method / --recompute / --optimizer need --fit")
@@ -164,13 +170,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise LongseqError(f"--train-extra takes embed and/or norm; got {sorted(extra - {'embed', 'norm'})}")
     parallel = Parallelism(dp=args.num_gpus // model_par, tp=args.tp, pp=args.pp, sp=args.sp,
                            zero=args.zero or 0, offload=args.offload, nodes=args.nodes)
+    if args.plain_layers is not None and args.plain_layers < 0:
+        raise LongseqError(f"--plain-layers must be 0 or more, got {args.plain_layers}")
     setup = TrainSetup(method=methods[0], seq_len=args.seq_len, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, recompute=policies[0], optimizer=optimizers[0],
+                       grad_accum=args.grad_accum, recompute="none" if policies[0] == "auto" else policies[0],
+                       optimizer=optimizers[0],
                        precision=args.precision, lora_rank=args.lora_rank,
                        lora_targets=_split(args.lora_targets) or tuple(layer_linears(spec)),
                        train_embed="embed" in extra, train_norms="norm" in extra, loss_chunk=args.loss_chunk,
-                       packed=args.packed, mlp_tile=args.mlp_tile, offload_keep=args.offload_keep,
-                       parallel=parallel)
+                       packed=args.packed, mlp_tile=args.mlp_tile or None, offload_keep=args.offload_keep,
+                       plain_layers=args.plain_layers or 0, parallel=parallel)
     kw = dict(tokens=args.tokens, price=args.price, efficiency=args.efficiency, host_gib=args.host_memory)
     if args.fit:
         zero = (args.zero,) if args.zero is not None else (0, 1, 2, 3)
@@ -188,12 +197,26 @@ def run_train(args: argparse.Namespace) -> int:
             return 0 if result.best else 1
         _print(payload, [], [], [])
         return 0 if result.best else 1
+    picked = None
+    if policies[0] == "auto":  # as `longseq train --plan auto` picks, against this GPU's memory
+        fixed = Fixed("auto", args.mlp_tile, args.offload_keep, args.plain_layers)
+        host = None if args.host_memory is None else args.host_memory * 2**30
+        picked = choose(spec, setup, fixed, gpu.memory_bytes, host, offload=parallel.num_gpus == 1)
+        setup = with_candidate(setup, (picked.recompute, picked.tile, picked.offload_keep, picked.plain_layers))
     plan = plan_train(spec, gpu, setup, **kw)
+    lines = []
+    if picked is not None:
+        flags = picked.flags(spec.config.num_layers)
+        lines.append(f"as longseq train --plan auto would pick on the {gpu.name}: {flags}"
+                     + ("" if picked.fits else " (the most frugal: nothing fits)"))
     if args.json:
-        _print(plan.to_dict(), [], [], [])
+        payload = plan.to_dict()
+        if picked is not None:
+            payload["auto"] = {"fits": picked.fits, "flags": picked.flags(spec.config.num_layers)}
+        _print(payload, [], [], [])
     else:
         hint = [] if plan.fits else ["[red]does not fit[/]: try --fit to search for a setup that does"]
-        _print(None, train_tables(plan), hint, plan.notes + plan.memory.notes)
+        _print(None, train_tables(plan), lines + hint, plan.notes + plan.memory.notes)
     return 0
 
 

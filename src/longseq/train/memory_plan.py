@@ -1,12 +1,5 @@
-"""`longseq train --plan auto`: pick the memory techniques a run needs from the planner and the memory there is.
-
-The candidates, fastest first: no recompute; keep_attention (recompute all but attention) with as many of the
-last layers plain (recomputing only the SwiGLU product) as fit, all of them first; selective; keep_attention,
-untiled then with tiled norms and MLPs; full with plain layers, full, untiled then tiled; layer inputs offloaded to
-pinned host memory (keeping on the GPU as many of the last layers' inputs as fit). The first whose predicted peak
-(longseq.plan, validated against measured H100 runs) fits the GPU's memory wins. A flag the user set
-(`--recompute`, `--tile-tokens`, `--offload-keep`, `--plain-layers`) is kept as given.
-"""
+"""`longseq train --plan auto`: pick the memory techniques a run needs (plan/auto.py) from the memory there is,
+measured on this machine, and set them on the model."""
 
 from __future__ import annotations
 
@@ -16,14 +9,15 @@ from dataclasses import dataclass
 import torch
 
 from longseq.config import ModelConfig, TrainConfig
-from longseq.config.policy import DEFAULT_TILE_TOKENS, PLAIN_LAYER_POLICIES
+from longseq.config.policy import PLAIN_LAYER_POLICIES
 from longseq.models import fused
-from longseq.plan.memory import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, train_memory
+from longseq.plan import auto
+from longseq.plan.auto import MARGIN
+from longseq.plan.memory import CUDA_CONTEXT_GIB
 from longseq.plan.models import ModelSpec
 from longseq.plan.setup import Parallelism, parallelism_for, setup_for
 
 GIB = 2**30
-MARGIN = 0.95  # of the budget: the planner's error on measured runs is within 3%
 
 
 @dataclass
@@ -61,13 +55,16 @@ class MemoryChoice:
         return ("planned: " if self.auto else "") + text
 
 
+def fixed(cfg: TrainConfig) -> auto.Fixed:
+    return auto.Fixed(cfg.recompute, cfg.tile_tokens, cfg.offload_keep, cfg.plain_layers)
+
+
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
             tile: int | None, keep: int, parallel: Parallelism | None = None, plain: int = 0) -> tuple[float, float]:
     """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
     setup = setup_for(cfg, precision=precision, packed=packed, recompute=recompute, tile=tile, offload_keep=keep,
                       plain_layers=plain, fused=fused.available(), parallel=parallel)
-    mem = train_memory(ModelSpec("run", model_cfg), setup)
-    return mem.allocated * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB * GIB, mem.activation.host
+    return auto.predict(ModelSpec("run", model_cfg), setup)
 
 
 def device_budget(device: torch.device) -> tuple[float, float]:
@@ -79,33 +76,11 @@ def device_budget(device: torch.device) -> tuple[float, float]:
     return host + _meminfo("_rss"), host
 
 
-Candidate = tuple[str, int | None, int, int]  # recompute, tile, offload_keep, plain_layers
-
-
 def candidates(cfg: TrainConfig, num_layers: int, device: torch.device,
-               distributed: bool = False) -> list[Candidate]:
+               distributed: bool = False) -> list[auto.Candidate]:
     """(recompute, tile, offload_keep, plain_layers) to try, fastest first, restricted by what the user fixed.
     Host offload is single-process only for now (untested under DDP / FSDP hooks)."""
-    tile_on = cfg.tile_tokens if cfg.tile_tokens else DEFAULT_TILE_TOKENS
-
-    def plain(policy: str, most: int) -> list[Candidate]:  # each plain layer buys back one layer's recompute
-        return [(policy, None, 0, n) for n in range(most, 0, -1)]
-
-    out: list[Candidate] = [("none", None, 0, 0), *plain("keep_attention", num_layers), ("selective", None, 0, 0),
-                            ("keep_attention", None, 0, 0), ("keep_attention", tile_on, 0, 0),
-                            *plain("full", num_layers - 1), ("full", None, 0, 0), ("full", tile_on, 0, 0)]
-    if device.type == "cuda" and not distributed:  # host offload saves device memory only off the host
-        out += [("offloaded", tile_on, keep, 0) for keep in range(num_layers - 1, -1, -1)]
-    if cfg.recompute != "auto":
-        out = [c for c in out if c[0] == cfg.recompute] or [(cfg.recompute, tile_on, 0, 0)]
-    if cfg.tile_tokens is not None:
-        out = [(r, cfg.tile_tokens or None, k, n) for r, _, k, n in out]
-    if cfg.offload_keep is not None:
-        out = [(r, t, cfg.offload_keep, n) for r, t, _, n in out]
-    if cfg.plain_layers is not None:
-        out = [(r, t, k, min(cfg.plain_layers, num_layers) if r in PLAIN_LAYER_POLICIES else 0)
-               for r, t, k, _ in out]
-    return list(dict.fromkeys(out))
+    return auto.candidates(fixed(cfg), num_layers, offload=device.type == "cuda" and not distributed)
 
 
 def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: torch.device,
@@ -113,7 +88,6 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
     """The fastest candidate predicted to fit; the most frugal one (with a warning) when none does.
     `parallel`: the run's processes, for FSDP shards and Ulysses sequence shards."""
     layers = model_cfg.num_layers
-    distributed = parallel is not None and parallel.num_gpus > 1
     if cfg.plan == "off":
         recompute = "none" if cfg.recompute == "auto" else cfg.recompute
         keep = cfg.offload_keep if cfg.offload_keep is not None else 0
@@ -123,18 +97,13 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
         return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False,
                             plain_layers=plain)
     budget, host_free = device_budget(device)
-    auto = (cfg.recompute == "auto" or cfg.tile_tokens is None or cfg.offload_keep is None
-            or cfg.plain_layers is None)
-    best = None
-    for recompute, tile, keep, plain in candidates(cfg, layers, device, distributed):
-        peak, host = predict(model_cfg, cfg, precision, packed, recompute, tile, keep, parallel, plain)
-        choice = MemoryChoice(recompute, tile, keep, peak / GIB, budget / GIB, host / GIB, layers, auto,
-                              host_free / GIB, plain)
-        if choice.fits:
-            return choice
-        if best is None or choice.predicted_gib < best.predicted_gib:
-            best = choice
-    return best
+    distributed = parallel is not None and parallel.num_gpus > 1
+    base = setup_for(cfg, precision=precision, packed=packed, recompute="none", fused=fused.available(),
+                     parallel=parallel)
+    c = auto.choose(ModelSpec("run", model_cfg), base, fixed(cfg), budget, host_free,
+                    offload=device.type == "cuda" and not distributed)
+    return MemoryChoice(c.recompute, c.tile, c.offload_keep, c.device_bytes / GIB, budget / GIB, c.host_bytes / GIB,
+                        layers, fixed(cfg).auto, host_free / GIB, c.plain_layers)
 
 
 def _meminfo(key: str) -> float:

@@ -137,3 +137,11 @@ def test_train_without_recompute_shows_what_longseq_train_would_pick(capsys):
 def test_train_auto_flag_errors(argv, capsys):
     code, _, err = run(["plan", "train", "--model", "llama-3-8b", *argv], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_train_gpu_memory_budget(capsys):
+    base = ["plan", "train", "--model", "llama-3-8b", "--gpu", "H200", "--seq-len", "32768", "--json"]
+    whole = json.loads(run(base, capsys)[1])
+    shared = json.loads(run(base + ["--gpu-memory", "60"], capsys)[1])
+    assert shared["auto"]["fits"] and shared["memory_gib"]["allocated_peak"] < 60 < whole["memory_gib"]["total"]
+    assert run(base + ["--gpu-memory", "-3"], capsys)[0] == 2

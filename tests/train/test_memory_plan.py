@@ -143,3 +143,15 @@ def test_rope_scaling_trains_past_the_native_context_and_exports(tiny_dir, tmp_p
     assert hf["max_position_embeddings"] == 256
     rope = hf.get("rope_parameters") or hf.get("rope_scaling")
     assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0
+
+
+def test_gpu_memory_caps_the_budget(monkeypatch):
+    # a shared 141 GB GPU: --gpu-memory 60 plans as if only 60 GiB were there
+    _budget(monkeypatch, 139.7)
+    cfg = TrainConfig(data=("x",), seq_len=32768)
+    free = choose(LLAMA8B, cfg, "bf16", CUDA, packed=False)
+    capped = choose(LLAMA8B, TrainConfig(data=("x",), seq_len=32768, gpu_memory=60), "bf16", CUDA, packed=False)
+    assert capped.fits and capped.budget_gib == 60 and capped.predicted_gib <= 60 * memory_plan.MARGIN
+    assert free.predicted_gib > 60 and (capped.recompute, capped.plain_layers) != (free.recompute, free.plain_layers)
+    with pytest.raises(LongseqError, match="gpu_memory"):
+        TrainConfig(data=("x",), gpu_memory=0)

@@ -57,6 +57,9 @@ class TrainConfig:
                                     "(default: planned from free memory)", default=None)
     plain_layers: int | None = flag("recompute keep_attention / full: the last layers that recompute only the "
                                     "SwiGLU product (default: as many as fit)", default=None)
+    gpu_memory: float | None = flag("GiB of GPU memory the run may plan for, below what the GPU has free (a shared "
+                                    "GPU); --plan auto fits its choices in it (default: all that is free)",
+                                    default=None)
     lora_rank: int = flag("LoRA rank r", default=16)
     lora_alpha: float = flag("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = flag("dropout on the LoRA input", default=0.0)
@@ -107,6 +110,8 @@ class TrainConfig:
         for name in ("tile_tokens", "offload_keep", "plain_layers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.gpu_memory is not None and not self.gpu_memory > 0:
+            raise LongseqError(f"gpu_memory must be a positive number of GiB, got {self.gpu_memory}")
         if not 0 <= self.lora_dropout < 1:
             raise LongseqError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         bad = set(self.lora_targets) - set(LORA_TARGETS_ALL)

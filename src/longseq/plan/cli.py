@@ -64,6 +64,8 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
                    "that recompute only the SwiGLU product (default: 0; auto: as many as fit)")
     t.add_argument("--offload-keep", type=int, default=None, help="recompute offloaded: the last layers whose "
                    "inputs stay on the GPU (default: as many as fit, as longseq train picks)")
+    t.add_argument("--gpu-memory", type=float, default=None, help="GiB of each GPU the run may use, below its "
+                   "memory (a shared GPU): recompute auto plans within it, as longseq train --gpu-memory does")
     t.add_argument("--host-memory", type=float, default=None, help="GiB of host memory that page-locked buffers "
                    "(offloaded layer inputs, ZeRO-Offload) may take (default: unlimited)")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
@@ -156,6 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise LongseqError("--tokens must be positive")
     if args.offload_keep is not None and args.offload_keep < 0:
         raise LongseqError(f"--offload-keep must be 0 or more, got {args.offload_keep}")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise LongseqError(f"--gpu-memory must be positive, got {args.gpu_memory:g}")
     if args.host_memory is not None and args.host_memory <= 0:
         raise LongseqError(f"--host-memory must be positive, got {args.host_memory:g}")
     methods = _split(args.method) or (DEFAULT_METHODS if args.fit else ("lora",))
@@ -201,7 +205,8 @@ def run_train(args: argparse.Namespace) -> int:
     if policies[0] == "auto":  # as `longseq train --plan auto` picks, against this GPU's memory
         fixed = Fixed("auto", args.mlp_tile, args.offload_keep, args.plain_layers)
         host = None if args.host_memory is None else args.host_memory * 2**30
-        picked = choose(spec, setup, fixed, gpu.memory_bytes, host, offload=parallel.num_gpus == 1)
+        budget = gpu.memory_bytes if args.gpu_memory is None else min(gpu.memory_bytes, args.gpu_memory * 2**30)
+        picked = choose(spec, setup, fixed, budget, host, offload=parallel.num_gpus == 1)
         setup = with_candidate(setup, (picked.recompute, picked.tile, picked.offload_keep, picked.plain_layers))
     plan = plan_train(spec, gpu, setup, **kw)
     lines = []

@@ -97,6 +97,8 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
         return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False,
                             plain_layers=plain)
     budget, host_free = device_budget(device)
+    if cfg.gpu_memory is not None:
+        budget = min(budget, cfg.gpu_memory * GIB)
     distributed = parallel is not None and parallel.num_gpus > 1
     base = setup_for(cfg, precision=precision, packed=packed, recompute="none", fused=fused.available(),
                      parallel=parallel)

@@ -38,3 +38,21 @@ def test_flash_varlen_equals_loop(window, heads):
     v = torch.randn_like(k)
     ref = loop_varlen(q.double(), k.double(), v.double(), c, window)
     torch.testing.assert_close(flash_varlen(q, k, v, c, window).double(), ref, atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="cuDNN attention on a Hopper GPU")
+def test_long_chunks_through_cudnn_equal_the_loop():
+    from longseq.attention.varlen import LONG_PREFIX, split_varlen
+
+    H, H_kv, D = 32, 8, 128
+    q_lens, ctx = [512, 100, 1024], [LONG_PREFIX + 512, 100, 3 * LONG_PREFIX]  # long prefixes and a fresh prompt
+    g = torch.Generator(device="cuda").manual_seed(1)
+    c = Chunks(torch.arange(sum(q_lens)), torch.arange(sum(ctx)),
+               torch.tensor([0, *torch.tensor(q_lens).cumsum(0)], dtype=torch.int32, device="cuda"),
+               torch.tensor([0, *torch.tensor(ctx).cumsum(0)], dtype=torch.int32, device="cuda"), q_lens, ctx)
+    q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(sum(ctx), H_kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    ref = loop_varlen(q.float(), k.float(), v.float(), c, None)
+    torch.testing.assert_close(split_varlen(q, k, v, c, None).float(), ref, atol=2e-2, rtol=0)

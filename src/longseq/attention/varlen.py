@@ -58,7 +58,12 @@ def chunk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
     """q (1, H, N_c, D), the chunks' queries in packed order -> (1, H, N_c, D). New K/V must be in the pools."""
     qp = q[0].transpose(0, 1)  # (N_c, H, D)
     k, v = k_pool[chunks.slots], v_pool[chunks.slots]  # (sum of contexts, H_kv, D)
-    run = flash_varlen if use_flash_varlen(qp) else loop_varlen
+    fast = use_flash_varlen(qp)
+    if fast and window is None and use_cudnn_split(qp) and any(
+            c - n >= LONG_PREFIX for n, c in zip(chunks.q_lens, chunks.ctx_lens, strict=True)):
+        run = split_varlen
+    else:
+        run = flash_varlen if fast else loop_varlen
     return run(qp, k, v, chunks, window).transpose(0, 1).unsqueeze(0)
 
 
@@ -86,3 +91,53 @@ def loop_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chunk
         out[qs : qs + n] = attention(*view, q_start=ctx - n, window=window)[0].transpose(0, 1)
         qs, ks = qs + n, ks + ctx
     return out
+
+
+# A chunk continuing a prompt with at least this many tokens before it attends in two cuDNN calls (split_varlen).
+LONG_PREFIX = 8192
+
+
+def use_cudnn_split(q: torch.Tensor) -> bool:
+    """cuDNN's fused attention on Hopper or newer (where it was measured against FlashAttention-2)."""
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def split_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chunks,
+                 window: int | None) -> torch.Tensor:
+    """Sequence by sequence; a chunk after a long prefix as two cuDNN attentions merged by their log-sum-exp:
+    the chunk's queries over the prefix (no mask) and over the chunk itself (causal, square). PyTorch's cuDNN
+    backend has no causal mask aligned to the last key, and FlashAttention-2's varlen kernel, which has, runs long
+    chunks at a little over half cuDNN's rate on Hopper (benchmarks/results/2026-12-03-serve-workloads-h200)."""
+    assert window is None
+    out, qs, ks = torch.empty_like(q), 0, 0
+    for n, ctx in zip(chunks.q_lens, chunks.ctx_lens, strict=True):
+        qi, ki, vi = q[qs : qs + n], k[ks : ks + ctx], v[ks : ks + ctx]
+        if ctx - n >= LONG_PREFIX:
+            out[qs : qs + n] = prefix_then_chunk(qi, ki, vi)
+        else:
+            one = Chunks(chunks.rows, chunks.slots, *(torch.tensor([0, x], dtype=torch.int32, device=q.device)
+                                                      for x in (n, ctx)), [n], [ctx])
+            out[qs : qs + n] = flash_varlen(qi, ki, vi, one, None)
+        qs, ks = qs + n, ks + ctx
+    return out
+
+
+def prefix_then_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q (n, H, D) at the last n of the ctx positions of k, v (ctx, H_kv, D) -> (n, H, D), causal."""
+    P = k.shape[0] - q.shape[0]
+    # (1, heads, tokens, D), contiguous: the layout cuDNN's attention was measured in (a copy, small beside it)
+    qb, kb, vb = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+    prefix, lse_p = _cudnn(qb, kb[:, :, :P], vb[:, :, :P], causal=False)
+    own, lse_o = _cudnn(qb, kb[:, :, P:], vb[:, :, P:], causal=True)
+    # softmax over both key sets = each part's softmax weighted by its share of the total exp-sum (natural log)
+    lse_p, lse_o = lse_p.float().reshape(prefix.shape[:3]), lse_o.float().reshape(own.shape[:3])  # (1, H, n)
+    top = torch.maximum(lse_p, lse_o)
+    w_p, w_o = (lse_p - top).exp(), (lse_o - top).exp()
+    merged = (prefix.float() * w_p[..., None] + own.float() * w_o[..., None]) / (w_p + w_o)[..., None]
+    return merged[0].transpose(0, 1).to(q.dtype)
+
+
+def _cudnn(q, k, v, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (1, H, n, D), log-sum-exp) of cuDNN's attention; grouped K/V heads as they are."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
+    return out[0], out[1]

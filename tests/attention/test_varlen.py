@@ -23,19 +23,21 @@ def test_chunks_pack_the_multi_token_sequences():
     assert PagedBatch.build([[1], [2]], [1, 1], [3, 2], BS, torch.device("cpu")).chunks is None
 
 
+def packed(q_lens, ctx, H, H_kv, D=128):
+    """Chunks over contexts packed back to back, and random bf16 q (N_c, H, D), k, v (sum ctx, H_kv, D) on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu = [torch.tensor([0, *torch.tensor(n).cumsum(0)], dtype=torch.int32, device="cuda") for n in (q_lens, ctx)]
+    c = Chunks(torch.arange(sum(q_lens)), torch.arange(sum(ctx)), *cu, q_lens, ctx)
+    q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(sum(ctx), H_kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    return c, q, k, torch.randn_like(k)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's varlen kernel runs on CUDA GPUs")
 @pytest.mark.parametrize("window", [None, 5, 200])
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2)], ids=["mha", "gqa"])
 def test_flash_varlen_equals_loop(window, heads):
-    H, H_kv, D = *heads, 128
-    q_lens, ctx = [37, 1, 300, 64], [37, 900, 1000, 64]  # fresh prompts and chunks continuing long ones
-    g = torch.Generator(device="cuda").manual_seed(0)
-    c = Chunks(torch.arange(sum(q_lens)), torch.arange(sum(ctx)),
-               torch.tensor([0, *torch.tensor(q_lens).cumsum(0)], dtype=torch.int32, device="cuda"),
-               torch.tensor([0, *torch.tensor(ctx).cumsum(0)], dtype=torch.int32, device="cuda"), q_lens, ctx)
-    q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(sum(ctx), H_kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(k)
+    c, q, k, v = packed([37, 1, 300, 64], [37, 900, 1000, 64], *heads)  # fresh prompts, chunks of long ones
     ref = loop_varlen(q.double(), k.double(), v.double(), c, window)
     torch.testing.assert_close(flash_varlen(q, k, v, c, window).double(), ref, atol=2e-2, rtol=0)
 
@@ -45,14 +47,7 @@ def test_flash_varlen_equals_loop(window, heads):
 def test_long_chunks_through_cudnn_equal_the_loop():
     from longseq.attention.varlen import LONG_PREFIX, split_varlen
 
-    H, H_kv, D = 32, 8, 128
-    q_lens, ctx = [512, 100, 1024], [LONG_PREFIX + 512, 100, 3 * LONG_PREFIX]  # long prefixes and a fresh prompt
-    g = torch.Generator(device="cuda").manual_seed(1)
-    c = Chunks(torch.arange(sum(q_lens)), torch.arange(sum(ctx)),
-               torch.tensor([0, *torch.tensor(q_lens).cumsum(0)], dtype=torch.int32, device="cuda"),
-               torch.tensor([0, *torch.tensor(ctx).cumsum(0)], dtype=torch.int32, device="cuda"), q_lens, ctx)
-    q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(sum(ctx), H_kv, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(k)
+    # long prefixes and a fresh prompt
+    c, q, k, v = packed([512, 100, 1024], [LONG_PREFIX + 512, 100, 3 * LONG_PREFIX], 32, 8)
     ref = loop_varlen(q.float(), k.float(), v.float(), c, None)
     torch.testing.assert_close(split_varlen(q, k, v, c, None).float(), ref, atol=2e-2, rtol=0)

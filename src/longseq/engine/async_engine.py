@@ -80,7 +80,7 @@ class AsyncLLMEngine:
         finished = False
         try:
             while not finished:
-                out = await stream.get()
+                out = coalesce(await stream.get(), stream)
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
@@ -100,10 +100,18 @@ class AsyncLLMEngine:
     # ---- engine thread ----------------------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
+        """One wake-up of each event loop per step, not one per request: every call_soon_threadsafe takes the
+        loop's lock and writes to its wake-up pipe."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, puts in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, puts)
 
     def _loop(self) -> None:
         while True:
@@ -137,5 +145,22 @@ class AsyncLLMEngine:
                     self.engine.abort(request_id)
                     self._deliver(request_id, e)
                 continue
-            for out in outputs:  # a request the step failed gets its error, the others their tokens
-                self._deliver(out.request_id, out if out.error is None else out.error)
+            # a request the step failed gets its error, the others their tokens
+            self._deliver_all([(out.request_id, out if out.error is None else out.error) for out in outputs])
+
+
+def coalesce(out: RequestOutput | BaseException, stream: asyncio.Queue) -> RequestOutput | BaseException:
+    """Snapshots that queued up behind `out` while the consumer was busy (a loaded event loop) as one: the latest,
+    with the text they added together; an error or the finished snapshot ends the merge. Fewer, larger stream
+    events keep a saturated server from falling further behind."""
+    while not stream.empty() and isinstance(out, RequestOutput) and not out.finished:
+        later = stream.get_nowait()
+        if isinstance(later, RequestOutput):
+            later.new_text = out.new_text + later.new_text
+        out = later
+    return out
+
+
+def _put_all(puts: list[tuple[asyncio.Queue, Any]]) -> None:
+    for stream, item in puts:
+        stream.put_nowait(item)

@@ -1,7 +1,9 @@
-"""GGUF metadata -> ModelConfig; keys follow llama.cpp's `{arch}.*` naming."""
+"""GGUF metadata -> ModelConfig; keys follow llama.cpp's `{arch}.*` naming. llama.cpp stores Mixtral as a "llama"
+with `llama.expert_count` experts (its convert_hf_to_gguf.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from longseq.config.hf import as_ids
@@ -14,7 +16,7 @@ def from_gguf(meta: dict[str, Any], vocab_size: int | None = None) -> ModelConfi
     arch = meta.get("general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
         raise LongseqError(
-            f"unsupported GGUF architecture {arch!r}; supported: llama (incl. Mistral), qwen2, qwen3"
+            f"unsupported GGUF architecture {arch!r}; supported: llama (incl. Mistral and Mixtral), qwen2, qwen3"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -52,6 +54,12 @@ def from_gguf(meta: dict[str, Any], vocab_size: int | None = None) -> ModelConfi
                 [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")]
             ),
         )
+        experts = int(get("expert_count") or 0)
+        if experts and arch != "llama":
+            raise LongseqError(f"unsupported GGUF mixture of experts in a {arch!r} file; supported: Mixtral (llama)")
+        if experts:  # llama.cpp's Llama graph routes as Mixtral does: softmax, top k, renormalised
+            cfg = replace(cfg, arch="mixtral", num_experts=experts, experts_per_token=int(get("expert_used_count")),
+                          moe_intermediate_size=cfg.intermediate_size, norm_topk_prob=True)
     except (TypeError, ValueError) as e:
         raise LongseqError(f"GGUF metadata is incomplete or malformed: {e}") from None
     return cfg

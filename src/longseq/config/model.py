@@ -1,4 +1,5 @@
-"""The model schema: a Llama-family decoder, its RoPE scaling and its attention variant.
+"""The model schema: a Llama-family decoder (dense, or with mixture-of-experts MLPs), its RoPE scaling and its
+attention variant.
 
 Torch-free and format-free: HF `config.json` maps onto it in config/hf.py, GGUF metadata in config/gguf.py.
 """
@@ -10,7 +11,12 @@ from dataclasses import dataclass, field
 from longseq.errors import LongseqError
 
 # HF `model_type` -> our family. Everything on the Llama architecture (SmolLM2, TinyLlama, Vicuna, ...) is "llama".
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Mixture-of-experts families: the same decoder with routed expert MLPs in some or all layers.
+MOE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", *MOE_ARCHITECTURES)
+# How a token picks its experts. softmax_topk: softmax over all router logits, the top k of those probabilities,
+# optionally renormalised to sum to 1 (Mixtral; Qwen2/3-MoE with norm_topk_prob).
+ROUTERS = ("softmax_topk",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 ATTENTION_VARIANTS = ("causal", "streaming", "dilated", "block_sparse")
 ATTENTION_KERNELS = ("auto", "sdpa", "fa4")  # causal attention: attention/flash.py (FA4) or PyTorch SDPA
@@ -96,11 +102,13 @@ class AttentionConfig:
 
 @dataclass
 class ModelConfig:
-    """A Llama-family decoder: Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3 and everything on the Llama architecture."""
+    """A Llama-family decoder: Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3 and everything on the Llama architecture;
+    with routed expert MLPs: Mixtral, Qwen2-MoE (Qwen1.5-MoE) and Qwen3-MoE."""
 
     vocab_size: int
     hidden_size: int
     intermediate_size: int
+    """The MLP width of dense layers (Mixtral: each expert's, as its config.json says)."""
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -124,6 +132,21 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     """Attention variant (not part of HF configs: set by `longseq.models.overrides` or in code)."""
+    num_experts: int = 0
+    """Routed expert MLPs in each sparse layer; 0: a dense model."""
+    experts_per_token: int = 0
+    """Experts each token is routed to (top-k)."""
+    moe_intermediate_size: int = 0
+    """Each expert's MLP width; 0 means intermediate_size (Mixtral)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: an always-on expert of this width, scaled by a sigmoid gate, beside the routed ones; 0: none."""
+    norm_topk_prob: bool = True
+    """Renormalise the top-k routing probabilities to sum to 1 (Mixtral always; Qwen's `norm_topk_prob`)."""
+    router: str = "softmax_topk"
+    """How a token picks its experts (ROUTERS)."""
+    sparse_layers: tuple[bool, ...] = ()
+    """Which layers are sparse (the rest run a dense MLP of intermediate_size); empty means all, when
+    num_experts is set."""
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -147,6 +170,33 @@ class ModelConfig:
             self.rope.original_max_position_embeddings = self.max_seq_len
         if self.attention.variant == "streaming" and self.sliding_window is None:
             raise LongseqError("streaming attention needs a window (the recent tokens kept besides the sinks)")
+        self._check_experts()
+
+    def _check_experts(self) -> None:
+        self.sparse_layers = tuple(bool(s) for s in self.sparse_layers)
+        if not self.num_experts:
+            if self.num_experts < 0 or self.sparse_layers:
+                raise LongseqError("model config: sparse_layers needs num_experts > 0")
+            return
+        if self.router not in ROUTERS:
+            raise LongseqError(f"unsupported MoE router {self.router!r}; supported: {', '.join(ROUTERS)}")
+        if not 0 < self.experts_per_token <= self.num_experts:
+            raise LongseqError(f"model config: experts_per_token must be in 1..num_experts ({self.num_experts}), "
+                               f"got {self.experts_per_token}")
+        if self.moe_intermediate_size == 0:
+            self.moe_intermediate_size = self.intermediate_size
+        if self.moe_intermediate_size < 0 or self.shared_expert_intermediate_size < 0:
+            raise LongseqError("model config: expert MLP widths must be positive")
+        if self.sparse_layers and len(self.sparse_layers) != self.num_layers:
+            raise LongseqError("model config: sparse_layers needs one entry per layer")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_sparse(self, layer_idx: int) -> bool:
+        """Whether a layer's MLP is a sparse mixture of experts."""
+        return self.is_moe and (not self.sparse_layers or self.sparse_layers[layer_idx])
 
     def layer_window(self, layer_idx: int) -> int | None:
         """The sliding window of one layer, or None for full causal attention."""

@@ -8,6 +8,7 @@ import torch
 
 from longseq.config import ModelConfig
 from longseq.errors import LongseqError
+from longseq.models.expert_weights import expert_slot
 from longseq.models.llama import CausalLM
 
 # Older HF checkpoints store the RoPE table; we compute it.
@@ -26,8 +27,20 @@ def build_from_tensors(
         model = CausalLM(cfg)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
+    stacked: dict[str, int] = {}  # a stacked expert weight -> elements written into it so far
     for name, tensor in tensors:
         if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name not in expected and (slot := expert_slot(name, cfg.moe_intermediate_size)) and slot[0] in expected:
+            target, index = slot  # one expert's matrix of a stacked weight: written in place, never held twice
+            if target not in state:
+                state[target] = torch.empty(expected[target].shape, dtype=dtype, device=device)
+            part = state[target][index]
+            if tuple(tensor.shape) != tuple(part.shape):
+                raise LongseqError(f"{source}: weight {name} has shape {tuple(tensor.shape)}, config expects "
+                                   f"{tuple(part.shape)}")
+            part.copy_(tensor)
+            stacked[target] = stacked.get(target, 0) + tensor.numel()
             continue
         if name not in expected:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -41,7 +54,7 @@ def build_from_tensors(
         state[name] = tensor.to(device=device, dtype=dtype)  # per tensor: peak = model + one tensor
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    missing = [n for n in expected if n not in state]
+    missing = [n for n in expected if n not in state or stacked.get(n, state[n].numel()) < state[n].numel()]
     if missing:
         raise LongseqError(f"{source}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
     model.load_state_dict(state, strict=False, assign=True)

@@ -27,7 +27,10 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # Mixtral's router
 }
+# Mixtral's experts, one (E, out, in) tensor per projection -> per-expert HF names (models/expert_weights.py).
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -98,7 +101,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     reader = open_gguf(path)
     cfg = _config(reader, path)
     by_name = {t.name: t for t in reader.tensors}
-    permuted = cfg.arch == "llama"  # only llama.cpp's Llama converter permutes Q/K
+    permuted = cfg.arch in ("llama", "mixtral")  # only llama.cpp's Llama converter (Mixtral's too) permutes Q/K
 
     def array(t) -> np.ndarray:
         if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
@@ -107,6 +110,16 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
 
     def tensors():
         for t in reader.tensors:
+            m = _LAYER_RE.fullmatch(t.name)
+            if m and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
+                try:
+                    w = array(t)  # (E, out, in), one expert at a time to the builder
+                except Exception as e:
+                    raise LongseqError(f"{path}: cannot read tensor {t.name} ({first_line(e)})") from None
+                for e in range(w.shape[0]):
+                    yield f"model.layers.{m.group(1)}.mlp.experts.{e}.{_EXPERT_NAMES[m.group(2)]}.weight", \
+                        torch.from_numpy(np.array(w[e], copy=True))
+                continue
             name = hf_name(t.name)
             if name is None:
                 if t.name == "rope_freqs.weight":

@@ -19,6 +19,7 @@ import torch
 
 from longseq.models import fused
 from longseq.models.fused_linear import FusedLinear, fuse
+from longseq.models.sparse_moe import SparseMoeBlock
 
 if TYPE_CHECKING:
     from longseq.models.llama import MLP, Attention, CausalLM, Decoder, DecoderLayer, RMSNorm
@@ -59,8 +60,10 @@ def attention(attn: Attention, x, cos, sin, cache=None, doc_ids=None) -> torch.T
     return attn.o(out) if attn.o is not None else attn.o_proj(out)
 
 
-def mlp(module: MLP, x: torch.Tensor) -> torch.Tensor:
+def mlp(module: MLP | SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
     """MLP.forward: x (B, S, d) -> (B, S, d)."""
+    if isinstance(module, SparseMoeBlock):  # a mixture of experts: its own forward, routing included
+        return module(x)
     gate, up = module.gate_up(x) if module.gate_up is not None else (module.gate_proj(x), module.up_proj(x))
     act = module.swiglu(gate, up)
     return module.down(act) if module.down is not None else module.down_proj(act)
@@ -74,18 +77,22 @@ def logits(model: CausalLM, hidden: torch.Tensor) -> torch.Tensor:
 def fuse_projections(model: CausalLM, enabled: bool = True) -> list[FusedLinear]:
     """CausalLM.fuse_projections: set (or, enabled=False, clear) every layer's FusedLinear projections; returns
     those set."""
+    dense = [layer.mlp for layer in model.model.layers if not isinstance(layer.mlp, SparseMoeBlock)]
     if not enabled:
         for layer in model.model.layers:
-            layer.self_attn.qkv = layer.self_attn.o = layer.mlp.gate_up = layer.mlp.down = None
+            layer.self_attn.qkv = layer.self_attn.o = None
+        for module in dense:
+            module.gate_up = module.down = None
         model.head = None
         return []
     for layer in model.model.layers:
-        attn, module = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         attn.qkv = attn.qkv or fuse([attn.q_proj, attn.k_proj, attn.v_proj])
         attn.o = attn.o or fuse([attn.o_proj])
+    for module in dense:  # a mixture of experts keeps its stacked expert weights (models/moe.py)
         module.gate_up = module.gate_up or fuse([module.gate_proj, module.up_proj])
         module.down = module.down or fuse([module.down_proj])
+    found = [m for layer in model.model.layers for m in (layer.self_attn.qkv, layer.self_attn.o)]
+    found += [m for module in dense for m in (module.gate_up, module.down)]
     model.head = model.head or fuse([model.lm_head])
-    found = [m for layer in model.model.layers for m in (layer.self_attn.qkv, layer.self_attn.o,
-                                                          layer.mlp.gate_up, layer.mlp.down)]
     return [m for m in [*found, model.head] if m is not None]

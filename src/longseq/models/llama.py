@@ -4,7 +4,8 @@ Parameter names follow HF transformers (`model.layers.0.self_attn.q_proj.weight`
 adapters and exports map one to one. The model takes explicit inputs: token ids, their positions and, when
 generating, a KV cache; cache policy lives with the caller.
 
-The forwards here are the plain maths: per layer h = x + attention(norm(x)); out = h + mlp(norm(h)). The variants
+The forwards here are the plain maths: per layer h = x + attention(norm(x)); out = h + mlp(norm(h)), the MLP a
+dense SwiGLU or, in a mixture-of-experts model's sparse layers, models/sparse_moe.py's block. The variants
 live beside them, each in the file named after it, and are chosen once, not tested throughout the forward:
 - models/recompute.py: activation recompute (`set_recompute` picks, per layer, how the trainer runs it);
 - models/offload.py: the "offloaded" policy's layer inputs in pinned host memory;
@@ -29,6 +30,7 @@ from longseq.models import fused, inference, recompute, tiling
 from longseq.models.fused_linear import FusedLinear
 from longseq.models.offload import LayerInputOffloader
 from longseq.models.rope import RotaryEmbedding, apply_rope
+from longseq.models.sparse_moe import SparseMoeBlock
 
 if TYPE_CHECKING:
     from longseq.generation.kv_cache import KVCache  # or the engine's PagedKVCache: same `attention` method
@@ -132,11 +134,13 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     # SwiGLU (Shazeer 2020, arXiv 2002.05202): down(silu(gate(x)) * up(x)).
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
+        """`intermediate_size`: the width when not cfg.intermediate_size (SharedExpert)."""
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        width = intermediate_size or cfg.intermediate_size
+        self.gate_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(width, cfg.hidden_size, bias=cfg.mlp_bias)
         self.tile: int | None = None  # set_tiling: long training sequences in tiles of tokens (models/tiling.py)
         self.recompute_act = False  # set_recompute: backward recomputes silu(gate)·up (models/recompute.py)
         # fuse_projections (models/inference.py): gate and up as one matmul, down_proj as inference runs it
@@ -167,13 +171,29 @@ class MLP(nn.Module):
             return self.down_proj(act)
 
 
+class SharedExpert(MLP):
+    """Qwen2-MoE's always-on expert: a SwiGLU MLP whose output a sigmoid gate scales (models/sparse_moe.py). That
+    gate's backward reads the output, so unlike a layer's MLP it is always computed, in a recompute too: the
+    shortcuts for an output that only feeds the residual add (MLP.output, tiling.mlp) are not taken."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d) -> (T, d)."""
+        if self.tile is not None and torch.is_grad_enabled() and x.numel() // x.shape[-1] > self.tile:
+            params = [p for p in self.parameters() if p.requires_grad]
+            return tiling.tiled_mlp(self.plain, x, params, self.tile)
+        return self.plain(x)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = sparse_mlp(cfg) if cfg.layer_sparse(layer_idx) else MLP(cfg)
         # set_recompute: this layer's maths spelt with checkpoints inside it (recompute.selective or
         # recompute.keep_attention), run in training; None: the plain forward below.
         self.recompute = None
@@ -185,6 +205,12 @@ class DecoderLayer(nn.Module):
             return self.recompute(self, x, cos, sin, doc_ids)
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_ids)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def sparse_mlp(cfg: ModelConfig) -> SparseMoeBlock:
+    """A sparse layer's mixture of experts, with Qwen2-MoE's shared expert where the config has one."""
+    width = cfg.shared_expert_intermediate_size
+    return SparseMoeBlock(cfg, SharedExpert(cfg, width) if width else None)
 
 
 class Decoder(nn.Module):

@@ -7,15 +7,14 @@ from Brown et al. 2020 (arXiv 2005.14165), table 2.1: 96 layers, d 12288, 96 hea
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from longseq.config import ModelConfig, RopeConfig
 from longseq.config.gguf import from_gguf
-from longseq.config.hf import from_hf, read_hf_config
+from longseq.config.hf import read_hf_config
 from longseq.errors import LongseqError, first_line
 
 
@@ -144,22 +143,22 @@ def load_model_file(path: Path) -> ModelSpec:
         meta, tensors = _gguf_metadata(path)
         cfg = from_gguf(meta, meta.get("vocab_size"))
         cfg.tie_word_embeddings = "output.weight" not in tensors  # llama.cpp omits the LM head when it is tied
-        return ModelSpec(name=path.stem, config=cfg, source=str(path))
+        return _spec(path.stem, cfg, str(path))
     file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise LongseqError(f"{file}: no such file")
-    try:
-        hf = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LongseqError(f"{file}: not a readable JSON file ({e})") from None
-    if not isinstance(hf, dict):
-        raise LongseqError(f"{file}: expected a JSON object")
     name = path.name if path.is_dir() else path.parent.name or path.stem
-    if hf.get("model_type") == "mixtral":  # the Mistral layout with routed expert MLPs
-        experts, top_k = int(hf.get("num_local_experts", 8)), int(hf.get("num_experts_per_tok", 2))
-        cfg = from_hf({**hf, "model_type": "mistral"})
-        return ModelSpec(name=name, config=cfg, num_experts=experts, experts_per_token=top_k, source=str(file))
-    return ModelSpec(name=name, config=read_hf_config(file), source=str(file))
+    return _spec(name, read_hf_config(file), str(file))
+
+
+def _spec(name: str, cfg: ModelConfig, source: str) -> ModelSpec:
+    """The planner's shape of a model config: Mixtral as the Mistral layout with routed expert MLPs; other
+    mixture-of-experts layouts (dense layers, expert widths of their own, shared experts) it does not model."""
+    if not cfg.is_moe:
+        return ModelSpec(name=name, config=cfg, source=source)
+    if cfg.arch != "mixtral":
+        raise LongseqError(f"planning {cfg.arch} models is not supported yet; of mixtures of experts, mixtral is")
+    dense = replace(cfg, arch="mistral", num_experts=0, experts_per_token=0, moe_intermediate_size=0)
+    return ModelSpec(name=name, config=dense, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
+                     source=source)
 
 
 def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:

@@ -71,6 +71,9 @@ def local_kv_heads(model: nn.Module) -> int:
 
 
 def check_tensor_parallel(cfg, size: int) -> None:
+    if cfg.is_moe:  # the experts are stacked weights, not the linears sharded here (issue 25: expert parallelism)
+        raise LongseqError("tensor-parallel serving of mixture-of-experts models is not supported yet; serve it on "
+                           "one GPU (--tensor-parallel 1)")
     if cfg.num_kv_heads % size:
         raise LongseqError(f"tensor parallel {size} must divide the model's {cfg.num_kv_heads} KV heads (each GPU "
                            "keeps whole heads)")

@@ -96,6 +96,9 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
     lm = load(cfg.model, dtype=load_dtype, device=env.device)
     apply_overrides(lm.model, cfg.overrides)  # attention variant / RoPE scaling flags
+    if lm.model.config.is_moe:  # adapters would reach the router, not the experts (issue 25 item 3)
+        raise LongseqError(f"training mixture-of-experts models ({lm.model.config.num_experts} experts) is not "
+                           "supported yet; longseq generate, eval and serve run them")
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row, max_row_bytes=cfg.max_row_bytes)
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation

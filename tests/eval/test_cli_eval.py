@@ -142,6 +142,8 @@ def test_checkpoint_adapter_keeps_its_rope_scaling(tiny_dir, tmp_path):
     (["eval", "passkey", "--attention", "streaming"], "needs --window"),
     (["eval", "passkey", "--adapter", "/"], "neither a PEFT adapter"),
     (["eval", "passkey", "--rope-scaling", "xpos"], "rope_scaling"),
+    (["eval", "passkey", "--attention", "memory", "--memory-placement", "disk"], "memory_placement"),
+    (["eval", "passkey", "--attention", "memory", "--retrieved-blocks", "-1"], "retrieved_blocks"),
     (["eval", "nope"], "invalid choice"),
 ])
 def test_bad_input_is_one_line(argv, needle, capsys):
@@ -158,6 +160,27 @@ def test_generate_streams_past_the_context(tiny_dir, capsys):
     assert main(["generate", "hello", "--model", str(tiny_dir), "--device", "cpu", "--no-chat", "--max-new-tokens",
                  "300", "--attention", "streaming", "--window", "32", "--sink-tokens", "4"]) == 0
     assert "300 new tokens" in capsys.readouterr().err
+
+
+def test_generate_with_memory_past_the_context(tiny_dir, capsys):
+    # --attention memory on `generate`: 300 new tokens from a model whose context is 256, blocks kept on the host.
+    assert main(["generate", "hello", "--model", str(tiny_dir), "--device", "cpu", "--no-chat", "--max-new-tokens",
+                 "300", "--attention", "memory", "--window", "64", "--block-size", "16", "--retrieved-blocks", "2",
+                 "--memory-placement", "host"]) == 0
+    assert "300 new tokens" in capsys.readouterr().err
+
+
+def test_passkey_with_memory_past_the_context(tiny_dir, tmp_path, capsys):
+    assert main(["eval", "passkey", "--model", str(tiny_dir), "--device", "cpu", "--lengths", "400", "--depths", "50",
+                 "--attention", "memory", "--window", "64", "--block-size", "16", "--out", str(tmp_path)]) == 0
+    result = _read(tmp_path / "passkey.json")
+    assert result["samples"][0]["prompt_tokens"] > 256  # beyond the tiny model's context
+    assert result["overrides"] == {"attention": "memory", "window": 64, "block_size": 16}
+    # A window that with a block does not fit the context: one line, after the (tiny) model loads.
+    assert main(["eval", "passkey", "--model", str(tiny_dir), "--device", "cpu", "--lengths", "400", "--attention",
+                 "memory", "--window", "250", "--block-size", "16", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("longseq: error: memory attention: local window 250") and "(256)" in err[-1], err
 
 
 # ---- passkey lengths are checked before the model loads (issue 22) ----------------------------------------------

@@ -110,3 +110,18 @@ def test_lengths_beyond_the_context(tokenizer, tmp_path):
     lm = LoadedModel(model=model, tokenizer=tokenizer, path=tmp_path)
     with pytest.raises(LongseqError, match="exceeds the model's context"):
         run_passkey(lm, PasskeyConfig(lengths=(400, 800), depths=(0.5,)))
+
+
+def test_default_model_retrieves_the_key_from_memory(tmp_path):
+    # SmolLM2 with memory attention (InfLLM): a 256-token window, the key ~770 tokens back, so only a retrieved
+    # block holds it. CPU, about three seconds.
+    from longseq.config import ModelOverrides
+    from longseq.eval.model import load_for_eval
+
+    overrides = ModelOverrides(attention="memory", window=256, block_size=32, retrieved_blocks=4)
+    lm = load_for_eval(device="cpu", dtype="float32", overrides=overrides)
+    cfg = PasskeyConfig(lengths=(1024,), depths=(0.25,))
+    prompt = build_prompt(lm.tokenizer, 1024, 0.25, "12345", cfg.answer_tokens)
+    assert len(prompt.ids) - prompt.needle_at > 2 * 256 + 32  # beyond the window of every query block
+    report = run_passkey(lm, cfg)
+    assert report.accuracy() == 1.0, report.samples[0].text

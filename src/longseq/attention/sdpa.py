@@ -13,6 +13,7 @@ from longseq.attention import flash
 from longseq.attention.masks import causal_mask
 from longseq.attention.variants import block_layout_for, dense_scores_mask
 from longseq.config import AttentionConfig, policy
+from longseq.errors import LongseqError
 
 DENSE_MASK_LIMIT = 1 << 26  # packed rows with more mask elements (64 MiB of bools) attend document by document
 
@@ -32,7 +33,8 @@ def attention(
     q (B, H, S, D) at positions q_start .. q_start+S-1; k, v (B, H_kv, T, D) at positions 0 .. T-1 with
     T = q_start + S (the KV cache holds everything before the queries). H must be a multiple of H_kv (GQA/MQA).
     doc_ids (B, S), for packed training sequences: a token attends only within its own document.
-    variant: streaming / dilated / block-sparse masks, ALiBi, chunked compute (None: plain causal).
+    variant: streaming / dilated / block-sparse masks, ALiBi, chunked compute (None: plain causal); memory
+    attention runs through its cache instead (attention/memory.py).
     Returns (B, H, S, D).
     """
     if variant is not None and not variant.plain:
@@ -116,6 +118,9 @@ def _variant_attention(q, k, v, q_start, window, doc_ids, spec: AttentionConfig)
     from longseq.attention.chunked import chunked_attention
     from longseq.attention.dilated import dilated_attention
 
+    if spec.variant == "memory":  # its memory and positions live in generation's MemoryKVCache (attention/memory.py)
+        raise LongseqError("memory attention runs while generating (longseq generate, eval passkey / throughput), "
+                           "not in training or perplexity")
     if spec.chunk_size:
         return chunked_attention(q, k, v, q_start=q_start, window=window, doc_ids=doc_ids, spec=spec,
                                  chunk=spec.chunk_size)

@@ -18,7 +18,9 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", *MOE_ARCHITECTU
 # optionally renormalised to sum to 1 (Mixtral; Qwen2/3-MoE with norm_topk_prob).
 ROUTERS = ("softmax_topk",)
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-ATTENTION_VARIANTS = ("causal", "streaming", "dilated", "block_sparse")
+ATTENTION_VARIANTS = ("causal", "streaming", "dilated", "block_sparse", "memory")
+UNBOUNDED_VARIANTS = ("streaming", "memory")  # their caches bound RoPE positions: generation runs past the context
+MEMORY_PLACEMENTS = ("gpu", "host")  # memory attention: where the blocks beyond the local window live
 ATTENTION_KERNELS = ("auto", "sdpa", "fa4")  # causal attention: attention/flash.py (FA4) or PyTorch SDPA
 
 
@@ -54,15 +56,16 @@ class AttentionConfig:
     (`ModelConfig.sliding_window`, Mistral) applies on top of every variant."""
 
     variant: str = "causal"
-    """causal | streaming (sinks + window) | dilated (LongNet) | block_sparse"""
+    """causal | streaming (sinks + window) | dilated (LongNet) | block_sparse | memory (InfLLM: sinks + window +
+    blocks retrieved from a memory of the past, attention/memory.py; generation only)"""
     sink_tokens: int = 4
-    """streaming: the first tokens every query keeps seeing (StreamingLLM's attention sinks)"""
+    """streaming / memory: the first tokens every query keeps seeing (StreamingLLM's attention sinks)"""
     segment_lengths: tuple[int, ...] = (2048,)
     """dilated: segment length w of each pattern (one pattern per (w, r) pair)"""
     dilation_rates: tuple[int, ...] = (1,)
     """dilated: dilation rate r of each pattern; w must be a multiple of r"""
     block_size: int = 64
-    """block_sparse: tokens per block"""
+    """block_sparse / memory: tokens per block (memory: also queries per query block)"""
     local_blocks: int = 4
     """block_sparse: a query block sees this many blocks ending at its own"""
     global_blocks: int = 1
@@ -71,6 +74,12 @@ class AttentionConfig:
     """ALiBi linear distance bias (Press et al. 2021) instead of RoPE"""
     chunk_size: int = 0
     """> 0: exact attention in (chunk x chunk) tiles with an online softmax, O(chunk * T) memory"""
+    local_window: int = 4096
+    """memory: the recent tokens a query block sees at their true distances, the first query itself included"""
+    retrieved_blocks: int = 16
+    """memory: past blocks each query block retrieves from the memory (top-k by inner product with its mean query)"""
+    memory_placement: str = "gpu"
+    """memory: gpu (the model's device) | host (CPU memory; each query block's retrieved blocks are copied over)"""
     kernel: str = "auto"
     """auto | sdpa | fa4: causal prefill and training attention (auto: FlashAttention-4 where flash-attn-4 is
     installed and the GPU is a Hopper or Blackwell, else PyTorch SDPA; fa4: fail where it cannot run)"""
@@ -87,12 +96,24 @@ class AttentionConfig:
         for w, r in zip(self.segment_lengths, self.dilation_rates, strict=True):
             if w <= 0 or r <= 0 or w % r:
                 raise LongseqError(f"dilated attention: segment length {w} must be a positive multiple of rate {r}")
-        for name in ("block_size", "local_blocks"):
+        if self.memory_placement not in MEMORY_PLACEMENTS:
+            raise LongseqError(f"unknown memory placement {self.memory_placement!r}; use "
+                               f"{', '.join(MEMORY_PLACEMENTS)}")
+        if self.variant == "memory" and self.alibi:
+            raise LongseqError("memory attention places retrieved blocks by RoPE position; it cannot run with ALiBi")
+        for name in ("block_size", "local_blocks", "local_window"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"attention {name} must be positive, got {getattr(self, name)}")
-        for name in ("sink_tokens", "global_blocks", "chunk_size"):
+        for name in ("sink_tokens", "global_blocks", "chunk_size", "retrieved_blocks"):
             if getattr(self, name) < 0:
                 raise LongseqError(f"attention {name} must be >= 0, got {getattr(self, name)}")
+
+    def check_context(self, max_seq_len: int) -> None:
+        """Memory attention: the farthest RoPE distance a query sees (local window + a query block, less one) must
+        be one the model was trained on."""
+        if self.variant == "memory" and self.local_window + self.block_size > max_seq_len:
+            raise LongseqError(f"memory attention: local window {self.local_window} + block size {self.block_size} "
+                               f"must fit the model's context ({max_seq_len}); use a smaller --window")
 
     @property
     def plain(self) -> bool:
@@ -170,6 +191,7 @@ class ModelConfig:
             self.rope.original_max_position_embeddings = self.max_seq_len
         if self.attention.variant == "streaming" and self.sliding_window is None:
             raise LongseqError("streaming attention needs a window (the recent tokens kept besides the sinks)")
+        self.attention.check_context(self.max_seq_len)
         self._check_experts()
 
     def _check_experts(self) -> None:

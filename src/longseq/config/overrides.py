@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longseq.config.flags import flag
-from longseq.config.model import ATTENTION_KERNELS, ATTENTION_VARIANTS
+from longseq.config.model import ATTENTION_KERNELS, ATTENTION_VARIANTS, MEMORY_PLACEMENTS
 from longseq.errors import LongseqError
 
 OVERRIDE_ATTENTION = ("causal", "sliding", *ATTENTION_VARIANTS[1:])
@@ -18,14 +18,19 @@ class ModelOverrides:
     """Attention variant and RoPE scaling applied to a loaded model (`longseq.models.overrides.apply_overrides`);
     flags and YAML keys of `longseq train` and `longseq eval`. Unset (None) keeps what the model has."""
 
-    attention: str | None = flag("causal | sliding | streaming | dilated | block_sparse", default=None)
-    window: int | None = flag("sliding / streaming: recent tokens a query sees, itself included", default=None)
-    sink_tokens: int | None = flag("streaming: first tokens always kept, the attention sinks (None: 4)", default=None)
+    attention: str | None = flag("causal | sliding | streaming | dilated | block_sparse | memory", default=None)
+    window: int | None = flag("sliding / streaming / memory: recent tokens a query sees, itself included (memory "
+                              "without it: 4096)", default=None)
+    sink_tokens: int | None = flag("streaming / memory: first tokens always kept, the attention sinks (None: 4)",
+                                   default=None)
     segment_lengths: tuple[int, ...] = flag("dilated: segment length of each pattern (none given: 2048)", default=())
     dilation_rates: tuple[int, ...] = flag("dilated: dilation rate of each pattern (none given: 1 each)", default=())
-    block_size: int | None = flag("block_sparse: tokens per block (None: 64)", default=None)
+    block_size: int | None = flag("block_sparse / memory: tokens per block (None: 64)", default=None)
     local_blocks: int | None = flag("block_sparse: blocks seen up to a query's own (None: 4)", default=None)
     global_blocks: int | None = flag("block_sparse: first blocks every query sees (None: 1)", default=None)
+    retrieved_blocks: int | None = flag("memory: past blocks each query block retrieves (None: 16)", default=None)
+    memory_placement: str | None = flag("memory: gpu | host: where the blocks beyond the window live (None: gpu)",
+                                        default=None)
     alibi: bool = flag("ALiBi distance bias instead of RoPE (for models trained with it)", default=False)
     attention_chunk: int | None = flag("exact attention in tiles of this many tokens; 0: off", default=None)
     attention_kernel: str | None = flag("auto | sdpa | fa4: causal attention kernel (auto: FlashAttention-4 where "
@@ -48,12 +53,15 @@ class ModelOverrides:
         if self.attention_kernel is not None and self.attention_kernel not in ATTENTION_KERNELS:
             raise LongseqError(f"attention_kernel must be one of {', '.join(ATTENTION_KERNELS)}; "
                                f"got {self.attention_kernel!r}")
+        if self.memory_placement is not None and self.memory_placement not in MEMORY_PLACEMENTS:
+            raise LongseqError(f"memory_placement must be one of {', '.join(MEMORY_PLACEMENTS)}; "
+                               f"got {self.memory_placement!r}")
         if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
             raise LongseqError(f"rope_scaling must be one of {', '.join(ROPE_SCALINGS)}; got {self.rope_scaling!r}")
         for name in ("window", "block_size", "local_blocks", "max_seq_len"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("sink_tokens", "global_blocks", "attention_chunk"):
+        for name in ("sink_tokens", "global_blocks", "attention_chunk", "retrieved_blocks"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.rope_factor is not None and not 1 <= self.rope_factor < float("inf"):

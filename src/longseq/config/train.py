@@ -110,6 +110,8 @@ class TrainConfig:
         for name in ("tile_tokens", "offload_keep", "plain_layers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.overrides.attention == "memory":  # InfLLM is training-free: its memory lives in generation's cache
+            raise LongseqError("--attention memory is for generation and evaluation, not training")
         if self.gpu_memory is not None and not self.gpu_memory > 0:
             raise LongseqError(f"gpu_memory must be a positive number of GiB, got {self.gpu_memory}")
         if not 0 <= self.lora_dropout < 1:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from longseq.config import ModelConfig
+from longseq.config.model import UNBOUNDED_VARIANTS
 from longseq.errors import LongseqError
 from longseq.generation import SamplingParams, generate_tokens
 
@@ -126,15 +127,15 @@ def parse_answer(text: str) -> str | None:
 def check_passkey(cfg: PasskeyConfig, model: ModelConfig, context: int | None, dtype: torch.dtype,
                   device: torch.device) -> None:
     """What must hold before any prompt is built (and, from the CLI, before the model loads): every length within
-    the context (None: streaming attention, no limit), and the longest prompt's ids and KV cache within the memory
-    available on the device. The memory needed is a lower bound (a forward's activations come on top)."""
+    the context (None: streaming or memory attention, no limit), and the longest prompt's ids and KV cache within
+    the memory available on the device. The memory needed is a lower bound (a forward's activations come on top)."""
     too_long = [n for n in cfg.lengths if context is not None and n > context]
     if too_long:
         raise LongseqError(f"passkey length {max(too_long)} exceeds the model's context ({context}); pass "
                            "--rope-scaling with --rope-factor, or --max-seq-len to try anyway")
     longest = max(cfg.lengths)
     per_token = PROMPT_BYTES_PER_TOKEN
-    if context is not None:  # a full KV cache; streaming keeps a fixed window
+    if context is not None:  # a full KV cache (streaming keeps a window; memory's, maybe on the host, is not counted)
         per_token += 2 * model.num_layers * model.num_kv_heads * model.head_dim * dtype.itemsize  # K and V
     need, have = longest * per_token, available_memory(device)
     if have is not None and need > have:
@@ -167,8 +168,8 @@ def _gib(n: int) -> str:
 def run_passkey(lm: Any, cfg: PasskeyConfig, on_sample: Callable[[PasskeySample], None] | None = None
                 ) -> PasskeyReport:
     """Every (length, depth, trial) prompt through `generate_tokens`; `lm` is a LoadedModel."""
-    streaming = lm.config.attention.variant == "streaming"
-    check_passkey(cfg, lm.config, None if streaming else lm.config.max_seq_len, lm.model.lm_head.weight.dtype,
+    unbounded = lm.config.attention.variant in UNBOUNDED_VARIANTS  # streaming or memory: past the context
+    check_passkey(cfg, lm.config, None if unbounded else lm.config.max_seq_len, lm.model.lm_head.weight.dtype,
                   lm.device)
     rng = random.Random(cfg.seed)
     report = PasskeyReport(cfg)

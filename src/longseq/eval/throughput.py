@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from longseq.config.model import UNBOUNDED_VARIANTS
 from longseq.errors import LongseqError
 from longseq.eval.passkey import FILLER
 from longseq.generation import SamplingParams, generate_tokens
@@ -40,7 +41,7 @@ def run_throughput(lm: Any, prompt_tokens: int = 512, new_tokens: int = 128, run
                    ) -> ThroughputResult:
     if prompt_tokens <= 0 or new_tokens < 2 or runs <= 0 or warmup < 0:
         raise LongseqError("throughput needs prompt tokens > 0, new tokens >= 2, runs > 0, warmup >= 0")
-    if lm.config.attention.variant != "streaming" and prompt_tokens + new_tokens > lm.config.max_seq_len:
+    if lm.config.attention.variant not in UNBOUNDED_VARIANTS and prompt_tokens + new_tokens > lm.config.max_seq_len:
         raise LongseqError(f"{prompt_tokens} + {new_tokens} tokens exceed the model's context "
                            f"({lm.config.max_seq_len})")
     ids = synthetic_prompt(lm.tokenizer, prompt_tokens)

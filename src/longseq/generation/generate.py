@@ -14,6 +14,7 @@ from longseq.errors import LongseqError
 from longseq.generation.counter_rng import row_states, seed_key
 from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
 from longseq.generation.kv_cache import KVCache
+from longseq.generation.memory_cache import MemoryKVCache
 from longseq.generation.sampling import SamplingParams, sample_gumbel
 from longseq.generation.sink_cache import SinkKVCache
 from longseq.models.llama import CausalLM
@@ -53,6 +54,10 @@ def generate_tokens(
         # Attention sinks + a rolling window: memory stays fixed and generation may run past the context.
         cache = SinkKVCache(cfg, 1, device, dtype, model.rotary.inv_freq)
         max_new = params.max_new_tokens
+    elif cfg.attention.variant == "memory":
+        # Sinks + window + blocks retrieved from a memory of the rest (InfLLM): positions stay within the context.
+        cache = MemoryKVCache(cfg, 1, device, dtype, model.rotary.inv_freq)
+        max_new = params.max_new_tokens
     else:
         if len(prompt_ids) >= cfg.max_seq_len:
             raise LongseqError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.max_seq_len}")
@@ -62,8 +67,8 @@ def generate_tokens(
     stop_ids = (set() if params.ignore_eos else set(eos_token_ids)) | set(params.stop_token_ids)
 
     start = 0
-    while start < len(prompt_ids):  # one forward, or cache-sized chunks for the rolling cache
-        size = cache.prefill_chunk() if isinstance(cache, SinkKVCache) else len(prompt_ids)
+    while start < len(prompt_ids):  # one forward, or the chunks the rolling and memory caches take
+        size = cache.prefill_chunk() if isinstance(cache, SinkKVCache | MemoryKVCache) else len(prompt_ids)
         logits = _forward(model, torch.tensor([prompt_ids[start : start + size]], device=device), cache)
         start += size
     for step in range(max_new):
@@ -80,7 +85,7 @@ def generate_tokens(
         logits = _forward(model, token.view(1, 1), cache)
 
 
-def _forward(model: CausalLM, ids: torch.Tensor, cache: KVCache | SinkKVCache) -> torch.Tensor:
+def _forward(model: CausalLM, ids: torch.Tensor, cache: KVCache | SinkKVCache | MemoryKVCache) -> torch.Tensor:
     """ids (1, S) -> last logits (1, 1, V); the cache decides the positions and holds the new K/V afterwards."""
     positions = cache.prepare(ids.shape[1])
     logits = model(ids, positions=positions, cache=cache, last_only=True)

@@ -10,6 +10,7 @@ import copy
 from dataclasses import replace
 
 from longseq.config import AttentionConfig, ModelConfig, ModelOverrides, RopeConfig
+from longseq.config.model import UNBOUNDED_VARIANTS
 from longseq.errors import LongseqError
 from longseq.models.llama import CausalLM
 from longseq.models.rope import RotaryEmbedding
@@ -23,8 +24,8 @@ def apply_overrides(model: CausalLM, ov: ModelOverrides) -> CausalLM:
     if ov.max_seq_len is not None:
         cfg.max_seq_len = ov.max_seq_len
     attn = cfg.attention
-    updates = {name: getattr(ov, name) for name in ("sink_tokens", "block_size", "local_blocks", "global_blocks")
-               if getattr(ov, name) is not None}
+    names = ("sink_tokens", "block_size", "local_blocks", "global_blocks", "retrieved_blocks", "memory_placement")
+    updates = {name: getattr(ov, name) for name in names if getattr(ov, name) is not None}
     if ov.segment_lengths:
         updates["segment_lengths"] = ov.segment_lengths
         if not ov.dilation_rates:
@@ -44,6 +45,10 @@ def apply_overrides(model: CausalLM, ov: ModelOverrides) -> CausalLM:
         window = ov.window if ov.attention in ("sliding", "streaming") else None
     elif ov.window is not None:
         window = ov.window
+    if updates.get("variant", attn.variant) == "memory":  # --window is the memory's local window, not a layer's
+        if ov.window is not None:
+            updates["local_window"] = ov.window
+        window = None
     attn = replace(attn, **updates)  # __post_init__ validates the combination
     set_attention(model, attn, window)
     return model
@@ -54,6 +59,7 @@ def set_attention(model: CausalLM, attention: AttentionConfig, sliding_window: i
     cfg = model.config
     if attention.variant == "streaming" and sliding_window is None:
         raise LongseqError("streaming attention needs a window (--window N)")
+    attention.check_context(cfg.max_seq_len)
     cfg.attention, cfg.sliding_window = attention, sliding_window
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.variant = attention
@@ -62,7 +68,8 @@ def set_attention(model: CausalLM, attention: AttentionConfig, sliding_window: i
 
 def overridden_context(cfg: ModelConfig, *overrides: ModelOverrides) -> int | None:
     """The context (max_seq_len) of a model of `cfg` after apply_overrides with each of `overrides` in turn, worked
-    out without a model, for checks made before one loads; None where attention streams (no limit)."""
+    out without a model, for checks made before one loads; None where attention streams or uses a memory (no
+    limit)."""
     cfg = copy.copy(cfg)  # only rope and max_seq_len are reassigned
     variant = cfg.attention.variant
     for ov in overrides:
@@ -72,7 +79,7 @@ def overridden_context(cfg: ModelConfig, *overrides: ModelOverrides) -> int | No
             cfg.max_seq_len = ov.max_seq_len
         if ov.attention is not None:
             variant = "causal" if ov.attention == "sliding" else ov.attention
-    return None if variant == "streaming" else cfg.max_seq_len
+    return None if variant in UNBOUNDED_VARIANTS else cfg.max_seq_len
 
 
 def _scaled_rope(cfg: ModelConfig, ov: ModelOverrides) -> tuple[RopeConfig, int]:

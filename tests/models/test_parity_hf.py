@@ -3,9 +3,9 @@
 import pytest
 import torch
 import transformers
+from parity import assert_config_roundtrips, assert_same_greedy_tokens
 
-from longseq.config.hf import from_hf, to_hf
-from longseq.generation import SamplingParams, generate_tokens
+from longseq.config.hf import from_hf
 from longseq.models import load_model
 
 BASE = dict(
@@ -88,25 +88,11 @@ def test_dynamic_ntk_beyond_context():
 
 def test_greedy_generation_matches(pair):
     name, hf, ours = pair
-    torch.manual_seed(2)
-    prompt = torch.randint(0, BASE["vocab_size"], (1, 7))
-    with torch.no_grad():
-        theirs = hf.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, 7:].tolist()
-    mine = list(generate_tokens(ours, prompt[0].tolist(), SamplingParams(max_new_tokens=32)))
-    assert mine == theirs, name
+    assert_same_greedy_tokens(hf, ours, BASE["vocab_size"], 32, name)
 
 
 def test_config_roundtrip(pair):
-    _, hf, ours = pair
-    cfg = ours.config
-    again = from_hf(to_hf(cfg))
-    assert again == cfg
-    # transformers reads our config.json dict into an equivalent model definition
-    hf_again = transformers.AutoConfig.for_model(**to_hf(cfg))
-    assert from_hf(hf_again.to_dict()) == cfg
+    assert_config_roundtrips(pair[2].config)
 
 
 def test_loads_in_target_dtype(tmp_path_factory):

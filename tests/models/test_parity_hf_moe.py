@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from parity import assert_config_roundtrips, assert_same_greedy_tokens
 
 from longseq.config import ModelConfig
 from longseq.config.hf import from_hf, to_hf
 from longseq.errors import LongseqError
-from longseq.generation import SamplingParams, generate_tokens
 from longseq.models import load_model
 from longseq.models.sparse_moe import SparseMoeBlock
 
@@ -109,23 +109,11 @@ def test_gradients_match(pair):
 
 def test_greedy_generation_matches(pair):
     name, hf, ours = pair
-    torch.manual_seed(2)
-    prompt = torch.randint(0, BASE["vocab_size"], (1, 7))
-    with torch.no_grad():
-        theirs = hf.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-            eos_token_id=None, pad_token_id=0,
-        )[0, 7:].tolist()
-    mine = list(generate_tokens(ours, prompt[0].tolist(), SamplingParams(max_new_tokens=24)))
-    assert mine == theirs, name
+    assert_same_greedy_tokens(hf, ours, BASE["vocab_size"], 24, name)
 
 
 def test_config_roundtrip(pair):
-    _, hf, ours = pair
-    cfg = ours.config
-    assert from_hf(to_hf(cfg)) == cfg
-    hf_again = transformers.AutoConfig.for_model(**to_hf(cfg))  # transformers reads our config.json dict
-    assert from_hf(hf_again.to_dict()) == cfg
+    assert_config_roundtrips(pair[2].config)
 
 
 @pytest.mark.parametrize("name", ["mixtral-sliding", "qwen2moe-shared-dense-layer"])

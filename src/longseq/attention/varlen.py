@@ -1,12 +1,13 @@
 """Every prompt chunk of a serving step in one variable-length attention call.
 
-A step of the engine holds prompt chunks of many sequences (new prompts, the next chunk of a long one). Attending
-to them one sequence at a time costs a kernel launch or three per sequence per layer, and SDPA backends that plan
-per shape (cuDNN) rebuild a plan for every new length. Here their queries are packed back to back, each one's whole
-context is gathered from the paged pool into one packed K/V, and FlashAttention's variable-length kernel runs them
-all at once: causal aligned to each context's last key, so a chunk sees its sequence's earlier tokens (FlashAttention-2
-varlen semantics, Dao 2023). Where that kernel is not available (CPU, float32, odd head sizes) the same packed
-tensors go through contiguous attention sequence by sequence: the reference the GPU test compares the kernel with.
+A step of the engine holds prompt chunks of many sequences (new prompts, the next chunk of a long one). Attended one
+sequence at a time, with a gather and a few launches per sequence per layer, steps of many short prompts left the
+GPU mostly idle (benchmarks/results/2026-12-03-serve-workloads-h200). Here their queries are packed back to back,
+each one's whole context is gathered from the paged pool into one packed K/V, and FlashAttention's variable-length
+kernel runs them all at once: causal aligned to each context's last key, so a chunk sees its sequence's earlier
+tokens (FlashAttention-2 varlen semantics, Dao 2023). On Hopper a chunk after a long prefix goes through cuDNN
+instead, which runs it faster (split_varlen). Where the kernel is not available (CPU, float32, odd head sizes) the
+same packed tensors go through contiguous attention sequence by sequence: the reference the GPU tests compare with.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from longseq.attention.sdpa import attention
+
+# A chunk continuing a prompt with at least this many tokens before it attends in two cuDNN calls (split_varlen).
+LONG_PREFIX = 8192
 
 
 @dataclass
@@ -91,10 +95,6 @@ def loop_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chunk
         out[qs : qs + n] = attention(*view, q_start=ctx - n, window=window)[0].transpose(0, 1)
         qs, ks = qs + n, ks + ctx
     return out
-
-
-# A chunk continuing a prompt with at least this many tokens before it attends in two cuDNN calls (split_varlen).
-LONG_PREFIX = 8192
 
 
 def use_cudnn_split(q: torch.Tensor) -> bool:

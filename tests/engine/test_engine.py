@@ -2,16 +2,28 @@
 aborts free every block; prefix caching; stop strings, EOS, length; logprobs; penalties; seeds; bad requests."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import TINY_VOCAB, assert_idle, make_engine, random_prompts, random_traffic, run_engine, tiny_lm
+from engine_helpers import (
+    TINY_VOCAB,
+    FakeTokenizer,
+    assert_idle,
+    make_engine,
+    random_prompts,
+    random_traffic,
+    run_engine,
+    tiny_lm,
+)
 
 from longseq.engine import SamplingParams
 from longseq.engine.sampler import Sampler
 from longseq.engine.sequence import Sequence
 from longseq.errors import LongseqError
 from longseq.generation import generate_tokens
+from longseq.models.loader import LoadedModel
+from tiny_models import random_model
 
 N_OUT = 12
 GREEDY = SamplingParams(max_new_tokens=N_OUT, ignore_eos=True)
@@ -74,6 +86,15 @@ def test_single_requests_equal_generate_tokens(lm, prompts, singles):
 @pytest.mark.parametrize("window", [3, 8])
 def test_sliding_window_model(window, prompts):
     lm = tiny_lm(sliding_window=window)
+    outs = run_engine(make_engine(lm, **CONFIGS["tight"]), prompts, GREEDY)
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == list(generate_tokens(lm.model, prompt, GREEDY))
+
+
+def test_mixture_of_experts_model(prompts):
+    # Qwen3-MoE-like: routed experts (top 2 of 4) on every layer; chunked, preempted batches as the dense model
+    lm = LoadedModel(random_model(3, vocab_size=TINY_VOCAB, num_experts=4, experts_per_token=2,
+                                  moe_intermediate_size=24, norm_topk_prob=True).double(), FakeTokenizer(), Path("moe"))
     outs = run_engine(make_engine(lm, **CONFIGS["tight"]), prompts, GREEDY)
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == list(generate_tokens(lm.model, prompt, GREEDY))

@@ -14,8 +14,10 @@ from longseq.engine.requests import max_model_len
 from longseq.engine.sequence import Sequence
 from longseq.engine.tensor_parallel import local_kv_heads
 from longseq.errors import LongseqError
+from longseq.models import moe
 from longseq.models.fused_linear import calibrate
 from longseq.models.llama import CausalLM
+from longseq.models.sparse_moe import SparseMoeBlock
 
 
 def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
@@ -63,6 +65,10 @@ class ModelRunner:
                                   mc.head_dim, self.dtype, self.device)
         # Dynamic NTK reads the longest position on the host every step, which a graph cannot do.
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
+        if self.use_graphs and mc.is_moe:  # without the grouped GEMM, experts size their padding on the host
+            self.use_graphs = all(moe.grouped_mm_runs(self.model.lm_head.weight, b.experts.gate_up_proj,
+                                                      b.experts.down_proj)
+                                  for b in model.modules() if isinstance(b, SparseMoeBlock))
         self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (batch bucket, key bucket, key splits)
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # The decode kernel reads each context's length on the device, so one graph per batch bucket serves every

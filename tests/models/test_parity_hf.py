@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers
-from parity import assert_config_roundtrips, assert_same_greedy_tokens
+from parity import assert_config_roundtrips, assert_same_greedy_tokens, random_hf_model
 
 from longseq.config.hf import from_hf
 from longseq.models import load_model
@@ -41,15 +41,8 @@ CASES = {
 
 def _hf_model(name, tmp_path_factory):
     cls, extra = CASES[name]
-    hf_cfg = cls(**{**BASE, **extra})
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).eval()
-    with torch.no_grad():  # sharper than the 0.02 init, so greedy choices are not near-ties
-        for p in hf.parameters():
-            p.normal_(0.0, 0.15)
     path = tmp_path_factory.mktemp(name)
-    hf.save_pretrained(path)
-    return hf, path
+    return random_hf_model(cls(**{**BASE, **extra}), path), path
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -2,7 +2,7 @@
 
 import torch
 
-from longseq.config import ModelConfig
+from longseq.config import ModelConfig, TrainConfig
 from longseq.generation import KVCache
 from longseq.models.llama import CausalLM
 from longseq.train.loss import chunked_cross_entropy
@@ -45,3 +45,13 @@ def loss_and_grads(model, ids, targets, doc_ids=None, positions=None):
     loss = chunked_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(), 16)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_config(run, out: str, **kw) -> TrainConfig:
+    """A short LoRA run on tests/conftest.py's tiny_training_run (root, model_dir, data), into root/out: 6 steps of
+    2 x 2 rows of 32 tokens, a checkpoint every 3; `kw` overrides any field."""
+    root, model_dir, data = run
+    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
+                batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, warmup_steps=1, lora_rank=4, lora_dropout=0.1,
+                precision="fp32", device="cpu", save_every=3, keep_last=10, seed=0, optimizer="adamw")
+    return TrainConfig.from_dict({**base, **kw})

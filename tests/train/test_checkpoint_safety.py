@@ -23,6 +23,7 @@ from longseq.train import checkpoint_files as ckpt
 from longseq.train.export import export, load_checkpoint_model
 from longseq.train.loop import train
 from longseq.train.metrics import drop_steps_after
+from tiny_models import run_config
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,7 @@ def setup(tiny_training_run):
 
 
 def config(setup, out, **kw) -> TrainConfig:
-    root, model_dir, data = setup
-    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
-                batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, warmup_steps=1, lora_rank=4, lora_dropout=0.1,
-                precision="fp32", device="cpu", save_every=3, keep_last=10, seed=0, optimizer="adamw")
-    return TrainConfig.from_dict({**base, **kw})
+    return run_config(setup, out, **kw)
 
 
 @pytest.fixture(scope="module")

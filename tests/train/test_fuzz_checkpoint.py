@@ -19,6 +19,7 @@ from longseq.train import checkpoint_files as ckpt
 from longseq.train.export import load_checkpoint_model
 from longseq.train.loop import build, resume, train
 from longseq.train.parallel.env import DistEnv
+from tiny_models import run_config
 
 SETTINGS = settings(max_examples=60, derandomize=True, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -77,11 +78,8 @@ def damage(folder: Path, how: tuple) -> None:
 
 
 def config(setup, out: str, **kw) -> TrainConfig:
-    root, model_dir, data = setup
-    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
-                batch_size=2, grad_accum=1, max_steps=2, lr=1e-2, lora_rank=4, precision="fp32", device="cpu",
-                save_every=2, keep_last=2, seed=0, optimizer="adamw")
-    return TrainConfig.from_dict({**base, **kw})
+    return run_config(setup, out, **{**dict(grad_accum=1, max_steps=2, warmup_steps=0, lora_dropout=0.0,
+                                            save_every=2, keep_last=2), **kw})
 
 
 @pytest.fixture(scope="module")

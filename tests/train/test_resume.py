@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from longseq.config import TrainConfig
 from longseq.train import checkpoint
 from longseq.train import checkpoint_files as ckpt
 from longseq.train.loop import train
+from tiny_models import run_config
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,7 @@ def setup(tiny_training_run):
 
 
 def config(setup, out, **kw):
-    root, model_dir, data = setup
-    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
-                batch_size=2, grad_accum=2, max_steps=6, lr=1e-2, warmup_steps=1, lora_rank=4, lora_dropout=0.1,
-                precision="fp32", device="cpu", save_every=3, keep_last=10, seed=0, optimizer="adamw")
-    return TrainConfig.from_dict({**base, **kw})
+    return run_config(setup, out, **kw)
 
 
 @pytest.mark.parametrize("method,optimizer", [("lora", "adamw"), ("full", "adamw"), ("qlora", "adamw8bit")])

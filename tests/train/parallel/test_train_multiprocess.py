@@ -18,6 +18,7 @@ from longseq.errors import LongseqError
 from longseq.train import checkpoint_files as ckpt
 from longseq.train.export import export
 from longseq.train.loop import train
+from tiny_models import run_config
 
 STEPS = 4
 
@@ -28,11 +29,7 @@ def setup(tiny_training_run):
 
 
 def config(setup, out, **kw) -> TrainConfig:
-    root, model_dir, data = setup
-    base = dict(model=str(model_dir), data=(str(data),), out_dir=str(root / out), method="lora", seq_len=32,
-                batch_size=2, grad_accum=2, max_steps=STEPS, lr=1e-2, warmup_steps=1, lora_rank=4, precision="fp32",
-                device="cpu", save_every=2, keep_last=10, seed=0, optimizer="adamw")
-    return TrainConfig.from_dict({**base, **kw})
+    return run_config(setup, out, **{**dict(max_steps=STEPS, lora_dropout=0.0, save_every=2), **kw})
 
 
 def resume_copy(setup, source: str, out: str, step: int = 2) -> None:

@@ -78,10 +78,16 @@ def use_flash_varlen(q: torch.Tensor) -> bool:
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chunks,
                  window: int | None) -> torch.Tensor:
+    """Every chunk in one call of FlashAttention-2's variable-length kernel. q (N_c, H, D) -> (N_c, H, D)."""
+    return _flash(q, k, v, chunks.cu_q, chunks.cu_k, max(chunks.q_lens), max(chunks.ctx_lens), window)
+
+
+def _flash(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+           window: int | None) -> torch.Tensor:
     """PyTorch's FlashAttention-2 variable-length kernel (the op behind torch.nn.attention.varlen, whose public
-    signature has changed between releases); grouped K/V heads as they are. q (N_c, H, D) -> (N_c, H, D)."""
+    signature has changed between releases); grouped K/V heads as they are."""
     out = torch.ops.aten._flash_attention_forward(
-        q, k, v, chunks.cu_q, chunks.cu_k, max(chunks.q_lens), max(chunks.ctx_lens), 0.0, True, False,
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False,
         window_size_left=-1 if window is None else window - 1, window_size_right=0)
     return out[0]
 
@@ -110,14 +116,13 @@ def split_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Chun
     chunks at a little over half cuDNN's rate on Hopper (benchmarks/results/2026-12-03-serve-workloads-h200)."""
     assert window is None
     out, qs, ks = torch.empty_like(q), 0, 0
-    for n, ctx in zip(chunks.q_lens, chunks.ctx_lens, strict=True):
+    for j, (n, ctx) in enumerate(zip(chunks.q_lens, chunks.ctx_lens, strict=True)):
         qi, ki, vi = q[qs : qs + n], k[ks : ks + ctx], v[ks : ks + ctx]
         if ctx - n >= LONG_PREFIX:
             out[qs : qs + n] = prefix_then_chunk(qi, ki, vi)
-        else:
-            one = Chunks(chunks.rows, chunks.slots, *(torch.tensor([0, x], dtype=torch.int32, device=q.device)
-                                                      for x in (n, ctx)), [n], [ctx])
-            out[qs : qs + n] = flash_varlen(qi, ki, vi, one, None)
+        else:  # this sequence's offsets, from the packed ones already on the device
+            cu_q, cu_k = chunks.cu_q[j : j + 2] - qs, chunks.cu_k[j : j + 2] - ks
+            out[qs : qs + n] = _flash(qi, ki, vi, cu_q, cu_k, n, ctx, None)
         qs, ks = qs + n, ks + ctx
     return out
 

@@ -217,7 +217,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.json:
         payload = plan.to_dict()
         if picked is not None:
-            payload["auto"] = {"fits": picked.fits, "flags": picked.flags(spec.config.num_layers)}
+            payload["auto"] = {"fits": picked.fits, "flags": flags}
         _print(payload, [], [], [])
     else:
         hint = [] if plan.fits else ["[red]does not fit[/]: try --fit to search for a setup that does"]

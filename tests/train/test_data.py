@@ -13,19 +13,9 @@ import pytest
 import torch
 
 from longseq.errors import LongseqError
-from longseq.models.loader import default_model_path
-from longseq.models.tokenizer import load_tokenizer
 from longseq.train.data import IGNORE, Document, PackedSequence, TrainData, pack, split_long
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "facts.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tok():
-    try:
-        return load_tokenizer(default_model_path())
-    except LongseqError as e:
-        pytest.skip(str(e))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -11,8 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longseq.errors import LongseqError
-from longseq.models.loader import default_model_path
-from longseq.models.tokenizer import load_tokenizer
 from longseq.train.data import TrainData
 
 SETTINGS = settings(max_examples=120, derandomize=True, deadline=None, database=None,
@@ -46,14 +44,6 @@ def lines(draw) -> bytes:
         return draw(st.binary(max_size=120))
     text = json.dumps(draw(rows), ensure_ascii=draw(st.booleans()))
     return text.encode("utf-8", "surrogatepass")  # unescaped lone surrogates become invalid UTF-8
-
-
-@pytest.fixture(scope="module")
-def tok():
-    try:
-        return load_tokenizer(default_model_path())
-    except LongseqError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,18 @@
 """Long-context LoRA / QLoRA training: longseq (techniques picked by its planner) against transformers + PEFT.
 
-    PYTHONPATH=src python benchmarks/long_context.py --runs longseq:4096 hf:4096 longseq:131072 qlora:262144 \
-        --out long_context.json
+    PYTHONPATH=src python benchmarks/long_context.py --runs longseq:4096 liger:4096 hf:4096 longseq:131072 \
+        qlora:262144 longseq:32768:auto:32.1 --out long_context.json
 
 Llama-3-8B shape, random bf16 weights, LoRA r=16 / alpha 32 on all seven linear layers, batch 1, one random
 sequence, AdamW on the adapters. Each run is its own process (its peak memory is its own):
 - `longseq` / `qlora`: the memory techniques `longseq train` would pick on this GPU (train/memory_plan.py: recompute
   none / selective / full / offloaded, tiled norms and MLPs), chunked LM-head + loss, bf16 autocast.
 - `hf`: transformers + PEFT, SDPA attention, gradient checkpointing, under the same bf16 autocast.
+- `liger`: the same with Liger kernels (liger-kernel: fused linear cross-entropy, RMSNorm, RoPE, SwiGLU), the peer
+  most HF Trainer / Axolotl / LLaMA-Factory users run.
+A longseq run's spec may end in a memory budget, `longseq:32768:auto:32.1`: `--gpu-memory 32.1` (GiB); `liger` or
+`hf` in its place takes that peer's measured peak (allocated) at the same length from an earlier run of the list,
+so that both sides are held to the same memory.
 All runs use PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (less fragmentation, for both sides). longseq's
 attention is FlashAttention-4 where flash-attn-4 is installed (each row's `attention`), else SDPA; runs timed without
 a warm-up step (past 128K) first run attention on 1K tokens (FA4 compiles its kernels on first use), and, as the
@@ -40,7 +45,7 @@ def host_peak_gib() -> float:
     return float("nan")
 
 
-def build_longseq(method: str, seq_len: int, recompute: str | None):
+def build_longseq(method: str, seq_len: int, recompute: str | None, gpu_memory: float | None = None):
     from longseq.config import TrainConfig
     from longseq.train.lora import make_trainable
     from longseq.train.memory_plan import plan_memory
@@ -48,7 +53,8 @@ def build_longseq(method: str, seq_len: int, recompute: str | None):
 
     model = random_llama3_8b()
     tcfg = TrainConfig(data=("-",), method=method, seq_len=seq_len, lora_rank=RANK, lora_alpha=ALPHA,
-                       lora_targets=tuple(TARGETS), recompute=recompute or "auto")
+                       lora_targets=tuple(TARGETS), recompute=recompute or "auto",
+                       gpu_memory=gpu_memory)
     make_trainable(model, tcfg)
     torch.cuda.empty_cache()
     choice = plan_memory(model, tcfg, "bf16", torch.device("cuda"), packed=False)
@@ -64,20 +70,26 @@ def build_longseq(method: str, seq_len: int, recompute: str | None):
     return model, step_loss, choice
 
 
-def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | None) -> dict:
+PEERS = ("hf", "liger")
+
+
+def run_one(side: str, seq_len: int, warmup: int, steps: int, recompute: str | None,
+            gpu_memory: float | None = None) -> dict:
     torch.manual_seed(0)
     row: dict = dict(side=side, seq_len=seq_len)
-    if side == "hf":
-        model, step_loss = build_hf(autocast=True)
+    if side in PEERS:
+        model, step_loss = build_hf(autocast=True, liger=side == "liger")
     else:
-        model, step_loss, choice = build_longseq("qlora" if side == "qlora" else "lora", seq_len, recompute)
+        model, step_loss, choice = build_longseq("qlora" if side == "qlora" else "lora", seq_len, recompute,
+                                                 gpu_memory)
         from longseq.models import fused
 
-        row.update(forced=recompute is not None, fused=fused.available(), recompute=choice.recompute,
+        row.update(forced=recompute is not None, gpu_memory=gpu_memory, fused=fused.available(),
+                   recompute=choice.recompute,
                    tile=choice.tile, offload_keep=choice.offload_keep, plain_layers=choice.plain_layers,
                    predicted_gib=round(choice.predicted_gib, 2), predicted_host_gib=round(choice.host_gib, 2),
                    planned=choice.describe())
-    if side != "hf":
+    if side not in PEERS:
         row["attention"] = warm_attention(seq_len) if warmup == 0 else attention_kernel()
     _, times, losses = timed_steps(model, step_loss, seq_len, warmup + steps, log=True)
     step = statistics.median(times[warmup:])
@@ -162,15 +174,18 @@ def profile_step(model, step_loss, seq_len: int, path: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", nargs="+", default=[], help="SIDE:LEN[:RECOMPUTE], SIDE in longseq, qlora, hf")
+    ap.add_argument("--runs", nargs="+", default=[],
+                    help="SIDE:LEN[:RECOMPUTE[:GPU_MEMORY_GIB]], SIDE in longseq, qlora, hf, liger; RECOMPUTE auto: "
+                    "the planner's choice; GPU_MEMORY_GIB hf / liger: that peer's peak at this length")
     ap.add_argument("--out", default="long_context.json")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per run")
     ap.add_argument("--profile", help="folder: profile one extra step of each run (kernel seconds by kind)")
-    ap.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        side, n, warm, steps, rc = args.one
-        row = run_one(side, int(n), int(warm), int(steps), None if rc == "-" else rc)
+        side, n, warm, steps, rc, budget = args.one
+        row = run_one(side, int(n), int(warm), int(steps), None if rc in ("-", "auto") else rc,
+                      None if budget == "-" else float(budget))
         print("RESULT " + json.dumps(row), flush=True)
         return
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
@@ -178,10 +193,16 @@ def main():
         env["LONG_CONTEXT_PROFILE"] = os.path.abspath(args.profile)
     rows = []
     for spec in args.runs:
-        side, n, *rc = spec.split(":")
-        n = int(n)
+        side, n, *rest = spec.split(":")
+        n, rc, budget = int(n), (rest + ["-", "-"])[0], (rest + ["-", "-"])[1]
+        if budget in PEERS:  # the peer's measured peak at this length
+            peer = [r for r in rows if r["side"] == budget and r["seq_len"] == n and "peak_gib" in r]
+            if not peer:
+                print(f"skipping {spec}: no {budget} run at {n} tokens before it", flush=True)
+                continue
+            budget = str(peer[-1]["peak_gib"])
         warm, steps = (1, 2) if n <= 65536 else (1, 1) if n <= 131072 else (0, 1)
-        cmd = [sys.executable, __file__, "--one", side, str(n), str(warm), str(steps), rc[0] if rc else "-"]
+        cmd = [sys.executable, __file__, "--one", side, str(n), str(warm), str(steps), rc, budget]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
             out, err = proc.stdout, proc.stderr
@@ -203,8 +224,14 @@ def _env() -> dict:
     import peft
     import transformers
 
+    try:
+        from importlib.metadata import version
+
+        liger = version("liger-kernel")
+    except Exception:
+        liger = None
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-                transformers=transformers.__version__, peft=peft.__version__)
+                transformers=transformers.__version__, peft=peft.__version__, liger_kernel=liger)
 
 
 if __name__ == "__main__":

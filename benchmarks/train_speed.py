@@ -66,9 +66,17 @@ def build_longseq():
     return model, step_loss
 
 
-def build_hf(autocast: bool = True):
+def build_hf(autocast: bool = True, liger: bool = False):
+    """transformers + PEFT, SDPA, gradient checkpointing; liger: with Liger kernels (fused linear cross-entropy,
+    RMSNorm, RoPE, SwiGLU) patched into the Llama modules first, as HF Trainer's `use_liger_kernel` does."""
     import peft
     import transformers
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
 
     cfg = transformers.LlamaConfig(**LLAMA3_8B)
     cfg._attn_implementation = "sdpa"

@@ -70,23 +70,25 @@ QKV = 2 * T * D * (Q + 2 * KV)
 MLP_FORWARD = 2 * T * (3 * D * INTER + RANK * (2 * D + INTER) + RANK * (2 * INTER + D))
 
 
-@pytest.mark.parametrize("policy,plain,tile,skipped", [
-    ("keep_attention", 0, None, L * (QKV + DOWN)),  # q/k/v (attention kept its inputs) and down
-    ("full", 0, None, L * DOWN),  # attention is recomputed: q/k/v run
+@pytest.mark.parametrize("policy,plain,kept,tile,skipped", [
+    ("keep_attention", 0, 0, None, L * (QKV + DOWN)),  # q/k/v (attention kept its inputs) and down
+    ("full", 0, 0, None, L * DOWN),  # attention is recomputed: q/k/v run
     # tiled: the checkpoint's recompute skips the whole MLP, the tiles' own recompute the down projections
-    ("full", 0, 16, L * (MLP_FORWARD + DOWN)),
-    ("offloaded", 0, 16, L * (MLP_FORWARD + DOWN)),
-    ("selective", 0, None, L * DOWN),  # SwiGLU's checkpoint takes in the frozen down_proj
+    ("full", 0, 0, 16, L * (MLP_FORWARD + DOWN)),
+    ("offloaded", 0, 0, 16, L * (MLP_FORWARD + DOWN)),
+    ("selective", 0, 0, None, L * DOWN),  # SwiGLU's checkpoint takes in the frozen down_proj
     # plain layers recompute SwiGLU and down's adapter only
-    ("keep_attention", 2, None, (L - 2) * (QKV + DOWN) + 2 * DOWN),
-    ("full", 1, None, L * DOWN),
+    ("keep_attention", 2, 0, None, (L - 2) * (QKV + DOWN) + 2 * DOWN),
+    ("full", 1, 0, None, L * DOWN),
+    # full's last layer under keep_attention skips its q/k/v too
+    ("full", 0, 1, None, (QKV + DOWN) + (L - 1) * DOWN),
 ])
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_recompute_skips_the_unread_matmuls(policy, plain, tile, skipped, method, monkeypatch):
+def test_recompute_skips_the_unread_matmuls(policy, plain, kept, tile, skipped, method, monkeypatch):
     if method == "qlora":
         pytest.importorskip("torchao")
     model = _model(method)
-    model.set_recompute(policy, keep_on_gpu=0, plain_layers=plain)
+    model.set_recompute(policy, keep_on_gpu=0, plain_layers=plain, attention_layers=kept)
     model.set_tiling(tile)
     ids, targets = _data()
     with_skips = _flops(model, ids, targets)
@@ -132,3 +134,9 @@ def test_skipped_outputs_outside_a_recompute_are_computed():
 def test_plain_layers_need_a_layer_policy_and_a_layer_count(policy, plain):
     with pytest.raises(ValueError, match="plain_layers"):
         _model().set_recompute(policy, plain_layers=plain)
+
+
+@pytest.mark.parametrize("policy,plain,kept", [("keep_attention", 0, 1), ("full", L, 1), ("full", 0, L + 1)])
+def test_attention_layers_need_full_and_a_layer_count(policy, plain, kept):
+    with pytest.raises(ValueError, match="attention_layers"):
+        _model().set_recompute(policy, plain_layers=plain, attention_layers=kept)

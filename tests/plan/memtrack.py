@@ -27,6 +27,13 @@ def _is_nf4(t) -> bool:
     return type(t).__name__ == "NF4Tensor"
 
 
+def parse_policy(policy: str) -> tuple[str, int, int]:
+    """"keep_attention+2": the last 2 layers plain; "full^2": full's last 2 layers under keep_attention."""
+    policy, _, kept = policy.partition("^")
+    policy, _, plain = policy.partition("+")
+    return policy, int(plain or 0), int(kept or 0)
+
+
 def build(cfg: ModelConfig, method: str, policy: str, targets: tuple[str, ...], rank: int = 16) -> CausalLM:
     """As longseq train builds it: fp32 masters for full fine-tuning, a bf16 base with fp32 adapters for LoRA."""
     torch.manual_seed(0)
@@ -36,8 +43,8 @@ def build(cfg: ModelConfig, method: str, policy: str, targets: tuple[str, ...], 
             p.requires_grad_(True)
     else:
         apply_lora(model, TrainConfig(lora_rank=rank, lora_alpha=2 * rank, method=method, lora_targets=targets))
-    policy, _, plain = policy.partition("+")  # "keep_attention+2": the last 2 layers plain
-    model.set_recompute(policy, plain_layers=int(plain or 0))
+    policy, plain, kept = parse_policy(policy)
+    model.set_recompute(policy, plain_layers=plain, attention_layers=kept)
     model.train()
     return model
 

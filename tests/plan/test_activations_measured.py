@@ -8,7 +8,7 @@ a subset, under Triton's CPU interpreter (its bfloat16 values are wrong, its ten
 
 import pytest
 import torch
-from memtrack import build, peak_bytes, saved_bytes, transient_bytes
+from memtrack import build, parse_policy, peak_bytes, saved_bytes, transient_bytes
 
 from longseq.config import ModelConfig
 from longseq.models import fused as fused_ops
@@ -38,6 +38,8 @@ CASES = [
     # the last layers plain (SwiGLU recomputed only), "+N" of them
     (LLAMA, "lora", "keep_attention+2", ALL), (LLAMA, "lora", "keep_attention+3", ALL), (LLAMA, "lora", "full+1", ALL),
     (LLAMA, "full", "keep_attention+1", ALL), (QWEN3, "lora", "keep_attention+1", ALL),
+    # full's last layers under keep_attention, "^N" of them
+    (LLAMA, "lora", "full^1", ALL), (LLAMA, "lora", "full^2", ALL), (LLAMA, "full", "full^2", ALL),
 ]
 SHAPES = [(1, 512, 1024, False), (2, 384, 256, True)]  # batch, seq, loss chunk, trainer keeps `hidden`
 
@@ -50,14 +52,14 @@ def _id(case):
 FUSED_CASES = [
     (LLAMA, "lora", "none", ALL), (LLAMA, "lora", "selective", ALL), (LLAMA, "lora", "full", ALL),
     (LLAMA, "lora", "keep_attention", ALL), (LLAMA, "full", "none", ALL), (QWEN3, "lora", "none", ALL),
-    (QWEN3, "full", "full", ALL), (LLAMA, "lora", "keep_attention+2", ALL),
+    (QWEN3, "full", "full", ALL), (LLAMA, "lora", "keep_attention+2", ALL), (LLAMA, "lora", "full^2", ALL),
 ]
 
 
 def _setup(method, policy, targets, batch, seq, chunk, keep, fused=False):
-    policy, _, plain = policy.partition("+")
+    policy, plain, kept = parse_policy(policy)
     return TrainSetup(method=method, recompute=policy, batch_size=batch, seq_len=seq, lora_targets=targets,
-                      loss_chunk=chunk, keep_hidden=keep, fused=fused, plain_layers=int(plain or 0))
+                      loss_chunk=chunk, keep_hidden=keep, fused=fused, plain_layers=plain, attention_layers=kept)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -88,9 +90,10 @@ def _check_saved_and_peak(case, shape, fused):
     if fused:  # a process's first fused selective step peaks ~1 S×I lower (interpreter warm-up); measure warm
         model.zero_grad(set_to_none=True)
         peak = peak_bytes(model, ids, chunk, keep)
-    plan = activation_peak(spec, st)
-    if "+" in policy:  # plain layers over recomputed ones: composed from two models' moments, mostly above
-        assert 0.98 * peak <= plan.peak + plan.grads <= 1.04 * peak, (plan.phase, plan.peak + plan.grads, peak)
+    plan = activation_peak(spec, st, kernel_workspace=not fused)  # fused: as the CPU tracker sees the kernels
+    if "+" in policy or "^" in policy:  # layers of two policies: composed from two models' moments, mostly above
+        high = 1.04 if "+" in policy else 1.05  # "^": at 3 layers, the lone full layer's moment is the widest
+        assert 0.98 * peak <= plan.peak + plan.grads <= high * peak, (plan.phase, plan.peak + plan.grads, peak)
     else:
         assert plan.peak + plan.grads == pytest.approx(peak, rel=0.03), (plan.phase, plan.peak + plan.grads, peak)
 

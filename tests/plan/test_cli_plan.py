@@ -121,12 +121,14 @@ def test_train_without_recompute_shows_what_longseq_train_would_pick(capsys):
     # the flags it prints reproduce the same plan, and that plan is the search's choice for the TrainConfig
     forced = dict(zip(flags[::2], flags[1::2], strict=True))
     code, out, _ = run(argv + ["--recompute", forced["--recompute"], "--mlp-tile", forced["--tile-tokens"],
-                               "--plain-layers", forced.get("--plain-layers", "0"), "--json"], capsys)
+                               "--plain-layers", forced.get("--plain-layers", "0"),
+                               "--attention-layers", forced.get("--attention-layers", "0"), "--json"], capsys)
     assert json.loads(out)["memory_gib"] == data["memory_gib"]
     cfg = TrainConfig(data=("x",), seq_len=65536)
     spec, gpu = get_model("llama-3-8b"), get_gpu("H200")
     pick = choose(spec, TrainSetup(method="lora", seq_len=65536), Fixed(cfg.recompute), gpu.memory_bytes)
-    assert with_candidate(TrainSetup(), (pick.recompute, pick.tile, 0, pick.plain_layers)).recompute == \
+    assert with_candidate(TrainSetup(), (pick.recompute, pick.tile, 0, pick.plain_layers,
+                                         pick.attention_layers)).recompute == \
         data["setup"]["recompute"]
     _, text, _ = run(argv, capsys)
     assert "as longseq train --plan auto would pick on the H200" in text and "does not fit" not in text

@@ -25,20 +25,39 @@ def _budget(monkeypatch, device_gib, host_gib=1000.0):
 def test_candidates_fastest_first_and_user_flags_win():
     cfg = TrainConfig(data=("x",))
     got = candidates(cfg, 4, CUDA)
-    assert got[:13] == [("none", None, 0, 0), *[("keep_attention", None, 0, n) for n in (4, 3, 2, 1)],
-                        ("selective", None, 0, 0), ("keep_attention", None, 0, 0), ("keep_attention", 8192, 0, 0),
-                        *[("full", None, 0, n) for n in (3, 2, 1)], ("full", None, 0, 0), ("full", 8192, 0, 0)]
-    assert got[13:] == [("offloaded", 8192, k, 0) for k in (3, 2, 1, 0)]
+    assert got[:16] == [("none", None, 0, 0, 0), *[("keep_attention", None, 0, n, 0) for n in (4, 3, 2, 1)],
+                        ("selective", None, 0, 0, 0), ("keep_attention", None, 0, 0, 0),
+                        ("keep_attention", 8192, 0, 0, 0), *[("full", 8192, 0, 0, n) for n in (3, 2, 1)],
+                        *[("full", None, 0, n, 0) for n in (3, 2, 1)], ("full", None, 0, 0, 0),
+                        ("full", 8192, 0, 0, 0)]
+    assert got[16:] == [("offloaded", 8192, k, 0, 0) for k in (3, 2, 1, 0)]
     assert all(c[0] != "offloaded" for c in candidates(cfg, 4, torch.device("cpu")))
     fixed = candidates(TrainConfig(data=("x",), recompute="offloaded", tile_tokens=0, offload_keep=2), 4, CUDA)
-    assert fixed == [("offloaded", None, 2, 0)]
+    assert fixed == [("offloaded", None, 2, 0, 0)]
     fixed = candidates(TrainConfig(data=("x",), recompute="keep_attention", plain_layers=0), 4, CUDA)
-    assert fixed == [("keep_attention", None, 0, 0), ("keep_attention", 8192, 0, 0)]
+    assert fixed == [("keep_attention", None, 0, 0, 0), ("keep_attention", 8192, 0, 0, 0)]
     # a forced policy runs on every layer (issue 23: --recompute full ran 31 of 32 layers plain)
-    assert candidates(TrainConfig(data=("x",), recompute="full"), 4, CUDA) == [("full", None, 0, 0),
-                                                                              ("full", 8192, 0, 0)]
+    assert candidates(TrainConfig(data=("x",), recompute="full"), 4, CUDA) == [("full", None, 0, 0, 0),
+                                                                              ("full", 8192, 0, 0, 0)]
     assert candidates(TrainConfig(data=("x",), recompute="full", plain_layers=2), 4, CUDA) == [
-        ("full", None, 0, 2), ("full", 8192, 0, 2)]
+        ("full", None, 0, 2, 0), ("full", 8192, 0, 2, 0)]
+    assert candidates(TrainConfig(data=("x",), recompute="full", attention_layers=3), 4, CUDA) == [
+        ("full", None, 0, 0, 3), ("full", 8192, 0, 0, 3)]
+
+
+def test_full_keeps_the_attention_of_as_many_layers_as_fit(monkeypatch):
+    # 128K tokens on an H200: keep_attention on every layer does not fit, full recompute leaves room for most
+    # layers to keep their attention (issue 23: that buys back attention's quadratic forward layer by layer).
+    _budget(monkeypatch, 139.7)
+    cfg = TrainConfig(data=("x",), seq_len=131072, lora_rank=16)
+    choice = choose(LLAMA8B, cfg, "bf16", CUDA, packed=False)
+    assert (choice.recompute, choice.plain_layers) == ("full", 0) and 16 < choice.attention_layers < 32
+    assert choice.fits and "keep_attention" in choice.describe()
+
+
+def test_plain_and_attention_layers_are_one_or_the_other():
+    with pytest.raises(LongseqError, match="not both"):
+        TrainConfig(data=("x",), plain_layers=1, attention_layers=1)
 
 
 def test_plain_layers_take_the_memory_left_over(monkeypatch):

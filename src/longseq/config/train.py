@@ -57,6 +57,8 @@ class TrainConfig:
                                     "(default: planned from free memory)", default=None)
     plain_layers: int | None = flag("recompute keep_attention / full: the last layers that recompute only the "
                                     "SwiGLU product (default: as many as fit)", default=None)
+    attention_layers: int | None = flag("recompute full: the last layers that keep their attention (recompute as "
+                                        "keep_attention; default: as many as fit)", default=None)
     gpu_memory: float | None = flag("GiB of GPU memory the run may plan for, below what the GPU has free (a shared "
                                     "GPU); --plan auto fits its choices in it (default: all that is free)",
                                     default=None)
@@ -107,9 +109,11 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
             if not getattr(self, name) >= 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("tile_tokens", "offload_keep", "plain_layers"):
+        for name in ("tile_tokens", "offload_keep", "plain_layers", "attention_layers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.plain_layers and self.attention_layers:
+            raise LongseqError("set plain_layers or attention_layers, not both: the planner models one at a time")
         if self.overrides.attention == "memory":  # InfLLM is training-free: its memory lives in generation's cache
             raise LongseqError("--attention memory is for generation and evaluation, not training")
         if self.gpu_memory is not None and not self.gpu_memory > 0:

@@ -240,13 +240,16 @@ class CausalLM(nn.Module):
         self.set_recompute("none")
         self.tie_weights()
 
-    def set_recompute(self, policy: str, keep_on_gpu: int = 0, plain_layers: int = 0) -> None:
+    def set_recompute(self, policy: str, keep_on_gpu: int = 0, plain_layers: int = 0,
+                      attention_layers: int = 0) -> None:
         """Activation checkpointing: none; selective (recompute attention internals and the SwiGLU product,
         keep every matmul output, after Korthikanti et al. 2022); keep_attention (recompute everything but
         attention, whose inputs and output stay: the long-sequence inverse of selective); full (keep only each
         layer's input); offloaded (full, with the inputs of all but the last `keep_on_gpu` layers in pinned host
         memory). Under keep_attention or full, the last `plain_layers` layers recompute nothing but the SwiGLU
-        product: what memory is left over buys back recompute layer by layer.
+        product: what memory is left over buys back recompute layer by layer. Under full, the `attention_layers`
+        layers below those recompute as keep_attention: at long sequences, where attention's quadratic forward is
+        most of a recompute, each buys back the most time per byte.
 
         Chosen here once per layer (models/recompute.py spells each policy out): how `hidden` runs the layer
         (called, checkpointed whole or offloaded: `layer_runs`), the checkpoints inside it (`layer.recompute`) and
@@ -257,7 +260,11 @@ class CausalLM(nn.Module):
         if plain_layers and (policy not in PLAIN_LAYER_POLICIES or not 0 <= plain_layers <= num_layers):
             raise ValueError(f"plain_layers needs recompute keep_attention or full and 0..{num_layers} layers, got "
                              f"{plain_layers} with {policy!r}")
+        if attention_layers and (policy != "full" or not 0 <= attention_layers <= num_layers - plain_layers):
+            raise ValueError(f"attention_layers needs recompute full and 0..{num_layers - plain_layers} layers, got "
+                             f"{attention_layers} with {policy!r}")
         self.recompute, self.offload_keep, self.plain_layers = policy, max(0, keep_on_gpu), plain_layers
+        self.attention_layers = attention_layers
         if policy == "offloaded" and self.offloader is None:
             self.offloader = LayerInputOffloader()
         offloaded = num_layers - self.offload_keep if policy == "offloaded" else 0  # the first layers' inputs
@@ -265,11 +272,12 @@ class CausalLM(nn.Module):
         self.layer_runs = []  # per layer: how a training forward (`hidden` without a cache) runs it
         for i, layer in enumerate(self.model.layers):
             plain = i >= num_layers - plain_layers  # keep_attention / full's last layers: only the SwiGLU product
-            layer.recompute = None if plain else inside
+            kept = not plain and i >= num_layers - plain_layers - attention_layers  # full's layers below those
+            layer.recompute = None if plain else recompute.keep_attention if kept else inside
             layer.mlp.recompute_act = policy == "selective" or plain
             if i < offloaded:
                 self.layer_runs.append(self.offloader.layer)
-            elif policy in ("full", "offloaded") and not plain:
+            elif policy in ("full", "offloaded") and not plain and not kept:
                 self.layer_runs.append(recompute.whole_layer)
             else:
                 self.layer_runs.append(_call)

@@ -267,15 +267,20 @@ def _plain(st: TrainSetup, layers: int) -> int:
     return min(st.plain_layers, layers) if st.recompute in PLAIN_LAYER_POLICIES else 0
 
 
+def _kept(st: TrainSetup, layers: int) -> int:
+    """How many layers below the plain ones recompute as keep_attention under full on this GPU."""
+    return min(st.attention_layers, layers - _plain(st, layers)) if st.recompute == "full" else 0
+
+
 def saved_bytes(spec: ModelSpec, st: TrainSetup) -> dict[str, float]:
     """Bytes kept from forward for backward for the whole micro-batch on one GPU, by part (what saved-tensor hooks
     see: unique storages, parameters excluded)."""
     layers = spec.config.num_layers // st.parallel.pp
-    plain = _plain(st, layers)
+    plain, kept = _plain(st, layers), _kept(st, layers)
     out: dict[str, float] = {}
     for i in range(layers):
-        for key, value in _layer_saved(spec, st, st.parallel.pp == 1 and i == 0,
-                                       "plain" if i >= layers - plain else None).items():
+        policy = "plain" if i >= layers - plain else "keep_attention" if i >= layers - plain - kept else None
+        for key, value in _layer_saved(spec, st, st.parallel.pp == 1 and i == 0, policy).items():
             out[key] = out.get(key, 0.0) + value
     for key, value in outside_bytes_per_token(spec, st).items():
         out[key] = out.get(key, 0.0) + value * _tokens(st) / st.parallel.tp
@@ -310,13 +315,19 @@ def activation_peak(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool = Tr
     only the ends can be the largest: the last layer (first in backward), layer 0, and under "offloaded" the last
     offloaded layer (the first one backward meets, with its own input and the prefetched previous one).
     kernel_workspace=False leaves out what CUDA kernels allocate inside themselves (FlashAttention-2 backward's fp32
-    dQ accumulator and GQA-expanded dK/dV), which a CPU run never allocates and a dispatch-level tracker never sees.
+    dQ accumulator and GQA-expanded dK/dV), which a CPU run never allocates and a dispatch-level tracker never sees,
+    and counts a plain LoRA layer's MLP backward as that tracker sees it (see `swiglu_tensors` below).
     """
     if st.recompute not in POLICIES + ("plain",):
         raise ValueError(f"recompute must be one of {POLICIES}")
-    plain = _plain(st, spec.config.num_layers // st.parallel.pp)
+    layers = spec.config.num_layers // st.parallel.pp
+    plain, kept = _plain(st, layers), _kept(st, layers)
+    if plain and kept:
+        raise ValueError("the planner models plain layers or keep_attention layers under full, not both")
     if plain:
         events, saved, host, all_grads = _mixed_events(spec, st, plain, kernel_workspace)
+    elif kept:
+        events, saved, host, all_grads = _kept_attention_events(spec, st, kept, kernel_workspace)
     else:
         events, saved, host, all_grads = _events(spec, st, kernel_workspace)
     phase = max(events, key=lambda e: sum(events[e]))
@@ -347,9 +358,36 @@ def _mixed_events(spec: ModelSpec, st: TrainSetup, plain: int, kernel_workspace:
         below = replace(spec, config=replace(cfg, num_layers=(layers - plain) * st.parallel.pp))
         _, layer_grad, _ = _grad_bytes(spec, st)
         for e, (act, g) in _events(below, replace(st, plain_layers=0), kernel_workspace)[0].items():
-            if "layer" in e or e == "NF4 dequantize":
+            if _layer_moment(e):
                 events[e.replace("last layer", "last recomputed layer")] = (act, g + plain * layer_grad)
     return events, saved, 0.0, all_grads
+
+
+def _kept_attention_events(spec: ModelSpec, st: TrainSetup, kept: int, kernel_workspace: bool):
+    """full with the last `kept` layers under keep_attention. Backward meets those first: their moments are those
+    of an all-keep_attention model whose lower layers keep only their inputs; the full layers' moments are those
+    of a model of just them (the kept layers' tensors are freed by then, their gradients exist)."""
+    cfg = spec.config
+    layers = cfg.num_layers // st.parallel.pp
+    keep = replace(st, recompute="keep_attention", attention_layers=0)
+    events, _, host, all_grads = _events(spec, keep, kernel_workspace)
+    saved = saved_bytes(spec, st)
+    shift = sum(saved_bytes(spec, keep).values()) - sum(saved.values())  # moments that hold every saved tensor
+    # Layer moments count the attention the layers below hold (_events `inputs_at`): the full ones hold none.
+    below_attention = attention_kept_bytes_per_token(spec, keep) * _tokens(st) / st.parallel.tp * (layers - kept)
+    events = {e: (act if e == "optimizer step" else act - (below_attention if _layer_moment(e) else shift), g)
+              for e, (act, g) in events.items() if "layer 0" not in e}
+    if kept < layers:
+        below = replace(spec, config=replace(cfg, num_layers=(layers - kept) * st.parallel.pp))
+        _, layer_grad, _ = _grad_bytes(spec, st)
+        for e, (act, g) in _events(below, replace(st, attention_layers=0), kernel_workspace)[0].items():
+            if _layer_moment(e):
+                events[e.replace("last layer", "last full layer")] = (act, g + kept * layer_grad)
+    return events, saved, host, all_grads
+
+
+def _layer_moment(event: str) -> bool:
+    return "layer" in event or event == "NF4 dequantize"
 
 
 def _events(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool):
@@ -389,7 +427,14 @@ def _events(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool):
     width = inter * k
     swiglu_tensors = FUSED_MLP_BACKWARD_TENSORS if z.fused else MLP_BACKWARD_TENSORS
     if z.fused and st.recompute in ("selective", "plain") and spec.mlp == "swiglu":
-        swiglu_tensors += 1  # the checkpoint's recomputed silu(gate)·up is alive through the kernel's backward
+        if st.recompute == "plain" and "down_proj" in z.targets and kernel_workspace:
+            # The checkpoint takes in the LoRA down_proj (recompute.swiglu_output). On the GPU this moment holds
+            # two S×I tensors fewer than the CPU tracker sees under Triton's interpreter (the H200 rows of
+            # benchmarks/results/2026-12-03-train-liger-h200 at 32K and 128K; tests/plan/test_validation_h200.py);
+            # which two is not established.
+            swiglu_tensors -= 1
+        else:
+            swiglu_tensors += 1  # the checkpoint's recomputed silu(gate)·up is alive through the kernel's backward
     mlp_event = (swiglu_tensors if spec.mlp == "swiglu" else 4) * z.a * width * mlp_rows
     # _TiledMLP.backward allocates the whole input gradient (torch.empty_like(rows)) before its first tile, and
     # differentiates each tile's recomputed output (tile × d).

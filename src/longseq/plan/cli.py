@@ -62,6 +62,8 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
                    "(0: untiled; default: as planned under recompute auto, else untiled)")
     t.add_argument("--plain-layers", type=int, default=None, help="recompute keep_attention / full: the last layers "
                    "that recompute only the SwiGLU product (default: 0; auto: as many as fit)")
+    t.add_argument("--attention-layers", type=int, default=None, help="recompute full: the last layers that keep "
+                   "their attention (recompute as keep_attention; default: 0; auto: as many as fit)")
     t.add_argument("--offload-keep", type=int, default=None, help="recompute offloaded: the last layers whose "
                    "inputs stay on the GPU (default: as many as fit, as longseq train picks)")
     t.add_argument("--gpu-memory", type=float, default=None, help="GiB of each GPU the run may use, below its "
@@ -174,8 +176,11 @@ def run_train(args: argparse.Namespace) -> int:
         raise LongseqError(f"--train-extra takes embed and/or norm; got {sorted(extra - {'embed', 'norm'})}")
     parallel = Parallelism(dp=args.num_gpus // model_par, tp=args.tp, pp=args.pp, sp=args.sp,
                            zero=args.zero or 0, offload=args.offload, nodes=args.nodes)
-    if args.plain_layers is not None and args.plain_layers < 0:
-        raise LongseqError(f"--plain-layers must be 0 or more, got {args.plain_layers}")
+    for name in ("plain_layers", "attention_layers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise LongseqError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.plain_layers and args.attention_layers:
+        raise LongseqError("set --plain-layers or --attention-layers, not both: the planner models one at a time")
     setup = TrainSetup(method=methods[0], seq_len=args.seq_len, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, recompute="none" if policies[0] == "auto" else policies[0],
                        optimizer=optimizers[0],
@@ -183,7 +188,8 @@ def run_train(args: argparse.Namespace) -> int:
                        lora_targets=_split(args.lora_targets) or tuple(layer_linears(spec)),
                        train_embed="embed" in extra, train_norms="norm" in extra, loss_chunk=args.loss_chunk,
                        packed=args.packed, mlp_tile=args.mlp_tile or None, offload_keep=args.offload_keep,
-                       plain_layers=args.plain_layers or 0, parallel=parallel)
+                       plain_layers=args.plain_layers or 0, attention_layers=args.attention_layers or 0,
+                       parallel=parallel)
     kw = dict(tokens=args.tokens, price=args.price, efficiency=args.efficiency, host_gib=args.host_memory)
     if args.fit:
         zero = (args.zero,) if args.zero is not None else (0, 1, 2, 3)
@@ -203,11 +209,12 @@ def run_train(args: argparse.Namespace) -> int:
         return 0 if result.best else 1
     picked = None
     if policies[0] == "auto":  # as `longseq train --plan auto` picks, against this GPU's memory
-        fixed = Fixed("auto", args.mlp_tile, args.offload_keep, args.plain_layers)
+        fixed = Fixed("auto", args.mlp_tile, args.offload_keep, args.plain_layers, args.attention_layers)
         host = None if args.host_memory is None else args.host_memory * 2**30
         budget = gpu.memory_bytes if args.gpu_memory is None else min(gpu.memory_bytes, args.gpu_memory * 2**30)
         picked = choose(spec, setup, fixed, budget, host, offload=parallel.num_gpus == 1)
-        setup = with_candidate(setup, (picked.recompute, picked.tile, picked.offload_keep, picked.plain_layers))
+        setup = with_candidate(setup, (picked.recompute, picked.tile, picked.offload_keep, picked.plain_layers,
+                                       picked.attention_layers))
     plan = plan_train(spec, gpu, setup, **kw)
     lines = []
     if picked is not None:

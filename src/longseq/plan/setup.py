@@ -51,6 +51,7 @@ class TrainSetup:
     mlp_tile: int | None = None
     offload_keep: int | None = None  # "offloaded": layers whose inputs stay on the GPU; None: as many as fit
     plain_layers: int = 0  # keep_attention / full: the last layers recompute only the SwiGLU product
+    attention_layers: int = 0  # full: the layers below the plain ones recompute as keep_attention
     fused: bool = True  # fused RMSNorm / RoPE / SwiGLU kernels (what longseq runs on a GPU); False: eager ops
     parallel: Parallelism = field(default_factory=Parallelism)
 
@@ -63,7 +64,7 @@ def parallelism_for(cfg: TrainConfig, world_size: int, nodes: int = 1) -> Parall
 
 
 def setup_for(cfg: TrainConfig, *, precision: str, packed: bool, recompute: str, tile: int | None = None,
-              offload_keep: int | None = 0, plain_layers: int = 0, fused: bool = True,
+              offload_keep: int | None = 0, plain_layers: int = 0, attention_layers: int = 0, fused: bool = True,
               parallel: Parallelism | None = None) -> TrainSetup:
     """The TrainSetup of a `longseq train` run: its options, the precision it resolved to, whether its data packs
     several documents per row, and the memory techniques under consideration (train/memory_plan.py). The trainer's
@@ -73,5 +74,6 @@ def setup_for(cfg: TrainConfig, *, precision: str, packed: bool, recompute: str,
         recompute=recompute, optimizer=cfg.optimizer, precision=precision, lora_rank=cfg.lora_rank,
         lora_targets=cfg.lora_targets, train_embed="embed" in cfg.lora_train_extra,
         train_norms="norm" in cfg.lora_train_extra, loss_chunk=cfg.loss_chunk, packed=packed, keep_hidden=False,
-        mlp_tile=tile, offload_keep=offload_keep, plain_layers=plain_layers, parallel=parallel or Parallelism(),
+        mlp_tile=tile, offload_keep=offload_keep, plain_layers=plain_layers, attention_layers=attention_layers,
+        parallel=parallel or Parallelism(),
         fused=fused)

@@ -118,6 +118,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     from rich.console import Console
 
     console = Console(stderr=True, highlight=False)
+    # Before the first CUDA allocation: segments that grow in place instead of one per size class keep the caching
+    # allocator's reserve close to the allocated peak at long sequences, which the planner's slack assumes
+    # (plan/memory.py ALLOCATOR_SLACK). A setting of the user's own is kept.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not cfg.data:
         raise LongseqError("no training data: pass --data FILE_OR_FOLDER")
     if os.environ.get("RANK", "0") == "0":  # before --resume latest looks: it may put a checkpoint back

@@ -32,6 +32,7 @@ class MemoryChoice:
     auto: bool  # chosen by the planner (else: as the flags say)
     host_budget_gib: float | None = None  # available host memory
     plain_layers: int = 0  # keep_attention / full: the last layers that recompute only the SwiGLU product
+    attention_layers: int = 0  # full: the layers below the plain ones that recompute as keep_attention
 
     @property
     def fits(self) -> bool:
@@ -44,6 +45,8 @@ class MemoryChoice:
             parts = ["recompute only the SwiGLU product"]
         elif self.plain_layers:
             parts[0] += f" (the last {self.plain_layers} of {self.num_layers} layers: the SwiGLU product only)"
+        if self.attention_layers:
+            parts[0] += f" (the last {self.attention_layers} of {self.num_layers} layers: keep_attention)"
         if self.recompute == "offloaded":
             offloaded = max(0, self.num_layers - self.offload_keep)
             parts[0] += (f" ({offloaded} of {self.num_layers} layer inputs in pinned host memory, "
@@ -56,14 +59,15 @@ class MemoryChoice:
 
 
 def fixed(cfg: TrainConfig) -> auto.Fixed:
-    return auto.Fixed(cfg.recompute, cfg.tile_tokens, cfg.offload_keep, cfg.plain_layers)
+    return auto.Fixed(cfg.recompute, cfg.tile_tokens, cfg.offload_keep, cfg.plain_layers, cfg.attention_layers)
 
 
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,
-            tile: int | None, keep: int, parallel: Parallelism | None = None, plain: int = 0) -> tuple[float, float]:
+            tile: int | None, keep: int, parallel: Parallelism | None = None, plain: int = 0,
+            kept: int = 0) -> tuple[float, float]:
     """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
     setup = setup_for(cfg, precision=precision, packed=packed, recompute=recompute, tile=tile, offload_keep=keep,
-                      plain_layers=plain, fused=fused.available(), parallel=parallel)
+                      plain_layers=plain, attention_layers=kept, fused=fused.available(), parallel=parallel)
     return auto.predict(ModelSpec("run", model_cfg), setup)
 
 
@@ -92,10 +96,11 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
         recompute = "none" if cfg.recompute == "auto" else cfg.recompute
         keep = cfg.offload_keep if cfg.offload_keep is not None else 0
         plain = min(cfg.plain_layers or 0, layers) if recompute in PLAIN_LAYER_POLICIES else 0
+        kept = min(cfg.attention_layers or 0, layers - plain) if recompute == "full" else 0
         peak, host = predict(model_cfg, cfg, precision, packed, recompute, cfg.tile_tokens or None, keep, parallel,
-                             plain)
+                             plain, kept)
         return MemoryChoice(recompute, cfg.tile_tokens or None, keep, peak / GIB, None, host / GIB, layers, False,
-                            plain_layers=plain)
+                            plain_layers=plain, attention_layers=kept)
     budget, host_free = device_budget(device)
     if cfg.gpu_memory is not None:
         budget = min(budget, cfg.gpu_memory * GIB)
@@ -105,7 +110,7 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
     c = auto.choose(ModelSpec("run", model_cfg), base, fixed(cfg), budget, host_free,
                     offload=device.type == "cuda" and not distributed)
     return MemoryChoice(c.recompute, c.tile, c.offload_keep, c.device_bytes / GIB, budget / GIB, c.host_bytes / GIB,
-                        layers, fixed(cfg).auto, host_free / GIB, c.plain_layers)
+                        layers, fixed(cfg).auto, host_free / GIB, c.plain_layers, c.attention_layers)
 
 
 def _meminfo(key: str) -> float:
@@ -127,7 +132,8 @@ def plan_memory(model, cfg: TrainConfig, precision: str, device: torch.device, p
                 world_size: int = 1) -> MemoryChoice:
     """Choose recompute / tiling / offload for a run and set them on the model (a CausalLM)."""
     choice = choose(model.config, cfg, precision, device, packed, parallelism_for(cfg, world_size))
-    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep, plain_layers=choice.plain_layers)
+    model.set_recompute(choice.recompute, keep_on_gpu=choice.offload_keep, plain_layers=choice.plain_layers,
+                        attention_layers=choice.attention_layers)
     model.set_tiling(choice.tile)
     if world_size == 1:  # page-lock the offloaded layer inputs' host buffers now, not in the first step
         model.reserve_offload(cfg.batch_size, cfg.seq_len)

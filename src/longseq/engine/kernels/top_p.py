@@ -14,9 +14,10 @@ e(v*)) of them (by id) stay. Passes over the row, each a launch whose programs c
 4. per row: the chunk and then the token of the last kept tie.
 
 The chunk size depends on the vocabulary alone, never on the batch, so a row's cut does not depend on the batch it
-is in (seeded requests: engine/gumbel_max.py). Each mass is a sum in one fixed order, so g is monotone as
-computed; it is not the sort path's cumsum order, so the two can differ only where the mass ahead of a token is
-within float rounding of top_p.
+is in (seeded requests: engine/gumbel_max.py). Each mass is a sum in one fixed order (float32 per lane, float64
+across lanes and chunks), so g is monotone as computed. It is not the sort path's float32 cumsum, so the two can
+differ where the mass ahead of a token is within float32 rounding of top_p; over a long tie at 128K tokens the
+cumsum's rounding is the larger.
 """
 
 from __future__ import annotations
@@ -55,13 +56,13 @@ def _tile(L, stride_l, row, idx, V, inv_t, floor):
 
 @triton.jit
 def _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2: tl.constexpr):
-    """The row's max, top_p * Z and smallest key from the per-chunk statistics."""
+    """The row's max, top_p * Z (float64) and smallest key from the per-chunk statistics."""
     c = tl.arange(0, S_POW2)
     on = c < S
     maxes = tl.load(MAX + row * S + c, mask=on, other=NEG_INF)
     m = tl.max(maxes, 0)
     shift = tl.where(m == NEG_INF, 0.0, m)
-    z = tl.sum(tl.load(SUM + row * S + c, mask=on, other=0.0) * tl.exp(maxes - shift), 0)
+    z = tl.sum(tl.load(SUM + row * S + c, mask=on, other=0.0) * tl.exp(maxes - shift).to(tl.float64), 0)
     return m, z * tl.load(TOP_P + row), tl.min(tl.load(MIN_KEY + row * S + c, mask=on, other=INT32_MAX), 0)
 
 
@@ -110,11 +111,11 @@ def _stats(L, stride_l, INV_T, FLOOR, ON, MAX, SUM, MIN_KEY, V, CHUNK: tl.conste
         shift = tl.where(top == NEG_INF, 0.0, top)
         at = row * tl.num_programs(1) + chunk
         tl.store(MAX + at, top)
-        tl.store(SUM + at, tl.sum(z * tl.exp(m - shift), 0))
+        tl.store(SUM + at, tl.sum((z * tl.exp(m - shift)).to(tl.float64), 0))
         tl.store(MIN_KEY + at, tl.min(kmin, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["p"])  # the pass index: one compiled kernel for passes 1, 2, ...
 def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI, PART, p, V,
             FIRST: tl.constexpr, NUM_PASSES: tl.constexpr, NT: tl.constexpr, CHUNK: tl.constexpr,
             BLOCK: tl.constexpr, S_POW2: tl.constexpr):
@@ -132,7 +133,7 @@ def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI
                 tl.store(LO + at, lo)
                 tl.store(HI + at, hi)
                 tl.store(GHI + at, ghi)
-            part = tl.zeros([NT], tl.float32)
+            part = tl.zeros([NT], tl.float64)
             if hi - lo > 1:
                 thr = _thresholds(lo, hi, NT).to(tl.int32)  # inside the keys' range
                 inv_t, floor = tl.load(INV_T + row), tl.load(FLOOR + row)
@@ -141,7 +142,7 @@ def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI
                     s, inside = _tile(L, stride_l, row, chunk * CHUNK + off + tl.arange(0, BLOCK), V, inv_t, floor)
                     e = tl.where(inside, tl.exp(s - m), 0.0)
                     acc += tl.where(_key(s)[:, None] > thr[None, :], e[:, None], 0.0)
-                part = tl.sum(acc, 0)
+                part = tl.sum(acc.to(tl.float64), 0)
             elif chunk == 0:  # settled: every threshold is hi, whose mass is known
                 part += ghi
             tl.store(PART + ((row * NUM_PASSES + p) * S + chunk) * NT + tl.arange(0, NT), part)
@@ -183,11 +184,11 @@ def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, HI, GHI, TIES,
             key = tl.load(HI + at).to(tl.int32)
             value = _value(key)
             # tie j (from 0) has g(v*) + j * e(v*) ahead of it: those with that < top_p * Z stay, at least one
-            wanted = tl.ceil((t - tl.load(GHI + at)) / tl.exp(value - m))
+            wanted = tl.ceil((t - tl.load(GHI + at)) / tl.exp(value - m).to(tl.float64))
             c = tl.arange(0, S_POW2)
             ties = tl.load(TIES + row * S + c, mask=c < S, other=0)
             seen = tl.cumsum(ties, 0)  # (S_POW2,) the ties up to each chunk's end
-            last = tl.minimum(tl.maximum(wanted, 1.0), tl.max(seen, 0).to(tl.float32)).to(tl.int32)
+            last = tl.minimum(tl.maximum(wanted, 1.0), tl.max(seen, 0).to(tl.float64)).to(tl.int32)
             chunk = tl.sum((seen < last).to(tl.int32), 0)  # the chunk of the last kept tie
             need = last - tl.sum(tl.where(c < chunk, ties, 0), 0)
             inv_t, floor = tl.load(INV_T + row), tl.load(FLOOR + row)
@@ -215,18 +216,19 @@ def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor,
     assert thresholds >= 2 and thresholds & (thresholds - 1) == 0
     device = logits.device
     block = block or min(triton.next_power_of_2(V), elements_per_program(device, 256))
-    chunk = block * (blocks_per_chunk or (32 if logits.is_cuda else 1))
+    chunk = block * (blocks_per_chunk or (16 if logits.is_cuda else 1))
     S = triton.cdiv(V, chunk)
     num_passes = math.ceil(32 / int(math.log2(thresholds)))  # (lo, hi] holds at most 2^32 keys
     f32 = dict(device=device, dtype=torch.float32)
     cut_value, cut_index = torch.empty(B, **f32), torch.empty(B, device=device, dtype=torch.int64)
     if not B:
         return cut_value, cut_index
-    maxes, sums = torch.empty(B, S, **f32), torch.empty(B, S, **f32)
+    maxes, sums = torch.empty(B, S, **f32), torch.empty(B, S, device=device, dtype=torch.float64)
     min_keys, ties = (torch.empty(B, S, device=device, dtype=torch.int32) for _ in range(2))
     lo, hi = (torch.empty(B, num_passes + 1, device=device, dtype=torch.int64) for _ in range(2))
-    ghi = torch.empty(B, num_passes + 1, **f32)
-    part = torch.empty(B, num_passes, S, thresholds, **f32)
+    f64 = dict(device=device, dtype=torch.float64)  # masses: float32 per lane, summed across lanes in float64
+    ghi = torch.empty(B, num_passes + 1, **f64)
+    part = torch.empty(B, num_passes, S, thresholds, **f64)
     row = (logits, logits.stride(0), inv_temp, floor)
     stats = (maxes, sums, min_keys)
     sizes = dict(CHUNK=chunk, BLOCK=block, num_warps=num_warps)

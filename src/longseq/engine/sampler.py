@@ -17,7 +17,9 @@ from longseq.engine.gumbel_max import gumbel_max
 from longseq.engine.penalties import PenaltyState
 from longseq.engine.sampling_batch import SamplingBatch
 from longseq.engine.sequence import Sequence
+from longseq.engine.top_p import sorted_cut, top_p_cut
 from longseq.engine.uploads import upload
+from longseq.models import fused
 
 NEG_INF = float("-inf")
 
@@ -90,16 +92,18 @@ class Sampler:
 
     def cuts(self, logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's kept tokens as (floor, cut_value, cut_index) (B,) in units of logit / T (gumbel_max.kept):
-        the same tokens as filter_logits keeps. Only the top-k / top-p rows are ranked: by one sort where any row
-        has top-p, else by a top-k as deep as the largest k; min-p needs each row's maximum alone."""
+        the same tokens as filter_logits keeps. The top-k floor is a top-k as deep as the largest k; the top-p cut
+        is engine/top_p.py's search on a GPU, else one sort that also gives the floor; min-p needs each row's
+        maximum alone."""
         B, V = logits.shape
         floor = logits.new_full((B,), NEG_INF)
         cut_value = logits.new_full((B,), NEG_INF)
         cut_index = torch.full((B,), V, dtype=torch.int64, device=logits.device)
-        if b.cut_rows:
+        search = b.any_top_p and fused.active(logits)
+        if b.cut_rows and (b.max_top_k or (b.any_top_p and not search)):
             rows = b.cut_rows_t
             scaled = _take(logits, rows) * b.inv_temp[rows, None]  # (F, V)
-            if b.any_top_p:
+            if b.any_top_p and not search:
                 ranked, order = torch.sort(scaled, dim=-1, descending=True, stable=True)  # (F, V)
             else:
                 ranked = torch.topk(scaled, b.max_top_k, dim=-1).values  # (F, max k), descending
@@ -107,15 +111,10 @@ class Sampler:
             kth = ranked.gather(1, (k.clamp(min=1) - 1)[:, None])  # (F, 1)
             kth = torch.where(k[:, None] > 0, kth, NEG_INF)
             floor[rows] = kth[:, 0]
-            if b.any_top_p:
-                # As filter_logits: renormalise over the top-k, drop a token once those before it reach top_p.
-                probs = ranked.masked_fill(ranked < kth, NEG_INF).softmax(-1)
-                before = probs.cumsum(-1).sub_(probs)  # the mass ranked ahead of each token
-                # >= 1, the first has none ahead; the clamp keeps a row of NaN logits from indexing out of bounds.
-                num_kept = (before < b.top_p[rows, None]).sum(-1, keepdim=True).clamp_(min=1)
-                on = b.top_p_on[rows] > 0
-                cut_value[rows] = torch.where(on, ranked.gather(1, num_kept - 1)[:, 0], NEG_INF)
-                cut_index[rows] = torch.where(on, order.gather(1, num_kept - 1)[:, 0], V)
+            if b.any_top_p and not search:
+                cut_value[rows], cut_index[rows] = sorted_cut(ranked, order, kth, b.top_p[rows], b.top_p_on[rows])
+        if search:
+            cut_value, cut_index = top_p_cut(logits, b.inv_temp, floor, b.top_p, b.top_p_on)
         if b.any_min_p:
             # Min-p: p_i >= min_p * p_max, i.e. logit_i / T >= max logit / T + log(min_p) (arXiv 2407.01082).
             floor = torch.maximum(floor, logits.max(-1).values * b.inv_temp + b.log_min_p)

@@ -9,6 +9,7 @@ import torch
 
 from longseq.config import EngineConfig
 from longseq.engine import LLMEngine, SamplingParams
+from longseq.errors import LongseqError
 from longseq.models.loader import LoadedModel
 from tiny_models import random_model
 
@@ -40,6 +41,15 @@ def tiny_lm(sliding_window: int | None = None, eos_token_id: int | None = None, 
 def make_engine(lm: LoadedModel, **options) -> LLMEngine:
     options.setdefault("num_kv_blocks", 64)  # never the 1 GiB CPU default
     return LLMEngine(lm, EngineConfig(**options))
+
+
+def tiny_engine(**options) -> LLMEngine:
+    """make_engine over tiny_lm(): what a test hands an engine process to build (it pickles by name)."""
+    return make_engine(tiny_lm(), **options)
+
+
+def failing_engine(reason: str) -> LLMEngine:
+    raise LongseqError(reason)
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], params, max_steps: int = 20_000,

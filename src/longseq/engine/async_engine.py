@@ -1,7 +1,8 @@
 """The engine on its own thread, for the HTTP server: async request streams in, engine steps out of the event loop.
 
 The model step is blocking compute, so it must not run on the event loop; the engine thread owns all engine state,
-and the event loop talks to it only through a command queue (add / abort) and per-request asyncio queues.
+and the event loop talks to it only through a command queue (add / abort) and per-request asyncio queues. The same
+surface over an engine in a process of its own (no GIL shared with the server): engine/core_client.py.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ completion."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -43,9 +44,19 @@ def make_engine(lm: LoadedModel, **options) -> LLMEngine:
     return LLMEngine(lm, EngineConfig(**options))
 
 
-def tiny_engine(**options) -> LLMEngine:
-    """make_engine over tiny_lm(): what a test hands an engine process to build (it pickles by name)."""
-    return make_engine(tiny_lm(), **options)
+def tiny_engine(step_delay: float = 0.0, **options) -> LLMEngine:
+    """make_engine over tiny_lm(): what a test hands an engine process to build (it pickles by name).
+    step_delay: seconds added to every step (slow_steps)."""
+    engine = make_engine(tiny_lm(), **options)
+    if step_delay:
+        slow_steps(engine, step_delay)
+    return engine
+
+
+def slow_steps(engine: LLMEngine, delay: float) -> None:
+    """Every step `delay` seconds longer, so that requests are surely still in flight when a test acts."""
+    step = engine.step
+    engine.step = lambda: (time.sleep(delay), step())[1]
 
 
 def failing_engine(reason: str) -> LLMEngine:

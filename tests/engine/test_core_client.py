@@ -14,7 +14,7 @@ from engine_helpers import failing_engine, random_prompts, tiny_engine
 
 from longseq.engine import SamplingParams
 from longseq.engine.async_engine import AsyncLLMEngine, QueueFullError
-from longseq.engine.core_client import EngineCoreClient
+from longseq.engine.core_client import EngineCoreClient, EngineDeadError
 from longseq.engine.requests import InvalidRequestError
 from longseq.errors import LongseqError
 from longseq.serve import create_app
@@ -36,7 +36,7 @@ PARAMS = [
 @pytest.fixture(scope="module")
 def client():
     """One engine process for the module (spawning one costs seconds); each test leaves it idle."""
-    c = EngineCoreClient(partial(tiny_engine, **OPTIONS), model_name="tiny")
+    c = EngineCoreClient(partial(tiny_engine, step_delay=0.005, **OPTIONS), model_name="tiny")
     yield c
     c.shutdown()
     c.shutdown()  # idempotent
@@ -159,6 +159,26 @@ def test_the_server_runs_over_the_process_client(client):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) >= 3
         assert "longseq_num_requests_running" in httpx.get(f"{url}/metrics").text
+
+
+def test_a_dead_engine_process_fails_its_streams_and_later_requests():
+    client = EngineCoreClient(partial(tiny_engine, **OPTIONS))
+    prompt = random_prompts(1, 3, 6, seed=6)[0]
+
+    async def main():
+        agen = client.generate(prompt, LONG, "doomed")
+        await agen.__anext__()
+        client._process.kill()
+        with pytest.raises(EngineDeadError, match=r"exited \(code -9\)"):
+            await collect(agen)
+        with pytest.raises(EngineDeadError):
+            await client.generate(prompt, LONG, "later").__anext__()
+
+    try:
+        run(main())
+    finally:
+        client.shutdown()
+    assert client._process not in multiprocessing.active_children()
 
 
 @pytest.mark.parametrize("make, reason", [

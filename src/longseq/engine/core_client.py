@@ -74,13 +74,14 @@ class EngineCoreClient(AsyncLLMEngine):
         child_conn.close()  # else this process holds the child's end open and never sees it close
         try:
             _, self.info, tokenizer = self._wait_ready()
-        except BaseException:
+        except BaseException:  # it failed, or this process was interrupted while the model loads
+            self._process.terminate()
             _stop(self._process, self._conn, None, None, None)
             raise
         self._frontend(model_name, tokenizer, self.info["limits"], max_queue or self.info["max_queue"])
         self._requests: dict[str, _Request] = {}
         self._stats: dict[str, Any] = {"num_waiting": 0, "num_running": 0, "kv_cache_usage": 0.0,
-                                       "num_preempted": 0}
+                                       "num_preempted": 0, "num_steps": 0, "num_steps_ahead": 0}
         self._num_added = 0  # adds the child has taken in, as it last said
         self._dead: EngineDeadError | None = None
         self._stopping = threading.Event()

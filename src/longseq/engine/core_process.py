@@ -19,7 +19,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +89,8 @@ def portable(e: BaseException) -> Exception:
 def run_core(make_engine: Callable[[], LLMEngine], conn: Connection, parent_pid: int) -> None:
     """The child's whole life (the Process target): build the engine, say ready or why not, serve until stopped."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # terminate() from the parent: unwind (engine.close, multiprocessing's exit ends tensor-parallel ranks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="longseq-parent-watch", daemon=True).start()
     try:
         engine = make_engine()
@@ -128,8 +132,20 @@ class EngineCore:
         self.num_sent: dict[str, int] = {}  # output tokens sent so far, per request that has had a delta
         self.num_added = 0
         self.num_steps = 0
+        # Messages go out from a thread of their own: a server that falls behind reading (a pipe holds a few
+        # steps' messages) must not hold up the next step.
+        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.sender = threading.Thread(target=self._send_loop, name="longseq-core-send", daemon=True)
 
     def run(self) -> None:
+        self.sender.start()
+        try:
+            self._loop()
+        finally:
+            self.outbox.put(None)  # what is queued still goes out, then the sender ends
+            self.sender.join(timeout=10)
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             deltas: list[Delta] = []
@@ -144,7 +160,14 @@ class EngineCore:
             if engine.has_unfinished():
                 self._step(deltas)
             stats = dict(engine.stats(), num_steps=self.num_steps, num_steps_ahead=engine.num_steps_ahead)
-            self.conn.send_bytes(pickle.dumps(("step", deltas, stats, self.num_added), PICKLE))
+            self.outbox.put(pickle.dumps(("step", deltas, stats, self.num_added), PICKLE))
+
+    def _send_loop(self) -> None:
+        while (data := self.outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # the parent is gone; the loop sees the pipe close
+                return
 
     def _command(self, command: tuple, deltas: list[Delta]) -> None:
         if command[0] == "add":

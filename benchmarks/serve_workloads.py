@@ -26,10 +26,13 @@ Workloads (`--requests N`, default 1000; `--quick` 200):
                    its first token a 128K-token prompt (128 output tokens each). Reported: each long prompt's TTFT
                    (and prefill tok/s, model TFLOP/s counting causal attention), and the short requests' TPOT
                    while it was being prefilled (their token intervals inside [long arrival, long first token]).
-  chat-mix-http    (e) chat-mix's lengths and parameters (its own prompt tokens) through the HTTP server:
-                   create_app over AsyncLLMEngine, uvicorn in this process on a free port; the official `openai`
+  chat-mix-http    (e) chat-mix's lengths and parameters (its own prompt tokens) through the HTTP server as
+                   `longseq serve` runs it: the engine in a process of its own (EngineCoreClient; the same engine
+                   built and warmed up there, run first so that the GPU is its alone; --no-engine-process: over
+                   this process's engine on a thread, AsyncLLMEngine), create_app and uvicorn in this process on a
+                   free port; the official `openai`
                    client (AsyncOpenAI) in --http-clients separate processes (clients parsing SSE in the server's
-                   process would take the GIL from the engine thread), every request in flight at once (or
+                   process would take the GIL from the server), every request in flight at once (or
                    --http-concurrency per process), streaming /v1/completions with token-id prompts, max_tokens as
                    drawn, `ignore_eos` as extra_body (longseq's server accepts it, as vLLM), stream_options
                    include_usage for the exact output token count. TTFT and TPOT from the client side.
@@ -40,17 +43,19 @@ Aliases: a, b, c, d, e (b: both sampled workloads), all.
 Per workload: tok/s = (input + output tokens) / wall time, output tok/s, per request TTFT = first token - arrival,
 TPOT = (finish - first token) / (output tokens - 1) (requests with >= 2 output tokens), p50 / p99 by nearest rank;
 engine stats (steps, steps launched ahead, preemptions, KV blocks, peak KV usage). Offline workloads submit every
-request at once to LLMEngine and step it on this thread.
+request at once to LLMEngine and step it on this thread; this process builds that engine when the first of them
+runs.
 
 Time (--plan-only prints the plan and runs nothing): on an H200 at issue 21's targets (20K tok/s greedy, sampled
->= 95% of it, chat-mix 18K, HTTP >= 90% of chat-mix, 128K TTFT <= 12 s) the default run takes about 4 minutes, a
-minute of start-up included (--quick: about 2). At the speeds issue 21 measured (sampling 4.2K tok/s) it would take
-12, so each workload is cut off after --cap-factor (2) x its time at target (at least 30 s; 75 s for long-context):
-its unfinished requests are aborted and its row is marked truncated (throughput over the tokens done, latency over
-the requests that got that far). That makes about 7 minutes, at most 7.7; --max-seconds (default 540) bounds the
-whole run. Output is flushed after each workload, and DIR/workloads.json and DIR/workloads.md are rewritten (temp
-file + rename) after each, so a run killed by a time limit keeps what finished. --tiny: a 2-layer model on the CPU,
-16 requests, long prompts of 1024 and 4096 tokens, max_num_batched_tokens 1024, no cut-offs (under a minute).
+>= 95% of it, chat-mix 18K, HTTP >= 90% of chat-mix, 128K TTFT <= 12 s) the default run takes about 5 minutes, two
+minutes of start-up included (chat-mix-http's engine process, then this process's engine; --quick: about 3). At
+the speeds issue 21 measured (sampling 4.2K tok/s) it would take 13.5, so each workload is cut off after
+--cap-factor (2) x its time at target (at least 30 s; 75 s for long-context): its unfinished requests are aborted
+and its row is marked truncated (throughput over the tokens done, latency over the requests that got that far).
+That makes about 8 minutes, at most 8.7; --max-seconds (default 540) bounds the whole run. Output is flushed after
+each workload, and DIR/workloads.json and DIR/workloads.md are rewritten (temp file + rename) after each, so a run
+killed by a time limit keeps what finished. --tiny: a 2-layer model on the CPU, 16 requests, long prompts of 1024
+and 4096 tokens, max_num_batched_tokens 1024, no cut-offs (a minute or two).
 
 chat-mix-http needs fastapi, uvicorn, pydantic and openai importable (in this process and the clients'); where one
 is missing the run says so at start and records the workload as skipped. --commit records the commit where the
@@ -535,32 +540,100 @@ def http_missing() -> str | None:
 
 
 def run_http(ctx: Context, cap_s: float) -> dict:
+    """chat-mix-http over this process's engine, on a thread of the server (--no-engine-process)."""
     missing = http_missing()
     if missing:
         return {"skipped": f"missing Python packages: {missing}"}
     from longseq.engine.async_engine import AsyncLLMEngine
-    from longseq.serve.app import create_app
-    from longseq.serve.background import running
 
-    args, engine, name = ctx.args, ctx.engine, "chat-mix-http"
-    specs = workload_specs(name, args)
-    probe = Probe(engine)
+    engine = ctx.engine
+    probes: list[Probe] = []
     step = engine.step
 
     def counted_step():  # on the engine thread
         outs = step()
-        probe.after_step()
+        if probes:
+            probes[-1].after_step()
         return outs
 
     engine.step = counted_step  # an instance attribute over the method, removed below
     aengine = AsyncLLMEngine(engine, "random")
+    try:
+        result = http_workload(ctx.args, ctx.vocab, aengine, lambda: probes.append(Probe(engine)) or probes[-1],
+                               cap_s)
+    finally:
+        aengine.shutdown()
+        del engine.step
+    result["server"] = "the engine on a thread of the server's process (AsyncLLMEngine, --no-engine-process)"
+    return result
+
+
+def run_http_process(args, vocab: int, make_engine, cap_s: float) -> dict:
+    """chat-mix-http as `longseq serve` runs it: the engine (built and warmed up by `make_engine`) in a process
+    of its own, the server over an EngineCoreClient."""
+    missing = http_missing()
+    if missing:
+        return {"skipped": f"missing Python packages: {missing}"}
+    from longseq.engine.core_client import EngineCoreClient
+
+    t0 = time.monotonic()
+    client = EngineCoreClient(make_engine, "random")
+    startup = round(time.monotonic() - t0, 1)
+    log(f"engine process: {client.info['num_kv_blocks']} KV blocks, start-up (model, engine, warm-up) {startup} s")
+    try:
+        result = http_workload(args, vocab, client, lambda: StatsProbe(client), cap_s)
+    finally:
+        client.shutdown()
+    result["server"] = ("the engine in a process of its own (EngineCoreClient, as `longseq serve`); its start-up "
+                        f"{startup} s, before any other workload")
+    return result
+
+
+class StatsProbe:
+    """Probe's counters for an engine in its own process, from its stats: steps and preemptions as it counts
+    them, peak KV usage and running sequences sampled every 50 ms."""
+
+    def __init__(self, client):
+        import threading
+
+        self.client, self.start = client, client.stats()
+        self.peak_usage, self.peak_running = 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            s = self.client.stats()
+            self.peak_usage = max(self.peak_usage, s["kv_cache_usage"])
+            self.peak_running = max(self.peak_running, s["num_running"])
+
+    def result(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        s, s0 = self.client.stats(), self.start
+        return {"steps": s["num_steps"] - s0["num_steps"],
+                "steps_launched_ahead": s["num_steps_ahead"] - s0["num_steps_ahead"],
+                "preempted": s["num_preempted"] - s0["num_preempted"], "kv_blocks": self.client.info["num_kv_blocks"],
+                "peak_kv_usage": round(self.peak_usage, 4), "peak_running": self.peak_running,
+                "peaks": "sampled every 50 ms"}
+
+
+def http_workload(args, vocab: int, frontend, new_probe, cap_s: float) -> dict:
+    """chat-mix-http through create_app over `frontend` (AsyncLLMEngine or EngineCoreClient); new_probe() starts
+    the engine counters once the clients have warmed up."""
+    from longseq.serve.app import create_app
+    from longseq.serve.background import running
+
+    name = "chat-mix-http"
+    specs = workload_specs(name, args)
     clients = min(args.http_clients, len(specs))
     procs: list[subprocess.Popen] = []
     out_dir = Path(args.out)
     try:
-        with running(create_app(aengine), start_timeout=60) as url:
+        with running(create_app(frontend), start_timeout=60) as url:
             for shard in range(clients):
-                cfg = dict(url=url, n=len(specs), seed=args.seed, chat=args.chat, salt=SALT[name], vocab=ctx.vocab,
+                cfg = dict(url=url, n=len(specs), seed=args.seed, chat=args.chat, salt=SALT[name], vocab=vocab,
                            shard=shard, shards=clients, concurrency=args.http_concurrency, cap_s=cap_s,
                            out=str(out_dir / f".http_client_{shard}.json"))
                 procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--http-client",
@@ -570,7 +643,7 @@ def run_http(ctx: Context, cap_s: float) -> dict:
                 line = readline(p, timeout=300)
                 if line != "ready":
                     raise RuntimeError(f"an HTTP client process did not start (said {line!r}, exit {p.poll()})")
-            probe = Probe(engine)
+            probe = new_probe()
             for p in procs:
                 p.stdin.write("go\n")
                 p.stdin.flush()
@@ -578,6 +651,7 @@ def run_http(ctx: Context, cap_s: float) -> dict:
                 p.wait(timeout=cap_s + 120 if math.isfinite(cap_s) else None)
                 if p.returncode != 0:
                     raise RuntimeError(f"an HTTP client process failed (exit {p.returncode})")
+            engine_counts = probe.result()
             shards = [json.loads((out_dir / f".http_client_{s}.json").read_text()) for s in range(clients)]
     finally:
         for p in procs:
@@ -585,8 +659,6 @@ def run_http(ctx: Context, cap_s: float) -> dict:
                 p.kill()
         for s in range(clients):
             (out_dir / f".http_client_{s}.json").unlink(missing_ok=True)
-        aengine.shutdown()
-        del engine.step
     recs = [r for s in shards for r in s["requests"]]
     wall = max(s["end"] for s in shards) - min(s["start"] for s in shards)
     truncated = any(s["truncated"] for s in shards)
@@ -595,7 +667,7 @@ def run_http(ctx: Context, cap_s: float) -> dict:
     result = summarize(recs, wall, truncated)
     result["errors"] = sum(s["errors"] for s in shards)
     result["error_examples"] = [e for s in shards for e in s["error_examples"]][:3]
-    result["engine"] = probe.result()
+    result["engine"] = engine_counts
     result["workload"] = describe_chat_mix(*args.chat) + " (chat-mix's lengths and parameters, its own prompt tokens)"
     result["mix"] = mix_counts(specs)
     result["client"] = (f"openai {__import__('openai').__version__} AsyncOpenAI, {clients} client process(es), "
@@ -756,16 +828,19 @@ def print_plan(args, names: list[str], cap: dict[str, float]) -> dict:
     if args.tiny:
         log("  (--tiny: a CPU smoke run; no H200 estimate)")
     else:
-        t = STARTUP_ESTIMATE_S + sum(r["target_s"] for r in plan.values())
-        i = STARTUP_ESTIMATE_S + sum(r["issue_speed_s"] for r in plan.values())
+        # chat-mix-http's engine process is a second engine to build, beside this process's.
+        startup = STARTUP_ESTIMATE_S * (2 if args.engine_process and "chat-mix-http" in names and len(names) > 1
+                                        else 1)
+        t = startup + sum(r["target_s"] for r in plan.values())
+        i = startup + sum(r["issue_speed_s"] for r in plan.values())
         def oh(n: str) -> float:  # what runs outside the cut-off
             return HTTP_OVERHEAD_S if n == "chat-mix-http" else 0
 
-        w = STARTUP_ESTIMATE_S + sum(min(r["issue_speed_s"], (r["cap_s"] or 1e9) + oh(n)) for n, r in plan.items())
-        worst = STARTUP_ESTIMATE_S + sum((r["cap_s"] or 0) + oh(n) for n, r in plan.items())
+        w = startup + sum(min(r["issue_speed_s"], (r["cap_s"] or 1e9) + oh(n)) for n, r in plan.items())
+        worst = startup + sum((r["cap_s"] or 0) + oh(n) for n, r in plan.items())
         plan["total"] = dict(target_s=round(t), issue_speed_s=round(i), issue_speed_capped_s=round(w),
-                             worst_case_s=round(worst), startup_s=STARTUP_ESTIMATE_S)
-        log(f"  estimate on one H200 (Llama-3-8B shape), start-up ~{STARTUP_ESTIMATE_S} s included: "
+                             worst_case_s=round(worst), startup_s=startup)
+        log(f"  estimate on one H200 (Llama-3-8B shape), start-up ~{startup} s included: "
             f"~{t / 60:.1f} min at issue-21 targets; ~{w / 60:.1f} min at issue-21 measured speeds with the "
             f"cut-offs (~{i / 60:.1f} min without); at most ~{worst / 60:.1f} min"
             + (f"; --max-seconds {args.max_seconds:.0f} ends it by then" if args.max_seconds else ""))
@@ -872,7 +947,8 @@ def markdown(report: dict) -> str:
         lines += ["", "Workloads:", ""]
         for n, r in described:
             client = f" Client: {r['client']}." if r.get("client") else ""
-            lines.append(f"- {n}: {r['workload']}.{client}")
+            server = f" Server: {r['server']}." if r.get("server") else ""
+            lines.append(f"- {n}: {r['workload']}.{server}{client}")
     b1 = res.get("batch1")
     if b1 and "decode_tokens_per_s" in b1:
         lines += ["", f"batch1: {b1['decode_tokens_per_s']} tok/s = {b1['share_of_bound']:.1%} of the bound "
@@ -930,6 +1006,10 @@ def parse_args(argv=None):
                     "running then is cut off, later ones skipped (default 540, inside a 10-minute device command; "
                     "--tiny: none; 0: none)")
     ap.add_argument("--http-clients", type=int, help="client processes for chat-mix-http (default 4; --tiny 1)")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="chat-mix-http: the engine in a process of its own, as `longseq serve` runs it (built "
+                    "before the other workloads' engine; --no-engine-process: on a thread of this process, over "
+                    "the engine the other workloads use)")
     ap.add_argument("--http-concurrency", type=int, default=0, help="requests in flight per client process "
                     "(0: all at once)")
     ap.add_argument("--commit", help="the commit to record where git cannot tell (a copy of the tree without .git)")
@@ -953,6 +1033,8 @@ def parse_args(argv=None):
                 ap.error(f"unknown workload {w!r}: choose from {', '.join(ALL_WORKLOADS)}, a-e or all")
             if n not in names:
                 names.append(n)
+    if args.engine_process and "chat-mix-http" in names:  # its engine process first, while the GPU is free
+        names = ["chat-mix-http"] + [n for n in names if n != "chat-mix-http"]
     args.names = names
     return args
 
@@ -969,11 +1051,10 @@ def max_len_needed(args) -> int:
     return need + 16
 
 
-def warm_up(ctx: Context) -> None:
+def warm_up(engine, args, vocab: int) -> None:
     """A few requests of every kind the workloads send (greedy, sampled, seeded, penalties, logprobs; prompts of
     several lengths, so mixed prefill + decode steps run), and one prompt over several prefill chunks when the long
     prompts are to come: lazy initialisation and Triton compiles happen here, not in a measured workload."""
-    args = ctx.args
     rng = np.random.default_rng([args.seed, 99])
     base = dict(max_tokens=8, temperature=0.7, top_p=1.0)
     specs = [dict(base, prompt_len=n, temperature=0.0) for n in (16, 200, 600)]
@@ -981,9 +1062,25 @@ def warm_up(ctx: Context) -> None:
               dict(base, prompt_len=80, **PENALTIES), dict(base, prompt_len=120, logprobs=TOP_LOGPROBS)]
     if "long-context" in args.names:
         specs.append(dict(base, prompt_len=min(3 * args.max_num_batched_tokens, max(args.long_lens))))
-    reqs = [(rng.integers(0, ctx.vocab, s["prompt_len"]).tolist(), sampling_params(s)) for s in specs]
-    drive(ctx.engine, reqs, float("inf"))
-    drive(ctx.engine, reqs[:2], float("inf"))  # once more with warm kernels
+    reqs = [(rng.integers(0, vocab, s["prompt_len"]).tolist(), sampling_params(s)) for s in specs]
+    drive(engine, reqs, float("inf"))
+    drive(engine, reqs[:2], float("inf"))  # once more with warm kernels
+
+
+def bench_engine(args, shape: dict, device, dtype, cfg):
+    """The engine every workload runs on: random weights, NullTokenizer, warmed up. Module-level, so that the
+    engine process of chat-mix-http builds it by the same code (it pickles by name)."""
+    import torch
+    from serve_throughput import NullTokenizer
+
+    from longseq.engine.llm_engine import LLMEngine
+    from longseq.models.loader import LoadedModel
+
+    if device.type == "cpu":  # two intra-op threads contending with the engine's host work are slower than one
+        torch.set_num_threads(1)
+    engine = LLMEngine(LoadedModel(build_model(shape, device, dtype), NullTokenizer(), Path("random")), cfg)
+    warm_up(engine, args, shape["vocab_size"])
+    return engine
 
 
 def main(argv=None) -> None:
@@ -995,8 +1092,6 @@ def main(argv=None) -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" and not args.tiny else torch.float32
-    if device.type == "cpu":  # two intra-op threads contending with the engine's host work are slower than one
-        torch.set_num_threads(1)
     names = args.names
     cap = caps(args, names)
     plan = print_plan(args, names, cap)
@@ -1015,58 +1110,74 @@ def main(argv=None) -> None:
               "long_lens": args.long_lens, "long_output": args.long_output, "workload_names": names,
               "status": "starting", "plan": plan, "workloads": {}}
 
-    from serve_throughput import NullTokenizer, copy_bandwidth
+    from functools import partial
+
+    from serve_throughput import copy_bandwidth
 
     from longseq.config import EngineConfig
-    from longseq.engine.llm_engine import LLMEngine
-    from longseq.models.loader import LoadedModel
 
     max_model_len = max_len_needed(args)
     shape = model_shape(args, max_model_len)
     args.bandwidth = copy_bandwidth() if "batch1" in names and device.type == "cuda" else None
-    model = build_model(shape, device, dtype)
     cfg = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=max_model_len, max_queue=max(1024, 2 * args.requests + 64),
-                       async_scheduling=args.async_scheduling, kv_cache_gib=0.5)
-    engine = LLMEngine(LoadedModel(model, NullTokenizer(), Path("random")), cfg)
-    ctx = Context(args, engine, model, shape)
-    report["env"] = engine_env(engine, cfg, device, dtype, shape, args.commit)
+                       async_scheduling=args.async_scheduling, kv_cache_gib=0.5, engine_process=args.engine_process)
     report["matmul_params"] = matmul_params(shape)
-    log(f"engine: {report['env']['device']}, max_model_len {engine.max_model_len}, {engine.blocks.num_blocks} KV "
-        f"blocks, built in {time.monotonic() - t_start:.1f} s; warming up")
-    warm_up(ctx)
-    report["startup_s"] = round(time.monotonic() - t_start, 1)
-    report["status"] = "running"
-    log(f"start-up (imports, model, engine, warm-up): {report['startup_s']} s")
-    save(report, out)
+    make_engine = partial(bench_engine, args, shape, device, dtype, cfg)
+    ctx: Context | None = None
 
+    def offline() -> Context:
+        """The engine of this process, built (and warmed up) on first use."""
+        nonlocal ctx
+        if ctx is None:
+            t0 = time.monotonic()
+            engine = make_engine()
+            ctx = Context(args, engine, engine.lm.model, shape)
+            report["env"] = engine_env(engine, cfg, device, dtype, shape, args.commit)
+            report["startup_s"] = round(time.monotonic() - t0, 1)
+            log(f"engine: {report['env']['device']}, max_model_len {engine.max_model_len}, "
+                f"{engine.blocks.num_blocks} KV blocks; start-up (model, engine, warm-up): {report['startup_s']} s")
+        return ctx
+
+    report["status"] = "running"
+    save(report, out)
     runners = {"long-context": run_long_context, "chat-mix-http": run_http, "batch1": run_batch1}
     for name in names:
+        in_process = name == "chat-mix-http" and args.engine_process
         left = args.max_seconds - (time.monotonic() - t_start) if args.max_seconds else float("inf")
         if name == "chat-mix-http":
             left -= 30  # the client processes' start and warm-up, the server's start and stop
+        if in_process or ctx is None:
+            left -= STARTUP_ESTIMATE_S  # an engine to build first
         if left < 10:
             report["workloads"][name] = {"skipped": f"--max-seconds {args.max_seconds} reached"}
             print_row(name, report["workloads"][name])
             save(report, out)
             continue
         cut = min(cap[name], left)
-        log(f"-- {name} (cut-off {cut:.0f} s)")
         t0 = time.monotonic()
         try:
-            r = runners[name](ctx, cut) if name in runners else run_offline(ctx, name, cut)
+            if in_process:
+                log(f"-- {name} (cut-off {cut:.0f} s; the engine in its own process, as `longseq serve`)")
+                r = run_http_process(args, shape["vocab_size"], make_engine, cut)
+            else:
+                c = offline()
+                log(f"-- {name} (cut-off {cut:.0f} s)")
+                r = runners[name](c, cut) if name in runners else run_offline(c, name, cut)
         except Exception as e:  # keep the other workloads' results
             import traceback
 
             traceback.print_exc()
             r = {"error": f"{type(e).__name__}: {e}"[:500]}
-            for rid in list(engine.seqs):
-                engine.abort(rid)
+            if ctx is not None:
+                for rid in list(ctx.engine.seqs):
+                    ctx.engine.abort(rid)
         r["elapsed_s"] = round(time.monotonic() - t0, 1)
         report["workloads"][name] = r
         print_row(name, r)
         if device.type == "cuda":
-            report["env"]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            report.setdefault("env", {})["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30,
+                                                                    2)
         save(report, out)
     report["status"] = "done"
     report["total_s"] = round(time.monotonic() - t_start, 1)

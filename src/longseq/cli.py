@@ -175,13 +175,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
     from rich.console import Console
 
     from longseq.config import EngineConfig
     from longseq.config.flags import config_from
     from longseq.engine.async_engine import AsyncLLMEngine
-    from longseq.engine.llm_engine import LLMEngine
-    from longseq.models.loader import load, resolve_model_path
+    from longseq.engine.core_client import EngineCoreClient
+    from longseq.engine.core_process import describe, load_engine
+    from longseq.models.loader import resolve_model_path
     from longseq.serve import serve
     from longseq.serve.auth import resolve_api_key
     from longseq.serve.body import DEFAULT_MAX_REQUEST_BYTES
@@ -193,28 +196,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LongseqError(f"--max-request-bytes must be positive, got {max_request_bytes}")
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
-    with err.status(f"loading {path.name}"):
-        if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks
-            from longseq.engine.tp_engine import start_engine
-
-            engine = start_engine(path, args.dtype, args.device, cfg)
-        else:
-            engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
     name = args.served_model_name or path.stem
-    blocks = engine.blocks.num_blocks
-    err.print(f"[dim]{name} · {engine.lm.device} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
-              f"{blocks * cfg.kv_block_size:,} tokens · context {engine.max_model_len:,}[/]")
+    make_engine = partial(load_engine, path, args.dtype, args.device, cfg)
+    with err.status(f"loading {path.name}" + (" in the engine process" if cfg.engine_process else "")):
+        if cfg.engine_process:
+            frontend = EngineCoreClient(make_engine, model_name=name)
+            info, engine = frontend.info, None
+        else:
+            engine = make_engine()
+            frontend, info = AsyncLLMEngine(engine, model_name=name), describe(engine)
+    blocks = info["num_kv_blocks"]
+    err.print(f"[dim]{name} · {info['device']} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
+              f"{blocks * cfg.kv_block_size:,} tokens · context {info['max_model_len']:,} · engine "
+              f"{'in its own process' if cfg.engine_process else 'on a thread of the server'}[/]")
     if cfg.tensor_parallel > 1:
         err.print(f"[dim]tensor parallel over {cfg.tensor_parallel} processes (KV heads and weights / "
                   f"{cfg.tensor_parallel} each)[/]")
     err.print(f"serving on http://{args.host}:{args.port}/v1")
-    async_engine = AsyncLLMEngine(engine, model_name=name)
     try:
-        serve(async_engine, host=args.host, port=args.port, api_key=api_key, served_model_name=name,
+        serve(frontend, host=args.host, port=args.port, api_key=api_key, served_model_name=name,
               log_level="warning", max_request_bytes=max_request_bytes)
     finally:
-        async_engine.shutdown()
-        engine.close()
+        frontend.shutdown()
+        if engine is not None:
+            engine.close()
     return 0
 
 

@@ -3,12 +3,14 @@ completion."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from longseq.config import EngineConfig
 from longseq.engine import LLMEngine, SamplingParams
+from longseq.errors import LongseqError
 from longseq.models.loader import LoadedModel
 from tiny_models import random_model
 
@@ -40,6 +42,25 @@ def tiny_lm(sliding_window: int | None = None, eos_token_id: int | None = None, 
 def make_engine(lm: LoadedModel, **options) -> LLMEngine:
     options.setdefault("num_kv_blocks", 64)  # never the 1 GiB CPU default
     return LLMEngine(lm, EngineConfig(**options))
+
+
+def tiny_engine(step_delay: float = 0.0, **options) -> LLMEngine:
+    """make_engine over tiny_lm(): what a test hands an engine process to build (it pickles by name).
+    step_delay: seconds added to every step (slow_steps)."""
+    engine = make_engine(tiny_lm(), **options)
+    if step_delay:
+        slow_steps(engine, step_delay)
+    return engine
+
+
+def slow_steps(engine: LLMEngine, delay: float) -> None:
+    """Every step `delay` seconds longer, so that requests are surely still in flight when a test acts."""
+    step = engine.step
+    engine.step = lambda: (time.sleep(delay), step())[1]
+
+
+def failing_engine(reason: str) -> LLMEngine:
+    raise LongseqError(reason)
 
 
 def run_engine(engine: LLMEngine, prompts: list[list[int]], params, max_steps: int = 20_000,

@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from engine_helpers import make_engine, random_prompts, run_engine, tiny_lm
+from engine_helpers import make_engine, random_prompts, run_engine, slow_steps, tiny_lm
 
 from longseq.engine import SamplingParams
 from longseq.engine.async_engine import AsyncLLMEngine, QueueFullError, coalesce
@@ -28,9 +28,8 @@ def engines():
 
     def make(lm, step_delay=0.0, max_queue=None, **options):
         engine = make_engine(lm, **options)
-        if step_delay:  # slow steps, so requests are surely still in flight when the test acts
-            step = engine.step
-            engine.step = lambda: (time.sleep(step_delay), step())[1]
+        if step_delay:
+            slow_steps(engine, step_delay)
         made.append(AsyncLLMEngine(engine, max_queue=max_queue))
         return made[-1]
 

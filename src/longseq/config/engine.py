@@ -35,6 +35,9 @@ class EngineConfig:
                                   "overlaps the GPU's", default=True)
     tensor_parallel: int = flag("GPUs (processes) the model is split over: weights, heads and KV cache / N",
                                 default=1)
+    engine_process: bool = flag("`longseq serve`: run the engine in a process of its own, so the server's Python "
+                                "work never holds the GIL its step loop needs (off: on a thread of the server)",
+                                default=True)
 
     def __post_init__(self):
         for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel"):

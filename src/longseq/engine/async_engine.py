@@ -1,7 +1,8 @@
 """The engine on its own thread, for the HTTP server: async request streams in, engine steps out of the event loop.
 
 The model step is blocking compute, so it must not run on the event loop; the engine thread owns all engine state,
-and the event loop talks to it only through a command queue (add / abort) and per-request asyncio queues.
+and the event loop talks to it only through a command queue (add / abort) and per-request asyncio queues. The same
+surface over an engine in a process of its own (no GIL shared with the server): engine/core_client.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from longseq.engine.llm_engine import LLMEngine
 from longseq.engine.outputs import RequestOutput
+from longseq.engine.requests import RequestLimits
 from longseq.errors import LongseqError, first_line
 from longseq.generation.generate import render_prompt
 from longseq.generation.sampling import SamplingParams
@@ -25,16 +27,18 @@ class QueueFullError(Exception):
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, model_name: str = "longseq", max_queue: int | None = None):
-        self.engine, self.model_name = engine, model_name
-        self.tokenizer = engine.tokenizer
-        self.limits = engine.limits
-        self.max_queue = max_queue or engine.cfg.max_queue
-        self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending = 0  # adds sent to the engine thread but not yet taken in
-        self._lock = threading.Lock()
+        self.engine = engine
+        self._frontend(model_name, engine.tokenizer, engine.limits, max_queue or engine.cfg.max_queue)
         self._thread = threading.Thread(target=self._loop, name="longseq-engine", daemon=True)
         self._thread.start()
+
+    def _frontend(self, model_name: str, tokenizer: Any, limits: RequestLimits, max_queue: int) -> None:
+        """The state the event loop's side keeps, wherever the engine runs (here, or engine/core_client.py)."""
+        self.model_name, self.tokenizer, self.limits, self.max_queue = model_name, tokenizer, limits, max_queue
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending = 0  # adds sent to the engine but not yet taken in
+        self._lock = threading.Lock()
 
     @property
     def max_model_len(self) -> int:
@@ -62,6 +66,10 @@ class AsyncLLMEngine:
             stats["num_waiting"] += self._pending
         return stats
 
+    def _num_waiting(self) -> int:
+        """Requests waiting, those still being handed to the engine included; the caller holds the lock."""
+        return self.engine.stats()["num_waiting"] + self._pending
+
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        max_output_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
         """The request's snapshots, one per step that gave it a token. `max_output_tokens`: what `limits.check`
@@ -71,7 +79,7 @@ class AsyncLLMEngine:
         with self._lock:
             if request_id in self._streams:  # a second stream would steal the first one's outputs
                 raise LongseqError(f"request id {request_id!r} is already in use")
-            if self.engine.stats()["num_waiting"] + self._pending >= self.max_queue:
+            if self._num_waiting() >= self.max_queue:
                 raise QueueFullError(f"{self.max_queue} requests are already waiting")
             self._pending += 1
             stream: asyncio.Queue = asyncio.Queue()
@@ -103,15 +111,7 @@ class AsyncLLMEngine:
         self._deliver_all([(request_id, item)])
 
     def _deliver_all(self, items: list[tuple[str, Any]]) -> None:
-        """One wake-up of each event loop per step, not one per request: every call_soon_threadsafe takes the
-        loop's lock and writes to its wake-up pipe."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for request_id, item in items:
-            target = self._streams.get(request_id)
-            if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], item))
-        for loop, puts in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, puts)
+        deliver_all(self._streams, items)
 
     def _loop(self) -> None:
         while True:
@@ -147,6 +147,20 @@ class AsyncLLMEngine:
                 continue
             # a request the step failed gets its error, the others their tokens
             self._deliver_all([(out.request_id, out if out.error is None else out.error) for out in outputs])
+
+
+def deliver_all(streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],
+                items: list[tuple[str, Any]]) -> None:
+    """Each (request id, snapshot or error) into its stream, from a thread other than the streams' loops. One
+    wake-up of each event loop per step, not one per request: every call_soon_threadsafe takes the loop's lock and
+    writes to its wake-up pipe. A request whose stream is gone (its consumer left) is skipped."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for request_id, item in items:
+        target = streams.get(request_id)
+        if target is not None:
+            by_loop.setdefault(target[0], []).append((target[1], item))
+    for loop, puts in by_loop.items():
+        loop.call_soon_threadsafe(_put_all, puts)
 
 
 def coalesce(out: RequestOutput | BaseException, stream: asyncio.Queue) -> RequestOutput | BaseException:

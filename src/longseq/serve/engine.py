@@ -1,4 +1,5 @@
-"""What the server needs of an engine: AsyncLLMEngine, or a stand-in with the same surface in tests."""
+"""What the server needs of an engine: AsyncLLMEngine (engine thread), EngineCoreClient (engine process), or a
+stand-in with the same surface in tests."""
 
 from __future__ import annotations
 

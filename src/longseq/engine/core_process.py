@@ -1,0 +1,211 @@
+"""The engine in a process of its own (`longseq serve`'s default): the engine core's side.
+
+On a thread of the server (engine/async_engine.py) the engine's step loop and the server's Python work (FastAPI,
+SSE, JSON) take turns holding one GIL, so a busy server slows every step. Here the engine runs alone in a child
+process, as vLLM v1's EngineCore does; the server's side is engine/core_client.py.
+
+The wire is one duplex Pipe carrying pickled messages (send_bytes / recv_bytes):
+- parent -> child: lists of commands, the tuples AsyncLLMEngine's thread takes: ("add", request_id, prompt_ids,
+  params, max_output_tokens), ("abort", request_id), ("stop",);
+- child -> parent: first ("ready", info, tokenizer) or ("failed", one line); then, after every turn of the loop
+  (the commands taken in, one engine step), one ("step", deltas, stats, num_added): per request only what the step
+  added (`Delta`), never the prompt or the whole output again; the engine's stats; and how many adds the child has
+  taken in so far (the parent counts a request once, as pending or as waiting, as AsyncLLMEngine does).
+The child exits on "stop", when the pipe closes, or when its parent is gone.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from longseq.errors import LongseqError, first_line
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from longseq.config import EngineConfig
+    from longseq.engine.llm_engine import LLMEngine
+    from longseq.engine.outputs import RequestOutput, TokenLogprob
+
+PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+class Delta(NamedTuple):
+    """What one step added to one request: the parent rebuilds the RequestOutput snapshot from these."""
+
+    request_id: str
+    token_ids: list[int]  # the new output tokens
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None  # the new tokens' entries, where the request asked for logprobs
+    metrics: dict[str, float] | None  # with the request's first delta and its last; unchanged in between
+    error: Exception | None = None  # the request failed (it is retired): the parent raises this in its stream
+
+
+def load_engine(path: str | Path, dtype: str, device: str, cfg: EngineConfig) -> LLMEngine:
+    """`longseq serve`'s engine: the model at `path` on one GPU, or tensor-parallel over cfg.tensor_parallel."""
+    if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks
+        from longseq.engine.tp_engine import start_engine
+
+        return start_engine(path, dtype, device, cfg)
+    from longseq.engine.llm_engine import LLMEngine
+    from longseq.models.loader import load
+
+    return LLMEngine(load(path, dtype=dtype, device=device), cfg)
+
+
+def describe(engine: LLMEngine) -> dict[str, Any]:
+    """What the server says of the engine it serves, and what its side needs: the request limits, the queue."""
+    return {"limits": engine.limits, "device": str(engine.lm.device), "num_kv_blocks": engine.blocks.num_blocks,
+            "kv_block_size": engine.cfg.kv_block_size, "max_model_len": engine.max_model_len,
+            "max_queue": engine.cfg.max_queue, "tensor_parallel": engine.cfg.tensor_parallel}
+
+
+def portable(e: BaseException) -> Exception:
+    """`e` as it can cross the pipe: itself where it pickles back to the same, else one line of it (a LongseqError
+    stays one, so the server still answers 400, not 500)."""
+    try:
+        back = pickle.loads(pickle.dumps(e, PICKLE))
+        if type(back) is type(e) and str(back) == str(e):
+            return back
+    except Exception:
+        pass
+    if isinstance(e, LongseqError):
+        return LongseqError(first_line(e))
+    return RuntimeError(f"{type(e).__name__}: {first_line(e)}")
+
+
+def run_core(make_engine: Callable[[], LLMEngine], conn: Connection, parent_pid: int) -> None:
+    """The child's whole life (the Process target): build the engine, say ready or why not, serve until stopped."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
+    # terminate() from the parent: unwind (engine.close, multiprocessing's exit ends tensor-parallel ranks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="longseq-parent-watch", daemon=True).start()
+    try:
+        engine = make_engine()
+    except BaseException as e:  # noqa: BLE001 - whatever it is, the parent gets one line and this process ends
+        reason = first_line(e) if isinstance(e, LongseqError) else f"{type(e).__name__}: {first_line(e)}"
+        _send_quietly(conn, ("failed", reason))
+        return
+    try:
+        if _send_quietly(conn, ("ready", describe(engine), engine.tokenizer)):
+            EngineCore(engine, conn).run()
+    except (EOFError, OSError):  # the parent is gone
+        pass
+    finally:
+        engine.close()
+
+
+def _send_quietly(conn: Connection, message: Any) -> bool:
+    try:
+        conn.send_bytes(pickle.dumps(message, PICKLE))
+        return True
+    except (OSError, EOFError):  # the parent is gone
+        return False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Ends this process once its parent is gone, even while the model loads (the pipe is not read then)."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    for child in multiprocessing.active_children():  # tensor-parallel ranks
+        child.terminate()
+    os._exit(1)
+
+
+class EngineCore:
+    """The add / abort / step loop over the pipe: AsyncLLMEngine's engine thread, with deltas for outputs."""
+
+    def __init__(self, engine: LLMEngine, conn: Connection):
+        self.engine, self.conn = engine, conn
+        self.num_sent: dict[str, int] = {}  # output tokens sent so far, per request that has had a delta
+        self.num_added = 0
+        self.num_steps = 0
+        # Messages go out from a thread of their own: a server that falls behind reading (a pipe holds a few
+        # steps' messages) must not hold up the next step.
+        self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.sender = threading.Thread(target=self._send_loop, name="longseq-core-send", daemon=True)
+
+    def run(self) -> None:
+        self.sender.start()
+        try:
+            self._loop()
+        finally:
+            self.outbox.put(None)  # what is queued still goes out, then the sender ends
+            self.sender.join(timeout=10)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        while True:
+            deltas: list[Delta] = []
+            # Idle: block until a command comes (an EOFError when the parent is gone); busy: take what is there.
+            block = not engine.has_unfinished()
+            while block or self.conn.poll():
+                block = False
+                for command in pickle.loads(self.conn.recv_bytes()):
+                    if command[0] == "stop":
+                        return
+                    self._command(command, deltas)
+            if engine.has_unfinished():
+                self._step(deltas)
+            stats = dict(engine.stats(), num_steps=self.num_steps, num_steps_ahead=engine.num_steps_ahead)
+            self.outbox.put(pickle.dumps(("step", deltas, stats, self.num_added), PICKLE))
+
+    def _send_loop(self) -> None:
+        while (data := self.outbox.get()) is not None:
+            try:
+                self.conn.send_bytes(data)
+            except OSError:  # the parent is gone; the loop sees the pipe close
+                return
+
+    def _command(self, command: tuple, deltas: list[Delta]) -> None:
+        if command[0] == "add":
+            _, request_id, prompt_ids, params, max_output_tokens = command
+            self.num_added += 1
+            try:
+                self.engine.add_request(prompt_ids, params, request_id, max_output_tokens)
+            except Exception as e:
+                deltas.append(self._failed(request_id, e))
+        else:
+            out = self.engine.abort(command[1])
+            if out is not None:
+                deltas.append(self._delta(out))
+
+    def _step(self, deltas: list[Delta]) -> None:
+        self.num_steps += 1
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # nothing to blame (engine/isolation.py): fail the requests in flight, keep serving
+            for request_id in list(self.engine.seqs):
+                self.engine.abort(request_id)
+                deltas.append(self._failed(request_id, e))
+            return
+        # a request the step failed gets its error, the others their tokens
+        deltas += [self._delta(out) if out.error is None else self._failed(out.request_id, out.error)
+                   for out in outputs]
+
+    def _delta(self, out: RequestOutput) -> Delta:
+        first = out.request_id not in self.num_sent
+        n = self.num_sent.get(out.request_id, 0)
+        if out.finished:
+            self.num_sent.pop(out.request_id, None)
+        else:
+            self.num_sent[out.request_id] = len(out.token_ids)
+        return Delta(out.request_id, out.token_ids[n:], out.new_text, out.finished, out.finish_reason,
+                     None if out.logprobs is None else out.logprobs[n:],
+                     out.metrics if first or out.finished else None)
+
+    def _failed(self, request_id: str, error: BaseException) -> Delta:
+        self.num_sent.pop(request_id, None)
+        return Delta(request_id, [], "", True, "error", None, None, portable(error))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -74,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-request-bytes", type=int, default=None, metavar="N",
                    help="refuse larger request bodies with 413 (default: 8 MiB)")
     v.add_argument("--served-model-name", default=None, help="model id in the API (default: the model's file name)")
+    v.add_argument("--lora", nargs="+", action="extend", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) served beside the model, each selected by a request's `model`: "
+                        "NAME (implies --enable-lora; more at run time: POST /v1/load_lora_adapter)")
     from longseq.config import EngineConfig
 
     add_dataclass_flags(v, EngineConfig)
@@ -190,6 +194,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from longseq.serve.body import DEFAULT_MAX_REQUEST_BYTES
 
     cfg = config_from(EngineConfig, args)
+    loras = _lora_args(args.lora)
+    if loras:
+        cfg = dataclasses.replace(cfg, enable_lora=True)
+    if cfg.enable_lora:  # adapters are registered on the engine (engine/lora): it runs on a thread of the server
+        cfg = dataclasses.replace(cfg, engine_process=False)
     api_key = resolve_api_key(args.api_key, args.api_key_file)  # before the model loads: a bad key fails at once
     max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if args.max_request_bytes is None else args.max_request_bytes
     if max_request_bytes <= 0:
@@ -197,6 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
     name = args.served_model_name or path.stem
+    if name in loras:
+        raise LongseqError(f"--lora {name}=...: '{name}' is the served model's name; give the adapter another")
     make_engine = partial(load_engine, path, args.dtype, args.device, cfg)
     with err.status(f"loading {path.name}" + (" in the engine process" if cfg.engine_process else "")):
         if cfg.engine_process:
@@ -204,11 +215,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             info, engine = frontend.info, None
         else:
             engine = make_engine()
+            for lora, lora_path in loras.items():  # before the engine thread starts
+                adapter = engine.add_lora(lora, lora_path)
+                err.print(f"[dim]LoRA adapter {lora}: rank {adapter.rank}, {', '.join(adapter.targets)}[/]")
             frontend, info = AsyncLLMEngine(engine, model_name=name), describe(engine)
     blocks = info["num_kv_blocks"]
     err.print(f"[dim]{name} · {info['device']} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
               f"{blocks * cfg.kv_block_size:,} tokens · context {info['max_model_len']:,} · engine "
               f"{'in its own process' if cfg.engine_process else 'on a thread of the server'}[/]")
+    if cfg.enable_lora:
+        pool = engine.runner.lora
+        err.print(f"[dim]LoRA pool: {pool.num_slots} slots of rank {pool.max_rank} ({pool.nbytes / 2**20:,.0f} MiB)[/]")
     if cfg.tensor_parallel > 1:
         err.print(f"[dim]tensor parallel over {cfg.tensor_parallel} processes (KV heads and weights / "
                   f"{cfg.tensor_parallel} each)[/]")
@@ -221,6 +238,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if engine is not None:
             engine.close()
     return 0
+
+
+def _lora_args(values: list[str]) -> dict[str, str]:
+    """--lora NAME=PATH ... as {name: path}."""
+    loras: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise LongseqError(f"--lora takes NAME=PATH, got {value!r}")
+        if name in loras:
+            raise LongseqError(f"--lora: the name {name!r} is given twice")
+        loras[name] = path
+    return loras
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator
 
+from longseq.engine.lora import LoRAError, UnknownLoRAError
 from longseq.engine.outputs import RequestOutput, TokenLogprob
 from longseq.engine.requests import RequestLimits
 from longseq.errors import LongseqError
@@ -47,6 +48,8 @@ class FakeEngine:
         self.crash = False
         self.crash_after: int | None = None  # raise after this many tokens
         self.calls: list[tuple[str, list[int], SamplingParams]] = []
+        self.loras: dict[str, str] = {}  # LoRA adapters: name -> path
+        self.lora_calls: list[str | None] = []  # the adapter of each generate call
         self.aborted: list[str] = []
         self.num_running = 0
         self._abort_events: dict[str, asyncio.Event] = {}
@@ -68,9 +71,23 @@ class FakeEngine:
         if request_id in self._abort_events:
             self._abort_events[request_id].set()
 
+    def lora_adapters(self) -> dict[str, str]:
+        return dict(self.loras)
+
+    async def load_lora(self, name: str, path: str) -> None:
+        if not path.startswith("/adapters/"):
+            raise LoRAError(f"{path}: no such adapter folder")
+        self.loras[name] = path
+
+    async def unload_lora(self, name: str) -> None:
+        if self.loras.pop(name, None) is None:
+            raise UnknownLoRAError(name)
+
     async def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, max_output_tokens: int | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str, max_output_tokens: int | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        self.lora_calls.append(lora)
         if self.queue_full:
             raise QueueFullError("the waiting queue is full (0 slots)")
         if self.crash:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longseq.config.flags import flag
-from longseq.config.policy import KV_POOL_MODES
+from longseq.config.policy import KV_POOL_MODES, MAX_LORA_RANK
 from longseq.errors import LongseqError
 
 
@@ -33,6 +33,11 @@ class EngineConfig:
                              "timing at start finds it faster than cuBLAS (GPU; needs fuse_projections)", default=True)
     async_scheduling: bool = flag("queue the next decode step before reading this step's tokens, so host work "
                                   "overlaps the GPU's", default=True)
+    enable_lora: bool = flag("serve LoRA adapters (PEFT folders) beside the base model, many in one batch (implied by "
+                             "`longseq serve --lora`)", default=False)
+    max_loras: int = flag("adapters held on the GPU at once (slots of the LoRA pool); more may be registered, kept in "
+                          "host memory and loaded into a slot least recently used first", default=8)
+    max_lora_rank: int = flag("the largest adapter rank served (every slot is sized for it)", default=16)
     tensor_parallel: int = flag("GPUs (processes) the model is split over: weights, heads and KV cache / N",
                                 default=1)
     engine_process: bool = flag("`longseq serve`: run the engine in a process of its own, so the server's Python "
@@ -40,7 +45,8 @@ class EngineConfig:
                                 default=True)
 
     def __post_init__(self):
-        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel"):
+        for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel",
+                     "max_loras", "max_lora_rank"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_fraction <= 1:
@@ -49,5 +55,9 @@ class EngineConfig:
             raise LongseqError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.kv_cache_gib <= 0:
             raise LongseqError(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.enable_lora and not 1 <= self.max_lora_rank <= MAX_LORA_RANK:
+            raise LongseqError(f"max_lora_rank must be in [1, {MAX_LORA_RANK}], got {self.max_lora_rank}")
+        if self.enable_lora and self.tensor_parallel > 1:
+            raise LongseqError("LoRA adapters are served on one GPU: drop --tensor-parallel or the adapters")
         if self.kv_pool not in KV_POOL_MODES:
             raise LongseqError(f"kv_pool must be one of {', '.join(KV_POOL_MODES)}, got {self.kv_pool!r}")

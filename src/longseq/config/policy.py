@@ -13,6 +13,7 @@ MAX_ATTENTION_GROUPS = 8
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 KV_POOL_MODES = ("measure", "plan")
+MAX_LORA_RANK = 64  # the largest adapter rank serving takes (the pool pads every adapter to --max-lora-rank)
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -1,16 +1,18 @@
 """The engine on its own thread, for the HTTP server: async request streams in, engine steps out of the event loop.
 
 The model step is blocking compute, so it must not run on the event loop; the engine thread owns all engine state,
-and the event loop talks to it only through a command queue (add / abort) and per-request asyncio queues. The same
-surface over an engine in a process of its own (no GIL shared with the server): engine/core_client.py.
+and the event loop talks to it only through a command queue (add / abort, and LoRA adapters' registration) and
+per-request asyncio queues. The same surface over an engine in a process of its own (no GIL shared with the
+server): engine/core_client.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from longseq.engine.llm_engine import LLMEngine
@@ -71,9 +73,10 @@ class AsyncLLMEngine:
         return self.engine.stats()["num_waiting"] + self._pending
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       max_output_tokens: int | None = None) -> AsyncIterator[RequestOutput]:
+                       max_output_tokens: int | None = None, lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """The request's snapshots, one per step that gave it a token. `max_output_tokens`: what `limits.check`
-        returned for it, where the caller has checked it already (the server); otherwise it is checked here."""
+        returned for it, where the caller has checked it already (the server); otherwise it is checked here.
+        `lora`: the registered adapter to run it with (None: the base model)."""
         if max_output_tokens is None:
             max_output_tokens = self.limits.check(prompt_ids, params.max_new_tokens)  # pure: safe from this thread
         with self._lock:
@@ -84,7 +87,7 @@ class AsyncLLMEngine:
             self._pending += 1
             stream: asyncio.Queue = asyncio.Queue()
             self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, prompt_ids, params, max_output_tokens))
+        self._commands.put(("add", request_id, prompt_ids, params, max_output_tokens, lora))
         finished = False
         try:
             while not finished:
@@ -100,6 +103,29 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
+
+    # ---- LoRA adapters ----------------------------------------------------------------------------------
+
+    def lora_adapters(self) -> dict[str, str]:
+        """The registered adapters: name -> the folder each was read from."""
+        loras = self.engine.loras
+        return {} if loras is None else {name: a.path for name, a in list(loras.adapters.items())}
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Read and pack the adapter on a worker thread (the engine keeps stepping), then register it on the engine
+        thread. LoRAError where it cannot be served."""
+        adapter = await asyncio.to_thread(self.engine.prepare_lora, name, path)
+        await self._on_engine_thread(lambda: self.engine.add_lora(name, adapter))
+
+    async def unload_lora(self, name: str) -> None:
+        """UnknownLoRAError where no adapter has that name."""
+        await self._on_engine_thread(lambda: self.engine.remove_lora(name))
+
+    async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """fn() run by the engine thread between two steps, which owns every engine structure it may touch."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, done))
+        return await asyncio.wrap_future(done)
 
     def shutdown(self) -> None:
         self._commands.put(("stop",))
@@ -125,13 +151,19 @@ class AsyncLLMEngine:
                 if command[0] == "stop":
                     return
                 if command[0] == "add":
-                    _, request_id, prompt_ids, params, max_output_tokens = command
+                    _, request_id, prompt_ids, params, max_output_tokens, lora = command
                     with self._lock:  # leave pending and join the waiting queue at once, as generate() counts both
                         self._pending -= 1
                         try:
-                            self.engine.add_request(prompt_ids, params, request_id, max_output_tokens)
+                            self.engine.add_request(prompt_ids, params, request_id, max_output_tokens, lora)
                         except Exception as e:
                             self._deliver(request_id, e)
+                elif command[0] == "call":
+                    _, fn, done = command
+                    try:
+                        done.set_result(fn())
+                    except Exception as e:
+                        done.set_exception(e)
                 else:
                     out = self.engine.abort(command[1])
                     if out is not None:

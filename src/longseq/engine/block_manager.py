@@ -55,7 +55,7 @@ class BlockManager:
         assert not seq.block_table
         if not self.enable_prefix_caching:
             return 0
-        bs, h = self.block_size, 0
+        bs, h = self.block_size, seq.cache_salt  # chains of different adapters never meet
         reusable = (seq.num_prompt_tokens - 1) // bs
         for i in range(reusable):
             tokens = seq.prompt_ids[i * bs : (i + 1) * bs]
@@ -87,7 +87,7 @@ class BlockManager:
         full = min(seq.num_computed_tokens, len(seq)) // bs
         for i in range(len(seq.block_hashes), full):
             tokens = seq.token_ids[i * bs : (i + 1) * bs]
-            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else 0, tokens)
+            h = block_hash(seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt, tokens)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.cached:

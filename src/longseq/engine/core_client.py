@@ -120,6 +120,17 @@ class EngineCoreClient(AsyncLLMEngine):
         """Stops the engine process and waits for it; idempotent."""
         self._finalizer()
 
+    # LoRA adapters live on the engine; `longseq serve` runs a LoRA-enabled engine on a thread (AsyncLLMEngine).
+    def lora_adapters(self) -> dict[str, str]:
+        return {}
+
+    async def load_lora(self, name: str, path: str) -> None:
+        raise LongseqError("this server runs its engine in a process of its own, which does not load LoRA adapters "
+                           "yet; start the server with --enable-lora (its engine then runs on a thread)")
+
+    async def unload_lora(self, name: str) -> None:
+        await self.load_lora(name, "")
+
     # ---- sender thread ----------------------------------------------------------------------------------
 
     def _send_loop(self) -> None:

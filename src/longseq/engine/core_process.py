@@ -171,10 +171,10 @@ class EngineCore:
 
     def _command(self, command: tuple, deltas: list[Delta]) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params, max_output_tokens = command
+            _, request_id, prompt_ids, params, max_output_tokens, lora = command
             self.num_added += 1
             try:
-                self.engine.add_request(prompt_ids, params, request_id, max_output_tokens)
+                self.engine.add_request(prompt_ids, params, request_id, max_output_tokens, lora)
             except Exception as e:
                 deltas.append(self._failed(request_id, e))
         else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from longseq.attention.paged import PagedBatch, decode_splits, last_slots, pad_tables
+from longseq.models.lora_batched import LoRABatch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 MIN_KEYS = 64  # key-length buckets are powers of two from here
@@ -25,12 +26,14 @@ class DecodeGraph:
     the model up to its final hidden states. `splits`: the decode kernel's key splits (None: as decode_splits
     picks them for this shape)."""
 
-    def __init__(self, runner, batch_size: int, num_keys: int, pool, splits: int | None = None):
+    def __init__(self, runner, batch_size: int, num_keys: int, pool, splits: int | None = None, lora: bool = False):
+        """`lora`: the graph adds each row's adapter delta, by the slots in `lora_slots` (-1: the base)."""
         dev = runner.device
         self.runner, self.B, self.T = runner, batch_size, num_keys
         self.width = -(-num_keys // runner.block_size)  # block-table columns
         self.ids = torch.zeros(1, batch_size, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, batch_size, dtype=torch.long, device=dev)
+        self.lora_slots = torch.full((batch_size,), -1, dtype=torch.long, device=dev) if lora else None
         self.batch = PagedBatch(
             slot_mapping=torch.zeros(batch_size, dtype=torch.long, device=dev), query_lens=[1] * batch_size,
             context_lens=[1] * batch_size, block_tables=torch.zeros(batch_size, 1, dtype=torch.long),
@@ -53,7 +56,14 @@ class DecodeGraph:
     def _forward(self) -> torch.Tensor:
         runner = self.runner
         runner.cache.batch = self.batch
-        return runner.model.hidden(self.ids, self.positions, cache=runner.cache)[0]  # (B, d)
+        if self.lora_slots is None:
+            return runner.model.hidden(self.ids, self.positions, cache=runner.cache)[0]  # (B, d)
+        # The rows' grouping by slot is built inside the graph, from the persistent slot tensor replays fill.
+        runner.lora.state.batch = LoRABatch.build(self.lora_slots, runner.lora.num_slots)
+        try:
+            return runner.model.hidden(self.ids, self.positions, cache=runner.cache)[0]
+        finally:
+            runner.lora.state.batch = None
 
     def _fill_padding(self, start: int) -> None:
         # Rows past the real batch write and read only the scratch slot (block num_blocks), which no sequence owns.
@@ -63,10 +73,13 @@ class DecodeGraph:
         self.batch.slot_mapping[start:] = scratch
         self.batch.decode_tables[start:] = scratch // self.runner.block_size
         self.batch.decode_lens[start:] = 1
+        if self.lora_slots is not None:
+            self.lora_slots[start:] = -1
 
     def replay(self, ids: list[int], positions: list[int], block_tables: list[list[int]], context_lens: list[int],
-               device_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """`device_ids` (n,), if given, replace `ids`: the previous step's samples, still on the GPU."""
+               device_ids: torch.Tensor | None = None, lora_slots: list[int] | None = None) -> torch.Tensor:
+        """`device_ids` (n,), if given, replace `ids`: the previous step's samples, still on the GPU. `lora_slots`:
+        each row's adapter slot (a graph captured with adapters)."""
         n, dev = len(ids), self.runner.device
         # Only the batch's own widest table is copied: the graph's table is max_model_len / block_size wide, and
         # columns past a row's context (stale from earlier steps) are never read, by the kernel or the gather path.
@@ -74,13 +87,16 @@ class DecodeGraph:
         tables, ctx = pad_tables(block_tables, width), torch.tensor(context_lens)
         # One host tensor, one copy: four small copies cost more host time than the rest of the replay. Pinned, so
         # the copy is queued behind the step in flight instead of waiting for it (pageable memory may sync).
+        lora = [torch.tensor(lora_slots)] if self.lora_slots is not None else []
         host = torch.cat([torch.tensor(ids), torch.tensor(positions), last_slots(tables, ctx, self.runner.block_size),
-                          ctx, tables.flatten()]).pin_memory().to(dev, non_blocking=True)
+                          ctx, *lora, tables.flatten()]).pin_memory().to(dev, non_blocking=True)
         self.ids[0, :n] = host[:n] if device_ids is None else device_ids
         self.positions[0, :n] = host[n : 2 * n]
         self.batch.slot_mapping[:n] = host[2 * n : 3 * n]
         self.batch.decode_lens[:n] = host[3 * n : 4 * n]
-        self.batch.decode_tables[:n, :width] = host[4 * n :].view(n, width)
+        if lora:
+            self.lora_slots[:n] = host[4 * n : 5 * n]
+        self.batch.decode_tables[:n, :width] = host[(4 + len(lora)) * n :].view(n, width)
         self._fill_padding(n)
         self.graph.replay()
         return self.hidden[:n]

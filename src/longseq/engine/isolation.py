@@ -101,6 +101,6 @@ class Isolation:
             scheduler.running.remove(seq)
         elif seq in scheduler.waiting:
             scheduler.waiting.remove(seq)
-        self.engine.blocks.free_seq(seq)
+        scheduler.free(seq)
         self.engine.sampler.release(seq)
         seq.status = Status.WAITING

@@ -13,10 +13,13 @@ from longseq.generation.sampling import SamplingParams
 
 class LLM:
     def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
-                 **engine_options):
-        """`model`: HF directory, .gguf or None for the built-in model; `engine_options`: EngineConfig fields."""
+                 loras: dict[str, str | Path] | None = None, **engine_options):
+        """`model`: HF directory, .gguf or None for the built-in model; `loras`: LoRA adapters to serve beside it,
+        name -> PEFT folder (more with `add_lora`; implies enable_lora); `engine_options`: EngineConfig fields."""
         from longseq.models.loader import load
 
+        if loras:
+            engine_options.setdefault("enable_lora", True)
         cfg = EngineConfig(**engine_options)
         if cfg.tensor_parallel > 1:  # this process becomes rank 0 and starts the others (call close() at the end)
             from longseq.engine.tp_engine import start_engine
@@ -25,29 +28,45 @@ class LLM:
         else:
             self.engine = LLMEngine(load(model, dtype=dtype, device=device), cfg)
         self.tokenizer = self.engine.tokenizer
+        for name, path in (loras or {}).items():
+            self.add_lora(name, path)
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        """Register a PEFT LoRA adapter folder under `name`, for `generate(..., lora=name)`."""
+        self.engine.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        self.engine.remove_lora(name)
 
     def close(self) -> None:
         self.engine.close()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Plain completion of each prompt (text or token ids), all in flight together; results in input order."""
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 lora: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Plain completion of each prompt (text or token ids), all in flight together; results in input order.
+        `lora`: the adapter (a name given to `add_lora`) of every prompt, or one per prompt; None: the base model."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [p if isinstance(p, list) else list(self.tokenizer(p)["input_ids"]) for p in prompts]
-        return self._run(ids, params)
+        return self._run(ids, params, lora)
 
     def chat(self, conversations: list[dict] | list[list[dict]],
-             params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+             params: SamplingParams | list[SamplingParams] | None = None,
+             lora: str | list[str | None] | None = None) -> list[RequestOutput]:
         """Each conversation through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        return self._run([render_prompt(self.tokenizer, c, chat=True) for c in conversations], params)
+        return self._run([render_prompt(self.tokenizer, c, chat=True) for c in conversations], params, lora)
 
-    def _run(self, prompt_ids: list[list[int]], params) -> list[RequestOutput]:
+    def _run(self, prompt_ids: list[list[int]], params, lora=None) -> list[RequestOutput]:
         params = params or SamplingParams()
         per_request = params if isinstance(params, list) else [params] * len(prompt_ids)
-        order = [self.engine.add_request(p, sp) for p, sp in zip(prompt_ids, per_request, strict=True)]
+        loras = lora if isinstance(lora, list) else [lora] * len(prompt_ids)
+        for name in set(loras) - {None}:  # every name before any request is queued
+            self.engine.lora(name)
+        order = [self.engine.add_request(p, sp, lora=name)
+                 for p, sp, name in zip(prompt_ids, per_request, loras, strict=True)]
         done: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():

@@ -5,12 +5,14 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from longseq.config import EngineConfig
 from longseq.engine.block_manager import BlockManager
 from longseq.engine.inflight import InflightStep, RowLogprobs
 from longseq.engine.isolation import Isolation
+from longseq.engine.lora import AdapterWeights, LoRAAdapter, LoRARegistry, UnknownLoRAError
 from longseq.engine.model_runner import ModelRunner
 from longseq.engine.outputs import RequestOutput, TokenLogprob
 from longseq.engine.requests import RequestLimits
@@ -34,7 +36,10 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, self.cfg.kv_block_size, self.cfg.enable_prefix_caching)
         self.limits = RequestLimits(self.runner.max_model_len, lm.config.vocab_size, self.cfg.kv_block_size,
                                     self.blocks.num_blocks)
-        self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens,
+                                   self.runner.lora)
+        # LoRA serving: the adapters by name, over the runner's pool of GPU slots (None: adapters are off)
+        self.loras = LoRARegistry(self.runner.lora) if self.runner.lora is not None else None
         self.sampler = Sampler(lm.config.vocab_size, self.runner.device)
         self.seeds = random.Random()  # the sampling seed of each request that brings none
         self.seqs: dict[str, Sequence] = {}
@@ -50,9 +55,11 @@ class LLMEngine:
         return self.limits.max_model_len
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    max_output_tokens: int | None = None) -> str:
+                    max_output_tokens: int | None = None, lora: str | None = None) -> str:
         """Queue a request; returns its id. `max_output_tokens`: what `limits.check` returned for it, where the
-        caller has checked it already (the server); otherwise it is checked here."""
+        caller has checked it already (the server); otherwise it is checked here. `lora`: the name of a registered
+        adapter to run it with (None: the base model); an unknown name raises UnknownLoRAError."""
+        adapter = self.lora(lora) if lora is not None else None
         if max_output_tokens is None:
             max_output_tokens = self.limits.check(prompt_ids, params.max_new_tokens)
         self.limits.check_sampling(params)
@@ -60,13 +67,44 @@ class LLMEngine:
         if request_id in self.seqs:
             raise LongseqError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, prompt_ids, params, self.tokenizer, max_output_tokens,
-                       seed=self.seeds.getrandbits(64))
+                       seed=self.seeds.getrandbits(64), lora=adapter)
         self.seqs[request_id] = seq
         if self.isolation.active:
             self.isolation.hold(seq)
         else:
             self.scheduler.add(seq)
         return request_id
+
+    # ---- LoRA adapters ----------------------------------------------------------------------------------
+
+    def add_lora(self, name: str, source: str | Path | AdapterWeights | LoRAAdapter) -> LoRAAdapter:
+        """Register an adapter (a PEFT folder, weights already read, or what `prepare_lora` made) under `name`;
+        LoRAError where it cannot be served. Its requests may then name it; it is loaded into a GPU slot when one
+        of them is scheduled."""
+        adapter = source if isinstance(source, LoRAAdapter) else self.prepare_lora(name, source)
+        self._registry().add(adapter)
+        return adapter
+
+    def prepare_lora(self, name: str, source: str | Path | AdapterWeights) -> LoRAAdapter:
+        """An adapter read, checked against this model and packed for the pool, not registered yet: the slow part
+        of add_lora, which touches no engine state (the server runs it off the engine thread)."""
+        return self._registry().prepare(name, source)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter: new requests cannot name it, those running on it finish with it."""
+        self._registry().remove(name)
+
+    def lora(self, name: str) -> LoRAAdapter:
+        """The registered adapter of that name (UnknownLoRAError if none)."""
+        if self.loras is None:
+            raise UnknownLoRAError(name)
+        return self.loras.get(name)
+
+    def _registry(self) -> LoRARegistry:
+        if self.loras is None:
+            raise LongseqError("LoRA adapters are off in this engine: start it with enable_lora (longseq serve "
+                               "--enable-lora, or --lora NAME=PATH)")
+        return self.loras
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks."""

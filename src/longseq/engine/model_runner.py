@@ -10,6 +10,7 @@ import torch
 from longseq.attention.paged import PagedBatch, PagedKVCache, decode_splits, use_decode_kernel
 from longseq.config import EngineConfig
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
+from longseq.engine.lora import LoRAPool
 from longseq.engine.requests import max_model_len
 from longseq.engine.sequence import Sequence
 from longseq.engine.tensor_parallel import local_kv_heads
@@ -33,8 +34,10 @@ PLAN_FORMATS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 
 def planned_reserve(model: CausalLM, cfg: EngineConfig) -> float:
     """kv_pool="plan": the bytes longseq.plan.serving predicts for this GPU's weights and the peak of the largest
-    step (max_num_batched_tokens tokens, logits for max_num_seqs rows), from the model's config and dtype: the
-    engine-side glue (ModelConfig -> ModelSpec, as `longseq train --plan auto` does in train/memory_plan.py)."""
+    step (max_num_batched_tokens tokens, logits for max_num_seqs rows), and the LoRA pool where adapters are served
+    (plan/lora.py), from the model's config and dtype: the engine-side glue (ModelConfig -> ModelSpec, as `longseq
+    train --plan auto` does in train/memory_plan.py)."""
+    from longseq.plan.lora import lora_pool_bytes
     from longseq.plan.models import ModelSpec
     from longseq.plan.serving import engine_activation_bytes, weight_bytes
 
@@ -44,7 +47,8 @@ def planned_reserve(model: CausalLM, cfg: EngineConfig) -> float:
                            "--kv-pool measure")
     spec, tp = ModelSpec("engine", model.config), cfg.tensor_parallel
     step = engine_activation_bytes(spec, cfg.max_num_batched_tokens, cfg.max_num_seqs, dtype.itemsize, tp)
-    return weight_bytes(spec, PLAN_FORMATS[dtype]) / tp + step
+    loras = lora_pool_bytes(spec, cfg.max_loras, cfg.max_lora_rank, dtype.itemsize) if cfg.enable_lora else 0
+    return weight_bytes(spec, PLAN_FORMATS[dtype]) / tp + step + loras
 
 
 class ModelRunner:
@@ -54,8 +58,11 @@ class ModelRunner:
         fused = model.fuse_projections(cfg.fuse_projections)
         for layer in fused:
             layer.gemv = False  # until timed (an earlier engine on this model may have set it)
+            layer.lora = None  # likewise its adapters' hook
         # Which single-row matmuls take the Triton GEMV: timed here, before any graph is captured.
         self.gemv_report = calibrate(fused) if cfg.decode_gemv and fused and self.device.type == "cuda" else {}
+        # The adapters' slots, allocated before the KV pool is sized from what is left.
+        self.lora = LoRAPool(model, cfg.max_loras, cfg.max_lora_rank) if cfg.enable_lora else None
         self.block_size = cfg.kv_block_size
         self.num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         mc = model.config
@@ -69,7 +76,8 @@ class ModelRunner:
             self.use_graphs = all(moe.grouped_mm_runs(self.model.lm_head.weight, b.experts.gate_up_proj,
                                                       b.experts.down_proj)
                                   for b in model.modules() if isinstance(b, SparseMoeBlock))
-        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}  # (batch bucket, key bucket, key splits)
+        # (batch bucket, key bucket, key splits, with adapters): a step without any adapter runs none of their kernels
+        self.graphs: dict[tuple[int, int, int, bool], DecodeGraph] = {}
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         # The decode kernel reads each context's length on the device, so one graph per batch bucket serves every
         # length up to the model's context, and all of them are captured now rather than on a request's first
@@ -89,7 +97,9 @@ class ModelRunner:
             # context dominates it (paged_decode.dominated), so that a long context never decodes unsplit.
             for splits in {decode_splits(size, self.cache.num_kv_heads, keys, self.device, lens)
                            for lens in (None, [keys] + [1] * (size - 1))}:
-                self.graphs[(size, keys, splits)] = DecodeGraph(self, size, keys, self.graph_pool, splits)
+                for lora in (False, True) if self.lora is not None else (False,):
+                    self.graphs[(size, keys, splits, lora)] = DecodeGraph(self, size, keys, self.graph_pool, splits,
+                                                                         lora)
 
     def _blocks_from_memory(self) -> int:
         if self.device.type != "cuda":
@@ -142,6 +152,15 @@ class ModelRunner:
     def execute(self, step: StepInputs, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The model on one step's inputs: float32 logits (M, V) of the tokens to sample from. `ids`, if given,
         replaces step.ids (placeholders then)."""
+        if self.lora is None:
+            return self._execute(step, ids)
+        self.lora.begin_step()  # the step waits for the adapters loaded for it
+        try:
+            return self._execute(step, ids)
+        finally:
+            self.lora.end_step(step.lora_slots)
+
+    def _execute(self, step: StepInputs, ids: torch.Tensor | None) -> torch.Tensor:
         if self.use_graphs and step.decode:
             logits = self._graph_run(step, ids)
             if logits is not None:
@@ -150,6 +169,8 @@ class ModelRunner:
                                             self.device, self.cache.num_kv_heads)
         ids_t = ids.view(1, -1) if ids is not None else torch.tensor([step.ids], device=self.device)  # (1, N)
         pos_t = torch.tensor([step.positions], device=self.device)
+        if self.lora is not None:
+            self.lora.use(step.lora_slots, step.query_lens)
         hidden = self.model.hidden(ids_t, pos_t, cache=self.cache)  # (1, N, d)
         if not step.last:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
@@ -162,10 +183,12 @@ class ModelRunner:
             return None
         keys = self.max_model_len if self.fixed_keys else key_bucket(max(step.context_lens))
         splits = decode_splits(size, self.cache.num_kv_heads, keys, self.device, step.context_lens)
-        graph = self.graphs.get((size, keys, splits))
+        key = (size, keys, splits, step.lora_slots is not None)
+        graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[(size, keys, splits)] = DecodeGraph(self, size, keys, self.graph_pool, splits)
-        hidden = graph.replay(step.ids, step.positions, step.block_tables, step.context_lens, ids)  # (B, d)
+            graph = self.graphs[key] = DecodeGraph(self, size, keys, self.graph_pool, splits, key[3])
+        hidden = graph.replay(step.ids, step.positions, step.block_tables, step.context_lens, ids,
+                              step.lora_slots)  # (B, d)
         # The vocabulary projection stays outside the graphs: its (B, V) output per captured graph would hold GBs.
         return self.model.logits(hidden).float()
 
@@ -182,6 +205,7 @@ class StepInputs:
     context_lens: list[int]  # per sequence: tokens with KV after this step
     last: list[int]  # indices into ids of the tokens whose logits are sampled
     decode: bool  # every sequence computes exactly its one last token (CUDA-graph eligible)
+    lora_slots: list[int] | None = None  # per sequence: its adapter's slot, -1 the base; None: no adapter at all
 
 
 def prepare_step(scheduled: list[tuple[Sequence, int]], ahead: bool = False) -> tuple[StepInputs, list[Sequence]]:
@@ -196,6 +220,8 @@ def prepare_step(scheduled: list[tuple[Sequence, int]], ahead: bool = False) -> 
             to_sample.append(seq)
             last.append(len(ids) - 1)
     decode = all(n == 1 and s.num_computed_tokens + 1 == len(s) + ahead for s, n in scheduled)
+    slots = [s.lora_slot for s, _ in scheduled]
     step = StepInputs(ids, positions, [s.block_table for s, _ in scheduled], [n for _, n in scheduled],
-                      [s.num_computed_tokens + n for s, n in scheduled], last, decode)
+                      [s.num_computed_tokens + n for s, n in scheduled], last, decode,
+                      slots if any(slot >= 0 for slot in slots) else None)
     return step, to_sample

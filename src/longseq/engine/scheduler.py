@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from longseq.engine.block_manager import BlockManager
 from longseq.engine.sequence import Sequence, Status
+
+if TYPE_CHECKING:
+    from longseq.engine.lora import LoRAPool
 
 
 class Scheduler:
@@ -17,8 +21,12 @@ class Scheduler:
     are freed and it waits at the head of the queue to be recomputed.
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 loras: LoRAPool | None = None):
+        """`loras`: the adapter slots (LoRA serving); a sequence with an adapter runs only while it pins a slot, and
+        one whose adapter finds no slot (every slot pinned) lets those behind it go first."""
         self.blocks = block_manager
+        self.loras = loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -49,21 +57,42 @@ class Scheduler:
             if seq.status == Status.RUNNING:
                 scheduled.append((seq, n))
                 budget -= n
+        no_slot: list[Sequence] = []  # waiting sequences whose adapter has no slot now: they keep their places
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._acquire_lora(seq):
+                no_slot.append(self.waiting.popleft())
+                continue
             seq.num_computed_tokens = self.blocks.allocate_prefix(seq)
             n = min(len(seq) - seq.num_computed_tokens, budget)
             if not self.blocks.ensure(seq, seq.num_computed_tokens + n):
                 # FCFS: nobody overtakes the head of the queue. It gives back its prefix hits: a waiting sequence
                 # holding blocks could starve a preempted one queued ahead of it, and the engine would stall.
-                self.blocks.free_seq(seq)
+                self.free(seq)
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(no_slot))
         return scheduled
+
+    def _acquire_lora(self, seq: Sequence) -> bool:
+        """Pin a slot holding seq's adapter (loading it if need be); False where every slot is pinned."""
+        if seq.lora is None or seq.lora_slot >= 0:
+            return True
+        if not self.loras.can_acquire(seq.lora):
+            return False
+        seq.lora_slot = self.loras.acquire(seq.lora)
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Give back what a sequence holds: its KV blocks and its adapter's slot."""
+        self.blocks.free_seq(seq)
+        if seq.lora_slot >= 0:
+            self.loras.release(seq.lora_slot)
+            seq.lora_slot = -1
 
     def schedule_ahead(self, scheduled: list[tuple[Sequence, int]],
                        sampled: list[Sequence]) -> tuple[list[tuple[Sequence, int]], list[int]] | None:
@@ -91,7 +120,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free_seq(seq)
+        self.free(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preempted += 1
@@ -102,5 +131,5 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free_seq(seq)
+        self.free(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason

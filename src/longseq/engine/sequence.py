@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import time
 from enum import Enum, auto
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from longseq.generation.counter_rng import seed_key
 from longseq.generation.detokenize import IncrementalDetokenizer, StopStringMatcher
 from longseq.generation.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from longseq.engine.lora import LoRAAdapter
 
 _ids = itertools.count()
 
@@ -24,8 +27,9 @@ class Sequence:
     """Prompt + output tokens, how many of them have KV in the cache, and the blocks holding that KV."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, tokenizer: Any,
-                 max_output_tokens: int, seed: int = 0):
-        """`seed`: the sampling seed where params has none (the engine draws one per request)."""
+                 max_output_tokens: int, seed: int = 0, lora: LoRAAdapter | None = None):
+        """`seed`: the sampling seed where params has none (the engine draws one per request); `lora`: the adapter
+        it runs with (None: the base model)."""
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.prompt_ids = list(prompt_ids)
@@ -44,6 +48,9 @@ class Sequence:
         # The key of this request's sampling noise (generation/counter_rng.py): its draws depend on it alone.
         self.rng_key = seed_key(params.seed if params.seed is not None else seed)
         self.metrics = {"arrival": time.monotonic()}
+        self.lora = lora
+        self.lora_slot = -1  # its adapter's slot in the LoRA pool while it runs (the scheduler pins it)
+        self.cache_salt = lora.cache_salt if lora is not None else 0  # its prefix-cache hash chain starts here
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -21,6 +21,7 @@ class FusedLinear:
     def __init__(self, linears: list[nn.Linear]):
         self.sizes = [lin.weight.shape[0] for lin in linears]
         self.gemv = False  # single-row inputs through the Triton GEMV (set by `calibrate`)
+        self.lora = None  # serving's batched LoRA (models/lora_batched.BatchedLoRA): adds the rows' adapter deltas
         if len(linears) == 1:  # nothing to concatenate: the layer's own weight
             self.weight, self.bias = linears[0].weight.detach(), _detach(linears[0].bias)
             return
@@ -43,6 +44,8 @@ class FusedLinear:
             y = gemv(x, self.weight, self.bias)
         else:
             y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            self.lora(x, y)  # in place, before the split: y is this call's own tensor
         return y if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
 
 

@@ -28,8 +28,9 @@ TRAIN_OUTPUTS = """outputs (one line each in the table; keys of --json):
 SERVE_OUTPUTS = """outputs (one line each in the table; keys of --json):
   weights            bytes of the weights in the --quant format (embeddings and LM head in 16 bits when quantized)
   KV cache           2 · layers · KV heads · head_dim · bytes per token, times context and sequences
-  KV pool            what longseq's engine gives the KV cache: memory × fraction − weights − activations
+  KV pool            what longseq's engine gives the KV cache: memory × fraction − weights − activations − LoRA
   activations        the engine's reserve: the peak of its largest step (max-num-batched-tokens tokens)
+  LoRA pool          --max-loras adapter slots of --max-lora-rank, every linear layer (lora_pool in --json)
   longest context    the most tokens per sequence at --batch sequences
   most sequences     the most concurrent sequences at --context tokens each
   decode             upper bound on generated tokens/s: weights and KV read once per step at full bandwidth
@@ -98,6 +99,9 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     s.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--max-num-seqs", type=int, default=256)
+    s.add_argument("--max-loras", type=int, default=0, help="LoRA adapter slots (longseq serve --max-loras; "
+                   "default: 0, no adapters)")
+    s.add_argument("--max-lora-rank", type=int, default=16, help="the rank each adapter slot holds (default: 16)")
     s.set_defaults(plan_func=run_serve)
 
     lst = sub.add_parser("list", help="the preset models and GPUs")
@@ -243,7 +247,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LongseqError("--max-num-batched-tokens and --max-num-seqs must be positive")
     setup = ServeSetup(quant=args.quant, kv_dtype=args.kv_dtype, context=args.context, batch=args.batch,
                        num_gpus=args.num_gpus, gpu_memory_fraction=args.gpu_memory_fraction,
-                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                       max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     plan = plan_serve(spec, gpu, setup)
     if args.json:
         _print(plan.to_dict(), [], [], [])

@@ -120,6 +120,8 @@ def serve_tables(plan: ServePlan) -> list[Any]:
     mem.add_row("KV pool", _gib(plan.kv_pool), f"{plan.kv_tokens:,} tokens of context the engine can hold")
     mem.add_row("activations", _gib(plan.activations),
                 f"engine reserve: a {s.max_num_batched_tokens:,}-token step")
+    if s.max_loras:
+        mem.add_row("LoRA pool", _gib(plan.lora_pool), f"{s.max_loras} adapter slots of rank {s.max_lora_rank}")
     mem.add_row("budget", _gib(plan.budget), f"{s.gpu_memory_fraction:.0%} of {plan.gpu.memory_gib:.1f} GiB: "
                 + ("[green]fits[/]" if plan.fits else "[red]does not fit[/]"), style="bold")
     speed = Table(show_edge=False, show_header=False)

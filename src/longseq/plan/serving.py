@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from longseq.config.policy import MAX_LORA_RANK
 from longseq.errors import LongseqError
 from longseq.plan.flops import forward_flops_per_token
 from longseq.plan.hardware import GPU
+from longseq.plan.lora import lora_pool_bytes
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import count_params
 from longseq.plan.quant import KV_BYTES, get_format
@@ -31,6 +33,8 @@ class ServeSetup:
     gpu_memory_fraction: float = 0.9  # EngineConfig default
     max_num_batched_tokens: int = 2048  # EngineConfig default: the largest step the engine profiles
     max_num_seqs: int = 256
+    max_loras: int = 0  # LoRA adapter slots on each GPU (engine/lora/pool.py); 0: no adapters
+    max_lora_rank: int = 16
 
 
 @dataclass
@@ -53,13 +57,15 @@ class ServePlan:
     prefill_tokens_per_s: float
     time_to_first_token_s: float
     notes: list[str] = field(default_factory=list)
+    lora_pool: float = 0.0  # bytes of the adapter slots (plan/lora.py)
 
     def to_dict(self) -> dict[str, Any]:
         gib = 2**30
         return {
             "model": self.model, "gpu": self.gpu.name, "num_gpus": self.setup.num_gpus, "setup": asdict(self.setup),
             "memory_gib": {"weights": self.weights / gib, "kv_cache": self.kv_pool / gib,
-                           "activations": self.activations / gib, "budget": self.budget / gib,
+                           "activations": self.activations / gib, "lora_pool": self.lora_pool / gib,
+                           "budget": self.budget / gib,
                            "gpu": self.gpu.memory_gib},
             "kv_bytes_per_token": self.kv_per_token, "kv_tokens": self.kv_tokens, "context": self.context,
             "batch": self.batch, "max_context_at_batch": self.max_context_at_batch, "fits": self.fits,
@@ -106,19 +112,23 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
                            f"({cfg.num_kv_heads})")
     if not 0 < setup.gpu_memory_fraction <= 1:
         raise LongseqError("gpu-memory-fraction must be in (0, 1]")
+    if setup.max_loras < 0 or not 1 <= setup.max_lora_rank <= MAX_LORA_RANK:
+        raise LongseqError(f"max-loras must be >= 0 and max-lora-rank in [1, {MAX_LORA_RANK}]")
     for name in ("context", "batch"):
         if getattr(setup, name) is not None and getattr(setup, name) <= 0:
             raise LongseqError(f"{name} must be positive")
     weights = weight_bytes(spec, setup.quant) / tp
     kv = kv_bytes_per_token(spec, KV_BYTES[setup.kv_dtype]) / tp
     act = engine_activation_bytes(spec, setup.max_num_batched_tokens, setup.max_num_seqs, tp=tp)
+    # Adapters in the serving dtype (16 bits) whatever the weights' format.
+    loras = lora_pool_bytes(spec, setup.max_loras, setup.max_lora_rank, 2) if setup.max_loras else 0.0
     budget = gpu.memory_bytes * setup.gpu_memory_fraction
-    pool = max(0.0, budget - weights - act)
+    pool = max(0.0, budget - weights - act - loras)
     kv_tokens = int(pool // kv)
     context = setup.context or cfg.max_seq_len
     batch = setup.batch or max(0, min(setup.max_num_seqs, kv_tokens // context))
     max_context = kv_tokens // max(1, batch)
-    fits = weights + act < budget and batch >= 1 and batch * context <= kv_tokens
+    fits = weights + act + loras < budget and batch >= 1 and batch * context <= kv_tokens
     # Decode: every step reads all weights (MoE: the experts the batch routes to) and each sequence's KV.
     counts = count_params(spec)
     active = 1.0 if not spec.is_moe else min(1.0, max(1, batch) * spec.experts_per_token / spec.num_experts)
@@ -134,9 +144,9 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
         kv_pool=pool, kv_tokens=kv_tokens, context=context, batch=batch, max_context_at_batch=max_context,
         fits=fits, decode_tokens_per_s=max(1, batch) / step, decode_tokens_per_s_per_seq=1 / step,
         prefill_tokens_per_s=peak * PREFILL_MFU / prefill_flops,
-        time_to_first_token_s=context * prefill_flops / (peak * PREFILL_MFU),
+        time_to_first_token_s=context * prefill_flops / (peak * PREFILL_MFU), lora_pool=loras,
     )
-    if weights + act >= budget:
+    if weights + act + loras >= budget:
         plan.notes.append(f"the weights alone ({weights / 2**30:.1f} GiB) do not fit in {budget / 2**30:.1f} GiB: "
                           "use a smaller --quant or more GPUs")
     elif batch * context > kv_tokens:
@@ -144,6 +154,10 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
                           f"{pool / 2**30:.1f} GiB are left")
     if context > cfg.max_seq_len:
         plan.notes.append(f"context {context:,} is beyond the model's native {cfg.max_seq_len:,} tokens")
+    if setup.max_loras:
+        plan.notes.append(f"LoRA pool: {setup.max_loras} adapter slots of rank {setup.max_lora_rank} "
+                          f"({loras / setup.max_loras / 2**20:,.0f} MiB each); a decode step also reads the factors "
+                          "of every adapter in its batch (not in the decode bound below)")
     plan.notes.append("decode speed: bandwidth upper bound (weights + KV read once a step); longseq's engine "
                       "reaches a fraction of it today (its paged decode gathers the KV cache every step)")
     return plan

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from longseq.engine.async_engine import QueueFullError
+from longseq.engine.lora import UnknownLoRAError
 from longseq.engine.requests import ContextLengthError, InvalidRequestError
 from longseq.errors import LongseqError
 from longseq.serve.protocol import ApiError, error_body
@@ -39,6 +40,8 @@ def as_api_error(e: Exception) -> ApiError:
             f"the server is busy: {e or 'the waiting queue is full'}; retry later", 429, "rate_limit_error",
             code="queue_full",
         )
+    if isinstance(e, UnknownLoRAError):  # unloaded between the request's check and its start
+        return ApiError(str(e), 404, param="model", code="model_not_found")
     if isinstance(e, LongseqError):
         return ApiError(str(e))
     log.error("unhandled error", exc_info=e)

@@ -25,9 +25,11 @@ class Generation:
 
     def __init__(
         self, engine: ServingEngine, rid: str, prompt_ids: list[int], params: SamplingParams, max_output_tokens: int,
-        metrics: ServerMetrics, arrival: float,
+        metrics: ServerMetrics, arrival: float, lora: str | None = None,
     ):
+        """`lora`: the LoRA adapter to run the request with (None: the base model)."""
         self.engine, self.rid, self.prompt_ids, self.params = engine, rid, prompt_ids, params
+        self.lora = lora
         self.max_output_tokens = max_output_tokens
         self.tracker = RequestTracker(metrics, len(prompt_ids), arrival)
         self._it: AsyncIterator[RequestOutput] | None = None
@@ -36,7 +38,7 @@ class Generation:
     async def next(self) -> RequestOutput | None:
         """The next snapshot, or None after the last one."""
         if self._it is None:
-            it = self.engine.generate(self.prompt_ids, self.params, self.rid, self.max_output_tokens)
+            it = self.engine.generate(self.prompt_ids, self.params, self.rid, self.max_output_tokens, lora=self.lora)
             self._it = await it if inspect.isawaitable(it) else it
         if self.last is not None and self.last.finished:
             return None

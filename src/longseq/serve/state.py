@@ -42,6 +42,21 @@ class ServerState:
             "max_model_len": self.engine.limits.max_model_len,
         }
 
+    def model_cards(self) -> list[dict[str, Any]]:
+        """The base model's card, then each LoRA adapter's (vLLM's shape: `root` its folder, `parent` the base)."""
+        cards = [self.model_card()]
+        for name, path in self.engine.lora_adapters().items():
+            cards.append({**self.model_card(), "id": name, "root": path, "parent": self.model_name})
+        return cards
+
+    def lora_for(self, model: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names, or None for the base model (names are checked by parse)."""
+        return None if model in self.accepted_models else model
+
+    def reply_model(self, model: str | None) -> str:
+        """The `model` of a response: the adapter's name, or the served model's."""
+        return self.model_name if model in self.accepted_models else model
+
     async def prepare(self, request: Request, work: Callable[[bytes], T]) -> T:
         """work(body) on a worker thread: parsing, templating and tokenizing are O(request), and on the event loop
         a large prompt would stall every other request and /health for seconds."""
@@ -58,9 +73,10 @@ class ServerState:
             first = e.errors()[0]
             where = ".".join(str(x) for x in first["loc"])
             raise p.ApiError(f"{where}: {first['msg']}", param=where or None) from e
-        if body.model not in self.accepted_models:
+        if body.model not in self.accepted_models and body.model not in self.engine.lora_adapters():
             raise p.ApiError(
-                f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                f"the model '{body.model}' does not exist; this server serves '{self.model_name}'"
+                + (" and its LoRA adapters (GET /v1/models)" if self.engine.lora_adapters() else ""),
                 404, "invalid_request_error", "model", "model_not_found",
             )
         body.check_supported()

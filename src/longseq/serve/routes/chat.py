@@ -72,6 +72,6 @@ async def chat_completions(request: Request, server: Server) -> Response:
     arrival = time.monotonic()
     body, ids, params, max_output = await server.prepare(request, functools.partial(_prepare, server))
     rid = p.new_id("chatcmpl")
-    reply = ChatReply(rid, p.now(), server.model_name, len(ids), body.include_usage, bool(body.logprobs))
-    gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival)
+    reply = ChatReply(rid, p.now(), server.reply_model(body.model), len(ids), body.include_usage, bool(body.logprobs))
+    gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival, server.lora_for(body.model))
     return await respond(request, gen, bool(body.stream), reply)

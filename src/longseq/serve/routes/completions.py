@@ -67,6 +67,7 @@ async def completions(request: Request, server: Server) -> Response:
     arrival = time.monotonic()
     body, ids, params, max_output = await server.prepare(request, functools.partial(_prepare, server))
     rid = p.new_id("cmpl")
-    reply = CompletionReply(rid, p.now(), server.model_name, len(ids), body.include_usage, body.logprobs is not None)
-    gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival)
+    reply = CompletionReply(rid, p.now(), server.reply_model(body.model), len(ids), body.include_usage,
+                            body.logprobs is not None)
+    gen = Generation(server.engine, rid, ids, params, max_output, server.metrics, arrival, server.lora_for(body.model))
     return await respond(request, gen, bool(body.stream), reply)

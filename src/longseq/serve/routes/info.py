@@ -30,12 +30,15 @@ async def prometheus(server: Server) -> Response:
 @router.get("/v1/models", dependencies=[Depends(check_key)])
 @guarded
 async def list_models(server: Server) -> dict[str, Any]:
-    return {"object": "list", "data": [server.model_card()]}
+    return {"object": "list", "data": server.model_cards()}
 
 
 @router.get("/v1/models/{model:path}", dependencies=[Depends(check_key)])
 @guarded
 async def get_model(model: str, server: Server) -> dict[str, Any]:
-    if model not in server.accepted_models:
+    card = next((c for c in server.model_cards() if c["id"] == model), None)
+    if card is None and model in server.accepted_models:
+        card = server.model_card()
+    if card is None:
         raise p.ApiError(f"the model '{model}' does not exist", 404, param="model", code="model_not_found")
-    return server.model_card()
+    return card

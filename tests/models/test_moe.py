@@ -97,3 +97,50 @@ def test_route_renormalised_top_k_is_a_softmax_over_the_top_k_logits():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="MoE implementation"):
         moe.experts(*_inputs(torch.float32), mode="megablocks")
+
+
+def _run_lora(mode, x, ids, weights, gate_up, down, adapters, device="cpu", dtype=None):
+    """Output and the gradients of x, weights and the adapters' A, B with frozen expert weights (LoRA)."""
+    to = lambda t: t.detach().to(device, dtype or t.dtype)  # noqa: E731
+    leaves = [to(t).requires_grad_() for t in (x, weights, *adapters)]
+    gate_up_adapter = moe.ExpertAdapter(leaves[2], leaves[3], 0.5)
+    down_adapter = moe.ExpertAdapter(leaves[4], leaves[5], 0.5)
+    out = moe.experts(leaves[0], ids.to(device), leaves[1], to(gate_up), to(down), mode=mode,
+                      adapters=(gate_up_adapter, down_adapter))
+    grad = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).view_as(out)
+    out.backward(grad)
+    return [out.detach().cpu().double()] + [t.grad.cpu().double() for t in leaves]
+
+
+def _adapters(dtype, r=8):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(E, D, r), (E, r, 2 * W), (E, W, r), (E, r, D)]  # A (E, in, r), B (E, r, out) per projection
+    return [torch.randn(*s, generator=g, dtype=dtype) / s[1] ** 0.5 for s in shapes]
+
+
+def test_lora_adapters_padded_match_loop_forward_and_backward():
+    inputs, adapters = _inputs(torch.float64), _adapters(torch.float64)
+    for ours, ref in zip(_run_lora("padded", *inputs, adapters), _run_lora("loop", *inputs, adapters), strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_lora_adapters_grouped_mm_match_loop(device):
+    if device not in _grouped_mm_devices():
+        pytest.skip(f"torch's grouped GEMM does not run on {device} here")
+    inputs, adapters = _inputs(torch.float32), _adapters(torch.float32)
+    ours = _run_lora("grouped_mm", *inputs, adapters, device=device, dtype=torch.bfloat16)
+    ref = _run_lora("loop", *inputs, adapters, device=device)  # float32
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+
+
+def test_packed_nf4_experts_equal_their_dequantized_weights():
+    from longseq.train.nf4 import to_nf4_weight
+
+    x, ids, weights, gate_up, down = _inputs(torch.float32)
+    packed = [moe.PackedExperts(to_nf4_weight(w.reshape(-1, w.shape[-1])), tuple(w.shape)) for w in (gate_up, down)]
+    dense = [moe.dense(p, torch.float32) for p in packed]
+    for mode in ("loop", "padded"):
+        ours = moe.experts(x, ids, weights, *packed, mode=mode)
+        torch.testing.assert_close(ours, moe.experts(x, ids, weights, *dense, mode="loop"), rtol=1e-6, atol=1e-6)

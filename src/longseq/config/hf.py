@@ -114,7 +114,8 @@ def experts_from_hf(hf: dict[str, Any], model_type: str, num_layers: int) -> dic
                 raise LongseqError("mixtral router_jitter_noise is not supported; set it to 0")
             return dict(num_experts=int(hf.get("num_local_experts", 8)),
                         experts_per_token=int(hf.get("num_experts_per_tok", 2)),
-                        moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True)
+                        moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
+                        router_aux_loss_coef=router_aux_loss_coef(hf))
         # Qwen: a layer is sparse unless listed in mlp_only_layers, and only every decoder_sparse_step-th one
         # (transformers' Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer).
         dense = {int(i) for i in hf.get("mlp_only_layers") or ()}
@@ -131,7 +132,19 @@ def experts_from_hf(hf: dict[str, Any], model_type: str, num_layers: int) -> dic
         raise LongseqError(f"config.json has an expert field of the wrong type: {e}") from None
     if not experts["num_experts"]:  # transformers builds every layer dense then
         experts["sparse_layers"] = ()
+    experts["router_aux_loss_coef"] = router_aux_loss_coef(hf)
     return experts
+
+
+def router_aux_loss_coef(hf: dict[str, Any]) -> float:
+    """The load-balancing loss weight transformers trains with: router_aux_loss_coef, only where
+    output_router_logits is set (its MixtralForCausalLM / Qwen*MoeForCausalLM add no aux loss otherwise)."""
+    if not hf.get("output_router_logits"):
+        return 0.0
+    try:
+        return float(hf.get("router_aux_loss_coef", 0.001))  # transformers' default
+    except (TypeError, ValueError) as e:
+        raise LongseqError(f"config.json has a router_aux_loss_coef of the wrong type: {e}") from None
 
 
 def read_hf_config(path: str | Path) -> ModelConfig:
@@ -211,7 +224,7 @@ def experts_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             raise LongseqError("a mixtral config.json cannot express dense layers, a shared expert, unnormalised "
                                "top-k weights or an expert width other than intermediate_size")
         return {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
-                "router_jitter_noise": 0.0}
+                "router_jitter_noise": 0.0, **_router_loss_to_hf(cfg)}
     if cfg.arch == "qwen3_moe" and (cfg.shared_expert_intermediate_size or cfg.sliding_layers):
         raise LongseqError("a qwen3_moe config.json cannot express a shared expert or a window on some layers only")
     hf: dict[str, Any] = {
@@ -224,7 +237,13 @@ def experts_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
     if cfg.arch == "qwen2_moe":
         hf["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
-    return hf
+    return {**hf, **_router_loss_to_hf(cfg)}
+
+
+def _router_loss_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    if not cfg.router_aux_loss_coef:
+        return {"output_router_logits": False}
+    return {"output_router_logits": True, "router_aux_loss_coef": cfg.router_aux_loss_coef}
 
 
 def as_ids(value: Any) -> tuple[int, ...]:

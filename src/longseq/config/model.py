@@ -168,6 +168,9 @@ class ModelConfig:
     sparse_layers: tuple[bool, ...] = ()
     """Which layers are sparse (the rest run a dense MLP of intermediate_size); empty means all, when
     num_experts is set."""
+    router_aux_loss_coef: float = 0.0
+    """Training: the router load-balancing loss weight transformers adds (config.json's router_aux_loss_coef where
+    output_router_logits is set; else 0)."""
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:

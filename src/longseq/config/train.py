@@ -66,7 +66,14 @@ class TrainConfig:
     lora_alpha: float = flag("LoRA alpha (scale = alpha / r)", default=32.0)
     lora_dropout: float = flag("dropout on the LoRA input", default=0.0)
     lora_targets: tuple[str, ...] = flag("linear layers that get adapters", default=LORA_TARGETS_ALL)
-    lora_train_extra: tuple[str, ...] = flag("also train: embed, norm (LongLoRA)", default=())
+    lora_train_extra: tuple[str, ...] = flag("also train: embed, norm (LongLoRA); router (mixture of experts)",
+                                             default=())
+    router_aux_loss_coef: float | None = flag("mixture of experts: weight of the router load-balancing loss, as "
+                                              "transformers adds it (default: the model config.json's "
+                                              "router_aux_loss_coef where its output_router_logits is set, else 0)",
+                                              default=None)
+    router_z_loss_coef: float = flag("mixture of experts: weight of the router z-loss (ST-MoE); none of Mixtral, "
+                                     "Qwen2-MoE, Qwen3-MoE uses it", default=0.0)
     loss_chunk: int = flag("tokens per chunk of the fused LM-head + cross-entropy", default=1024)
     seed: int = flag("data order, initialisation and dropout", default=0)
     device: str = flag("cpu, cuda or cuda:N", default="auto")
@@ -123,9 +130,12 @@ class TrainConfig:
         bad = set(self.lora_targets) - set(LORA_TARGETS_ALL)
         if bad or not self.lora_targets:
             raise LongseqError(f"lora_targets must be among {', '.join(LORA_TARGETS_ALL)}; got {sorted(bad) or 'none'}")
-        bad = set(self.lora_train_extra) - {"embed", "norm"}
+        bad = set(self.lora_train_extra) - {"embed", "norm", "router"}
         if bad:
-            raise LongseqError(f"lora_train_extra takes embed and/or norm; got {sorted(bad)}")
+            raise LongseqError(f"lora_train_extra takes embed, norm and/or router; got {sorted(bad)}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.seq_len % self.sequence_parallel:
             raise LongseqError(f"seq_len {self.seq_len} must be a multiple of sequence_parallel "
                                f"{self.sequence_parallel} (each process holds seq_len / sequence_parallel tokens)")

@@ -294,7 +294,7 @@ class CausalLM(nn.Module):
         if tile is not None and tile <= 0:
             raise ValueError(f"tile must be positive, got {tile}")
         for module in self.modules():
-            if isinstance(module, (RMSNorm, MLP)):
+            if isinstance(module, (RMSNorm, MLP, SparseMoeBlock)):
                 module.tile = tile
 
     def fuse_projections(self, enabled: bool = True) -> list[FusedLinear]:

@@ -55,6 +55,11 @@ def recomputing(active: bool = True):
     return _flag("recomputing", active)
 
 
+def active() -> bool:
+    """True inside backward's recompute of a checkpointed region."""
+    return getattr(_state, "recomputing", False)
+
+
 def output_unused(active: bool = True):
     """Context: the frozen matmuls called inside feed nothing whose backward reads values."""
     return _flag("unused", active)

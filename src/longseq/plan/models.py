@@ -143,22 +143,30 @@ def load_model_file(path: Path) -> ModelSpec:
         meta, tensors = _gguf_metadata(path)
         cfg = from_gguf(meta, meta.get("vocab_size"))
         cfg.tie_word_embeddings = "output.weight" not in tensors  # llama.cpp omits the LM head when it is tied
-        return _spec(path.stem, cfg, str(path))
+        return model_spec(path.stem, cfg, str(path))
     file = path / "config.json" if path.is_dir() else path
     name = path.name if path.is_dir() else path.parent.name or path.stem
-    return _spec(name, read_hf_config(file), str(file))
+    return model_spec(name, read_hf_config(file), str(file))
 
 
-def _spec(name: str, cfg: ModelConfig, source: str) -> ModelSpec:
-    """The planner's shape of a model config: Mixtral as the Mistral layout with routed expert MLPs; other
-    mixture-of-experts layouts (dense layers, expert widths of their own, shared experts) it does not model."""
+def model_spec(name: str, cfg: ModelConfig, source: str = "") -> ModelSpec:
+    """The planner's shape of a model config: a mixture of experts as the dense layout of its family with routed
+    expert MLPs (ModelSpec.num_experts, experts_per_token). Mixtral is that layout exactly. Qwen2/3-MoE are
+    approximated: every layer sparse (dense mlp_only_layers counted as expert layers), experts of
+    moe_intermediate_size, and Qwen2-MoE's shared expert as as many more always-routed experts as its width takes."""
     if not cfg.is_moe:
         return ModelSpec(name=name, config=cfg, source=source)
-    if cfg.arch != "mixtral":
-        raise LongseqError(f"planning {cfg.arch} models is not supported yet; of mixtures of experts, mixtral is")
-    dense = replace(cfg, arch="mistral", num_experts=0, experts_per_token=0, moe_intermediate_size=0)
-    return ModelSpec(name=name, config=dense, num_experts=cfg.num_experts, experts_per_token=cfg.experts_per_token,
-                     source=source)
+    width, shared = cfg.moe_intermediate_size, 0
+    if cfg.shared_expert_intermediate_size:
+        shared = -(-cfg.shared_expert_intermediate_size // width)  # ceil
+    dense = replace(cfg, arch=_DENSE_ARCH[cfg.arch], intermediate_size=width, num_experts=0, experts_per_token=0,
+                    moe_intermediate_size=0, shared_expert_intermediate_size=0, sparse_layers=(),
+                    router_aux_loss_coef=0.0)
+    return ModelSpec(name=name, config=dense, num_experts=cfg.num_experts + shared,
+                     experts_per_token=cfg.experts_per_token + shared, source=source)
+
+
+_DENSE_ARCH = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}
 
 
 def _gguf_metadata(path: Path) -> tuple[dict[str, Any], set[str]]:

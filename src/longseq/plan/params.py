@@ -84,7 +84,14 @@ def lora_params(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
     """Trainable adapter parameters as longseq's apply_lora makes them: A (r, in) and B (out, r) per target linear,
     every layer (Hu et al. 2021, arXiv 2106.09685)."""
     lin = layer_linears(spec)
-    per_layer = sum(rank * (lin[t].in_features + lin[t].out_features) * lin[t].copies for t in targets if t in lin)
+    if spec.is_moe and {"gate_proj", "up_proj"} & set(targets):
+        # Stacked experts: one adapter per expert on gate and up together (train/expert_lora.py), A (d, r) and
+        # B (r, 2I), where separate linears would have two.
+        gate = lin["gate_proj"]
+        lin["gate_proj"] = Linear(gate.in_features, 2 * gate.out_features, gate.copies)
+        targets = tuple(t for t in targets if t != "up_proj") + ("gate_proj",)
+    per_layer = sum(rank * (lin[t].in_features + lin[t].out_features) * lin[t].copies for t in set(targets)
+                    if t in lin)
     return spec.config.num_layers * per_layer
 
 

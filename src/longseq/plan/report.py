@@ -50,7 +50,9 @@ def train_tables(plan: TrainPlan) -> list[Any]:
     mem.add_column("what", style="dim")
     base = {"full": "fp32 master weights", "lora": "bf16 base + fp32 adapters",
             "qlora": "NF4 linears, bf16 embeddings/norms/head + fp32 adapters"}[s.method]
-    mem.add_row("weights", _gib(m.weights), f"{base} ({_count(plan.params)} params, {_count(plan.trainable)} trained)")
+    active = f", {_count(plan.active_params)} active" if plan.active_params else ""
+    mem.add_row("weights", _gib(m.weights), f"{base} ({_count(plan.params)} params{active}, "
+                f"{_count(plan.trainable)} trained)")
     mem.add_row("gradients", _gib(m.gradients), "alive at the peak")
     mem.add_row("optimizer states", _gib(m.optimizer), s.optimizer)
     mem.add_row("activations", _gib(m.activations), "saved for backward")

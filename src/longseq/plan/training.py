@@ -54,6 +54,7 @@ class TrainPlan:
     notes: list[str] = field(default_factory=list)
     layers: int = 0  # decoder layers on one GPU (a pipeline stage's)
     host_gib: float | None = None  # the host memory page-locked buffers may take (None: unlimited)
+    active_params: int = 0  # a mixture of experts: the weights one token multiplies through (top-k experts); dense: 0
 
     @property
     def num_gpus(self) -> int:
@@ -66,7 +67,7 @@ class TrainPlan:
             "model": self.model, "gpu": self.gpu.name, "num_gpus": self.num_gpus,
             "setup": {k: v for k, v in asdict(self.setup).items() if k != "parallel"},
             "parallel": asdict(self.setup.parallel),
-            "params": self.params, "trainable": self.trainable,
+            "params": self.params, "trainable": self.trainable, "active_params": self.active_params,
             "memory_gib": {
                 "weights": m.weights / gib, "gradients": m.gradients / gib, "optimizer": m.optimizer / gib,
                 "activations": m.activations / gib, "transient": m.transient / gib,
@@ -178,6 +179,7 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
         model_flops_per_token=model_flops, hw_flops_per_token=flops.total, compute_s=compute, comm_s=comm,
         other_s=other, price_per_hour=gpu.price_per_hour if price is None else price,
         chinchilla_tokens=chinchilla_tokens(counts.total), layers=cfg.num_layers // p.pp, host_gib=host_gib,
+        active_params=counts.matmul if spec.is_moe else 0,
     )
     if tokens:
         plan.tokens = tokens

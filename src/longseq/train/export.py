@@ -31,6 +31,7 @@ from longseq.models.loader import DEFAULT_MODEL_NAME, LoadedModel, load, resolve
 from longseq.models.overrides import apply_overrides
 from longseq.train.checkpoint import load_trainable
 from longseq.train.checkpoint_files import read_meta
+from longseq.train.expert_lora import STACKED, expert_layers, peft_target_parameters, peft_tensors
 from longseq.train.lora import lora_layers, make_trainable, merged_state_dict
 
 FORMATS = ("peft", "merged")
@@ -146,11 +147,14 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors under PEFT's names: LoRA factors in float32, trained extras (embeddings, norms) as
     PEFT saves `modules_to_save`: the module's own key, without PEFT's `modules_to_save.default` infix."""
     out: dict[str, torch.Tensor] = {}
+    experts = expert_layers(model)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or name.rpartition(".lora_")[0] in experts:
             continue
         tensor = p.detach().float() if ".lora_" in name else p.detach()
         out[PEFT_PREFIX + name] = tensor.contiguous()
+    for module_name, layer in experts.items():
+        out.update({PEFT_PREFIX + k: v for k, v in peft_tensors(module_name, layer).items()})
     if _ties_trained_embedding(model):
         # PEFT with ensure_weight_tying saves the tied head too (the same tensor); loading expects it.
         out[PEFT_PREFIX + "lm_head.weight"] = out[PEFT_PREFIX + "model.embed_tokens.weight"].clone()
@@ -166,11 +170,13 @@ def _modules_to_save(model: nn.Module) -> list[str]:
     # peft.utils.other._set_trainable), so the leaf names cover every layer's norm; "norm" also matches them all.
     names = {n.rpartition(".")[0].rpartition(".")[2] for n, p in model.named_parameters()
              if p.requires_grad and ".lora_" not in n}
-    return sorted(names)
+    # The router: PEFT matches by suffix, and a bare "gate" would take Qwen2-MoE's shared_expert_gate too.
+    return sorted("mlp.gate" if name == "gate" else name for name in names)
 
 
 def adapter_config(model: nn.Module, cfg: TrainConfig, base_model_name_or_path: str) -> dict[str, Any]:
     targets = sorted({name.rpartition(".")[2] for name, layer in lora_layers(model).items() if layer.rank})
+    parameters = peft_target_parameters(model)
     alpha = int(cfg.lora_alpha) if float(cfg.lora_alpha).is_integer() else cfg.lora_alpha
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
@@ -178,6 +184,9 @@ def adapter_config(model: nn.Module, cfg: TrainConfig, base_model_name_or_path: 
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": _modules_to_save(model) or None,
     }
+    if parameters:
+        # PEFT's ParamWrapper refuses dropout (it only matters in training; the adapter's logits are the same).
+        config.update(target_parameters=parameters, lora_dropout=0.0)
     if _ties_trained_embedding(model):
         # Without it PEFT copies the embedding into modules_to_save but leaves lm_head on the old tied weight.
         config["ensure_weight_tying"] = True
@@ -199,7 +208,8 @@ def export_peft(
     """
     if cfg.method == "full":
         raise LongseqError("full fine-tuning has no adapter to export: use --format merged")
-    if not any(layer.rank for layer in lora_layers(model).values()):
+    if not any(layer.rank for layer in lora_layers(model).values()) and \
+            not any(layer.lora_A for layer in expert_layers(model).values()):
         raise LongseqError("the model has no LoRA layers: apply_lora first (or use --format merged)")
     with _staged(out_dir, overwrite, keep) as tmp:
         _write_json(tmp / "adapter_config.json", adapter_config(model, cfg, base_model_name_or_path))
@@ -356,6 +366,9 @@ def _check_lora_rank(path: Path, cfg: TrainConfig) -> None:
     try:
         with safe_open(str(file), "pt") as f:
             ranks = {f.get_slice(n).get_shape()[0] for n in f.keys() if n.endswith(".lora_A.weight")}
+            # stacked experts' A (E, in, r): train/expert_lora.py
+            ranks |= {f.get_slice(n).get_shape()[-1] for n in f.keys()
+                      if n.rpartition(".")[0].endswith(".lora_A") and n.rpartition(".")[2] in STACKED}
     except Exception as e:
         raise LongseqError(f"{path}: cannot read trainable.safetensors ({first_line(e, 200)})") from None
     if ranks != {cfg.lora_rank}:

@@ -36,14 +36,16 @@ from longseq.train.parallel.data_parallel import grad_scaler, wrap
 from longseq.train.parallel.env import DistEnv, init_distributed
 from longseq.train.parallel.ulysses import enable_ulysses
 from longseq.train.precision import Precision, resolve_precision
-from longseq.train.step import TokenLoss, train_step
+from longseq.train.step import TokenLoss, router_loss_for, train_step
 
 # Changing these between a run and its resumption would silently change what is trained. (grad_accum may change
 # with the number of processes, as long as the sequences per step stay the same: checked separately.)
 _RESUME_KEYS = ("model", "method", "seq_len", "batch_size", "lora_rank", "lora_alpha", "lora_targets",
                 "lora_train_extra", "seed", "data", "optimizer", "attention", "window",
-                "rope_scaling", "rope_factor", "max_row_bytes")
-_ADDED_RESUME_KEYS = ("max_row_bytes",)  # absent from older checkpoints' configs: compared only where recorded
+                "rope_scaling", "rope_factor", "max_row_bytes", "router_aux_loss_coef",
+                "router_z_loss_coef")
+# absent from older checkpoints' configs: compared only where recorded
+_ADDED_RESUME_KEYS = ("max_row_bytes", "router_aux_loss_coef", "router_z_loss_coef")
 MAX_BAD_ROW_EXAMPLES_SHOWN = 5
 
 
@@ -96,15 +98,13 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
     lm = load(cfg.model, dtype=load_dtype, device=env.device)
     apply_overrides(lm.model, cfg.overrides)  # attention variant / RoPE scaling flags
-    if lm.model.config.is_moe:  # adapters would reach the router, not the experts (issue 25 item 3)
-        raise LongseqError(f"training mixture-of-experts models ({lm.model.config.num_experts} experts) is not "
-                           "supported yet; longseq generate, eval and serve run them")
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row, max_row_bytes=cfg.max_row_bytes)
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
     model.train()
-    step_model = TokenLoss(model, cfg.loss_chunk)
+    step_model = TokenLoss(model, cfg.loss_chunk, router_loss_for(model, cfg.router_aux_loss_coef,
+                                                                  cfg.router_z_loss_coef))
     if env.sp > 1:
         enable_ulysses(model, env.sp_group, env.sp)
     if env.distributed:

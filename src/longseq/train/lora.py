@@ -10,35 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from longseq.config import TrainConfig
-from longseq.errors import LongseqError
 from longseq.models import recompute
-
-NF4_BLOCK = 64  # QLoRA: one absmax scale per 64 weights
-
-
-def quiet_torchao() -> None:
-    # torchao warns at import about optional CUDA extensions (mxfp8, cutlass) that NF4 and 8-bit Adam do not use.
-    import logging
-
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)  # a deprecation notice torchao triggers
-
-
-def to_nf4_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Quantize a frozen weight to NF4 with double quantization (the scales themselves in 8 bits, blocks of 256)."""
-    # torchao, PyTorch's own quantization library: NF4 with double-quantized scales, pure PyTorch (CPU and GPU).
-    quiet_torchao()
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
-
-    if weight.numel() % NF4_BLOCK:
-        raise LongseqError(f"QLoRA needs weight sizes divisible by {NF4_BLOCK}; got shape {tuple(weight.shape)}")
-    num_scales = weight.numel() // NF4_BLOCK
-    scaler_block = next(b for b in (256, 128, 64, 32, 16, 8, 4, 2, 1) if num_scales % b == 0)  # 256 at real sizes
-    return to_nf4(weight, block_size=NF4_BLOCK, scaler_block_size=scaler_block)
-
-
-def is_nf4(weight: torch.Tensor) -> bool:
-    return type(weight).__name__ == "NF4Tensor"  # by name: plain LoRA must not need torchao at all
+from longseq.models.sparse_moe import SparseMoeBlock
+from longseq.train.expert_lora import STACKED, LoRAExperts, expert_layers, expert_targets
+from longseq.train.nf4 import NF4_BLOCK, is_nf4, quiet_torchao, to_nf4_weight  # noqa: F401 (imported from here)
 
 
 class LoRALinear(nn.Module):
@@ -92,22 +67,32 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """Swap target linear layers for LoRALinear (QLoRA: every decoder linear layer becomes NF4), freeze the rest.
+    """Swap target linear layers for LoRALinear (QLoRA: every decoder linear layer becomes NF4), and a mixture of
+    experts' stacked experts for LoRAExperts (train/expert_lora.py); freeze the rest. The router (and Qwen2-MoE's
+    shared-expert gate) stay frozen in full precision.
 
     Returns the names of the trainable parameters.
     """
     quantize = cfg.method == "qlora"
     for p in model.parameters():
         p.requires_grad_(False)
+    experts = expert_targets(cfg.lora_targets)
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
+        mlp = layer.mlp
+        sparse = isinstance(mlp, SparseMoeBlock)
+        for parent in (layer.self_attn, mlp.shared_expert if sparse else mlp):
+            for name, child in list(parent.named_children()) if parent is not None else ():
                 if not isinstance(child, nn.Linear):
                     continue
                 target = name in cfg.lora_targets
                 if target or quantize:
                     rank = cfg.lora_rank if target else 0
                     setattr(parent, name, LoRALinear(child, rank, cfg.lora_alpha, cfg.lora_dropout, quantize))
+        if sparse and (experts or quantize):
+            mlp.experts = LoRAExperts(mlp.experts, cfg.lora_rank if experts else 0, cfg.lora_alpha, cfg.lora_dropout,
+                                      experts, quantize)
+        if sparse and "router" in cfg.lora_train_extra:
+            mlp.gate.weight.requires_grad_(True)
     if "embed" in cfg.lora_train_extra:  # LongLoRA: embeddings and norms matter for extending context
         model.model.embed_tokens.weight.requires_grad_(True)
     if "norm" in cfg.lora_train_extra:
@@ -132,7 +117,7 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's weights with every adapter merged in, under HF names, in `dtype` (for export)."""
-    layers = lora_layers(model)
+    layers, experts = lora_layers(model), expert_layers(model)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         module_name, _, leaf = name.rpartition(".")
@@ -140,5 +125,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
             continue
         if module_name in layers and leaf == "weight":
             tensor = layers[module_name].merged_weight()
+        elif module_name in experts and leaf in STACKED:
+            tensor = experts[module_name].merged_weight(leaf)
         out[name] = tensor.detach().to(dtype).contiguous()
     return out

@@ -14,7 +14,7 @@ from longseq.models import fused
 from longseq.plan import auto
 from longseq.plan.auto import MARGIN
 from longseq.plan.memory import CUDA_CONTEXT_GIB
-from longseq.plan.models import ModelSpec
+from longseq.plan.models import model_spec
 from longseq.plan.setup import Parallelism, parallelism_for, setup_for
 
 GIB = 2**30
@@ -68,7 +68,7 @@ def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bo
     """(peak device bytes without the model's load peak, pinned host bytes) from the planner."""
     setup = setup_for(cfg, precision=precision, packed=packed, recompute=recompute, tile=tile, offload_keep=keep,
                       plain_layers=plain, attention_layers=kept, fused=fused.available(), parallel=parallel)
-    return auto.predict(ModelSpec("run", model_cfg), setup)
+    return auto.predict(model_spec("run", model_cfg), setup)
 
 
 def device_budget(device: torch.device) -> tuple[float, float]:
@@ -107,7 +107,7 @@ def choose(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, device: tor
     distributed = parallel is not None and parallel.num_gpus > 1
     base = setup_for(cfg, precision=precision, packed=packed, recompute="none", fused=fused.available(),
                      parallel=parallel)
-    c = auto.choose(ModelSpec("run", model_cfg), base, fixed(cfg), budget, host_free,
+    c = auto.choose(model_spec("run", model_cfg), base, fixed(cfg), budget, host_free,
                     offload=device.type == "cuda" and not distributed)
     return MemoryChoice(c.recompute, c.tile, c.offload_keep, c.device_bytes / GIB, budget / GIB, c.host_bytes / GIB,
                         layers, fixed(cfg).auto, host_free / GIB, c.plain_layers, c.attention_layers)

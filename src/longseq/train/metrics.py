@@ -13,10 +13,15 @@ import torch
 
 from longseq.config import ModelConfig
 from longseq.plan.hardware import find_gpu
+from longseq.plan.models import model_spec
+from longseq.plan.params import count_params
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matmuls (all linear layers and the LM head; not the embedding lookup)."""
+    """Parameters that take part in matmuls (all linear layers and the LM head; not the embedding lookup); a
+    mixture of experts' routed experts only (the planner's count, plan/params.py)."""
+    if cfg.is_moe:
+        return count_params(model_spec("run", cfg)).matmul
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     per_layer = cfg.hidden_size * (2 * q + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size
     return cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size

@@ -11,23 +11,48 @@ import torch
 from torch import nn
 
 from longseq.models.llama import CausalLM
+from longseq.models.router_loss import RouterLoss
+from longseq.models.sparse_moe import SparseMoeBlock
 from longseq.train.loss import IGNORE, chunked_cross_entropy
 from longseq.train.parallel.data_parallel import gradient_sync
 from longseq.train.parallel.env import DistEnv
 
 
 class TokenLoss(nn.Module):
-    def __init__(self, lm: nn.Module, loss_chunk: int):
+    def __init__(self, lm: nn.Module, loss_chunk: int, router_loss: RouterLoss | None = None):
+        """`router_loss`: a mixture of experts' auxiliary losses (router_loss_for), or None."""
         super().__init__()
-        self.lm, self.loss_chunk = lm, loss_chunk
+        self.lm, self.loss_chunk, self.router_loss = lm, loss_chunk, router_loss
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor | None,
                 targets: torch.Tensor) -> torch.Tensor:
         """Sum of the token losses of (B, S) ids / positions / targets. Under Ulysses these are this rank's
         (B, S/N) shard while doc_ids, when given, cover the whole (B, S) sequence (attention sees all of it)."""
+        if self.router_loss is not None:
+            self.router_loss.begin()
         hidden = self.lm.hidden(input_ids, positions, doc_ids=doc_ids)
-        return chunked_cross_entropy(hidden.flatten(0, 1), self.lm.lm_head.weight, targets.flatten(),
+        loss = chunked_cross_entropy(hidden.flatten(0, 1), self.lm.lm_head.weight, targets.flatten(),
                                      self.loss_chunk)
+        aux = self.router_loss.value() if self.router_loss is not None else None
+        if aux is not None:
+            # The step divides by its target tokens: weighted by this micro-batch's, one micro-batch on one process
+            # gives transformers' loss, mean cross-entropy + coef · aux; several, the token-weighted mean of theirs.
+            loss = loss + aux * (targets != IGNORE).sum()
+        return loss
+
+
+def router_loss_for(model: CausalLM, aux_coef: float | None, z_coef: float = 0.0) -> RouterLoss | None:
+    """A mixture of experts' router losses, wired into its sparse blocks; None for a dense model or both weights 0.
+    `aux_coef` None: the model config's (transformers' choice)."""
+    cfg = model.config
+    aux = cfg.router_aux_loss_coef if aux_coef is None else aux_coef
+    if not cfg.is_moe or not (aux or z_coef):
+        return None
+    loss = RouterLoss(cfg.num_experts, aux, z_coef)
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.router_loss = loss
+    return loss
 
 
 def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, env: DistEnv | None = None) -> float:

@@ -119,3 +119,26 @@ def test_sampler_with_the_search_keeps_what_filter_logits_keeps(monkeypatch, qua
     for i, p in enumerate(params[:-1]):
         ref = torch.isfinite(filter_logits(logits[i : i + 1], p.temperature, p.top_k, p.top_p, p.min_p))[0]
         assert torch.equal(mask[i], ref), (p, mask[i].sum(), ref.sum())
+
+
+def test_the_kernel_is_checked_once_per_device_and_a_wrong_one_is_not_used(monkeypatch, caplog):
+    """Before a device's first kernel cut the kernel is checked against the sort (the check's floors are a strided
+    view, which the wrapper once read wrongly); a kernel that disagrees (here one that returns the rows' cuts in
+    reverse order) leaves the sort in place, with a warning."""
+    import logging
+
+    import longseq.engine.kernels.top_p as kernels
+    import longseq.engine.top_p as cuts
+
+    monkeypatch.setattr(fused, "MODE", "1")
+    monkeypatch.setattr(cuts, "_checked", {})
+    device = torch.device(DEVICE)
+    assert cuts._kernel_agrees(device, 300) and cuts._checked == {(device, 300): True}
+    monkeypatch.setattr(cuts, "_checked", {})
+    monkeypatch.setattr(kernels, "top_p_cut", lambda *args: tuple(x.flip(0) for x in top_p_cut(*args)))
+    args = [x.to(DEVICE) for x in batch(300, 0)]
+    with caplog.at_level(logging.WARNING, logger="longseq.engine"):
+        got = cuts.top_p_cut(*args)
+    want = top_p_cut_reference(*args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert cuts._checked == {(device, 300): False} and "disagrees with the sort" in caplog.text

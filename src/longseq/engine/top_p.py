@@ -3,14 +3,21 @@ kept, in the order of a stable descending sort of logits / T (engine/gumbel_max.
 floor (its ties stay) the row is renormalised and a token stays while the mass ranked ahead of it is < top_p.
 
 The sort below is the reference and the CPU path; on a GPU the Triton kernel (kernels/top_p.py) finds the same cut
-by a search over the values, without sorting the (rows, V) logits.
+by a search over the values, without sorting the (rows, V) logits. Before a device's first kernel cut, the kernel
+is checked once against the sort on random rows of the same width; where they disagree the sort serves that device
+(with a warning), so a kernel that compiles wrongly for a GPU costs speed, never samples.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from longseq.models import fused
+
+log = logging.getLogger("longseq.engine")
+_checked: dict[tuple[torch.device, int], bool] = {}  # (device, vocabulary) -> the kernel agrees with the sort
 
 NEG_INF = float("-inf")
 
@@ -40,9 +47,33 @@ def top_p_cut_reference(logits: torch.Tensor, inv_temp: torch.Tensor, floor: tor
 
 def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor,
               on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """top_p_cut_reference, by the kernel where the model's kernels run (models/fused.py: CUDA tensors)."""
-    if fused.active(logits):
+    """top_p_cut_reference, by the kernel where the model's kernels run (models/fused.py: CUDA tensors) and it has
+    passed its check on this device."""
+    if fused.active(logits) and _kernel_agrees(logits.device, logits.shape[1]):
         from longseq.engine.kernels.top_p import top_p_cut as kernel
 
         return kernel(logits, inv_temp, floor, top_p, on)
     return top_p_cut_reference(logits, inv_temp, floor, top_p, on)
+
+
+def _kernel_agrees(device: torch.device, vocab: int) -> bool:
+    """The kernel's cuts equal the sort's on 16 rows of random float32 logits (no ties, so no rounding of a tie's
+    mass can tell them apart), half of them under a top-k floor. One host sync, once per (device, vocabulary)."""
+    key = (device, vocab)
+    if key not in _checked:
+        from longseq.engine.kernels.top_p import top_p_cut as kernel
+
+        gen = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(16, vocab, generator=gen, device=device) * 3  # (16, V)
+        inv_temp = torch.linspace(0.5, 2.0, 16, device=device)
+        top_p = torch.linspace(0.05, 0.99, 16, device=device)
+        on = torch.ones(16, dtype=torch.int64, device=device)
+        k = max(1, min(vocab, 50))
+        floor = (logits * inv_temp[:, None]).topk(k, dim=-1).values[:, -1]
+        floor[::2] = float("-inf")
+        got = kernel(logits, inv_temp, floor, top_p, on)
+        want = top_p_cut_reference(logits, inv_temp, floor, top_p, on)
+        _checked[key] = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        if not _checked[key]:
+            log.warning("the top-p kernel disagrees with the sort on this GPU (%s); sampling keeps the sort", device)
+    return _checked[key]

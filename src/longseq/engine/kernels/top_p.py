@@ -214,6 +214,8 @@ def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor,
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
     assert inv_temp.dtype == floor.dtype == top_p.dtype == torch.float32 and on.dtype == torch.int64
     assert thresholds >= 2 and thresholds & (thresholds - 1) == 0
+    # the kernels index the per-row tensors by row: a strided view (a column of a top-k, say) must be copied
+    inv_temp, floor, top_p, on = (t.contiguous() for t in (inv_temp, floor, top_p, on))
     device = logits.device
     block = block or min(triton.next_power_of_2(V), elements_per_program(device, 256))
     chunk = block * (blocks_per_chunk or (16 if logits.is_cuda else 1))

@@ -346,20 +346,13 @@ def _mixed_events(spec: ModelSpec, st: TrainSetup, plain: int, kernel_workspace:
     moments are those of an all-plain model whose lower layers hold the recomputed policy's (smaller) saved
     tensors instead; the recomputed layers' moments are those of a model of just them (the plain layers' tensors
     are freed by then, their gradients exist)."""
-    cfg = spec.config
-    layers = cfg.num_layers // st.parallel.pp
     all_plain = replace(st, recompute="plain", plain_layers=0)
     events, _, _, all_grads = _events(spec, all_plain, kernel_workspace)
     saved = saved_bytes(spec, st)
     shift = sum(saved_bytes(spec, all_plain).values()) - sum(saved.values())
     events = {e: (act - shift if e != "optimizer step" else act, g) for e, (act, g) in events.items()
               if "layer 0" not in e}
-    if plain < layers:
-        below = replace(spec, config=replace(cfg, num_layers=(layers - plain) * st.parallel.pp))
-        _, layer_grad, _ = _grad_bytes(spec, st)
-        for e, (act, g) in _events(below, replace(st, plain_layers=0), kernel_workspace)[0].items():
-            if _layer_moment(e):
-                events[e.replace("last layer", "last recomputed layer")] = (act, g + plain * layer_grad)
+    events.update(_lower_layer_events(spec, replace(st, plain_layers=0), plain, "recomputed", kernel_workspace))
     return events, saved, 0.0, all_grads
 
 
@@ -377,13 +370,20 @@ def _kept_attention_events(spec: ModelSpec, st: TrainSetup, kept: int, kernel_wo
     below_attention = attention_kept_bytes_per_token(spec, keep) * _tokens(st) / st.parallel.tp * (layers - kept)
     events = {e: (act if e == "optimizer step" else act - (below_attention if _layer_moment(e) else shift), g)
               for e, (act, g) in events.items() if "layer 0" not in e}
-    if kept < layers:
-        below = replace(spec, config=replace(cfg, num_layers=(layers - kept) * st.parallel.pp))
-        _, layer_grad, _ = _grad_bytes(spec, st)
-        for e, (act, g) in _events(below, replace(st, attention_layers=0), kernel_workspace)[0].items():
-            if _layer_moment(e):
-                events[e.replace("last layer", "last full layer")] = (act, g + kept * layer_grad)
+    events.update(_lower_layer_events(spec, replace(st, attention_layers=0), kept, "full", kernel_workspace))
     return events, saved, host, all_grads
+
+
+def _lower_layer_events(spec: ModelSpec, st: TrainSetup, top: int, name: str, kernel_workspace: bool):
+    """The layer moments below the `top` layers of another policy, once backward has passed those: the moments of a
+    model of just the lower layers under `st`'s one policy, with the top layers' gradients alive."""
+    layers = spec.config.num_layers // st.parallel.pp
+    if top >= layers:
+        return {}
+    below = replace(spec, config=replace(spec.config, num_layers=(layers - top) * st.parallel.pp))
+    _, layer_grad, _ = _grad_bytes(spec, st)
+    return {e.replace("last layer", f"last {name} layer"): (act, g + top * layer_grad)
+            for e, (act, g) in _events(below, st, kernel_workspace)[0].items() if _layer_moment(e)}
 
 
 def _layer_moment(event: str) -> bool:

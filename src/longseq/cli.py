@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--no-chat", action="store_true", help="plain completion, without the chat template")
     g.add_argument("--system", default=None, help="a system message (chat mode)")
+    g.add_argument("--quantization", default=None, choices=["fp8", "int4"],
+                   help="decoder weights quantized at load (default: as the checkpoint stores them)")
+    g.add_argument("--quant-group-size", type=int, default=128, help="int4: inputs per scale and zero (default: 128)")
     from longseq.config import ModelOverrides
     from longseq.config.flags import add_dataclass_flags
 
@@ -125,14 +128,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
-        lm = load(path, dtype=args.dtype, device=args.device)
+        lm = load(path, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                  group_size=args.quant_group_size)
     apply_overrides(lm.model, overrides)
     chat = not args.no_chat
     if chat and getattr(lm.tokenizer, "chat_template", None) is None:
         err.print("[yellow]this model has no chat template: generating as plain text (--no-chat)[/]")
         chat = False
     dtype = str(lm.model.lm_head.weight.dtype).removeprefix("torch.")
-    err.print(f"[dim]{path.name} · {lm.device} · {dtype}[/]")
+    quantized = getattr(lm.model, "quantization", None)
+    err.print(f"[dim]{path.name} · {lm.device} · {dtype}{f' · {quantized} weights' if quantized else ''}[/]")
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -199,7 +204,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             engine = start_engine(path, args.dtype, args.device, cfg)
         else:
-            engine = LLMEngine(load(path, dtype=args.dtype, device=args.device), cfg)
+            engine = LLMEngine(load(path, dtype=args.dtype, device=args.device, quantization=cfg.quantization,
+                                    group_size=cfg.quant_group_size), cfg)
     name = args.served_model_name or path.stem
     blocks = engine.blocks.num_blocks
     err.print(f"[dim]{name} · {engine.lm.device} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "

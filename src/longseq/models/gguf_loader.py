@@ -94,7 +94,8 @@ def _config(reader, path: Path) -> ModelConfig:
     return cfg
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quant=None):
+    """`quant`: models.quant.QuantLoader, quantizing the (dequantized) linears at load."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -139,4 +140,5 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     freq_factors = None
     if "rope_freqs.weight" in by_name:  # Llama 3.1 scaling, stored as per-frequency divisors
         freq_factors = torch.from_numpy(np.array(by_name["rope_freqs.weight"].data, dtype=np.float32))
-    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path), freq_factors=freq_factors)
+    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path), freq_factors=freq_factors,
+                              quant=quant)

@@ -63,10 +63,6 @@ def main():
             fns = {"bf16": lambda x, w=w: F.linear(x, w), "fp8": fp8, "int4": i4}
             if tg is not None:
                 fns["tinygemm"] = tg
-            if M == 1:  # the int4 GEMV's other unpacking (split loaded bytes in registers)
-                from longseq.models.quant.int4_kernel import int4_gemv
-
-                fns["int4_join"] = lambda x, m=i4: int4_gemv(x, m.qweight, m.scales, m.zeros, m.group_size, dup=False)
             t = {k: graph_us(lambda f=f, x=x: f(x)) for k, f in fns.items()}
             ref = F.linear(x, w).float()
             err = {k: float((f(x).float() - ref).norm() / ref.norm()) for k, f in
@@ -85,13 +81,12 @@ def main():
         meta["tinygemm_error"] = tg_err
     (out / "quant_kernels.json").write_text(json.dumps(meta, indent=1))
     lines = [f"# Quantized matmuls, {meta['gpu']}, {meta['date']} (us per matmul, CUDA-graph replays)", "",
-             "| layer | N×K | rows | bf16 | fp8 | int4 (longseq) | int4 GEMV, bytes split in registers | "
-             "tinygemm int4 | fp8 err | int4 err |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| layer | N×K | rows | bf16 | fp8 | int4 (longseq) | tinygemm int4 | fp8 err | int4 err |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows_out:
         u = r["us"]
         lines.append(f"| {r['layer']} | {r['N']}×{r['K']} | {r['M']} | {u['bf16']} | {u['fp8']} | {u['int4']} | "
-                     f"{u.get('int4_join', '-')} | {u.get('tinygemm', '-')} | {r['rel_err']['fp8']} | "
+                     f"{u.get('tinygemm', '-')} | {r['rel_err']['fp8']} | "
                      f"{r['rel_err']['int4']} |")
     (out / "quant_kernels.md").write_text("\n".join(lines) + "\n")
 

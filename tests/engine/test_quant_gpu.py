@@ -1,6 +1,7 @@
-"""Quantized serving compiled on a GPU (LONGSEQ_TEST_CUDA=1; skipped elsewhere): a small bf16 model served with FP8
-weights (torch._scaled_mm), int4 weights (the Triton kernel in decode, dequantize-then-matmul in prefill) and an FP8
-KV pool (the Triton decode and write kernels), CUDA graphs on, gives the tokens of `generate` over the same layers."""
+"""Quantized serving compiled on a GPU (LONGSEQ_TEST_CUDA=1; skipped elsewhere), CUDA graphs on: a small bf16 model
+served with FP8 weights (torch._scaled_mm, the single-row GEMV) or int4 weights (the Triton kernels in decode,
+dequantize-then-matmul in prefill) follows `generate` over the same layers; over an FP8 KV pool, the Triton decode and
+write kernels follow the gather path."""
 
 import os
 from pathlib import Path
@@ -33,20 +34,39 @@ def small_lm(method):
     return LoadedModel(model, FakeTokenizer(), Path("small"))
 
 
-@pytest.mark.parametrize("method,kv", [("fp8", "auto"), ("int4", "auto"), (None, "fp8"), ("fp8", "fp8")])
-def test_engine_on_gpu_equals_generate(method, kv):
+@pytest.mark.parametrize("method", ["fp8", "int4"])
+def test_quantized_weights_on_gpu_follow_generate(method):
     lm = small_lm(method)
     prompts = random_prompts(6, 1, 90, seed=3)
-    outs = run_engine(make_engine(lm, kv_block_size=16, num_kv_blocks=128, kv_cache_dtype=kv), prompts, GREEDY)
-    assert lm.model.quantization == method if method else True
+    outs = run_engine(make_engine(lm, kv_block_size=16, num_kv_blocks=128), prompts, GREEDY)
+    assert lm.model.quantization == method
     same = total = 0
     for prompt, out in zip(prompts, outs, strict=True):
         ref = list(generate_tokens(lm.model, prompt, GREEDY))
-        # The first token comes from the same prefill maths. Then generate decodes one row at a time (FP8: weight-
-        # only GEMV, the activation unrounded; int4: the GEMV) where the engine's batched decode rounds activations
-        # to e4m3 (FP8) or runs the tl.dot kernel (int4), and an FP8 pool rounds K/V: a random model's greedy paths
-        # part at the first near-tie (benchmarks/quant_accuracy.py measures a real model).
+        # The first token comes from the same prefill maths. Then generate decodes one row at a time (FP8: the
+        # weight-only GEMV, the activation unrounded; int4: the GEMV) where the engine's batched decode rounds
+        # activations to e4m3 (FP8) or runs the tl.dot kernel (int4): a random model's greedy paths may part at a
+        # near-tie (benchmarks/quant_accuracy.py measures a real model).
         assert out.token_ids[0] == ref[0]
         same += sum(a == b for a, b in zip(out.token_ids, ref, strict=True))
         total += len(ref)
     assert same >= 0.5 * total, f"{same} of {total} tokens agree"
+
+
+@pytest.mark.parametrize("method", [None, "fp8"])
+def test_fp8_kv_kernels_follow_the_gather_path(monkeypatch, method):
+    """The Triton decode and KV-write kernels over an FP8 pool (CUDA graphs on) against the same engine with
+    LONGSEQ_PAGED_KERNEL=0: the gather path, which dequantizes the blocks it reads, and indexed writes."""
+    lm = small_lm(method)
+    prompts = random_prompts(6, 1, 90, seed=4)
+    options = dict(kv_block_size=16, num_kv_blocks=128, kv_cache_dtype="fp8")
+    engine = make_engine(lm, **options)
+    assert engine.runner.cache.write_kernel and engine.runner.use_graphs
+    outs = run_engine(engine, prompts, GREEDY)
+    monkeypatch.setenv("LONGSEQ_PAGED_KERNEL", "0")
+    gather = make_engine(lm, **options)
+    assert not gather.runner.cache.write_kernel
+    refs = run_engine(gather, prompts, GREEDY)
+    same = sum(a == b for o, r in zip(outs, refs, strict=True) for a, b in zip(o.token_ids, r.token_ids, strict=True))
+    assert [o.token_ids[:4] for o in outs] == [r.token_ids[:4] for r in refs]  # bf16 sums in another order only
+    assert same >= 0.9 * len(prompts) * GREEDY.max_new_tokens

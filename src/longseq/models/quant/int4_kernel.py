@@ -84,40 +84,32 @@ _GEMV_CONFIGS = [
 
 
 @triton.jit
-def _int4_gemv_kernel(X, W, S, Z, Y, N, K, G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      DUP: tl.constexpr):
-    # One row x: y[n] = Σ_g s[n, g] (Σ_{k in g} q[n, k] x[k] - z[n, g] Σ_{k in g} x[k]); a tile of BK inputs lies
-    # in one group, so its zero term is one product per row.
+def _int4_gemv_kernel(X, W, S, Z, Y, N, K, G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # One row x: y[n] = Σ_k (q[n, k] - z[n, g]) s[n, g] x[k], g = k // G; a tile of BK inputs lies in one group.
+    # (Measured on an H200, benchmarks/quant_kernels.py: splitting the loaded bytes in registers beat loading each
+    # byte once per nibble, and moving the zero out of the loop as s·(Σ q x - z Σ x) was slower.)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = n < N
     n64 = n.to(tl.int64)
     acc = tl.zeros((BN, BK), tl.float32)
-    zacc = tl.zeros((BN,), tl.float32)
     for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        x = tl.load(X + k).to(tl.float32)
-        if DUP:  # each byte loaded for both its inputs (same DRAM bytes, no register shuffle)
-            b = tl.load(W + n64[:, None] * (K // 2) + k[None, :] // 2, mask=n_mask[:, None], other=0)
-            q = ((b >> (4 - 4 * (k % 2))[None, :]) & 0xF).to(tl.float32)
-        else:
-            b = tl.load(W + n64[:, None] * (K // 2) + k0 // 2 + tl.arange(0, BK // 2)[None, :],
-                        mask=n_mask[:, None], other=0)
-            q = tl.reshape(tl.join(b >> 4, b & 0xF), (BN, BK)).to(tl.float32)
+        x = tl.load(X + k0 + tl.arange(0, BK)).to(tl.float32)
+        b = tl.load(W + n64[:, None] * (K // 2) + k0 // 2 + tl.arange(0, BK // 2)[None, :], mask=n_mask[:, None],
+                    other=0)
+        q = tl.reshape(tl.join(b >> 4, b & 0xF), (BN, BK)).to(tl.float32)
         g = k0 // G
         s = tl.load(S + n64 * (K // G) + g, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(Z + n64 * (K // G) + g, mask=n_mask, other=0.0).to(tl.float32)
-        acc += q * (s[:, None] * x[None, :])
-        zacc += s * z * tl.sum(x, 0)
-    tl.store(Y + n, (tl.sum(acc, 1) - zacc).to(Y.dtype.element_ty), mask=n_mask)
+        acc += (q - z[:, None]) * s[:, None] * x[None, :]
+    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n_mask)
 
 
 _int4_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_int4_gemv_kernel)
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int, dup: bool = True) -> torch.Tensor:
-    """One row x (K,) or (1, K) -> (N,) in x's dtype (batch-1 decode). `dup`: read each byte once per nibble
-    instead of splitting loaded bytes in registers (benchmarks/quant_kernels.py times both)."""
+              group_size: int) -> torch.Tensor:
+    """One row x (K,) or (1, K) -> (N,) in x's dtype (batch-1 decode)."""
     N = qweight.shape[0]
     K = 2 * qweight.shape[1]
     assert x.numel() == K and qweight.is_contiguous()
@@ -126,8 +118,8 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     block_k = min(group_size, 128)
     if x.is_cuda:
         _int4_gemv_tuned[lambda meta: (triton.cdiv(N, meta["BN"]),)](x1, qweight, scales, zeros, y, N, K,
-                                                                      G=group_size, BK=block_k, DUP=dup)
+                                                                      G=group_size, BK=block_k)
     else:
         _int4_gemv_kernel[(triton.cdiv(N, 16),)](x1, qweight, scales, zeros, y, N, K, G=group_size, BN=16,
-                                                  BK=block_k, DUP=dup)
+                                                  BK=block_k)
     return y

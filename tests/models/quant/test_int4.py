@@ -72,6 +72,18 @@ def test_single_row_gemv_equals_dequantize_then_matmul(group):
     assert (out.float().cpu() - ref[0]).norm() / ref.norm() < (1e-2 if ON_GPU else 1e-5)
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_one_pass_dequantize_equals_the_reference(group):
+    pytest.importorskip("triton")
+    from longseq.models.quant.int4_kernel import int4_dequantize
+
+    g = torch.Generator().manual_seed(group + 1)
+    layer = Int4Linear.quantize(torch.randn(40, 256, generator=g), group)  # 40: a partial tile of rows
+    out = int4_dequantize(layer.qweight.to(DEVICE), layer.scales.to(DEVICE), layer.zeros.to(DEVICE), group,
+                          torch.float32)
+    torch.testing.assert_close(out.cpu(), layer.dequantized(), rtol=0, atol=0)
+
+
 def test_act_order_permutation_reads_inputs_in_stored_order():
     g = torch.Generator().manual_seed(4)
     w = torch.randn(16, 64, generator=g)

@@ -10,9 +10,9 @@ every group stays one contiguous run of K (ExLlama's and vLLM's reordering).
 
 Compute: rows up to DECODE_ROWS (decode) through the Triton kernels (int4_kernel.py: a GEMV for one row, a tl.dot
 kernel beyond), which dequantize each tile in registers, so a step reads 4 bits a weight; longer inputs (prefill)
-dequantize the weight to 16 bits and run one cuBLAS matmul: the dequantize costs the weight's bytes once per step,
-beside a matmul of hundreds of rows. The reference (`reference_linear`: dequantize, float32 matmul) is the CPU path
-and the tests' oracle.
+dequantize the weight to 16 bits in one Triton pass and run one cuBLAS matmul: the dequantize costs the weight's
+bytes once per step, beside a matmul of hundreds of rows. The reference (`reference_linear`: dequantize, float32
+matmul) is the CPU path and the tests' oracle.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from torch import nn
 
 from longseq.errors import LongseqError
 
-DECODE_ROWS = 64  # inputs of at most this many rows take the Triton kernel on GPUs
+# Inputs of at most this many rows take the Triton kernels on GPUs; longer ones dequantize and run cuBLAS. Estimated
+# from benchmarks/results/2026-12-03-quant-h200 (the tl.dot kernel against a one-pass dequantize + bf16 matmul at
+# 32 and 64 rows), not yet measured with the one-pass dequantize itself.
+DECODE_ROWS = 32
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
@@ -120,7 +123,10 @@ class Int4Linear(nn.Module):
                 y = int4_matmul(x.reshape(rows, -1), self.qweight, self.scales, self.zeros, self.group_size)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantized(x.dtype), self.bias)
+        from longseq.models.quant.int4_kernel import int4_dequantize
+
+        weight = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
+        return F.linear(x, weight, self.bias)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, K) weight, columns in stored order (apply `perm` to inputs, or use `weight_in_input_order`)."""

@@ -123,3 +123,32 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
         _int4_gemv_kernel[(triton.cdiv(N, 16),)](x1, qweight, scales, zeros, y, N, K, G=group_size, BN=16,
                                                   BK=block_k)
     return y
+
+
+@triton.jit
+def _int4_dequantize_kernel(W, S, Z, Out, N, K, G: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # One (BN, BK) tile of the 16-bit weight from its packed bytes and its group's scale and zero (BK divides G).
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    n_mask = n < N
+    n64 = n.to(tl.int64)
+    b = tl.load(W + n64[:, None] * (K // 2) + k0 // 2 + tl.arange(0, BK // 2)[None, :], mask=n_mask[:, None], other=0)
+    q = tl.reshape(tl.join(b >> 4, b & 0xF), (BN, BK)).to(tl.float32)
+    s = tl.load(S + n64 * (K // G) + k0 // G, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(Z + n64 * (K // G) + k0 // G, mask=n_mask, other=0.0).to(tl.float32)
+    w = (q - z[:, None]) * s[:, None]
+    tl.store(Out + n64[:, None] * K + k0 + tl.arange(0, BK)[None, :], w.to(Out.dtype.element_ty), mask=n_mask[:, None])
+
+
+def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) weight in `dtype` in one pass: half a byte read, two written, per weight (the prefill path; as torch
+    ops it was five passes and a uint8 copy, 6-13x the bf16 matmul's time at 256 rows on an H200)."""
+    N = qweight.shape[0]
+    K = 2 * qweight.shape[1]
+    assert qweight.is_contiguous() and scales.shape == (N, K // group_size)
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    block_k = min(group_size, 128)
+    grid = (triton.cdiv(N, 32), K // block_k)
+    _int4_dequantize_kernel[grid](qweight, scales, zeros, out, N, K, G=group_size, BN=32, BK=block_k, num_warps=4)
+    return out

@@ -5,6 +5,7 @@ fp8_kernel.py  the per-token activation quantization in one Triton launch
 int4.py        Int4Linear: 4-bit weights, a scale and zero per group of inputs (GPTQ act-order through a permutation)
 int4_kernel.py the few-row (decode) int4 matmul in Triton
 checkpoint.py  checkpoints stored quantized: HF FP8 (per-tensor, per-channel, block), compressed-tensors, GPTQ, AWQ
+gguf_int4.py   GGUF Q4_0 / Q4_1 / Q4_K blocks kept packed as int4 layers
 
 Which layers: every decoder layer's attention projections and dense MLP; the embeddings, the LM head and a mixture of
 experts' stacked expert weights stay in 16 bits. `QuantLoader` is build_from_tensors' hook: each weight is quantized
@@ -113,6 +114,9 @@ class QuantLoader:
         match = LINEAR.match(name)
         if match is None or match.group(2) != "weight":
             return False
+        if not isinstance(tensor, torch.Tensor):  # a GGUF tensor's 4-bit blocks, kept packed (gguf_int4.py)
+            self.layers[match.group(1)] = tensor.to_int4(self.device)
+            return True
         weight = tensor.to(self.device, self.dtype)
         self.layers[match.group(1)] = quantize_weight(weight, None, self.method, self.group_size)
         return True

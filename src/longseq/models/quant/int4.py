@@ -68,8 +68,9 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     """(N, K) in `dtype`: (q - z) · s group by group (computed in `dtype`: scales and zeros are stored in it), in
     place: the transient peak is the 16-bit weight and its unpacked bytes (3 bytes a weight in bf16)."""
     N, groups = scales.shape
-    q = unpack(qweight).reshape(N, groups, -1).to(dtype)
-    return q.sub_(zeros.to(dtype)[..., None]).mul_(scales.to(dtype)[..., None]).reshape(N, -1)
+    maths = torch.promote_types(dtype, scales.dtype)  # float32 scales (GGUF blocks) stay float32 until the end
+    q = unpack(qweight).reshape(N, groups, -1).to(maths)
+    return q.sub_(zeros.to(maths)[..., None]).mul_(scales.to(maths)[..., None]).reshape(N, -1).to(dtype)
 
 
 def reference_linear(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:

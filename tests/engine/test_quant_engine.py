@@ -45,6 +45,16 @@ def test_quantized_weights_batched_equal_generate(method, prompts):
         assert out.token_ids == list(generate_tokens(lm.model, prompt, GREEDY))
 
 
+def test_engine_quantizes_a_sixteen_bit_model_it_is_handed():
+    lm = tame_lm()
+    engine = make_engine(lm, quantization="int4", quant_group_size=32)
+    assert lm.model.quantization == "int4"
+    assert type(lm.model.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
+    with pytest.raises(LongseqError, match="quantized int4; it cannot be served as fp8"):
+        make_engine(lm, quantization="fp8")
+    assert engine.runner.num_blocks == 64
+
+
 def test_fp8_kv_pool_holds_more_blocks_in_the_same_memory():
     lm = tame_lm()
     plain = make_engine(lm, num_kv_blocks=None, kv_cache_gib=0.001)
@@ -82,3 +92,10 @@ def test_default_model_quantized_still_answers(method):
                    SamplingParams(max_new_tokens=8))[0]
     assert "Paris" in out.text
     assert llm.engine.lm.model.quantization == method
+
+
+def test_tensor_parallel_refuses_a_quantized_checkpoint():
+    from longseq.engine.tensor_parallel import TensorParallel, shard_model
+
+    with pytest.raises(LongseqError, match=r"quantized weights \(fp8\) are served on one GPU"):
+        shard_model(tame_lm("fp8").model, TensorParallel(2, 0))

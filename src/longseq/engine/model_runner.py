@@ -67,6 +67,14 @@ def plan_format(model: CausalLM) -> str:
 class ModelRunner:
     def __init__(self, model: CausalLM, cfg: EngineConfig):
         self.model, self.cfg = model, cfg
+        if cfg.quantization is not None:  # a model loaded in 16 bits, handed over with quantization set
+            from longseq.models.quant import quantization_of, quantize_model
+
+            if quantization_of(model) is None:
+                quantize_model(model, cfg.quantization, cfg.quant_group_size)
+            elif quantization_of(model) != cfg.quantization:
+                raise LongseqError(f"the model is quantized {quantization_of(model)}; it cannot be served as "
+                                   f"{cfg.quantization}")
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         fused = model.fuse_projections(cfg.fuse_projections)
         for layer in fused:

@@ -208,8 +208,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                     group_size=cfg.quant_group_size), cfg)
     name = args.served_model_name or path.stem
     blocks = engine.blocks.num_blocks
-    err.print(f"[dim]{name} · {engine.lm.device} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
-              f"{blocks * cfg.kv_block_size:,} tokens · context {engine.max_model_len:,}[/]")
+    quantized = getattr(engine.lm.model, "quantization", None)
+    kv = " (fp8)" if cfg.kv_cache_dtype == "fp8" else ""
+    err.print(f"[dim]{name} · {engine.lm.device}{f' · {quantized} weights' if quantized else ''} · KV pool{kv} "
+              f"{blocks:,} blocks × {cfg.kv_block_size} tokens = {blocks * cfg.kv_block_size:,} tokens · context "
+              f"{engine.max_model_len:,}[/]")
     if cfg.tensor_parallel > 1:
         err.print(f"[dim]tensor parallel over {cfg.tensor_parallel} processes (KV heads and weights / "
                   f"{cfg.tensor_parallel} each)[/]")

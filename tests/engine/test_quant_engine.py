@@ -99,3 +99,18 @@ def test_tensor_parallel_refuses_a_quantized_checkpoint():
 
     with pytest.raises(LongseqError, match=r"quantized weights \(fp8\) are served on one GPU"):
         shard_model(tame_lm("fp8").model, TensorParallel(2, 0))
+
+
+def test_serve_and_generate_flags():
+    from longseq.cli import build_parser
+    from longseq.config.flags import config_from
+
+    args = build_parser().parse_args(["serve", "--quantization", "int4", "--quant-group-size", "64",
+                                      "--kv-cache-dtype", "fp8"])
+    cfg = config_from(EngineConfig, args)
+    assert (cfg.quantization, cfg.quant_group_size, cfg.kv_cache_dtype) == ("int4", 64, "fp8")
+    gen = build_parser().parse_args(["generate", "hi", "--quantization", "fp8"])
+    assert gen.quantization == "fp8" and gen.quant_group_size == 128
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["generate", "hi", "--quantization", "int8"])
+    assert e.value.code == 2

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--no-chat", action="store_true", help="plain completion, without the chat template")
     g.add_argument("--system", default=None, help="a system message (chat mode)")
+    g.add_argument("--quantization", default=None, choices=["fp8", "int4"],
+                   help="decoder weights quantized at load (default: as the checkpoint stores them)")
+    g.add_argument("--quant-group-size", type=int, default=128, help="int4: inputs per scale and zero (default: 128)")
     from longseq.config import ModelOverrides
     from longseq.config.flags import add_dataclass_flags
 
@@ -129,14 +132,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     err = Console(stderr=True, highlight=False)
     path = resolve_model_path(args.model)
     with err.status(f"loading {path.name}"):
-        lm = load(path, dtype=args.dtype, device=args.device)
+        lm = load(path, dtype=args.dtype, device=args.device, quantization=args.quantization,
+                  group_size=args.quant_group_size)
     apply_overrides(lm.model, overrides)
     chat = not args.no_chat
     if chat and getattr(lm.tokenizer, "chat_template", None) is None:
         err.print("[yellow]this model has no chat template: generating as plain text (--no-chat)[/]")
         chat = False
     dtype = str(lm.model.lm_head.weight.dtype).removeprefix("torch.")
-    err.print(f"[dim]{path.name} · {lm.device} · {dtype}[/]")
+    quantized = getattr(lm.model, "quantization", None)
+    err.print(f"[dim]{path.name} · {lm.device} · {dtype}{f' · {quantized} weights' if quantized else ''}[/]")
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -219,9 +224,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 adapter = engine.add_lora(lora, lora_path)
                 err.print(f"[dim]LoRA adapter {lora}: rank {adapter.rank}, {', '.join(adapter.targets)}[/]")
             frontend, info = AsyncLLMEngine(engine, model_name=name), describe(engine)
-    blocks = info["num_kv_blocks"]
-    err.print(f"[dim]{name} · {info['device']} · KV pool {blocks:,} blocks × {cfg.kv_block_size} tokens = "
-              f"{blocks * cfg.kv_block_size:,} tokens · context {info['max_model_len']:,} · engine "
+    blocks, quantized = info["num_kv_blocks"], info["quantization"]
+    kv = " (fp8)" if cfg.kv_cache_dtype == "fp8" else ""
+    err.print(f"[dim]{name} · {info['device']}{f' · {quantized} weights' if quantized else ''} · KV pool{kv} "
+              f"{blocks:,} blocks × {cfg.kv_block_size} tokens = {blocks * cfg.kv_block_size:,} tokens · context "
+              f"{info['max_model_len']:,} · engine "
               f"{'in its own process' if cfg.engine_process else 'on a thread of the server'}[/]")
     if cfg.enable_lora:
         pool = engine.runner.lora

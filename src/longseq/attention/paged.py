@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from longseq.attention.kv_fp8 import FP8, dequantize_kv, quantize_kv
 from longseq.attention.sdpa import attention
 from longseq.attention.varlen import Chunks, chunk_attention
 
@@ -105,30 +106,34 @@ def decode_splits(batch: int, num_kv_heads: int, keys: int, device: torch.device
 
 
 def paged_attention(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: PagedBatch, window: int | None = None
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: PagedBatch, window: int | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q (1, H, N, D) -> (1, H, N, D). New K/V must already be written into the pools."""
+    """q (1, H, N, D) -> (1, H, N, D). New K/V must already be written into the pools. `scales` (2,) float32: the
+    K and V scales of FP8 pools (attention/kv_fp8.py), None for pools in q's dtype."""
     if batch.chunks is None:
-        return decode_attention(q, k_pool, v_pool, batch, window)
+        return decode_attention(q, k_pool, v_pool, batch, window, scales)
     if batch.decode_tables is None:
-        return chunk_attention(q, k_pool, v_pool, batch.chunks, window)
+        return chunk_attention(q, k_pool, v_pool, batch.chunks, window, scales)
     # A mixed step: the single-token rows in one decode call, the prompt chunks in one variable-length call.
     out = torch.empty_like(q)
-    out[:, :, batch.decode_rows] = decode_attention(q[:, :, batch.decode_rows], k_pool, v_pool, batch, window)
+    out[:, :, batch.decode_rows] = decode_attention(q[:, :, batch.decode_rows], k_pool, v_pool, batch, window,
+                                                    scales)
     rows = batch.chunks.rows
-    out[:, :, rows] = chunk_attention(q[:, :, rows], k_pool, v_pool, batch.chunks, window)
+    out[:, :, rows] = chunk_attention(q[:, :, rows], k_pool, v_pool, batch.chunks, window, scales)
     return out
 
 
-def decode_attention(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> torch.Tensor:
+def decode_attention(q, k_pool, v_pool, batch: PagedBatch, window: int | None,
+                     scales: torch.Tensor | None = None) -> torch.Tensor:
     """One query per decode sequence, q (1, H, B_dec, D): the Triton kernel on a GPU, the gather path elsewhere."""
     if use_decode_kernel(q.device, q.shape[-1]):
         from longseq.attention.kernels.paged_decode import paged_decode
 
         out = paged_decode(q[0].transpose(0, 1), k_pool, v_pool, batch.decode_tables, batch.decode_lens,
-                           batch.block_size, window, batch.splits)  # (B_dec, H, D)
+                           batch.block_size, window, batch.splits, scales)  # (B_dec, H, D)
         return out.transpose(0, 1).unsqueeze(0)
-    return gather_decode(q, k_pool, v_pool, batch, window)
+    return gather_decode(q, k_pool, v_pool, batch, window, scales)
 
 
 def use_decode_kernel(device: torch.device, head_dim: int) -> bool:
@@ -139,19 +144,28 @@ def use_decode_kernel(device: torch.device, head_dim: int) -> bool:
             and os.environ.get("LONGSEQ_PAGED_KERNEL", "1") != "0")
 
 
-def reference_paged_attention(q, k_pool, v_pool, batch: PagedBatch, window: int | None = None) -> torch.Tensor:
+def reference_paged_attention(q, k_pool, v_pool, batch: PagedBatch, window: int | None = None,
+                              scales: torch.Tensor | None = None) -> torch.Tensor:
     """One contiguous attention per sequence over its gathered context: the reference path."""
     outs, start = [], 0
     for q_len, ctx, slots in zip(batch.query_lens, batch.context_lens, batch.context_slots, strict=True):
-        outs.append(_attend_context(q[:, :, start : start + q_len], k_pool, v_pool, slots, ctx, window))
+        outs.append(_attend_context(q[:, :, start : start + q_len], k_pool, v_pool, slots, ctx, window, scales))
         start += q_len
     return torch.cat(outs, dim=2)
 
 
-def _attend_context(q, k_pool, v_pool, slots, ctx: int, window: int | None) -> torch.Tensor:
-    k = k_pool[slots].transpose(0, 1).unsqueeze(0)  # (1, H_kv, ctx, D)
-    v = v_pool[slots].transpose(0, 1).unsqueeze(0)
+def _attend_context(q, k_pool, v_pool, slots, ctx: int, window: int | None, scales=None) -> torch.Tensor:
+    k, v = _gather(k_pool, v_pool, slots, scales, q.dtype)
+    k = k.transpose(0, 1).unsqueeze(0)  # (1, H_kv, ctx, D)
+    v = v.transpose(0, 1).unsqueeze(0)
     return attention(q, k, v, q_start=ctx - q.shape[2], window=window)
+
+
+def _gather(k_pool, v_pool, slots, scales, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool rows at `slots`, dequantized to `dtype` from an FP8 pool."""
+    if scales is None:
+        return k_pool[slots], v_pool[slots]
+    return dequantize_kv(k_pool[slots], scales[0], dtype), dequantize_kv(v_pool[slots], scales[1], dtype)
 
 
 def decode_slots(tables: torch.Tensor, lens: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,13 +182,15 @@ def decode_slots(tables: torch.Tensor, lens: torch.Tensor, block_size: int) -> t
     return slots, cols.unsqueeze(0) < lens.unsqueeze(1)
 
 
-def gather_decode(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> torch.Tensor:
+def gather_decode(q, k_pool, v_pool, batch: PagedBatch, window: int | None,
+                  scales: torch.Tensor | None = None) -> torch.Tensor:
     """Decode without the kernel: gather all contexts padded to the longest, one batched SDPA with a key mask."""
     slots, mask = decode_slots(batch.decode_tables, batch.decode_lens, batch.block_size)
     B, T = slots.shape
     H, num_kv_heads = q.shape[1], k_pool.shape[1]
-    k = k_pool[slots].transpose(1, 2)  # (B, H_kv, T, D)
-    v = v_pool[slots].transpose(1, 2)
+    k, v = _gather(k_pool, v_pool, slots, scales, q.dtype)
+    k = k.transpose(1, 2)  # (B, H_kv, T, D)
+    v = v.transpose(1, 2)
     if window is not None:
         mask = mask & (torch.arange(T, device=mask.device) >= batch.decode_lens.unsqueeze(1) - window)
     # GQA without copying K/V per query head: the group of query heads sharing a KV head (head h uses KV head
@@ -188,7 +204,8 @@ def gather_decode(q, k_pool, v_pool, batch: PagedBatch, window: int | None) -> t
 
 class PagedKVCache:
     """The engine's KV pool as the model sees it: `attention(layer, q, k, v, window)` writes this step's K/V into
-    the pool, then attends over each sequence's context."""
+    the pool, then attends over each sequence's context. A float8_e4m3fn `dtype` makes an FP8 pool with a K and a
+    V scale per layer (`scales` (L, 2) float32 on the device, 1.0 until set; attention/kv_fp8.py)."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device):
@@ -198,17 +215,21 @@ class PagedKVCache:
         self.num_kv_heads = num_kv_heads
         self.batch: PagedBatch | None = None
         self.write_kernel = use_decode_kernel(device, head_dim)  # one Triton launch writes K and V
+        self.scales = torch.ones(num_layers, 2, device=device) if dtype == FP8 else None
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   window: int | None) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) for this step's N new tokens."""
         slots = self.batch.slot_mapping
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, H_kv, D)
-        if self.write_kernel and k.dtype == self.k[layer_idx].dtype:
+        scales = None if self.scales is None else self.scales[layer_idx]  # (2,): K's and V's
+        if self.write_kernel and (k.dtype == self.k[layer_idx].dtype or scales is not None):
             from longseq.attention.kernels.kv_write import write_kv
 
-            write_kv(self.k[layer_idx], self.v[layer_idx], k, v, slots)
+            write_kv(self.k[layer_idx], self.v[layer_idx], k, v, slots, scales)
         else:
+            if scales is not None:
+                k, v = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
             self.k[layer_idx][slots] = k
             self.v[layer_idx][slots] = v
-        return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window)
+        return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window, scales)

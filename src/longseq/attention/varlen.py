@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longseq.attention.kv_fp8 import dequantize_kv
 from longseq.attention.sdpa import attention
 
 # A chunk continuing a prompt with at least this many tokens before it attends in two cuDNN calls (split_varlen).
@@ -58,10 +59,13 @@ def _ranges(lens: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, chunks: Chunks,
-                    window: int | None) -> torch.Tensor:
-    """q (1, H, N_c, D), the chunks' queries in packed order -> (1, H, N_c, D). New K/V must be in the pools."""
+                    window: int | None, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """q (1, H, N_c, D), the chunks' queries in packed order -> (1, H, N_c, D). New K/V must be in the pools;
+    `scales`: FP8 pools' K and V scales (their gathered blocks are dequantized to q's dtype)."""
     qp = q[0].transpose(0, 1)  # (N_c, H, D)
     k, v = k_pool[chunks.slots], v_pool[chunks.slots]  # (sum of contexts, H_kv, D)
+    if scales is not None:
+        k, v = dequantize_kv(k, scales[0], q.dtype), dequantize_kv(v, scales[1], q.dtype)
     fast = use_flash_varlen(qp)
     if fast and window is None and use_cudnn_split(qp) and any(
             c - n >= LONG_PREFIX for n, c in zip(chunks.q_lens, chunks.ctx_lens, strict=True)):

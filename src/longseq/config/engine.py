@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longseq.config.flags import flag
-from longseq.config.policy import KV_POOL_MODES, MAX_LORA_RANK
+from longseq.config.policy import INT4_GROUP_SIZES, KV_CACHE_DTYPES, KV_POOL_MODES, MAX_LORA_RANK, QUANT_METHODS
 from longseq.errors import LongseqError
 
 
@@ -43,6 +43,13 @@ class EngineConfig:
     engine_process: bool = flag("`longseq serve`: run the engine in a process of its own, so the server's Python "
                                 "work never holds the GIL its step loop needs (off: on a thread of the server)",
                                 default=True)
+    quantization: str | None = flag("weights quantized at load: fp8 (e4m3, a scale per output channel, activations "
+                                    "scaled per token; GPUs of compute capability 8.9+) | int4 (weight-only, a scale "
+                                    "and zero per group of --quant-group-size inputs); default: as the checkpoint "
+                                    "stores them (FP8, GPTQ and AWQ checkpoints load quantized)", default=None)
+    quant_group_size: int = flag("int4: input channels per scale and zero (32, 64 or 128)", default=128)
+    kv_cache_dtype: str = flag("KV pool: auto (the model's dtype) | fp8 (e4m3 with a scale per layer: twice the "
+                               "blocks in the same memory)", default="auto")
 
     def __post_init__(self):
         for name in ("kv_block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "tensor_parallel",
@@ -61,3 +68,18 @@ class EngineConfig:
             raise LongseqError("LoRA adapters are served on one GPU: drop --tensor-parallel or the adapters")
         if self.kv_pool not in KV_POOL_MODES:
             raise LongseqError(f"kv_pool must be one of {', '.join(KV_POOL_MODES)}, got {self.kv_pool!r}")
+        check_quantization(self.quantization, self.quant_group_size)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise LongseqError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got "
+                               f"{self.kv_cache_dtype!r}")
+        if self.quantization is not None and self.tensor_parallel > 1:
+            raise LongseqError("quantized weights are served on one GPU for now (--tensor-parallel 1)")
+
+
+def check_quantization(method: str | None, group_size: int = 128) -> None:
+    """One line for a quantization method or int4 group size longseq does not know."""
+    if method is not None and method not in QUANT_METHODS:
+        raise LongseqError(f"quantization must be one of {', '.join(QUANT_METHODS)}, got {method!r}")
+    if group_size not in INT4_GROUP_SIZES:
+        raise LongseqError(f"quant_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got "
+                           f"{group_size}")

@@ -14,6 +14,9 @@ DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 143
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 KV_POOL_MODES = ("measure", "plan")
 MAX_LORA_RANK = 64  # the largest adapter rank serving takes (the pool pads every adapter to --max-lora-rank)
+QUANT_METHODS = ("fp8", "int4")  # serving: weights quantized at load (models/quant)
+INT4_GROUP_SIZES = (32, 64, 128)
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

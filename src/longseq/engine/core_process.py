@@ -62,14 +62,16 @@ def load_engine(path: str | Path, dtype: str, device: str, cfg: EngineConfig) ->
     from longseq.engine.llm_engine import LLMEngine
     from longseq.models.loader import load
 
-    return LLMEngine(load(path, dtype=dtype, device=device), cfg)
+    return LLMEngine(load(path, dtype=dtype, device=device, quantization=cfg.quantization,
+                          group_size=cfg.quant_group_size), cfg)
 
 
 def describe(engine: LLMEngine) -> dict[str, Any]:
     """What the server says of the engine it serves, and what its side needs: the request limits, the queue."""
     return {"limits": engine.limits, "device": str(engine.lm.device), "num_kv_blocks": engine.blocks.num_blocks,
             "kv_block_size": engine.cfg.kv_block_size, "max_model_len": engine.max_model_len,
-            "max_queue": engine.cfg.max_queue, "tensor_parallel": engine.cfg.tensor_parallel}
+            "max_queue": engine.cfg.max_queue, "tensor_parallel": engine.cfg.tensor_parallel,
+            "quantization": getattr(engine.lm.model, "quantization", None)}
 
 
 def portable(e: BaseException) -> Exception:

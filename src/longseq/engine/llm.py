@@ -26,7 +26,9 @@ class LLM:
 
             self.engine = start_engine(model, dtype, device, cfg)
         else:
-            self.engine = LLMEngine(load(model, dtype=dtype, device=device), cfg)
+            lm = load(model, dtype=dtype, device=device, quantization=cfg.quantization,
+                      group_size=cfg.quant_group_size)
+            self.engine = LLMEngine(lm, cfg)
         self.tokenizer = self.engine.tokenizer
         for name, path in (loras or {}).items():
             self.add_lora(name, path)

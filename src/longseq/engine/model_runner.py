@@ -21,11 +21,16 @@ from longseq.models.llama import CausalLM
 from longseq.models.sparse_moe import SparseMoeBlock
 
 
-def kv_bytes_per_block(model: CausalLM, block_size: int) -> int:
+def kv_bytes_per_block(model: CausalLM, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
     # K and V, every layer: 2 * L * block_size * H_kv * head_dim * bytes (GQA/MQA shrink H_kv; tensor parallelism
-    # keeps H_kv / N on each GPU).
-    cfg, dtype = model.config, model.lm_head.weight.dtype
+    # keeps H_kv / N on each GPU; an FP8 pool has 1 byte a value).
+    cfg, dtype = model.config, kv_dtype or model.lm_head.weight.dtype
     return 2 * cfg.num_layers * block_size * local_kv_heads(model) * cfg.head_dim * dtype.itemsize
+
+
+def kv_pool_dtype(model: CausalLM, cfg: EngineConfig) -> torch.dtype:
+    """The KV pool's dtype: the model's, or float8_e4m3fn for kv_cache_dtype fp8."""
+    return torch.float8_e4m3fn if cfg.kv_cache_dtype == "fp8" else model.lm_head.weight.dtype
 
 
 # Weight formats of longseq.plan (plan/quant.py) for the dtypes the engine serves in.
@@ -45,15 +50,35 @@ def planned_reserve(model: CausalLM, cfg: EngineConfig) -> float:
     if dtype not in PLAN_FORMATS:
         raise LongseqError(f"--kv-pool plan has no weight format for {dtype}; serve in bf16, fp16 or fp32, or use "
                            "--kv-pool measure")
-    spec, tp = ModelSpec("engine", model.config), cfg.tensor_parallel
-    step = engine_activation_bytes(spec, cfg.max_num_batched_tokens, cfg.max_num_seqs, dtype.itemsize, tp)
+    spec, tp, fmt = ModelSpec("engine", model.config), cfg.tensor_parallel, plan_format(model)
+    step = engine_activation_bytes(spec, cfg.max_num_batched_tokens, cfg.max_num_seqs, dtype.itemsize, tp, fmt)
     loras = lora_pool_bytes(spec, cfg.max_loras, cfg.max_lora_rank, dtype.itemsize) if cfg.enable_lora else 0
-    return weight_bytes(spec, PLAN_FORMATS[dtype]) / tp + step + loras
+    return weight_bytes(spec, fmt) / tp + step + loras
+
+
+def plan_format(model: CausalLM) -> str:
+    """The planner's weight format (plan/quant.py) of a loaded model: fp8 / int4 where quantized (models/quant),
+    else its dtype's."""
+    from longseq.models.quant import quantization_of
+
+    method = quantization_of(model)
+    if method == "int4":
+        group = next((m.group_size for m in model.modules() if hasattr(m, "group_size")), 128)
+        return f"int4-g{group}"
+    return method or PLAN_FORMATS[model.lm_head.weight.dtype]
 
 
 class ModelRunner:
     def __init__(self, model: CausalLM, cfg: EngineConfig):
         self.model, self.cfg = model, cfg
+        if cfg.quantization is not None:  # a model loaded in 16 bits, handed over with quantization set
+            from longseq.models.quant import quantization_of, quantize_model
+
+            if quantization_of(model) is None:
+                quantize_model(model, cfg.quantization, cfg.quant_group_size)
+            elif quantization_of(model) != cfg.quantization:
+                raise LongseqError(f"the model is quantized {quantization_of(model)}; it cannot be served as "
+                                   f"{cfg.quantization}")
         self.device, self.dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         fused = model.fuse_projections(cfg.fuse_projections)
         for layer in fused:
@@ -69,7 +94,10 @@ class ModelRunner:
         # One block more than the block manager hands out: the scratch slot that padded graph rows write to.
         self.scratch_slot = self.num_blocks * self.block_size
         self.cache = PagedKVCache(mc.num_layers, (self.num_blocks + 1) * self.block_size, local_kv_heads(model),
-                                  mc.head_dim, self.dtype, self.device)
+                                  mc.head_dim, kv_pool_dtype(model, cfg), self.device)
+        for layer, (k_scale, v_scale) in getattr(model, "kv_cache_scales", {}).items():
+            if self.cache.scales is not None:  # an FP8 checkpoint's calibrated KV scales
+                self.cache.scales[layer] = torch.tensor([k_scale, v_scale])
         # Dynamic NTK reads the longest position on the host every step, which a graph cannot do.
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
         if self.use_graphs and mc.is_moe:  # without the grouped GEMM, experts size their padding on the host
@@ -103,7 +131,7 @@ class ModelRunner:
 
     def _blocks_from_memory(self) -> int:
         if self.device.type != "cuda":
-            return max(1, int(self.cfg.kv_cache_gib * 2**30) // kv_bytes_per_block(self.model, self.block_size))
+            return max(1, int(self.cfg.kv_cache_gib * 2**30) // self.kv_bytes_per_block())
         # The KV pool gets what is left of gpu_memory_fraction after the weights and the peak activations of the
         # largest step: measured by running that step, or predicted by the planner (kv_pool="plan").
         reserve = planned_reserve(self.model, self.cfg) if self.cfg.kv_pool == "plan" else self._measured_peak()
@@ -119,10 +147,13 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device)
 
+    def kv_bytes_per_block(self) -> int:
+        return kv_bytes_per_block(self.model, self.block_size, kv_pool_dtype(self.model, self.cfg))
+
     def kv_blocks_left(self, reserve: float) -> int:
         """KV blocks that fit in total × gpu_memory_fraction beside other processes and `reserve` bytes (this
         process's weights and step peak)."""
-        per_block = kv_bytes_per_block(self.model, self.block_size)
+        per_block = self.kv_bytes_per_block()
         free, total = torch.cuda.mem_get_info(self.device)
         others = total - free - torch.cuda.memory_reserved(self.device)  # other processes, this one's CUDA context
         budget = total * self.cfg.gpu_memory_fraction - others - reserve

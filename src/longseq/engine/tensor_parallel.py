@@ -123,6 +123,9 @@ def shard_model(model: nn.Module, tp: TensorParallel) -> nn.Module:
     """Keep this rank's slices of a (full, loaded) CausalLM in place and add the collectives; returns it."""
     cfg = model.config
     check_tensor_parallel(cfg, tp.size)
+    if getattr(model, "quantization", None):  # a checkpoint stored quantized (models/quant): not sliced here yet
+        raise LongseqError(f"quantized weights ({model.quantization}) are served on one GPU for now "
+                           "(--tensor-parallel 1)")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):

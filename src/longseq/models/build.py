@@ -22,14 +22,17 @@ def build_from_tensors(
     device: torch.device,
     source: str,
     freq_factors: torch.Tensor | None = None,
+    quant=None,
 ) -> CausalLM:
+    """`quant`: a models.quant.QuantLoader that takes the tensors of the linears it quantizes and swaps those layers
+    in at the end (None: every weight as it is, in `dtype`)."""
     with torch.device("meta"):
         model = CausalLM(cfg)
     expected = dict(model.state_dict())
     state: dict[str, torch.Tensor] = {}
     stacked: dict[str, int] = {}  # a stacked expert weight -> elements written into it so far
     for name, tensor in tensors:
-        if name.endswith(_IGNORED_SUFFIXES):
+        if name.endswith(_IGNORED_SUFFIXES) or (quant is not None and quant.claim(name, tensor)):
             continue
         if name not in expected and (slot := expert_slot(name, cfg.moe_intermediate_size)) and slot[0] in expected:
             target, index = slot  # one expert's matrix of a stacked weight: written in place, never held twice
@@ -54,11 +57,15 @@ def build_from_tensors(
         state[name] = tensor.to(device=device, dtype=dtype)  # per tensor: peak = model + one tensor
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    if quant is not None:
+        expected = {n: t for n, t in expected.items() if not quant.covers(n)}
     missing = [n for n in expected if n not in state or stacked.get(n, state[n].numel()) < state[n].numel()]
     if missing:
         raise LongseqError(f"{source}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if quant is not None:
+        quant.install(model)
     model.rotary.freq_factors = freq_factors
     model.rotary.reset(device)
     return model.eval()

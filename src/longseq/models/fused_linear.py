@@ -67,7 +67,10 @@ def fusable(linears: list[nn.Module]) -> bool:
 
 
 def fuse(linears: list[nn.Module]) -> FusedLinear | None:
-    return FusedLinear(linears) if fusable(linears) else None
+    if fusable(linears):
+        return FusedLinear(linears)
+    fused = getattr(type(linears[0]), "fused", None)  # quantized layers fuse their own way (models/quant)
+    return fused(linears) if fused is not None else None
 
 
 def calibrate(layers: list[FusedLinear]) -> dict[str, dict[str, float]]:

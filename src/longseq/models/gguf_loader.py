@@ -94,7 +94,23 @@ def _config(reader, path: Path) -> ModelConfig:
     return cfg
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
+def _int4_blocks(t, name: str | None, cfg: ModelConfig, permuted: bool):
+    """(name, GgufBlocks) for a decoder linear stored in Q4_0 / Q4_1 / Q4_K; None for anything else."""
+    from longseq.models.quant import LINEAR
+    from longseq.models.quant.gguf_int4 import PACKED_TYPES, GgufBlocks
+
+    if name is None or t.tensor_type.name not in PACKED_TYPES or not LINEAR.match(name):
+        return None
+    N, K = int(t.shape[1]), int(t.shape[0])  # GGUF lists dimensions innermost first
+    order = None
+    if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.num_heads if name.endswith("q_proj.weight") else cfg.num_kv_heads
+        order = unpermute_qk(np.arange(N), heads)
+    return name, GgufBlocks(t.tensor_type.name, np.asarray(t.data), (N, K), order)
+
+
+def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quant=None):
+    """`quant`: models.quant.QuantLoader, quantizing the (dequantized) linears at load."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
@@ -108,9 +124,14 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
             return np.asarray(t.data)
         return dequantize(t.data, t.tensor_type)  # float32, one tensor at a time
 
+    keep_packed = quant is not None and quant.method == "int4" and quant.stored is None
+
     def tensors():
         for t in reader.tensors:
             m = _LAYER_RE.fullmatch(t.name)
+            if keep_packed and (packed := _int4_blocks(t, hf_name(t.name), cfg, permuted)) is not None:
+                yield packed  # 4-bit blocks go to the int4 layers as they are (models/quant/gguf_int4.py)
+                continue
             if m and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
                 try:
                     w = array(t)  # (E, out, in), one expert at a time to the builder
@@ -139,4 +160,5 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     freq_factors = None
     if "rope_freqs.weight" in by_name:  # Llama 3.1 scaling, stored as per-frequency divisors
         freq_factors = torch.from_numpy(np.array(by_name["rope_freqs.weight"].data, dtype=np.float32))
-    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path), freq_factors=freq_factors)
+    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path), freq_factors=freq_factors,
+                              quant=quant)

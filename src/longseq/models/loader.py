@@ -91,20 +91,27 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     config: ModelConfig | None = None,
+    quantization: str | None = None,
+    group_size: int = 128,
 ) -> CausalLM:
     """Load weights from an HF directory, a GGUF file or (path None) the built-in default model.
 
-    `config`: an HF directory's config when the caller has already read it."""
+    `config`: an HF directory's config when the caller has already read it. `quantization`: fp8 or int4 (groups of
+    `group_size` inputs) for the decoder linears, quantized as they load (models/quant); None: as stored (a
+    quantized checkpoint loads quantized)."""
+    from longseq.models.quant.checkpoint import quant_loader
+
     p = resolve_model_path(path)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    quant = quant_loader(p, quantization, group_size, dt, dev)
     if p.is_file():
         from longseq.models.gguf_loader import load_gguf
 
-        return load_gguf(p, dt, dev)
+        return load_gguf(p, dt, dev, quant)
     from longseq.models.safetensors_loader import load_safetensors_dir
 
-    return load_safetensors_dir(p, dt, dev, config)
+    return load_safetensors_dir(p, dt, dev, config, quant)
 
 
 def read_model_config(path: str | Path | None = None) -> ModelConfig:
@@ -144,9 +151,10 @@ class LoadedModel:
 
 
 def load(
-    path: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+    path: str | Path | None = None, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto",
+    quantization: str | None = None, group_size: int = 128,
 ) -> LoadedModel:
-    """Model and tokenizer together; never touches the network."""
+    """Model and tokenizer together; never touches the network. `quantization`, `group_size`: as load_model."""
     from longseq.models.safetensors_loader import read_config
     from longseq.models.tokenizer import load_tokenizer
 
@@ -156,5 +164,5 @@ def load(
     # Read config.json before the tokenizer, else transformers reads a missing or broken one and blames the tokenizer.
     config = read_config(p) if p.is_dir() else None
     tokenizer = load_tokenizer(p)  # a missing tokenizer fails before the (slower) weights load
-    model = load_model(p, dtype=dt, device=dev, config=config)
+    model = load_model(p, dtype=dt, device=dev, config=config, quantization=quantization, group_size=group_size)
     return LoadedModel(model=model, tokenizer=tokenizer, path=p)

@@ -52,9 +52,10 @@ def read_config(path: Path) -> ModelConfig:
     return cfg
 
 
-def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device, cfg: ModelConfig | None = None):
+def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device, cfg: ModelConfig | None = None,
+                         quant=None):
     """Build the model on `meta`, then read each tensor straight onto `device` in `dtype` (`cfg`: the directory's
-    config when the caller has already read it)."""
+    config when the caller has already read it; `quant`: models.quant.QuantLoader for quantized linears)."""
     cfg = cfg or read_config(path)
     files = safetensors_files(path)
 
@@ -70,7 +71,7 @@ def load_safetensors_dir(path: Path, dtype: torch.dtype, device: torch.device, c
             except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
                 raise LongseqError(f"{file}: not a valid safetensors file ({first_line(e)})") from None
 
-    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path))
+    return build_from_tensors(cfg, tensors(), dtype, device, source=str(path), quant=quant)
 
 
 def _read_generation_config(path: Path, cfg: ModelConfig) -> None:

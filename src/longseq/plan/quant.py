@@ -22,18 +22,36 @@ class WeightFormat:
     note: str
 
 
-# int8: per-output-channel fp16 scales (LLM.int8 / SmoothQuant W8); int4: group 128 with fp16 scale + zero (AWQ,
-# GPTQ); fp8: e4m3 with per-tensor scales (negligible); nf4: QLoRA double quantization.
+def int4_bytes_per_param(group: int) -> float:
+    """longseq's int4 (models/quant/int4.py): 4 bits a weight, a 16-bit scale and a 16-bit zero per `group` inputs
+    (GPTQ / AWQ checkpoints load into the same layout)."""
+    return 0.5 + 4 / group
+
+
+# int8: per-output-channel fp16 scales (LLM.int8 / SmoothQuant W8); int4: a 16-bit scale + zero per group of inputs
+# (longseq's --quantization int4, AWQ, GPTQ); fp8: e4m3 with a float32 scale per output channel (longseq's
+# --quantization fp8: 4 bytes per row of K weights, 0.1% at K = 4096, left out); nf4: QLoRA double quantization.
 FORMATS: dict[str, WeightFormat] = {
     "fp32": WeightFormat("fp32", 4.0, 4.0, "float32"),
     "bf16": WeightFormat("bf16", 2.0, 2.0, "bfloat16"),
     "fp16": WeightFormat("fp16", 2.0, 2.0, "float16"),
-    "fp8": WeightFormat("fp8", 1.0, 2.0, "e4m3 weights, per-tensor scales; embeddings and LM head in 16 bits"),
+    "fp8": WeightFormat("fp8", 1.0, 2.0, "e4m3 weights, a scale per output channel; embeddings and LM head in 16 "
+                        "bits"),
     "int8": WeightFormat("int8", 1.0, 2.0, "per-channel scales; embeddings and LM head in 16 bits"),
-    "int4": WeightFormat("int4", 0.5 + 4 / 128, 2.0, "group 128, fp16 scale + zero (AWQ / GPTQ)"),
+    "int4": WeightFormat("int4", int4_bytes_per_param(128), 2.0, "group 128, 16-bit scale + zero (AWQ / GPTQ)"),
+    **{f"int4-g{g}": WeightFormat(f"int4-g{g}", int4_bytes_per_param(g), 2.0, f"group {g}, 16-bit scale + zero")
+       for g in (32, 64, 128)},
     "nf4": WeightFormat("nf4", nf4_bytes_per_param(), 2.0, "QLoRA NF4, double-quantized scales"),
 }
+# KV cache bytes per value: fp8 is longseq's --kv-cache-dtype fp8 (e4m3, one scale per layer for K and for V).
 KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+
+
+def dequant_transient_bytes(quant: str, largest_linear: int) -> float:
+    """Bytes a serving step holds beside its activations to run a quantized layer: int4 prefill dequantizes the
+    largest (fused) weight to 16 bits before its matmul (models/quant/int4.py: 2 bytes a weight, plus 1 byte of
+    unpacked nibbles while it converts); fp8 and 16-bit formats hold nothing of the kind."""
+    return 3.0 * largest_linear if quant.startswith("int4") else 0.0
 
 
 def get_format(name: str) -> WeightFormat:

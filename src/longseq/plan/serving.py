@@ -18,14 +18,14 @@ from longseq.plan.hardware import GPU
 from longseq.plan.lora import lora_pool_bytes
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import count_params
-from longseq.plan.quant import KV_BYTES, get_format
+from longseq.plan.quant import KV_BYTES, dequant_transient_bytes, get_format
 
 PREFILL_MFU = 0.5  # assumed share of peak in prefill (large matmuls); decode is bandwidth-bound instead
 
 
 @dataclass(frozen=True)
 class ServeSetup:
-    quant: str = "bf16"  # weight format: bf16 | fp16 | fp8 | int8 | int4 | nf4
+    quant: str = "bf16"  # weight format: bf16 | fp16 | fp8 | int8 | int4 (int4-g32 / g64 / g128) | nf4
     kv_dtype: str = "bf16"  # bf16 | fp16 | fp8
     context: int | None = None  # tokens per sequence (prompt + output); default: the model's context
     batch: int | None = None  # concurrent sequences; default: as many as fit at `context`
@@ -90,17 +90,21 @@ def weight_bytes(spec: ModelSpec, quant: str) -> float:
     return fmt.linear_bytes * counts.linear + fmt.other_bytes * counts.not_linear
 
 
-def engine_activation_bytes(spec: ModelSpec, tokens: int, seqs: int, act_bytes: int = 2, tp: int = 1) -> float:
+def engine_activation_bytes(spec: ModelSpec, tokens: int, seqs: int, act_bytes: int = 2, tp: int = 1,
+                            quant: str = "bf16") -> float:
     """Peak of one inference step of `tokens` tokens (no saved tensors): the residual and a normed copy, the MLP's
     gate, up, silu(gate) and product (4 · S × I at once), and the LM head's logits for the sampled rows in bf16
     and fp32 (model_runner: lm_head(...).float()). Tensor parallel (distributed/tensor_parallel.py): the residual
     stream is replicated, the MLP split over tp, and the logits all-gathered: the local V/tp slice, the gathered
-    pieces and their concatenation in bf16, then the fp32 copy (none when the model is fp32: .float() is a no-op)."""
+    pieces and their concatenation in bf16, then the fp32 copy (none when the model is fp32: .float() is a no-op).
+    A quantized `quant` adds what its layers hold while they run (plan/quant.py: int4's dequantized weight)."""
     cfg = spec.config
     per_token = act_bytes * (2 * cfg.hidden_size + 4 * cfg.intermediate_size * spec.experts_per_token / tp)
     copy = 4 if act_bytes != 4 else 0
     logits = act_bytes + copy if tp == 1 else act_bytes / tp + 2 * act_bytes + copy
-    return tokens * per_token + min(tokens, seqs) * cfg.vocab_size * logits
+    gate_up = 2 * cfg.intermediate_size * cfg.hidden_size / tp  # the largest fused linear (gate and up)
+    return (tokens * per_token + min(tokens, seqs) * cfg.vocab_size * logits
+            + dequant_transient_bytes(quant, gate_up))
 
 
 def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
@@ -119,7 +123,7 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
             raise LongseqError(f"{name} must be positive")
     weights = weight_bytes(spec, setup.quant) / tp
     kv = kv_bytes_per_token(spec, KV_BYTES[setup.kv_dtype]) / tp
-    act = engine_activation_bytes(spec, setup.max_num_batched_tokens, setup.max_num_seqs, tp=tp)
+    act = engine_activation_bytes(spec, setup.max_num_batched_tokens, setup.max_num_seqs, tp=tp, quant=setup.quant)
     # Adapters in the serving dtype (16 bits) whatever the weights' format.
     loras = lora_pool_bytes(spec, setup.max_loras, setup.max_lora_rank, 2) if setup.max_loras else 0.0
     budget = gpu.memory_bytes * setup.gpu_memory_fraction
@@ -152,6 +156,9 @@ def plan_serve(spec: ModelSpec, gpu: GPU, setup: ServeSetup) -> ServePlan:
     elif batch * context > kv_tokens:
         plan.notes.append(f"{batch} × {context:,} tokens need {batch * context * kv / 2**30:.1f} GiB of KV cache, "
                           f"{pool / 2**30:.1f} GiB are left")
+    if setup.quant == "fp8" and not gpu.fp8_tflops:
+        plan.notes.append(f"{gpu.name} has no FP8 tensor cores: longseq serve --quantization fp8 refuses it (int4 "
+                          "runs)")
     if context > cfg.max_seq_len:
         plan.notes.append(f"context {context:,} is beyond the model's native {cfg.max_seq_len:,} tokens")
     if setup.max_loras:

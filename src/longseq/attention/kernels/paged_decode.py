@@ -5,6 +5,8 @@ padded (B, T) batch, then runs SDPA over it: three passes over the KV cache per 
 each key once, in place, through the block table (the idea of vLLM's PagedAttention), with all query heads of one
 GQA group in one program so a KV head is loaded once for its `group` query heads. Long contexts with few sequences
 split the keys over several programs and merge their partial softmaxes afterwards (flash-decoding, Dao et al. 2023).
+An FP8 pool (attention/kv_fp8.py) is read as e4m3 and widened to q's dtype in registers; its K scale joins the
+softmax scale and its V scale the output, so no element is multiplied by a scale.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ BLOCK_N = 64  # keys per tile
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K, V, Tables, Lens, Out, Lse,
+    Q, K, V, Tables, Lens, Out, Lse, Scales,
     stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
     scale_log2, window,
     H_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, FP8_KV: tl.constexpr,
 ):
     b, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    v_scale = 1.0
+    if FP8_KV:  # read on the device: a captured graph sees scales set after its capture
+        scale_log2 = scale_log2 * tl.load(Scales)
+        v_scale = tl.load(Scales + 1)
     ctx = tl.load(Lens + b)
     lo = tl.where(window > 0, tl.maximum(ctx - window, 0), 0)
     # This program's share of the tiles that hold keys in [lo, ctx).
@@ -49,19 +55,22 @@ def _paged_decode_kernel(
         block = tl.load(Tables + b * stride_tb + pos // BS, mask=valid, other=0)
         slot = block.to(tl.int64) * BS + pos % BS  # pool row of each key: (BLOCK_N,)
         kv_off = slot[:, None] * (H_KV * D) + kvh * D + d[None, :]
-        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        k = tl.load(K + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (GROUP_PAD, BLOCK_N), log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=valid[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if FP8_KV:
+        out = acc * (v_scale / tl.where(empty, 1.0, l_i))[:, None]
+    else:
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
     o_ptr = Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + d[None, :]
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=(g < GROUP)[:, None])
     if NUM_SPLITS > 1:
@@ -110,10 +119,11 @@ def dominated(lens: list[int], num_kv_heads: int, num_sms: int) -> bool:
 
 def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor, block_size: int, window: int | None = None,
-                 splits: int = 1) -> torch.Tensor:
+                 splits: int = 1, scales: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, H, D), pools (num_slots, H_kv, D), tables (B, W) int32, lens (B,) int32 -> (B, H, D).
 
     `splits` must be fixed for a captured CUDA graph, so the caller picks it from the graph's static shape.
+    `scales` (2,) float32 on the device: K's and V's of FP8 pools (None: pools in q's dtype).
     """
     B, H, D = q.shape
     H_kv = k_pool.shape[1]
@@ -128,12 +138,14 @@ def paged_decode(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, ta
         out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
         stride_os = out.stride(2)
+    fp8 = scales is not None
+    assert fp8 == (k_pool.dtype == torch.float8_e4m3fn)
     _paged_decode_kernel[grid](
-        q, k_pool, v_pool, tables, lens, out, lse,
+        q, k_pool, v_pool, tables, lens, out, lse, scales if fp8 else lens,
         q.stride(0), q.stride(1), tables.stride(0), out.stride(0), out.stride(1), stride_os,
         scale_log2, window or 0,
         H_KV=H_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BS=block_size,
-        BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
+        BLOCK_N=BLOCK_N, NUM_SPLITS=splits, FP8_KV=fp8,
     )
     if splits == 1:
         return out

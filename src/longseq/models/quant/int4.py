@@ -1,0 +1,172 @@
+"""Int4 weight-only linear layers: 4-bit weights with a scale and a zero point per group of input channels.
+
+W[n, k] ≈ (q[n, k] - z[n, g]) · s[n, g] for g = k // group_size: asymmetric round-to-nearest at load from 16-bit
+weights, or GPTQ / AWQ checkpoints unpacked into the same layout (models/quant/checkpoint.py). Storage, the layout
+PyTorch's tinygemm kernel takes as input (`_convert_weight_to_int4pack`): `qweight` (N, K/2) uint8, byte j of a row
+holding k = 2j in its high nibble and k = 2j + 1 in its low one; `scales` and `zeros` (N, K/G) in the model's dtype
+(zeros are the integers 0..15). GPTQ's act-order checkpoints store input channels out of group order (`g_idx`):
+their columns are sorted by group at load and each input row is permuted the same way at run time (`perm`), so
+every group stays one contiguous run of K (ExLlama's and vLLM's reordering).
+
+Compute: rows up to DECODE_ROWS (decode) through the Triton kernels (int4_kernel.py: a GEMV for one row, a tl.dot
+kernel beyond), which dequantize each tile in registers, so a step reads 4 bits a weight; longer inputs (prefill)
+dequantize the weight to 16 bits in one Triton pass and run one cuBLAS matmul: the dequantize costs the weight's
+bytes once per step, beside a matmul of hundreds of rows. The reference (`reference_linear`: dequantize, float32
+matmul) is the CPU path and the tests' oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longseq.errors import LongseqError
+
+# Inputs of at most this many rows take the Triton kernels on GPUs; longer ones dequantize and run cuBLAS. Estimated
+# from benchmarks/results/2026-12-03-quant-h200 (the tl.dot kernel against a one-pass dequantize + bf16 matmul at
+# 32 and 64 rows), not yet measured with the one-pass dequantize itself.
+DECODE_ROWS = 32
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers 0..15 -> (N, K/2) uint8, k = 2j in the high nibble of byte j."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 integers 0..15."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
+
+
+def fitting_group(in_features: int, group_size: int) -> int:
+    """`group_size`, or for an input size it does not divide the largest smaller power of two down to 32 that does
+    (SmolLM2's 576 inputs: 64 for 128)."""
+    size = group_size
+    while size >= 32:
+        if in_features % size == 0:
+            return size
+        size //= 2
+    raise LongseqError(f"int4 needs input sizes divisible by a group size of 32 or more; got {in_features} inputs")
+
+
+def quantize_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed (N, K/2) uint8, float32 scales and zeros (N, K/G): per group, the range [min, max]
+    (widened to hold 0.0, as GPTQ does) mapped onto 0..15, the zero point the integer nearest to where 0.0 falls."""
+    N, K = weight.shape
+    w = weight.float().reshape(N, K // group_size, group_size)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)  # (N, K/G)
+    zero = (-lo / scale).round().clamp(0, 15)
+    q = (w / scale[..., None]).round().add(zero[..., None]).clamp(0, 15)
+    return pack(q.reshape(N, K)), scale, zero
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) in `dtype`: (q - z) · s group by group (computed in `dtype`: scales and zeros are stored in it), in
+    place: the transient peak is the 16-bit weight and its unpacked bytes (3 bytes a weight in bf16)."""
+    N, groups = scales.shape
+    maths = torch.promote_types(dtype, scales.dtype)  # float32 scales (GGUF blocks) stay float32 until the end
+    q = unpack(qweight).reshape(N, groups, -1).to(maths)
+    return q.sub_(zeros.to(maths)[..., None]).mul_(scales.to(maths)[..., None]).reshape(N, -1).to(dtype)
+
+
+def reference_linear(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """Dequantize, then multiply in float32."""
+    if layer.perm is not None:
+        x = x[..., layer.perm]
+    y = x.float() @ dequantize(layer.qweight, layer.scales, layer.zeros).t()
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """A frozen linear layer with 4-bit weights: a layer swap for nn.Linear in serving (models/quant/__init__.py)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None = None, perm: torch.Tensor | None = None):
+        """qweight (N, K/2) uint8 (pack), scales / zeros (N, K/G) in the compute dtype, perm (K,): the input
+        channel each stored column reads (act-order), or None."""
+        super().__init__()
+        N, half = qweight.shape
+        assert qweight.dtype == torch.uint8 and scales.shape == zeros.shape and scales.shape[0] == N
+        self.out_features, self.in_features = N, 2 * half
+        self.group_size = self.in_features // scales.shape[1]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("perm", None if perm is None else perm.long())
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None) -> Int4Linear:
+        """From a float weight; scales and zeros stored in `dtype` (default: the weight's)."""
+        qweight, scale, zero = quantize_weight(weight, fitting_group(weight.shape[1], group_size))
+        dtype = dtype or weight.dtype
+        return cls(qweight, scale.to(dtype), zero.to(dtype), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return reference_linear(x, self)
+        if self.perm is not None:
+            x = x[..., self.perm]
+        rows = x.numel() // x.shape[-1]
+        if rows <= DECODE_ROWS and x.dtype in (torch.float16, torch.bfloat16):
+            from longseq.models.quant.int4_kernel import int4_gemv, int4_matmul
+
+            if rows == 1:
+                y = int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
+            else:
+                y = int4_matmul(x.reshape(rows, -1), self.qweight, self.scales, self.zeros, self.group_size)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        from longseq.models.quant.int4_kernel import int4_dequantize
+
+        weight = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
+        return F.linear(x, weight, self.bias)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, K) weight, columns in stored order (apply `perm` to inputs, or use `weight_in_input_order`)."""
+        return dequantize(self.qweight, self.scales, self.zeros, dtype)
+
+    def weight_in_input_order(self) -> torch.Tensor:
+        """The float32 (N, K) weight a plain nn.Linear would hold."""
+        w = self.dequantized()
+        if self.perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, self.perm] = w
+        return out
+
+    @staticmethod
+    def fused(layers: list[nn.Module]):
+        """fused_linear.fuse's hook: one int4 matmul over layers that read the same input (same group size and
+        input permutation); their buffers become views of the concatenation."""
+        from longseq.models.quant import FusedQuantLinear
+
+        first = layers[0]
+        if not all(type(m) is Int4Linear and not m._forward_hooks and m.group_size == first.group_size
+                   and (m.bias is None) == (first.bias is None) and _same(m.perm, first.perm) for m in layers):
+            return None
+        if len(layers) == 1:
+            return FusedQuantLinear(first, [first.out_features])
+        parts = {name: torch.cat([getattr(m, name) for m in layers]) for name in ("qweight", "scales", "zeros")}
+        bias = None if first.bias is None else torch.cat([m.bias.detach() for m in layers])
+        fused = Int4Linear(parts["qweight"], parts["scales"], parts["zeros"], bias, first.perm)
+        start = 0
+        for m in layers:
+            n = m.out_features
+            for name, t in parts.items():
+                setattr(m, name, t[start : start + n])
+            if bias is not None:
+                m.bias.data = fused.bias.data[start : start + n]
+            start += n
+        return FusedQuantLinear(fused, [m.out_features for m in layers])
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))

@@ -68,13 +68,13 @@ def run_train_row(row: dict, device: str) -> dict | None:
     from longseq.train.optim import build_optimizer
     from longseq.train.parallel.data_parallel import grad_scaler, wrap
     from longseq.train.parallel.env import init_distributed
-    from longseq.train.parallel.ulysses import enable_ulysses
+    from longseq.train.parallel.ulysses import enable_sequence_parallel
     from longseq.train.precision import resolve_precision
     from longseq.train.step import TokenLoss, train_step
 
     cfg = TrainConfig(method=row["method"], recompute=row["recompute"], seq_len=row["seq_len"], batch_size=1,
                       optimizer="adamw", lora_rank=16, lora_alpha=32, loss_chunk=1024, parallel=row["parallel"],
-                      sequence_parallel=row["sp"], fsdp_offload=row.get("offload", False), device=device)
+                      sp=row["sp"], fsdp_offload=row.get("offload", False), device=device)
     env = init_distributed(cfg)
     cuda = env.device.type == "cuda"
     precision = resolve_precision("bf16" if cuda else "fp32", env.device)
@@ -84,8 +84,7 @@ def run_train_row(row: dict, device: str) -> dict | None:
     model.set_recompute(cfg.recompute)
     model.train()
     step_model = TokenLoss(model, cfg.loss_chunk)
-    if env.sp > 1:
-        enable_ulysses(model, env.sp_group, env.sp)
+    enable_sequence_parallel(model, env)
     step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
     optimizer = build_optimizer(model, cfg, torch.device("cpu") if cfg.fsdp_offload else env.device)
     scaler = grad_scaler(env, precision)
@@ -211,7 +210,7 @@ def predict(row: dict, gpus: int, device_name: str) -> dict:
     if row["kind"] == "serve":
         plan = plan_serve(spec, gpu, ServeSetup(num_gpus=row["tp"], context=row["prompt"] + row["output"]))
         return dict(kv_tokens=plan.kv_tokens, decode_bound_tokens_per_s=plan.decode_tokens_per_s)
-    cfg = TrainConfig(parallel=row["parallel"], sequence_parallel=row["sp"], fsdp_offload=row.get("offload", False),
+    cfg = TrainConfig(parallel=row["parallel"], sp=row["sp"], fsdp_offload=row.get("offload", False),
                       seq_len=row["seq_len"])
     setup = TrainSetup(method=row["method"], seq_len=row["seq_len"], recompute=row["recompute"], lora_rank=16,
                        loss_chunk=1024, parallel=parallelism_for(cfg, gpus))

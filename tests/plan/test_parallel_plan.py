@@ -62,7 +62,7 @@ def test_fsdp_offload_keeps_only_gathered_layers_on_the_gpu():
 
 
 def test_train_config_maps_onto_parallelism():
-    cfg = TrainConfig(parallel="fsdp", fsdp_offload=True, sequence_parallel=2, seq_len=64)
+    cfg = TrainConfig(parallel="fsdp", fsdp_offload=True, sp=2, seq_len=64)
     assert parallelism_for(cfg, 8) == Parallelism(dp=4, sp=2, zero=3, offload="params")
     assert parallelism_for(TrainConfig(parallel="ddp"), 4) == Parallelism(dp=4)
 

@@ -57,9 +57,9 @@ class TrainSetup:
 
 def parallelism_for(cfg: TrainConfig, world_size: int, nodes: int = 1) -> Parallelism:
     """The Parallelism of a `longseq train` run on `world_size` processes."""
-    sp = cfg.sequence_parallel
-    return Parallelism(dp=world_size // sp, sp=sp, zero=3 if cfg.parallel == "fsdp" else 0,
-                       offload="params" if cfg.fsdp_offload else "none", nodes=nodes)
+    return Parallelism(dp=cfg.data_parallel(world_size), tp=cfg.tp, pp=cfg.pp, sp=cfg.cp * cfg.sp,
+                       zero=3 if cfg.parallel == "fsdp" else 0, offload="params" if cfg.fsdp_offload else "none",
+                       nodes=nodes)
 
 
 def setup_for(cfg: TrainConfig, *, precision: str, packed: bool, recompute: str, tile: int | None = None,

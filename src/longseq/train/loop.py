@@ -32,9 +32,10 @@ from longseq.train.lora import make_trainable
 from longseq.train.memory_plan import MemoryChoice, plan_memory
 from longseq.train.metrics import MetricsWriter, matmul_params, peak_flops, peak_memory_gib
 from longseq.train.optim import build_optimizer, build_scheduler
+from longseq.train.parallel import meta_loading, tensor_parallel
 from longseq.train.parallel.data_parallel import grad_scaler, wrap
 from longseq.train.parallel.env import DistEnv, init_distributed
-from longseq.train.parallel.ulysses import enable_ulysses
+from longseq.train.parallel.ulysses import enable_sequence_parallel
 from longseq.train.precision import Precision, resolve_precision
 from longseq.train.step import TokenLoss, train_step
 
@@ -94,7 +95,9 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     precision = resolve_precision(cfg.precision, env.device)
     # Full fine-tuning keeps float32 master weights; LoRA/QLoRA keep the frozen base in the compute dtype.
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
-    lm = load(cfg.model, dtype=load_dtype, device=env.device)
+    sharded = meta_loading.sharded_loading(cfg, env)  # built on meta, each rank reading only its shards
+    lm = meta_loading.load_meta(cfg.model, load_dtype) if sharded else load(cfg.model, dtype=load_dtype,
+                                                                            device=env.device)
     apply_overrides(lm.model, cfg.overrides)  # attention variant / RoPE scaling flags
     if lm.model.config.is_moe:  # adapters would reach the router, not the experts (issue 25 item 3)
         raise LongseqError(f"training mixture-of-experts models ({lm.model.config.num_experts} experts) is not "
@@ -105,10 +108,14 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     make_trainable(model, cfg)
     model.train()
     step_model = TokenLoss(model, cfg.loss_chunk)
-    if env.sp > 1:
-        enable_ulysses(model, env.sp_group, env.sp)
+    enable_sequence_parallel(model, env)  # ring attention (cp) and / or Ulysses (sp)
+    if env.tp > 1:
+        tensor_parallel.parallelize(model, env.grid["tp"], env.tp)
     if env.distributed:
         step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
+    if sharded:
+        meta_loading.materialize(step_model, model, lm.path, torch.device("cpu") if cfg.fsdp_offload else env.device,
+                                 cfg.seed, env.device)
     optimizer = build_optimizer(model, cfg, torch.device("cpu") if cfg.fsdp_offload else env.device)
     return Run(cfg, env, lm, data, precision, optimizer, build_scheduler(optimizer, cfg), grad_scaler(env, precision),
                step_model)
@@ -180,7 +187,8 @@ def _report_memory(console, run: Run, kernel: str) -> None:
                       "(try a shorter --seq-len, --method qlora or --optimizer adamw8bit)[/]")
     if env.distributed:
         console.print(f"[dim]{env.parallel}{' + CPU offload' if cfg.fsdp_offload else ''} over {env.world_size} "
-                      f"process(es): {env.dp} data parallel × {env.sp} sequence parallel (Ulysses)[/]")
+                      f"process(es): {env.dp} data parallel × {env.tp} tensor parallel × {env.cp} context parallel "
+                      f"(ring) × {env.sp} sequence parallel (Ulysses)[/]")
 
 
 def _clean_temporaries(console, out_dir: str) -> None:

@@ -41,6 +41,12 @@ def is_nf4(weight: torch.Tensor) -> bool:
     return type(weight).__name__ == "NF4Tensor"  # by name: plain LoRA must not need torchao at all
 
 
+def init_adapter(a: torch.Tensor, b: torch.Tensor) -> None:
+    """PEFT's initialisation of the factors A (r, in) and B (out, r), in place: B = 0 so that W starts at W0."""
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    nn.init.zeros_(b)
+
+
 class LoRALinear(nn.Module):
     """y = x W0^T + b + (alpha / r) * B A dropout(x), with W0 (and b) frozen; W0 optionally NF4 (QLoRA).
 
@@ -62,8 +68,7 @@ class LoRALinear(nn.Module):
             kw = dict(device=weight.device, dtype=torch.float32)
             self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
             self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: B = 0 so W starts at W0
-            nn.init.zeros_(self.lora_B.weight)
+            init_adapter(self.lora_A.weight, self.lora_B.weight)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # no activation saved; skipped where a recompute never reads the output

@@ -12,7 +12,7 @@ from torch import nn
 
 from longseq.models.llama import CausalLM
 from longseq.train.loss import IGNORE, chunked_cross_entropy
-from longseq.train.parallel.data_parallel import gradient_sync
+from longseq.train.parallel.data_parallel import clip_grad_norm, gradient_sync
 from longseq.train.parallel.env import DistEnv
 
 
@@ -38,19 +38,20 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
     env = env or DistEnv(device=device)
     if isinstance(model, CausalLM):
         model = TokenLoss(model, cfg.loss_chunk)
-    shard = env.shard_sequence  # Ulysses: this rank's slice of each sequence; the identity otherwise
+    shard = env.shard_sequence  # context / sequence / tensor parallel: this rank's tokens; else the identity
     num_targets = max(1, env.all_reduce_sum(sum(int((shard(b.targets) != IGNORE).sum()) for b in micro_batches)))
     total = 0.0
     for i, b in enumerate(micro_batches):
-        ids, targets, positions = (shard(t).to(device) for t in (b.input_ids, b.targets, b.positions))
+        ids, targets = shard(b.input_ids).to(device), shard(b.targets).to(device)
+        positions = env.shard_positions(b.positions).to(device)
         # Rows that hold a single segment need no document mask (the fast causal kernel). The whole sequence's:
-        # under Ulysses attention runs over all of it.
+        # attention runs over all of it.
         doc_ids = b.doc_ids.to(device) if bool((b.positions[:, 1:] == 0).any()) else None
         with gradient_sync(model, env, sync=i == len(micro_batches) - 1):  # exchange grads on the last one only
             with precision.autocast():
                 loss = model(ids, positions, doc_ids, targets) / num_targets
             # DDP and FSDP average gradients over the processes; times their number, that mean is the sum.
-            scaled = loss * env.world_size if env.distributed else loss
+            scaled = loss * env.grad_ranks if env.distributed else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()
     total = env.all_reduce_sum(total)
@@ -58,7 +59,7 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
         scaler.unscale_(optimizer)
     if cfg.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        clip_grad_norm(params, cfg.max_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -71,7 +71,7 @@ def test_ddp_cli_trains_the_single_process_losses(single, ddp_cli, setup):
 def _resume_worker(rank, world, setup):
     # FSDP2 continues the single-process checkpoint; FSDP2 + Ulysses (1 data-parallel rank) continues DDP's.
     a = train(config(setup, "fsdp-from-single", parallel="fsdp", grad_accum=1, resume="latest"), progress=False)
-    b = train(config(setup, "ulysses-from-ddp", parallel="fsdp", sequence_parallel=2, resume="latest"),
+    b = train(config(setup, "ulysses-from-ddp", parallel="fsdp", sp=2, resume="latest"),
               progress=False)
     return a.losses, b.losses
 
@@ -109,8 +109,8 @@ def test_bad_launch_is_one_line_before_any_process_starts(setup, capsys):
 
     root, model_dir, data = setup
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--seq-len", "32"]
-    assert main(argv + ["--nproc", "2", "--sequence-parallel", "4"]) == 2
+    assert main(argv + ["--nproc", "2", "--sp", "4"]) == 2
     assert main(argv + ["--nproc", "2", "--data", str(root / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0] == "longseq: error: sequence_parallel 4 must divide --nproc 2"
+    assert err[0] == "longseq: error: sp 4 = 4 processes per model replica does not divide the 2 process(es) launched"
     assert len(err) == 2 and "missing.jsonl" in err[1]

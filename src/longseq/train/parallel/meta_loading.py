@@ -1,0 +1,173 @@
+"""Sharded loading: a model built on the `meta` device (shapes, no storage), split by tensor parallelism and FSDP2,
+then given storage for this rank's shards only, each filled with just its slice of the safetensors file(s).
+
+Per rank the weights take model / (FSDP ranks × tensor-parallel ranks) bytes of memory at every moment, instead of
+a whole model loaded and then sharded (16 GiB per process for an 8B model in bf16, 140 GiB for 70B), and each rank
+reads only its slices from disk (`safe_open(...).get_slice`: the bytes of those rows / columns, not the tensor).
+With `--fsdp-offload` the shards are created in CPU memory, where CPUOffloadPolicy keeps them.
+
+The trained parameters that no checkpoint holds (LoRA adapters) are initialised whole, in the order and on the
+device a single-process run initialises them, and each rank keeps its slice: the same values at any layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from longseq.config import TrainConfig
+from longseq.errors import LongseqError, first_line
+from longseq.models.llama import CausalLM
+from longseq.models.loader import LoadedModel, resolve_model_path
+from longseq.models.safetensors_loader import INDEX_FILE, read_config, safetensors_files
+from longseq.models.tokenizer import load_tokenizer
+from longseq.train.lora import LoRALinear, init_adapter
+from longseq.train.parallel.env import DistEnv
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # older HF checkpoints store the RoPE table; we compute it
+
+
+@dataclass
+class LoadStats:
+    """What this rank read: bytes of tensor data, and how many tensors it read a slice of."""
+
+    bytes_read: int = 0
+    tensors: int = 0
+
+
+def sharded_loading(cfg: TrainConfig, env: DistEnv) -> bool:
+    """Whether this run builds on meta and loads per shard: FSDP over an HF safetensors directory. (A GGUF file is
+    dequantized whole; QLoRA quantizes whole weights before FSDP shards them: both load whole, as one process.)"""
+    if env.parallel != "fsdp" or cfg.method == "qlora":
+        return False
+    return resolve_model_path(cfg.model).is_dir()
+
+
+def load_meta(path: str | None, dtype: torch.dtype) -> LoadedModel:
+    """The model of the HF directory `path` built on meta in `dtype`, with its tokenizer; no weight is read."""
+    p = resolve_model_path(path)
+    config = read_config(p)
+    tokenizer = load_tokenizer(p)
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=p)
+
+
+def materialize(root: nn.Module, model: CausalLM, path: Path, device: torch.device, seed: int,
+                adapter_device: torch.device) -> LoadStats:
+    """Give every parameter of `model` (built on meta, then made trainable and split; `root` is the outermost
+    FSDP module holding it) storage on `device` for this rank's shard, and fill it: weights from the safetensors
+    files of `path`, LoRA adapters initialised as make_trainable would (seeded with `seed`, drawn on
+    `adapter_device`). Returns what was read."""
+    root.to_empty(device=device)  # FSDP2 re-registers its shards (FSDPModule._apply)
+    model.rotary.reset(device)
+    where = _tensor_files(path)
+    expected = {name for name, _ in model.named_parameters()}
+    unexpected = [n for n in where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and model.config.tie_word_embeddings) and ".lora_" not in n]
+    if unexpected:
+        raise LongseqError(f"{path}: unexpected weight {unexpected[0]!r}; is this a {model.config.arch} model?")
+    adapters = {f"{name}.{part}.weight" for name, m in model.named_modules()
+                if isinstance(m, LoRALinear) and m.rank for part in ("lora_A", "lora_B")}
+    missing = [n for n in expected if n not in where and n not in adapters]
+    if missing:
+        raise LongseqError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
+    stats = LoadStats()
+    files: dict[Path, object] = {}
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in adapters:
+                    continue
+                file = where[name]
+                if file not in files:
+                    files[file] = _open(file, path)
+                _read_shard(files[file], name, param, file, stats)
+            _init_adapters(model, seed, adapter_device)
+    finally:
+        for f in files.values():
+            f.__exit__(None, None, None)
+    return stats
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Which file holds each tensor: the shard index, or the headers of the files (read without their data)."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        safetensors_files(path)  # checks that the index parses and every listed file exists
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    out: dict[str, Path] = {}
+    for file in safetensors_files(path):
+        f = _open(file, path)
+        try:
+            out.update(dict.fromkeys(f.keys(), file))
+        finally:
+            f.__exit__(None, None, None)
+    return out
+
+
+def _open(file: Path, path: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu").__enter__()
+    except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
+        raise LongseqError(f"{file}: not a valid safetensors file ({first_line(e)})") from None
+
+
+def local_region(param: torch.Tensor) -> tuple[slice, ...]:
+    """The slice of the whole tensor that this rank's shard of `param` (a DTensor, or a plain tensor: all of it)
+    holds. FSDP2 and tensor parallelism shard each dimension into contiguous ranges (what DCP records as a shard's
+    offsets and sizes too)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return tuple(slice(0, n) for n in param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def _read_shard(f, name: str, param: torch.Tensor, file: Path, stats: LoadStats) -> None:
+    region = local_region(param)
+    local = _local(param)
+    try:
+        part = f.get_slice(name)
+        shape = tuple(part.get_shape())
+        if shape != tuple(param.shape):
+            raise LongseqError(f"{file}: weight {name} has shape {shape}, config expects {tuple(param.shape)}")
+        values = part[region] if local.numel() else None
+    except LongseqError:
+        raise
+    except Exception as e:
+        raise LongseqError(f"{file}: cannot read {name} ({first_line(e)})") from None
+    if values is None:  # an empty shard (more ranks than rows)
+        return
+    if tuple(values.shape) != tuple(local.shape):
+        raise LongseqError(f"{name}: the slice read {tuple(values.shape)} is not this rank's shard "
+                           f"{tuple(local.shape)}")
+    local.copy_(values)  # into the dtype and device of the shard
+    stats.bytes_read += values.numel() * values.element_size()
+    stats.tensors += 1
+
+
+def _init_adapters(model: nn.Module, seed: int, device: torch.device) -> None:
+    """LoRA factors as make_trainable draws them on one process (same seed, order and device), whole, one at a
+    time; each rank keeps its slice."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if not isinstance(module, LoRALinear) or not module.rank:
+            continue
+        a, b = module.lora_A.weight, module.lora_B.weight
+        whole_a = torch.empty(a.shape, dtype=a.dtype, device=device)
+        whole_b = torch.empty(b.shape, dtype=b.dtype, device=device)
+        init_adapter(whole_a, whole_b)
+        for param, whole in ((a, whole_a), (b, whole_b)):
+            _local(param).copy_(whole[local_region(param)])

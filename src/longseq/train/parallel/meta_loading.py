@@ -26,7 +26,7 @@ from longseq.models.llama import CausalLM
 from longseq.models.loader import LoadedModel, resolve_model_path
 from longseq.models.safetensors_loader import INDEX_FILE, read_config, safetensors_files
 from longseq.models.tokenizer import load_tokenizer
-from longseq.train.lora import LoRALinear, init_adapter
+from longseq.train.lora import LoRALinear, new_adapter
 from longseq.train.parallel.env import DistEnv
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # older HF checkpoints store the RoPE table; we compute it
@@ -165,9 +165,6 @@ def _init_adapters(model: nn.Module, seed: int, device: torch.device) -> None:
     for module in model.modules():
         if not isinstance(module, LoRALinear) or not module.rank:
             continue
-        a, b = module.lora_A.weight, module.lora_B.weight
-        whole_a = torch.empty(a.shape, dtype=a.dtype, device=device)
-        whole_b = torch.empty(b.shape, dtype=b.dtype, device=device)
-        init_adapter(whole_a, whole_b)
-        for param, whole in ((a, whole_a), (b, whole_b)):
-            _local(param).copy_(whole[local_region(param)])
+        whole = new_adapter(module.in_features, module.out_features, module.rank, device)
+        for param, init in zip((module.lora_A.weight, module.lora_B.weight), whole, strict=True):
+            _local(param).copy_(init.weight[local_region(param)])

@@ -15,6 +15,7 @@ columns and keeps B whole, whose partial products then join the base's in the sa
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 from torch import nn
@@ -101,6 +102,9 @@ def parallelize(model: nn.Module, mesh, degree: int) -> None:
     """Split every decoder layer of `model` (a CausalLM, LoRA layers swapped in or not) over the 1-D `mesh` of
     `degree` tensor-parallel ranks, in place. Its parameters become DTensors (meta ones stay meta)."""
     check_tensor_parallel(model.config, degree)
+    # DTensor logs a note each time it reduces over two mesh dimensions one after the other: the gradient norm's
+    # scalar, once a step. Not worth a line on the terminal every step.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     for layer in model.model.layers:
         attn = layer.self_attn
         attn.num_heads //= degree  # the views into heads see this rank's heads

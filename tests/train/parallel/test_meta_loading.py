@@ -1,0 +1,117 @@
+"""Sharded loading on 2 gloo processes: a model built on meta, split by FSDP2 (with CPU offload, and with tensor
+parallelism), then filled by each rank with only its slices of a sharded safetensors checkpoint. Every weight equals
+the single-process load, each rank reads about half the bytes (together all of them, once), and one training step
+gives the single-process loss."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dist_helpers import run_workers, synthetic_batches
+from longseq.config import TrainConfig
+from longseq.models.loader import load
+from longseq.train.lora import make_trainable
+from longseq.train.optim import build_optimizer
+from longseq.train.parallel import meta_loading
+from longseq.train.parallel.data_parallel import wrap
+from longseq.train.parallel.env import DistEnv, init_distributed
+from longseq.train.parallel.tensor_parallel import parallelize
+from longseq.train.precision import resolve_precision
+from longseq.train.step import TokenLoss, train_step
+
+SEQ, BATCH, VOCAB = 16, 2, 96
+# name -> TrainConfig options of the run
+LAYOUTS = {
+    "fsdp-full": dict(method="full", parallel="fsdp"),
+    "fsdp-offload-lora": dict(method="lora", parallel="fsdp", fsdp_offload=True),
+    "tp2-fsdp-lora": dict(method="lora", parallel="fsdp", tp=2),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama in two safetensors shards with an index."""
+    import transformers
+
+    path = tmp_path_factory.mktemp("sharded")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(path, max_shard_size="60KB")
+    shutil.copytree(tokenizer_dir, path, dirs_exist_ok=True)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+def _config(model_dir, **kw) -> TrainConfig:
+    return TrainConfig(model=str(model_dir), lora_rank=4, optimizer="sgd", lr=1.0, max_grad_norm=1.0,
+                       precision="fp32", device="cpu", loss_chunk=16, seq_len=SEQ, batch_size=BATCH, **kw)
+
+
+def _step(model, step_model, cfg, env):
+    precision = resolve_precision("fp32", env.device)
+    optimizer = build_optimizer(model, cfg, env.device)
+    micro = next(env.step_batches(iter(synthetic_batches(2, BATCH, SEQ, VOCAB)), cfg.grad_accum))
+    return train_step(step_model, micro, cfg, precision, env.device, optimizer, None, env)
+
+
+def _worker(rank, world, model_dir):
+    out = {}
+    for name, options in LAYOUTS.items():
+        cfg = _config(model_dir, **options)
+        env = init_distributed(cfg)
+        assert meta_loading.sharded_loading(cfg, env)
+        lm = meta_loading.load_meta(cfg.model, torch.float32)
+        model = lm.model
+        torch.manual_seed(cfg.seed)
+        make_trainable(model, cfg)
+        step_model = TokenLoss(model, cfg.loss_chunk)
+        if env.tp > 1:
+            parallelize(model, env.grid["tp"], env.tp)
+        step_model = wrap(step_model, env, resolve_precision("fp32", env.device), offload=cfg.fsdp_offload)
+        assert all(p.device.type == "meta" for p in model.parameters())
+        stats = meta_loading.materialize(step_model, model, lm.path, env.device, cfg.seed, env.device)
+        held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        weights = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        out[name] = (stats.bytes_read, held, weights, _step(model, step_model, cfg, env))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(model_dir):
+    return run_workers(_worker, 2, model_dir)
+
+
+def _checkpoint_bytes(model_dir) -> int:
+    total = 0
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(f.get_tensor(n).numel() * f.get_tensor(n).element_size() for n in f.keys())
+    return total
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_each_rank_loads_its_shards_of_the_single_process_model(results, model_dir, name):
+    dp = 2 // LAYOUTS[name].get("tp", 1)
+    cfg = _config(model_dir, method=LAYOUTS[name]["method"], grad_accum=dp)  # the micro-batches of all dp ranks
+    reference = load(cfg.model, dtype=torch.float32, device="cpu").model
+    torch.manual_seed(cfg.seed)
+    make_trainable(reference, cfg)
+    total = _checkpoint_bytes(model_dir)
+    model_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    for _, _, weights, _ in (r[name] for r in results):  # as loaded, before the step
+        assert weights.keys() == dict(reference.named_parameters()).keys()
+        for n, p in reference.named_parameters():
+            torch.testing.assert_close(weights[n], p.detach(), rtol=0, atol=0, msg=n)
+    ref_loss = _step(reference, TokenLoss(reference, cfg.loss_chunk), cfg, DistEnv())
+    read = [r[name][0] for r in results]
+    for bytes_read, held, _, loss in (r[name] for r in results):
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert held <= 0.55 * model_bytes  # this rank's shards, about half the model
+        # about half of the checkpoint read (tensor-parallel ranks both read the layers' small norms whole)
+        assert 0.45 * total <= bytes_read <= 0.55 * total
+    if not LAYOUTS[name].get("tp"):
+        assert sum(read) == total  # FSDP: every byte read once, by one rank

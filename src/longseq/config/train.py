@@ -12,6 +12,7 @@ from longseq.config.policy import (
     METHODS,
     OPTIMIZERS,
     PARALLEL_MODES,
+    PIPELINE_SCHEDULES,
     PRECISIONS,
     RECOMPUTE_POLICIES,
     SCHEDULES,
@@ -91,7 +92,10 @@ class TrainConfig:
                    "chunks, any number of them whatever the KV heads", default=1)
     sp: int = flag("Ulysses degree: processes that share each sequence by heads (divides the model's KV heads); "
                    "with --cp, Ulysses inside each ring rank (2D)", default=1)
-    pp: int = flag("pipeline stages (not supported yet: must be 1)", default=1)
+    pp: int = flag("pipeline stages: processes that each hold a run of the decoder layers, a step's --grad-accum "
+                   "micro-batches flowing through them (for now without dp / tp / cp / sp)", default=1)
+    pp_schedule: str = flag("gpipe | 1f1b | interleaved-1f1b (two stages per process): the pipeline's order of "
+                            "micro-batch forwards and backwards", default="1f1b")
     nproc: int = flag("processes to start on this machine (re-launches itself under torchrun); ignored when "
                        "already launched by torchrun", default=1)
 
@@ -106,7 +110,7 @@ class TrainConfig:
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("recompute", ("auto", *RECOMPUTE_POLICIES)),
                               ("on_bad_row", ("skip", "fail")), ("plan", ("auto", "off")),
-                              ("parallel", PARALLEL_MODES)):
+                              ("parallel", PARALLEL_MODES), ("pp_schedule", PIPELINE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
@@ -153,8 +157,7 @@ class TrainConfig:
         if self.parallel == "none" and (several or (self.dp or 1) > 1):
             raise LongseqError(f"{(several or ['--dp'])[0]} needs several processes: use --parallel ddp or fsdp")
         if self.pp > 1:
-            raise LongseqError("pipeline parallelism (--pp) is not supported yet: use --pp 1 (FSDP shards the "
-                               "layers instead)")
+            self._check_pipeline()
         if self.tp > 1:
             if self.parallel == "ddp":
                 raise LongseqError("--tp needs --parallel fsdp (or auto): DDP cannot replicate tensor-parallel "
@@ -170,6 +173,22 @@ class TrainConfig:
             if self.tile_tokens:
                 raise LongseqError("--tp with --tile-tokens is not supported: tensor parallelism already splits the "
                                    "norms' tokens and the MLP's width")
+
+    def _check_pipeline(self) -> None:
+        others = [f"--{n}" for n in ("dp", "tp", "cp", "sp") if (getattr(self, n) or 1) > 1]
+        if others:
+            raise LongseqError(f"--pp with {' / '.join(others)} is not supported yet: pipeline stages run without "
+                               "data, tensor or sequence parallelism for now")
+        if self.grad_accum < self.pp:
+            raise LongseqError(f"--pp {self.pp} needs at least {self.pp} micro-batches per step to fill the "
+                               f"pipeline: --grad-accum {self.pp} or more")
+        if self.pp_schedule == "interleaved-1f1b" and self.grad_accum % self.pp:
+            raise LongseqError(f"--pp-schedule interleaved-1f1b needs --grad-accum a multiple of --pp {self.pp}")
+        if self.fsdp_offload:
+            raise LongseqError("--pp with --fsdp-offload is not supported: the stages are not sharded")
+        if self.precision == "fp16":
+            raise LongseqError("--pp with --precision fp16 is not supported (loss scaling inside the schedule): "
+                               "use bf16")
 
     def data_parallel(self, world_size: int) -> int:
         """The data-parallel degree on `world_size` processes: --dp, or what tp x cp x sp leaves over. A layout

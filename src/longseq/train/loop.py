@@ -28,16 +28,16 @@ from longseq.train.checkpoint_files import (
     resolve_checkpoint,
 )
 from longseq.train.data import TrainData, default_pad_id
+from longseq.train.layout import parallelize
 from longseq.train.lora import make_trainable
 from longseq.train.memory_plan import MemoryChoice, plan_memory
 from longseq.train.metrics import MetricsWriter, matmul_params, peak_flops, peak_memory_gib
 from longseq.train.optim import build_optimizer, build_scheduler
-from longseq.train.parallel import meta_loading, tensor_parallel
-from longseq.train.parallel.data_parallel import grad_scaler, wrap
+from longseq.train.parallel import meta_loading
+from longseq.train.parallel.data_parallel import grad_scaler
 from longseq.train.parallel.env import DistEnv, init_distributed
-from longseq.train.parallel.ulysses import enable_sequence_parallel
 from longseq.train.precision import Precision, resolve_precision
-from longseq.train.step import TokenLoss, train_step
+from longseq.train.step import train_step
 
 # Changing these between a run and its resumption would silently change what is trained. (grad_accum may change
 # with the number of processes, as long as the sequences per step stay the same: checked separately.)
@@ -107,12 +107,7 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
     model.train()
-    step_model = TokenLoss(model, cfg.loss_chunk)
-    enable_sequence_parallel(model, env)  # ring attention (cp) and / or Ulysses (sp)
-    if env.tp > 1:
-        tensor_parallel.parallelize(model, env.grid["tp"], env.tp)
-    if env.distributed:
-        step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
+    step_model = parallelize(model, cfg, env, precision)
     if sharded:
         meta_loading.materialize(step_model, model, lm.path, torch.device("cpu") if cfg.fsdp_offload else env.device,
                                  cfg.seed, env.device)
@@ -185,7 +180,10 @@ def _report_memory(console, run: Run, kernel: str) -> None:
     if not run.memory.fits:
         console.print("[yellow]the planner predicts this run does not fit; it may run out of memory "
                       "(try a shorter --seq-len, --method qlora or --optimizer adamw8bit)[/]")
-    if env.distributed:
+    if env.pp > 1:
+        console.print(f"[dim]pipeline over {env.pp} processes ({cfg.pp_schedule}, {cfg.grad_accum} micro-batches a "
+                      "step)[/]")
+    elif env.distributed:
         console.print(f"[dim]{env.parallel}{' + CPU offload' if cfg.fsdp_offload else ''} over {env.world_size} "
                       f"process(es): {env.dp} data parallel × {env.tp} tensor parallel × {env.cp} context parallel "
                       f"(ring) × {env.sp} sequence parallel (Ulysses)[/]")

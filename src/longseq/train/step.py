@@ -14,6 +14,7 @@ from longseq.models.llama import CausalLM
 from longseq.train.loss import IGNORE, chunked_cross_entropy
 from longseq.train.parallel.data_parallel import clip_grad_norm, gradient_sync
 from longseq.train.parallel.env import DistEnv
+from longseq.train.parallel.pipeline import Pipeline
 
 
 class TokenLoss(nn.Module):
@@ -34,10 +35,31 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
     """One optimizer step over grad_accum micro-batches; the loss is the mean over all their target tokens, on all
     processes: sum of token losses / total target tokens (so data parallel equals one process on the same batch).
 
-    `model` is a train.step.TokenLoss (possibly DDP / FSDP-wrapped) or a bare CausalLM."""
+    `model` is a train.step.TokenLoss (possibly DDP / FSDP-wrapped), a bare CausalLM, or a pipeline's stages
+    (train/parallel/pipeline.py), whose schedule runs all the micro-batches."""
     env = env or DistEnv(device=device)
     if isinstance(model, CausalLM):
         model = TokenLoss(model, cfg.loss_chunk)
+    if isinstance(model, Pipeline):
+        total = env.all_reduce_sum(model.forward_backward(micro_batches, precision, device))  # the last stage's
+    else:
+        total = _forward_backward(model, micro_batches, precision, device, scaler, env)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if cfg.max_grad_norm > 0:
+        params = [p for p in model.parameters() if p.grad is not None]
+        clip_grad_norm(params, cfg.max_grad_norm, env.group("pp") if env.pp > 1 else None)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _forward_backward(model, micro_batches, precision, device, scaler, env: DistEnv) -> float:
+    """Forward and backward of each micro-batch in turn, gradients accumulated; returns the step's loss."""
     shard = env.shard_sequence  # context / sequence / tensor parallel: this rank's tokens; else the identity
     num_targets = max(1, env.all_reduce_sum(sum(int((shard(b.targets) != IGNORE).sum()) for b in micro_batches)))
     total = 0.0
@@ -54,16 +76,4 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
             scaled = loss * env.grad_ranks if env.distributed else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         total += loss.item()
-    total = env.all_reduce_sum(total)
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if cfg.max_grad_norm > 0:
-        params = [p for p in model.parameters() if p.grad is not None]
-        clip_grad_norm(params, cfg.max_grad_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total
+    return env.all_reduce_sum(total)

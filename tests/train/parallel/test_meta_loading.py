@@ -1,7 +1,7 @@
 """Sharded loading on 2 gloo processes: a model built on meta, split by FSDP2 (with CPU offload, and with tensor
-parallelism), then filled by each rank with only its slices of a sharded safetensors checkpoint. Every weight equals
-the single-process load, each rank reads about half the bytes (together all of them, once), and one training step
-gives the single-process loss."""
+parallelism) or into pipeline stages, then filled by each rank with only its slices of a sharded safetensors
+checkpoint. Every weight equals the single-process load (LoRA adapters included), each rank reads about half the
+bytes (under FSDP together all of them, once), and one training step gives the single-process loss."""
 
 import shutil
 
@@ -12,12 +12,11 @@ from safetensors import safe_open
 from dist_helpers import run_workers, synthetic_batches
 from longseq.config import TrainConfig
 from longseq.models.loader import load
+from longseq.train.layout import parallelize
 from longseq.train.lora import make_trainable
 from longseq.train.optim import build_optimizer
 from longseq.train.parallel import meta_loading
-from longseq.train.parallel.data_parallel import wrap
 from longseq.train.parallel.env import DistEnv, init_distributed
-from longseq.train.parallel.tensor_parallel import parallelize
 from longseq.train.precision import resolve_precision
 from longseq.train.step import TokenLoss, train_step
 
@@ -27,6 +26,7 @@ LAYOUTS = {
     "fsdp-full": dict(method="full", parallel="fsdp"),
     "fsdp-offload-lora": dict(method="lora", parallel="fsdp", fsdp_offload=True),
     "tp2-fsdp-lora": dict(method="lora", parallel="fsdp", tp=2),
+    "pp2-lora": dict(method="lora", pp=2, grad_accum=2),
 }
 
 
@@ -68,16 +68,21 @@ def _worker(rank, world, model_dir):
         model = lm.model
         torch.manual_seed(cfg.seed)
         make_trainable(model, cfg)
-        step_model = TokenLoss(model, cfg.loss_chunk)
-        if env.tp > 1:
-            parallelize(model, env.grid["tp"], env.tp)
-        step_model = wrap(step_model, env, resolve_precision("fp32", env.device), offload=cfg.fsdp_offload)
+        step_model = parallelize(model, cfg, env, resolve_precision("fp32", env.device))
         assert all(p.device.type == "meta" for p in model.parameters())
         stats = meta_loading.materialize(step_model, model, lm.path, env.device, cfg.seed, env.device)
-        held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-        weights = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        held = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+        weights = {n: _whole(p).clone() for n, p in model.named_parameters()}  # a pipeline stage's own
         out[name] = (stats.bytes_read, held, weights, _step(model, step_model, cfg, env))
     return out
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +100,23 @@ def _checkpoint_bytes(model_dir) -> int:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_each_rank_loads_its_shards_of_the_single_process_model(results, model_dir, name):
-    dp = 2 // LAYOUTS[name].get("tp", 1)
-    cfg = _config(model_dir, method=LAYOUTS[name]["method"], grad_accum=dp)  # the micro-batches of all dp ranks
+    layout = LAYOUTS[name]
+    dp = 2 // (layout.get("tp", 1) * layout.get("pp", 1))
+    # one process: the micro-batches of all dp ranks
+    cfg = _config(model_dir, method=layout["method"], grad_accum=layout.get("grad_accum", 1) * dp)
     reference = load(cfg.model, dtype=torch.float32, device="cpu").model
     torch.manual_seed(cfg.seed)
     make_trainable(reference, cfg)
     total = _checkpoint_bytes(model_dir)
     model_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+    everything = dict(reference.named_parameters())
+    held = set()
     for _, _, weights, _ in (r[name] for r in results):  # as loaded, before the step
-        assert weights.keys() == dict(reference.named_parameters()).keys()
-        for n, p in reference.named_parameters():
-            torch.testing.assert_close(weights[n], p.detach(), rtol=0, atol=0, msg=n)
+        assert weights.keys() <= everything.keys()
+        held |= weights.keys()
+        for n, w in weights.items():
+            torch.testing.assert_close(w, everything[n].detach(), rtol=0, atol=0, msg=n)
+    assert held == everything.keys()
     ref_loss = _step(reference, TokenLoss(reference, cfg.loss_chunk), cfg, DistEnv())
     read = [r[name][0] for r in results]
     for bytes_read, held, _, loss in (r[name] for r in results):
@@ -113,5 +124,5 @@ def test_each_rank_loads_its_shards_of_the_single_process_model(results, model_d
         assert held <= 0.55 * model_bytes  # this rank's shards, about half the model
         # about half of the checkpoint read (tensor-parallel ranks both read the layers' small norms whole)
         assert 0.45 * total <= bytes_read <= 0.55 * total
-    if not LAYOUTS[name].get("tp"):
-        assert sum(read) == total  # FSDP: every byte read once, by one rank
+    if not layout.get("tp"):
+        assert sum(read) == total  # FSDP, pipeline stages: every byte read once, by one rank

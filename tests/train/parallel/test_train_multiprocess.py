@@ -1,7 +1,7 @@
 """`longseq train` on several processes: `--nproc 2` (torchrun) trains the single-process losses; its DCP
 checkpoints resume on another number of processes or layout (1; 2 with FSDP + Ulysses; 2 with ring attention) and
-single-process checkpoints resume on 2 processes (FSDP; FSDP x tensor parallel), all continuing the single-process
-run; export reads DCP checkpoints, tensor-parallel ones included."""
+single-process checkpoints resume on 2 processes (FSDP; FSDP x tensor parallel; 2 pipeline stages), all continuing
+the single-process run; export reads DCP checkpoints, tensor-parallel and pipeline ones included."""
 
 import json
 import os
@@ -70,25 +70,27 @@ def test_ddp_cli_trains_the_single_process_losses(single, ddp_cli, setup):
 
 
 def _resume_worker(rank, world, setup):
-    # FSDP2 continues the single-process checkpoint, and so does tensor parallelism (FSDP2 x TP over one
-    # data-parallel rank); FSDP2 + Ulysses and ring attention (DDP) continue DDP's.
+    # FSDP2 continues the single-process checkpoint, and so do tensor parallelism (FSDP2 x TP over one
+    # data-parallel rank) and two pipeline stages (1F1B over 2 micro-batches); FSDP2 + Ulysses and ring attention
+    # (DDP) continue DDP's.
     runs = [("fsdp-from-single", dict(parallel="fsdp", grad_accum=1)),
             ("ulysses-from-ddp", dict(parallel="fsdp", sp=2)), ("tp-from-single", dict(tp=2)),
-            ("ring-from-ddp", dict(cp=2))]
+            ("ring-from-ddp", dict(cp=2)), ("pp-from-single", dict(pp=2))]
     return {out: train(config(setup, out, resume="latest", **kw), progress=False).losses for out, kw in runs}
 
 
 @pytest.fixture(scope="module")
 def resumed(single, ddp_cli, setup):
     for source, out in (("single", "fsdp-from-single"), ("ddp", "ulysses-from-ddp"), ("single", "tp-from-single"),
-                        ("ddp", "ring-from-ddp"), ("ddp", "one-from-ddp")):
+                        ("ddp", "ring-from-ddp"), ("single", "pp-from-single"), ("ddp", "one-from-ddp")):
         resume_copy(setup, source, out)
     return run_workers(_resume_worker, 2, setup)
 
 
 def test_resume_on_another_number_of_processes(single, resumed, setup):
     for losses in resumed:
-        assert losses.keys() == {"fsdp-from-single", "ulysses-from-ddp", "tp-from-single", "ring-from-ddp"}
+        assert losses.keys() == {"fsdp-from-single", "ulysses-from-ddp", "tp-from-single", "ring-from-ddp",
+                                 "pp-from-single"}
         for run, run_losses in losses.items():
             assert run_losses == pytest.approx(single[2:], rel=1e-6), run
     one = train(config(setup, "one-from-ddp", resume="latest"), progress=False)  # 2 processes -> 1
@@ -104,7 +106,8 @@ def test_resume_refuses_another_batch_per_step(ddp_cli, setup):
 def test_export_reads_a_distributed_checkpoint(single, ddp_cli, resumed, setup):
     root = setup[0]
     adapters = []
-    for run in ("single", "ddp", "tp-from-single", "ring-from-ddp"):  # tensor-parallel shards are whole again
+    # tensor-parallel shards are whole again; each pipeline stage wrote its own layers
+    for run in ("single", "ddp", "tp-from-single", "ring-from-ddp", "pp-from-single"):
         out = export(ckpt.checkpoint_root(root / run) / "step-000004", root / f"adapter-{run}", "peft")
         adapters.append(load_file(str(out / "adapter_model.safetensors")))
     assert len(adapters[0]) > 0

@@ -2,11 +2,12 @@
 
 torchrun (or `longseq train --nproc N`, which re-launches under it) sets RANK, LOCAL_RANK and WORLD_SIZE; the
 process group uses NCCL on GPUs (gloo beside it for CPU tensors) and gloo on CPU. The processes form a
-(dp, cp, sp, tp) grid, tp varying fastest (tensor parallelism exchanges the most, so it stays on the nearest
+(pp, dp, cp, sp, tp) grid, tp varying fastest (tensor parallelism exchanges the most, so it stays on the nearest
 GPUs): the cp × sp × tp ranks of one model replica share each sequence (ring attention over cp, Ulysses over sp,
-tensor parallelism's sequence shards over tp), and the dp replicas read different micro-batches. Gradients are
-averaged over dp × cp × sp by DDP / FSDP2 (ZeRO over all of them, as DeepSpeed-Ulysses does), so the trainer
-scales each rank's loss by that count to turn the mean into a sum; tensor-parallel ranks hold different weights.
+tensor parallelism's sequence shards over tp), the dp replicas read different micro-batches, and the pp pipeline
+stages each hold a run of the layers. Gradients are averaged over dp × cp × sp by DDP / FSDP2 (ZeRO over all of
+them, as DeepSpeed-Ulysses does), so the trainer scales each rank's loss by that count to turn the mean into a
+sum; tensor-parallel ranks hold different weights.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ class DistEnv:
     cp: int = 1  # ring attention degree
     sp: int = 1  # Ulysses degree
     tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline stages
     device: torch.device = torch.device("cpu")
     mesh: Any = None  # 1-D DeviceMesh over the world
-    grid: Any = None  # DeviceMesh ("dp", "cp", "sp", "tp")
+    grid: Any = None  # DeviceMesh ("pp", "dp", "cp", "sp", "tp")
 
     @property
     def distributed(self) -> bool:
@@ -71,12 +73,16 @@ class DistEnv:
         return self._coordinate(self.tp * self.sp * self.cp, self.dp)
 
     @property
+    def pp_rank(self) -> int:
+        return self._coordinate(self.tp * self.sp * self.cp * self.dp, self.pp)
+
+    @property
     def grad_ranks(self) -> int:
         """Ranks whose gradients of the same weights DDP / FSDP2 average: all but the tensor-parallel ones."""
         return self.dp * self.cp * self.sp
 
     def group(self, dim: str):
-        """The process group of this rank's `dim` ("cp", "sp" or "tp") neighbours."""
+        """The process group of this rank's `dim` ("pp", "cp", "sp" or "tp") neighbours."""
         return self.grid.get_group(dim)
 
     @property
@@ -180,9 +186,10 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
-    grid = init_device_mesh(device.type, (dp, cfg.cp, cfg.sp, cfg.tp), mesh_dim_names=("dp", "cp", "sp", "tp"))
+    grid = init_device_mesh(device.type, (cfg.pp, dp, cfg.cp, cfg.sp, cfg.tp),
+                            mesh_dim_names=("pp", "dp", "cp", "sp", "tp"))
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, parallel=parallel, dp=dp, cp=cfg.cp,
-                   sp=cfg.sp, tp=cfg.tp, device=device, mesh=mesh, grid=grid)
+                   sp=cfg.sp, tp=cfg.tp, pp=cfg.pp, device=device, mesh=mesh, grid=grid)
 
 
 def _destroy() -> None:

@@ -41,20 +41,31 @@ class LoadStats:
 
 
 def sharded_loading(cfg: TrainConfig, env: DistEnv) -> bool:
-    """Whether this run builds on meta and loads per shard: FSDP over an HF safetensors directory. (A GGUF file is
-    dequantized whole; QLoRA quantizes whole weights before FSDP shards them: both load whole, as one process.)"""
-    if env.parallel != "fsdp" or cfg.method == "qlora":
+    """Whether this run builds on meta and loads per shard: FSDP or pipeline stages over an HF safetensors
+    directory. (A GGUF file is dequantized whole; QLoRA quantizes whole weights before FSDP shards them: both load
+    whole, as one process does.)"""
+    if not (env.parallel == "fsdp" or env.pp > 1) or cfg.method == "qlora":
         return False
     return resolve_model_path(cfg.model).is_dir()
 
 
 def load_meta(path: str | None, dtype: torch.dtype) -> LoadedModel:
-    """The model of the HF directory `path` built on meta in `dtype`, with its tokenizer; no weight is read."""
+    """The model of the HF directory `path` built on meta in `dtype`, with its tokenizer; only the files' headers
+    are read, to check that they hold this model's weights."""
     p = resolve_model_path(path)
     config = read_config(p)
     tokenizer = load_tokenizer(p)
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
+    names = _tensor_files(p)
+    expected = {name for name, _ in model.named_parameters()}
+    unexpected = [n for n in names if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
+                  and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if unexpected:
+        raise LongseqError(f"{p}: unexpected weight {unexpected[0]!r}; is this a {config.arch} model?")
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise LongseqError(f"{p}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
     return LoadedModel(model=model, tokenizer=tokenizer, path=p)
 
 
@@ -63,20 +74,12 @@ def materialize(root: nn.Module, model: CausalLM, path: Path, device: torch.devi
     """Give every parameter of `model` (built on meta, then made trainable and split; `root` is the outermost
     FSDP module holding it) storage on `device` for this rank's shard, and fill it: weights from the safetensors
     files of `path`, LoRA adapters initialised as make_trainable would (seeded with `seed`, drawn on
-    `adapter_device`). Returns what was read."""
+    `adapter_device`). A pipeline stage holds (and reads) only its layers. Returns what was read."""
     root.to_empty(device=device)  # FSDP2 re-registers its shards (FSDPModule._apply)
     model.rotary.reset(device)
-    where = _tensor_files(path)
-    expected = {name for name, _ in model.named_parameters()}
-    unexpected = [n for n in where if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
-                  and not (n == "lm_head.weight" and model.config.tie_word_embeddings) and ".lora_" not in n]
-    if unexpected:
-        raise LongseqError(f"{path}: unexpected weight {unexpected[0]!r}; is this a {model.config.arch} model?")
+    where = _tensor_files(path)  # load_meta checked that it holds every weight
     adapters = {f"{name}.{part}.weight" for name, m in model.named_modules()
                 if isinstance(m, LoRALinear) and m.rank for part in ("lora_A", "lora_B")}
-    missing = [n for n in expected if n not in where and n not in adapters]
-    if missing:
-        raise LongseqError(f"{path}: {len(missing)} weight(s) missing, e.g. {missing[0]!r}")
     stats = LoadStats()
     files: dict[Path, object] = {}
     try:
@@ -84,10 +87,12 @@ def materialize(root: nn.Module, model: CausalLM, path: Path, device: torch.devi
             for name, param in model.named_parameters():
                 if name in adapters:
                     continue
-                file = where[name]
+                # A pipeline's last stage holds a tied LM head without the embedding: the file has it as that.
+                source = name if name in where else "model.embed_tokens.weight"
+                file = where[source]
                 if file not in files:
                     files[file] = _open(file, path)
-                _read_shard(files[file], name, param, file, stats)
+                _read_shard(files[file], source, param, file, stats)
             _init_adapters(model, seed, adapter_device)
     finally:
         for f in files.values():
@@ -160,11 +165,17 @@ def _read_shard(f, name: str, param: torch.Tensor, file: Path, stats: LoadStats)
 
 def _init_adapters(model: nn.Module, seed: int, device: torch.device) -> None:
     """LoRA factors as make_trainable draws them on one process (same seed, order and device), whole, one at a
-    time; each rank keeps its slice."""
+    time; each rank keeps its slice. A pipeline stage draws (and drops) those of the layers it does not hold too,
+    so that its own come out of the random stream where they would on one process."""
     torch.manual_seed(seed)
-    for module in model.modules():
-        if not isinstance(module, LoRALinear) or not module.rank:
-            continue
-        whole = new_adapter(module.in_features, module.out_features, module.rank, device)
-        for param, init in zip((module.lora_A.weight, module.lora_B.weight), whole, strict=True):
-            _local(param).copy_(init.weight[local_region(param)])
+    layers = model.model.layers
+    held = dict(layers.items()) if isinstance(layers, nn.ModuleDict) else {str(i): m for i, m in enumerate(layers)}
+    like = next(iter(held.values()))  # every decoder layer has the same adapters (apply_lora)
+    for i in range(model.config.num_layers):
+        for module in held.get(str(i), like).modules():
+            if not isinstance(module, LoRALinear) or not module.rank:
+                continue
+            whole = new_adapter(module.in_features, module.out_features, module.rank, device)
+            if str(i) in held:
+                for param, init in zip((module.lora_A.weight, module.lora_B.weight), whole, strict=True):
+                    _local(param).copy_(init.weight[local_region(param)])

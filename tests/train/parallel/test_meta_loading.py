@@ -126,3 +126,18 @@ def test_each_rank_loads_its_shards_of_the_single_process_model(results, model_d
         assert 0.45 * total <= bytes_read <= 0.55 * total
     if not layout.get("tp"):
         assert sum(read) == total  # FSDP, pipeline stages: every byte read once, by one rank
+
+
+@pytest.mark.parametrize("layers,message", [(3, r"9 weight\(s\) missing, e.g. 'model.layers.2.input_layernorm.weight'"),
+                                            (1, "unexpected weight 'model.layers.1.")])
+def test_a_checkpoint_of_another_shape_is_one_line(model_dir, tmp_path, layers, message):
+    import json
+
+    from longseq.errors import LongseqError
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}))
+    with pytest.raises(LongseqError, match=f"^{other}: {message}"):
+        meta_loading.load_meta(str(other), torch.float32)

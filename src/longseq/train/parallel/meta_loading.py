@@ -13,6 +13,7 @@ device a single-process run initialises them, and each rank keeps its slice: the
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def load_meta(path: str | None, dtype: torch.dtype) -> LoadedModel:
     with torch.device("meta"):
         model = CausalLM(config).to(dtype)
     names = _tensor_files(p)
-    expected = {name for name, _ in model.named_parameters()}
+    expected = dict(model.named_parameters())  # in the model's order: the first missing one named is the first
     unexpected = [n for n in names if n not in expected and not n.endswith(_IGNORED_SUFFIXES)
                   and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if unexpected:
@@ -82,21 +83,17 @@ def materialize(root: nn.Module, model: CausalLM, path: Path, device: torch.devi
                 if isinstance(m, LoRALinear) and m.rank for part in ("lora_A", "lora_B")}
     stats = LoadStats()
     files: dict[Path, object] = {}
-    try:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in adapters:
-                    continue
-                # A pipeline's last stage holds a tied LM head without the embedding: the file has it as that.
-                source = name if name in where else "model.embed_tokens.weight"
-                file = where[source]
-                if file not in files:
-                    files[file] = _open(file, path)
-                _read_shard(files[file], source, param, file, stats)
-            _init_adapters(model, seed, adapter_device)
-    finally:
-        for f in files.values():
-            f.__exit__(None, None, None)
+    with ExitStack() as opened, torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in adapters:
+                continue
+            # A pipeline's last stage holds a tied LM head without the embedding: the file has it as that.
+            source = name if name in where else "model.embed_tokens.weight"
+            file = where[source]
+            if file not in files:
+                files[file] = _open(opened, file)
+            _read_shard(files[file], source, param, file, stats)
+        _init_adapters(model, seed, adapter_device)
     return stats
 
 
@@ -108,17 +105,15 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
     out: dict[str, Path] = {}
     for file in safetensors_files(path):
-        f = _open(file, path)
-        try:
-            out.update(dict.fromkeys(f.keys(), file))
-        finally:
-            f.__exit__(None, None, None)
+        with ExitStack() as opened:
+            out.update(dict.fromkeys(_open(opened, file).keys(), file))
     return out
 
 
-def _open(file: Path, path: Path):
+def _open(opened: ExitStack, file: Path):
+    """`file` opened for reading (tensor data only as it is sliced), closed with `opened`."""
     try:
-        return safe_open(str(file), framework="pt", device="cpu").__enter__()
+        return opened.enter_context(safe_open(str(file), framework="pt", device="cpu"))
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise LongseqError(f"{file}: not a valid safetensors file ({first_line(e)})") from None
 

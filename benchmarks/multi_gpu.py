@@ -7,8 +7,9 @@
 Each row runs in its own `torchrun --standalone --nproc-per-node N` (so its peak is its own, and an out-of-memory
 rank ends the row instead of hanging it), on random weights of a model shape built as `longseq train` builds it
 (fp32 masters for full fine-tuning, bf16 base + fp32 adapters for LoRA, the whole model on each GPU, then sharded):
-- train rows: longseq's step (`train_step`, DDP or FSDP2, optionally CPU offload, Ulysses) for 1 warm-up and 2 timed
-  steps; memory is the largest torch.cuda.max_memory_allocated over the ranks (load peak read before the reset);
+- train rows: longseq's step (`train_step`, DDP or FSDP2, optionally CPU offload; Ulysses, ring attention, tensor
+  parallel or pipeline stages as `longseq train` lays them out) for 1 warm-up and 2 timed steps; memory is the
+  largest torch.cuda.max_memory_allocated over the ranks (load peak read before the reset);
 - ulysses rows: LoRA, full recompute, sequence parallel over every GPU, doubling the sequence until it runs out of
   memory: the longest sequence that trains, against the planner's `largest fitting` answer;
 - serve rows: the engine tensor-parallel over N GPUs (rank 0 schedules, the others follow), 256 requests of 256
@@ -41,13 +42,24 @@ def rows_for(gpus: int, quick: bool) -> list[dict]:
                 dict(kind="train", model=m, parallel="ddp", sp=1, method="lora", recompute="none", seq_len=s),
                 dict(kind="train", model=m, parallel="fsdp", sp=gpus, method="lora", recompute="full", seq_len=s,
                      offload=True),
-                dict(kind="serve", model=m, tp=gpus, requests=8, prompt=32, output=16)]
+                dict(kind="serve", model=m, tp=gpus, requests=8, prompt=32, output=16),
+                dict(kind="train", model=m, parallel="fsdp", sp=1, tp=gpus, method="lora", recompute="full",
+                     seq_len=s),
+                dict(kind="train", model=m, parallel="ddp", sp=1, cp=gpus, method="lora", recompute="full", seq_len=s),
+                dict(kind="train", model=m, parallel="ddp", sp=1, pp=gpus, grad_accum=gpus, method="lora",
+                     recompute="none", seq_len=s)]
     m = "Llama-3-8B"
     rows = [dict(kind="train", model=m, parallel="fsdp", sp=1, method="full", recompute="full", seq_len=8192),
             dict(kind="train", model=m, parallel="fsdp", sp=1, method="full", recompute="full", seq_len=8192,
                  offload=True),
             dict(kind="train", model=m, parallel="fsdp", sp=1, method="lora", recompute="full", seq_len=8192),
-            dict(kind="train", model=m, parallel="ddp", sp=1, method="lora", recompute="full", seq_len=8192)]
+            dict(kind="train", model=m, parallel="ddp", sp=1, method="lora", recompute="full", seq_len=8192),
+            dict(kind="train", model=m, parallel="fsdp", sp=1, tp=2, method="lora", recompute="full", seq_len=8192),
+            dict(kind="train", model=m, parallel="fsdp", sp=1, tp=2, method="full", recompute="full", seq_len=8192),
+            dict(kind="train", model=m, parallel="ddp", sp=1, pp=2, grad_accum=4, method="lora", recompute="full",
+                 seq_len=8192),
+            dict(kind="train", model=m, parallel="fsdp", sp=min(gpus, 8), cp=max(1, gpus // 8), method="lora",
+                 recompute="full", seq_len=32768)]
     rows += [dict(kind="ulysses", model=m, parallel="fsdp", sp=min(gpus, 8), method="lora", recompute="full",
                   seq_len=n) for n in ULYSSES_LENGTHS]
     rows += [dict(kind="serve", model=m, tp=tp, requests=256, prompt=256, output=256) for tp in (1, 2, 4, 8)
@@ -64,36 +76,33 @@ def run_train_row(row: dict, device: str) -> dict | None:
 
     from longseq.config import TrainConfig
     from longseq.plan.random_shapes import spec_for
+    from longseq.train.layout import parallelize
     from longseq.train.lora import make_trainable
     from longseq.train.optim import build_optimizer
-    from longseq.train.parallel.data_parallel import grad_scaler, wrap
+    from longseq.train.parallel.data_parallel import grad_scaler
     from longseq.train.parallel.env import init_distributed
-    from longseq.train.parallel.ulysses import enable_ulysses
     from longseq.train.precision import resolve_precision
-    from longseq.train.step import TokenLoss, train_step
+    from longseq.train.step import train_step
 
     cfg = TrainConfig(method=row["method"], recompute=row["recompute"], seq_len=row["seq_len"], batch_size=1,
                       optimizer="adamw", lora_rank=16, lora_alpha=32, loss_chunk=1024, parallel=row["parallel"],
-                      sequence_parallel=row["sp"], fsdp_offload=row.get("offload", False), device=device)
+                      fsdp_offload=row.get("offload", False), device=device, **_layout(row))
     env = init_distributed(cfg)
     cuda = env.device.type == "cuda"
     precision = resolve_precision("bf16" if cuda else "fp32", env.device)
     spec = spec_for(row["model"])
     model = build_model(spec, torch.float32 if cfg.method == "full" else precision.frozen_dtype, env.device)
     make_trainable(model, cfg)
-    model.set_recompute(cfg.recompute)
     model.train()
-    step_model = TokenLoss(model, cfg.loss_chunk)
-    if env.sp > 1:
-        enable_ulysses(model, env.sp_group, env.sp)
-    step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
+    step_model = parallelize(model, cfg, env, precision)
+    model.set_recompute(cfg.recompute)  # after a pipeline split, as longseq train plans it
     optimizer = build_optimizer(model, cfg, torch.device("cpu") if cfg.fsdp_offload else env.device)
     scaler = grad_scaler(env, precision)
     load_peak = _max_over_ranks(torch.cuda.max_memory_allocated(env.device) if cuda else 0, env)
     if cuda:
         torch.cuda.reset_peak_memory_stats(env.device)
-    batches = iter(_batches(spec.config.vocab_size, cfg.seq_len, 3 * env.dp))
-    steps = env.step_batches(batches, 1)
+    batches = iter(_batches(spec.config.vocab_size, cfg.seq_len, 3 * env.dp * cfg.grad_accum))
+    steps = env.step_batches(batches, cfg.grad_accum)
     times = []
     for i in range(3):
         if cuda:
@@ -110,7 +119,18 @@ def run_train_row(row: dict, device: str) -> dict | None:
     if not env.is_main:
         return None
     return dict(peak_gib=peak / 2**30 if cuda else None, load_peak_gib=load_peak / 2**30 if cuda else None,
-                step_s=step_s, tokens_per_s=cfg.seq_len * env.dp / step_s, world=env.world_size)
+                step_s=step_s, tokens_per_s=cfg.seq_len * env.dp * cfg.grad_accum / step_s, world=env.world_size)
+
+
+def _layout_text(row: dict) -> str:
+    degrees = {k: v for k, v in _layout(row).items() if k != "grad_accum" and v > 1}
+    return " ".join(f"{k} {v}" for k, v in degrees.items()) or "dp only"
+
+
+def _layout(row: dict) -> dict:
+    """The TrainConfig options of a train row's layout (rows name sp; tp, cp, pp and grad_accum when not 1)."""
+    return dict(sp=row["sp"], tp=row.get("tp", 1), cp=row.get("cp", 1), pp=row.get("pp", 1),
+                grad_accum=row.get("grad_accum", 1))
 
 
 def _batches(vocab: int, seq_len: int, n: int):
@@ -211,10 +231,10 @@ def predict(row: dict, gpus: int, device_name: str) -> dict:
     if row["kind"] == "serve":
         plan = plan_serve(spec, gpu, ServeSetup(num_gpus=row["tp"], context=row["prompt"] + row["output"]))
         return dict(kv_tokens=plan.kv_tokens, decode_bound_tokens_per_s=plan.decode_tokens_per_s)
-    cfg = TrainConfig(parallel=row["parallel"], sequence_parallel=row["sp"], fsdp_offload=row.get("offload", False),
-                      seq_len=row["seq_len"])
+    cfg = TrainConfig(parallel=row["parallel"], fsdp_offload=row.get("offload", False), seq_len=row["seq_len"],
+                      **_layout(row))
     setup = TrainSetup(method=row["method"], seq_len=row["seq_len"], recompute=row["recompute"], lora_rank=16,
-                       loss_chunk=1024, parallel=parallelism_for(cfg, gpus))
+                       loss_chunk=1024, grad_accum=cfg.grad_accum, parallel=parallelism_for(cfg, gpus))
     plan = plan_train(spec, gpu, setup)
     return dict(peak_gib=plan.memory.allocated / 2**30, load_peak_gib=plan.memory.load_peak / 2**30,
                 step_s=plan.step_time_s, tokens_per_s=plan.tokens_per_s, fits=plan.fits)
@@ -293,7 +313,7 @@ def main():
 
 def markdown(results: list[dict], env: dict) -> str:
     lines = [f"# longseq on {env['gpus']} × {env['device']} (torch {env['torch']})", "",
-             "| # | kind | model | parallel | sp / tp | method | recompute | seq | peak GiB meas | pred | err | "
+             "| # | kind | model | parallel | layout | method | recompute | seq | peak GiB meas | pred | err | "
              "load GiB meas | pred | tok/s meas | pred |", "|" + "---|" * 15]
     for i, rec in enumerate(results):
         r, p, m = rec["row"], rec["predicted"], rec["measured"]
@@ -305,7 +325,7 @@ def markdown(results: list[dict], env: dict) -> str:
             continue
         meas_peak = m.get("error") or _num(m.get("peak_gib"), 2)
         lines.append(f"| {i} | {r['kind']} | {r['model']} | {r['parallel']}{' + offload' if r.get('offload') else ''}"
-                     f" | {r['sp']} | {r['method']} | {r['recompute']} | {r['seq_len']:,} | {meas_peak} | "
+                     f" | {_layout_text(r)} | {r['method']} | {r['recompute']} | {r['seq_len']:,} | {meas_peak} | "
                      f"{p['peak_gib']:.2f} (fits: {p['fits']}) | {_pct(rec.get('error_peak_gib'))} | "
                      f"{_num(m.get('load_peak_gib'), 2)} | {p['load_peak_gib']:.2f} | {_num(m.get('tokens_per_s'))} | "
                      f"{p['tokens_per_s']:,.0f} |")

@@ -1,6 +1,7 @@
-"""The planner's model of longseq's multi-GPU training: Ulysses divides activations by the sequence-parallel degree
-(except the whole-sequence document mask), FSDP2 shards over data × sequence parallel ranks, loads the whole model
-first, and offloads weights, gradients and optimizer state; a TrainConfig maps onto a Parallelism."""
+"""The planner's model of longseq's multi-GPU training: Ulysses and ring attention divide activations by their
+degrees (Ulysses except the whole-sequence document mask; only Ulysses is bounded by the KV heads), FSDP2 shards
+over data × sequence parallel ranks, loads the whole model first, and offloads weights, gradients and optimizer
+state; a TrainConfig maps onto a Parallelism."""
 
 import pytest
 
@@ -18,12 +19,13 @@ SPEC = ModelSpec("tiny", ModelConfig(vocab_size=1000, hidden_size=256, intermedi
                                      num_heads=8, num_kv_heads=4))
 
 
-def test_ulysses_divides_saved_activations():
+def test_ulysses_and_ring_divide_saved_activations():
     # fp32 LoRA: no per-layer constants (weight casts), so everything saved is per token
     base = dict(method="lora", precision="fp32", seq_len=4096, recompute="none")
     one = activation_peak(SPEC, TrainSetup(**base)).saved
-    for sp in (2, 4):
-        assert activation_peak(SPEC, TrainSetup(**base, parallel=Parallelism(sp=sp))).saved * sp == pytest.approx(one)
+    for sp, cp in ((2, 1), (4, 1), (1, 2), (1, 8), (2, 4)):
+        saved = activation_peak(SPEC, TrainSetup(**base, parallel=Parallelism(sp=sp, cp=cp))).saved
+        assert saved * sp * cp == pytest.approx(one)
 
 
 def test_ulysses_keeps_the_whole_document_mask():
@@ -62,9 +64,13 @@ def test_fsdp_offload_keeps_only_gathered_layers_on_the_gpu():
 
 
 def test_train_config_maps_onto_parallelism():
-    cfg = TrainConfig(parallel="fsdp", fsdp_offload=True, sequence_parallel=2, seq_len=64)
+    cfg = TrainConfig(parallel="fsdp", fsdp_offload=True, sp=2, seq_len=64)
     assert parallelism_for(cfg, 8) == Parallelism(dp=4, sp=2, zero=3, offload="params")
     assert parallelism_for(TrainConfig(parallel="ddp"), 4) == Parallelism(dp=4)
+    cfg = TrainConfig(parallel="fsdp", cp=2, sp=2, seq_len=64)
+    assert parallelism_for(cfg, 8) == Parallelism(dp=2, cp=2, sp=2, zero=3)
+    assert parallelism_for(TrainConfig(tp=2, seq_len=64), 8) == Parallelism(dp=4, tp=2)
+    assert parallelism_for(TrainConfig(pp=4, grad_accum=4), 4) == Parallelism(pp=4)
 
 
 def test_ulysses_degree_must_divide_kv_heads():
@@ -72,3 +78,4 @@ def test_ulysses_degree_must_divide_kv_heads():
     plan_train(spec, get_gpu("H100"), TrainSetup(seq_len=8192, parallel=Parallelism(sp=8)))
     with pytest.raises(LongseqError, match="8 KV heads"):
         plan_train(spec, get_gpu("H100"), TrainSetup(seq_len=8192, parallel=Parallelism(sp=16)))
+    plan_train(spec, get_gpu("H100"), TrainSetup(seq_len=8192, parallel=Parallelism(sp=8, cp=2)))  # ring: no limit

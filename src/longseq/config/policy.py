@@ -12,6 +12,7 @@ ATTENTION_GROUP_TOKENS = 1 << 18  # training attention over this many tokens or 
 MAX_ATTENTION_GROUPS = 8
 DEFAULT_TILE_TOKENS = 8192  # tiled norms / MLP: at Llama-3-8B width one S x 14336 bf16 tile is 224 MiB
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 KV_POOL_MODES = ("measure", "plan")
 MAX_LORA_RANK = 64  # the largest adapter rank serving takes (the pool pads every adapter to --max-lora-rank)
 QUANT_METHODS = ("fp8", "int4")  # serving: weights quantized at load (models/quant)

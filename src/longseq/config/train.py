@@ -12,6 +12,7 @@ from longseq.config.policy import (
     METHODS,
     OPTIMIZERS,
     PARALLEL_MODES,
+    PIPELINE_SCHEDULES,
     PRECISIONS,
     RECOMPUTE_POLICIES,
     SCHEDULES,
@@ -86,12 +87,24 @@ class TrainConfig:
                               "bad rows); tokenizing a row takes about 150x its size in memory",
                               default=DEFAULT_MAX_ROW_BYTES)
     parallel: str = flag("auto | none | ddp | fsdp: data parallelism over the processes (auto: ddp when several "
-                          "run, none on one; fsdp shards weights, gradients and optimizer state, ZeRO-3)",
-                          default="auto")
+                          "run, fsdp with --tp, none on one; fsdp shards weights, gradients and optimizer state, "
+                          "ZeRO-3)", default="auto")
     fsdp_offload: bool = flag("fsdp: keep the sharded weights, gradients and optimizer state in CPU memory",
                               default=False)
-    sequence_parallel: int = flag("Ulysses degree: processes that share each sequence (divides the model's KV "
-                                  "heads and seq_len)", default=1)
+    dp: int | None = flag("data-parallel degree: process groups that train different micro-batches (default: the "
+                          "processes left over by tp x cp x sp; dp x tp x cp x sp must equal the number of "
+                          "processes)", default=None)
+    tp: int = flag("tensor-parallel degree (Megatron with sequence parallelism): processes that split every "
+                   "decoder weight matrix; divides the model's KV heads and MLP width; needs --parallel fsdp",
+                   default=1)
+    cp: int = flag("context-parallel degree (ring attention): processes that share each sequence in load-balanced "
+                   "chunks, any number of them whatever the KV heads", default=1)
+    sp: int = flag("Ulysses degree: processes that share each sequence by heads (divides the model's KV heads); "
+                   "with --cp, Ulysses inside each ring rank (2D)", default=1)
+    pp: int = flag("pipeline stages: processes that each hold a run of the decoder layers, a step's --grad-accum "
+                   "micro-batches flowing through them (for now without dp / tp / cp / sp)", default=1)
+    pp_schedule: str = flag("gpipe | 1f1b | interleaved-1f1b (two stages per process): the pipeline's order of "
+                            "micro-batch forwards and backwards", default="1f1b")
     nproc: int = flag("processes to start on this machine (re-launches itself under torchrun); ignored when "
                        "already launched by torchrun", default=1)
 
@@ -106,11 +119,11 @@ class TrainConfig:
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
                               ("schedule", SCHEDULES), ("recompute", ("auto", *RECOMPUTE_POLICIES)),
                               ("on_bad_row", ("skip", "fail")), ("plan", ("auto", "off")),
-                              ("parallel", PARALLEL_MODES)):
+                              ("parallel", PARALLEL_MODES), ("pp_schedule", PIPELINE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
-                     "log_every", "sequence_parallel", "nproc", "max_row_bytes"):
+                     "log_every", "tp", "cp", "sp", "pp", "nproc", "max_row_bytes"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
@@ -136,13 +149,75 @@ class TrainConfig:
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             if getattr(self, name) is not None and not getattr(self, name) >= 0:
                 raise LongseqError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.seq_len % self.sequence_parallel:
-            raise LongseqError(f"seq_len {self.seq_len} must be a multiple of sequence_parallel "
-                               f"{self.sequence_parallel} (each process holds seq_len / sequence_parallel tokens)")
+        if self.dp is not None and self.dp <= 0:
+            raise LongseqError(f"dp must be positive, got {self.dp}")
+        self._check_layout()
+
+    @property
+    def sequence_shards(self) -> int:
+        """Processes that share one sequence: each holds seq_len / sequence_shards of its tokens."""
+        return self.cp * self.sp * self.tp
+
+    def _check_layout(self) -> None:
+        """The parallel degrees on their own (data_parallel checks them against the number of processes)."""
+        split = self.sequence_shards * (2 if self.cp > 1 else 1)  # ring attention: 2 chunks per rank
+        if self.seq_len % split:
+            how = " x ".join(f"{n} {getattr(self, n)}" for n in ("tp", "cp", "sp") if getattr(self, n) > 1)
+            raise LongseqError(f"seq_len {self.seq_len} must be a multiple of {split} ({how}"
+                               f"{' x 2 chunks per ring rank' if self.cp > 1 else ''})")
         if self.fsdp_offload and self.parallel != "fsdp":
             raise LongseqError("fsdp_offload needs --parallel fsdp")
-        if self.parallel == "none" and self.sequence_parallel > 1:
-            raise LongseqError("sequence_parallel needs several processes: use --parallel ddp or fsdp")
+        several = [f"--{n} {getattr(self, n)}" for n in ("tp", "cp", "sp", "pp") if getattr(self, n) > 1]
+        if self.parallel == "none" and (several or (self.dp or 1) > 1):
+            raise LongseqError(f"{(several or ['--dp'])[0]} needs several processes: use --parallel ddp or fsdp")
+        if self.pp > 1:
+            self._check_pipeline()
+        if self.tp > 1:
+            if self.parallel == "ddp":
+                raise LongseqError("--tp needs --parallel fsdp (or auto): DDP cannot replicate tensor-parallel "
+                                   "weights")
+            if self.cp > 1 or self.sp > 1:
+                raise LongseqError("--tp with --cp or --sp is not supported yet: tensor parallelism already "
+                                   "splits the sequence over its processes (sequence parallelism)")
+            if self.method == "qlora":
+                raise LongseqError("--tp with --method qlora is not supported: NF4 weights cannot be split by "
+                                   "tensor parallelism; use --method lora, or --parallel fsdp without --tp")
+            if self.fsdp_offload:
+                raise LongseqError("--tp with --fsdp-offload is not supported yet")
+            if self.tile_tokens:
+                raise LongseqError("--tp with --tile-tokens is not supported: tensor parallelism already splits the "
+                                   "norms' tokens and the MLP's width")
+
+    def _check_pipeline(self) -> None:
+        others = [f"--{n}" for n in ("dp", "tp", "cp", "sp") if (getattr(self, n) or 1) > 1]
+        if others:
+            raise LongseqError(f"--pp with {' / '.join(others)} is not supported yet: pipeline stages run without "
+                               "data, tensor or sequence parallelism for now")
+        if self.grad_accum < self.pp:
+            raise LongseqError(f"--pp {self.pp} needs at least {self.pp} micro-batches per step to fill the "
+                               f"pipeline: --grad-accum {self.pp} or more")
+        if self.pp_schedule == "interleaved-1f1b" and self.grad_accum % self.pp:
+            raise LongseqError(f"--pp-schedule interleaved-1f1b needs --grad-accum a multiple of --pp {self.pp}")
+        if self.fsdp_offload:
+            raise LongseqError("--pp with --fsdp-offload is not supported: the stages are not sharded")
+        if self.precision == "fp16":
+            raise LongseqError("--pp with --precision fp16 is not supported (loss scaling inside the schedule): "
+                               "use bf16")
+
+    def data_parallel(self, world_size: int) -> int:
+        """The data-parallel degree on `world_size` processes: --dp, or what tp x cp x sp leaves over. A layout
+        that does not multiply to world_size is a one-line error."""
+        model_parallel = self.tp * self.cp * self.sp * self.pp
+        degrees = " x ".join(f"{n} {getattr(self, n)}" for n in ("tp", "cp", "sp", "pp") if getattr(self, n) > 1)
+        if self.dp is None:
+            if world_size % model_parallel:
+                raise LongseqError(f"{degrees} = {model_parallel} processes per model replica does not divide the "
+                                   f"{world_size} process(es) launched")
+            return world_size // model_parallel
+        if self.dp * model_parallel != world_size:
+            product = " x ".join([f"dp {self.dp}", *([degrees] if degrees else [])])
+            raise LongseqError(f"{product} = {self.dp * model_parallel} processes, but {world_size} were launched")
+        return self.dp
 
     def to_dict(self) -> dict[str, Any]:
         """{option: value}, flat as flags and YAML keys are (checkpoints record the run's options so)."""

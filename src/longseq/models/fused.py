@@ -26,7 +26,7 @@ def available() -> bool:
 
 def active(x: torch.Tensor) -> bool:
     """Whether the kernels take `x`: a floating type they compute in float32 (not float64 reference runs)."""
-    if not available() or x.dtype not in DTYPES:
+    if not available() or x.dtype not in DTYPES or type(x) is not torch.Tensor:  # DTensors: through their ops
         return False
     return MODE == "1" or x.is_cuda
 

@@ -240,7 +240,7 @@ def outside_bytes_per_token(spec: ModelSpec, st: TrainSetup) -> dict[str, float]
 
 
 def _tokens(st: TrainSetup) -> float:
-    return st.batch_size * st.seq_len / st.parallel.sp
+    return st.batch_size * st.seq_len / st.parallel.sequence_shards
 
 
 def _layer_constants(spec: ModelSpec, st: TrainSetup, policy: str | None = None) -> float:

@@ -73,8 +73,10 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
                    "(offloaded layer inputs, ZeRO-Offload) may take (default: unlimited)")
     t.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default: 1)")
     t.add_argument("--pp", type=int, default=1, help="pipeline stages (default: 1)")
-    t.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (longseq train "
-                   "--sequence-parallel; default: 1)")
+    t.add_argument("--sp", type=int, default=1, help="Ulysses sequence-parallel degree (longseq train --sp; "
+                   "default: 1)")
+    t.add_argument("--cp", type=int, default=1, help="context-parallel degree: ring attention (longseq train --cp; "
+                   "default: 1)")
     t.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over data × sequence parallel ranks; "
                    "longseq train --parallel ddp is 0, fsdp is 3 (--fit searches)")
     t.add_argument("--offload", default="none", choices=["none", "optimizer", "params"],
@@ -155,13 +157,13 @@ def run_train(args: argparse.Namespace) -> int:
     from longseq.plan.training import plan_train
 
     spec, gpu = get_model(args.model), get_gpu(args.gpu)
-    for name in ("num_gpus", "nodes", "tp", "pp", "sp", "seq_len", "batch_size", "grad_accum", "lora_rank",
+    for name in ("num_gpus", "nodes", "tp", "pp", "sp", "cp", "seq_len", "batch_size", "grad_accum", "lora_rank",
                  "loss_chunk"):
         if getattr(args, name) <= 0:
             raise LongseqError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    model_par = args.tp * args.pp * args.sp
+    model_par = args.tp * args.pp * args.sp * args.cp
     if args.num_gpus % model_par:
-        raise LongseqError(f"--num-gpus {args.num_gpus} is not a multiple of tp·pp·sp = {model_par}")
+        raise LongseqError(f"--num-gpus {args.num_gpus} is not a multiple of tp·pp·cp·sp = {model_par}")
     if args.tokens is not None and args.tokens <= 0:
         raise LongseqError("--tokens must be positive")
     if args.offload_keep is not None and args.offload_keep < 0:
@@ -180,7 +182,7 @@ def run_train(args: argparse.Namespace) -> int:
     extra = set(_split(args.train_extra))
     if extra - {"embed", "norm"}:
         raise LongseqError(f"--train-extra takes embed and/or norm; got {sorted(extra - {'embed', 'norm'})}")
-    parallel = Parallelism(dp=args.num_gpus // model_par, tp=args.tp, pp=args.pp, sp=args.sp,
+    parallel = Parallelism(dp=args.num_gpus // model_par, tp=args.tp, pp=args.pp, sp=args.sp, cp=args.cp,
                            zero=args.zero or 0, offload=args.offload, nodes=args.nodes)
     for name in ("plain_layers", "attention_layers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:

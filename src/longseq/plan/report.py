@@ -35,7 +35,7 @@ def _count(x: float) -> str:
 def train_title(plan: TrainPlan) -> str:
     s, p = plan.setup, plan.setup.parallel
     method = s.method if s.method == "full" else f"{s.method} r{s.lora_rank}"
-    par = f" · dp {p.dp} tp {p.tp} pp {p.pp} sp {p.sp} zero {p.zero}" if p.num_gpus > 1 else ""
+    par = f" · dp {p.dp} tp {p.tp} pp {p.pp} cp {p.cp} sp {p.sp} zero {p.zero}" if p.num_gpus > 1 else ""
     return (f"{plan.model} · {method} · {s.seq_len:,} tokens × {s.batch_size} (× {s.grad_accum} accum) · "
             f"recompute {s.recompute} · {s.optimizer} · {p.num_gpus} × {plan.gpu.name}{par}")
 

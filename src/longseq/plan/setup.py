@@ -16,20 +16,26 @@ class Parallelism:
     dp: int = 1  # data parallel
     tp: int = 1  # tensor parallel (Megatron, with sequence parallelism)
     pp: int = 1  # pipeline stages
-    sp: int = 1  # context / sequence parallel (Ulysses, ring attention)
+    sp: int = 1  # Ulysses sequence parallel
+    cp: int = 1  # context parallel (ring attention)
     zero: int = 0  # ZeRO stage over the dp ranks: 0 | 1 | 2 | 3
     offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (ZeRO-Infinity: optimizer and weights)
     nodes: int = 1
 
     @property
     def num_gpus(self) -> int:
-        return self.dp * self.tp * self.pp * self.sp
+        return self.dp * self.tp * self.pp * self.sp * self.cp
 
     @property
     def zero_ranks(self) -> int:
-        """Ranks that hold the same weights and partition their states: data × sequence parallel (ZeRO over
-        dp·sp, as DeepSpeed-Ulysses and longseq's FSDP2 do)."""
-        return self.dp * self.sp
+        """Ranks that hold the same weights and partition their states: data × context × sequence parallel
+        (ZeRO over dp·cp·sp, as DeepSpeed-Ulysses and longseq's FSDP2 do)."""
+        return self.dp * self.cp * self.sp
+
+    @property
+    def sequence_shards(self) -> int:
+        """Ranks that share one sequence, each holding this fraction of its tokens' activations."""
+        return self.sp * self.cp
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,9 @@ class TrainSetup:
 
 def parallelism_for(cfg: TrainConfig, world_size: int, nodes: int = 1) -> Parallelism:
     """The Parallelism of a `longseq train` run on `world_size` processes."""
-    sp = cfg.sequence_parallel
-    return Parallelism(dp=world_size // sp, sp=sp, zero=3 if cfg.parallel == "fsdp" else 0,
-                       offload="params" if cfg.fsdp_offload else "none", nodes=nodes)
+    return Parallelism(dp=cfg.data_parallel(world_size), tp=cfg.tp, pp=cfg.pp, sp=cfg.sp, cp=cfg.cp,
+                       zero=3 if cfg.parallel == "fsdp" else 0, offload="params" if cfg.fsdp_offload else "none",
+                       nodes=nodes)
 
 
 def setup_for(cfg: TrainConfig, *, precision: str, packed: bool, recompute: str, tile: int | None = None,

@@ -132,7 +132,7 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     precision = "fp16" if setup.precision == "fp16" else ("fp32" if setup.precision == "fp32" else "bf16")
     peak = gpu.peak_tflops(precision)
     micro_tokens = setup.batch_size * setup.seq_len
-    shard = p.tp * p.pp * p.sp
+    shard = p.tp * p.pp * p.sequence_shards
     micro_s = step_time_s(flops, micro_tokens / shard, peak, efficiency)
     if efficiency is None:  # a given efficiency is a measured one: launch time is in it already
         micro_s = overlapped_s(micro_s, launch_time_s(cfg.num_layers // p.pp, setup.recompute))
@@ -150,14 +150,19 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
         moved = (2 * gathered * counts.total + 4.0 * trainable_params(spec, setup)) / (p.tp * p.pp)
         dp_comm = (n - 1) / n * moved / (dp_bw * 1e9)
     comm += max(0.0, dp_comm - 2 / 3 * compute)  # overlapped with backward (two thirds of the step)
-    act_bytes = (2 if setup.precision != "fp32" else 4) * micro_tokens * cfg.hidden_size / p.sp
+    act_bytes = (2 if setup.precision != "fp32" else 4) * micro_tokens * cfg.hidden_size / p.sequence_shards
     layers_here = cfg.num_layers // p.pp
     # Megatron: 2 all-reduces forward + 2 backward per layer, 2 more when the layer's forward is recomputed
     collectives = 4 + 2 * (setup.recompute in ("full", "offloaded", "keep_attention"))
     tp_comm = collectives * layers_here * _ring_allreduce_s(act_bytes, p.tp, _link_gbs(gpu, p.tp, gpus_per_node))
-    attn_bytes = micro_tokens * (2 * spec.q_dim + 2 * spec.kv_dim) * 2 / p.sp
+    attn_bytes = micro_tokens * (2 * spec.q_dim + 2 * spec.kv_dim) * 2 / p.sequence_shards
     sp_comm = 2 * layers_here * (p.sp - 1) / p.sp * attn_bytes / (_link_gbs(gpu, p.sp * p.tp, gpus_per_node) * 1e9)
-    comm += (tp_comm + sp_comm) * setup.grad_accum
+    # Ring attention: per layer, cp - 1 K/V blocks forward; backward the K/V again and their fp32 dK/dV (twice
+    # the bytes): four block sends, each overlapping a block's attention.
+    kv_block = micro_tokens / p.sequence_shards * 2 * spec.kv_dim * 2
+    ring_comm = 4 * layers_here * (p.cp - 1) * kv_block / (_link_gbs(gpu, p.num_gpus // p.nodes, gpus_per_node)
+                                                          * 1e9)
+    comm += (tp_comm + sp_comm + ring_comm) * setup.grad_accum
     trainable = trainable_params(spec, setup)
     opt_shard = p.tp * p.pp * (p.zero_ranks if p.zero else 1)
     if p.offload == "none":

@@ -28,15 +28,16 @@ from longseq.train.checkpoint_files import (
     resolve_checkpoint,
 )
 from longseq.train.data import TrainData, default_pad_id
+from longseq.train.layout import parallelize
 from longseq.train.lora import make_trainable
 from longseq.train.memory_plan import MemoryChoice, plan_memory
 from longseq.train.metrics import MetricsWriter, matmul_params, peak_flops, peak_memory_gib
 from longseq.train.optim import build_optimizer, build_scheduler
-from longseq.train.parallel.data_parallel import grad_scaler, wrap
+from longseq.train.parallel import meta_loading
+from longseq.train.parallel.data_parallel import grad_scaler
 from longseq.train.parallel.env import DistEnv, init_distributed
-from longseq.train.parallel.ulysses import enable_ulysses
 from longseq.train.precision import Precision, resolve_precision
-from longseq.train.step import TokenLoss, router_loss_for, train_step
+from longseq.train.step import train_step
 
 # Changing these between a run and its resumption would silently change what is trained. (grad_accum may change
 # with the number of processes, as long as the sequences per step stay the same: checked separately.)
@@ -96,19 +97,19 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     precision = resolve_precision(cfg.precision, env.device)
     # Full fine-tuning keeps float32 master weights; LoRA/QLoRA keep the frozen base in the compute dtype.
     load_dtype = torch.float32 if cfg.method == "full" else precision.frozen_dtype
-    lm = load(cfg.model, dtype=load_dtype, device=env.device)
+    sharded = meta_loading.sharded_loading(cfg, env)  # built on meta, each rank reading only its shards
+    lm = meta_loading.load_meta(cfg.model, load_dtype) if sharded else load(cfg.model, dtype=load_dtype,
+                                                                            device=env.device)
     apply_overrides(lm.model, cfg.overrides)  # attention variant / RoPE scaling flags
     data = TrainData.load(list(cfg.data), lm.tokenizer, on_bad_row=cfg.on_bad_row, max_row_bytes=cfg.max_row_bytes)
     model = lm.model
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
     model.train()
-    step_model = TokenLoss(model, cfg.loss_chunk, router_loss_for(model, cfg.router_aux_loss_coef,
-                                                                  cfg.router_z_loss_coef))
-    if env.sp > 1:
-        enable_ulysses(model, env.sp_group, env.sp)
-    if env.distributed:
-        step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
+    step_model = parallelize(model, cfg, env, precision)
+    if sharded:
+        meta_loading.materialize(step_model, model, lm.path, torch.device("cpu") if cfg.fsdp_offload else env.device,
+                                 cfg.seed, env.device)
     optimizer = build_optimizer(model, cfg, torch.device("cpu") if cfg.fsdp_offload else env.device)
     return Run(cfg, env, lm, data, precision, optimizer, build_scheduler(optimizer, cfg), grad_scaler(env, precision),
                step_model)
@@ -182,9 +183,13 @@ def _report_memory(console, run: Run, kernel: str) -> None:
     if not run.memory.fits:
         console.print("[yellow]the planner predicts this run does not fit; it may run out of memory "
                       "(try a shorter --seq-len, --method qlora or --optimizer adamw8bit)[/]")
-    if env.distributed:
+    if env.pp > 1:
+        console.print(f"[dim]pipeline over {env.pp} processes ({cfg.pp_schedule}, {cfg.grad_accum} micro-batches a "
+                      "step)[/]")
+    elif env.distributed:
         console.print(f"[dim]{env.parallel}{' + CPU offload' if cfg.fsdp_offload else ''} over {env.world_size} "
-                      f"process(es): {env.dp} data parallel × {env.sp} sequence parallel (Ulysses)[/]")
+                      f"process(es): {env.dp} data parallel × {env.tp} tensor parallel × {env.cp} context parallel "
+                      f"(ring) × {env.sp} sequence parallel (Ulysses)[/]")
 
 
 def _clean_temporaries(console, out_dir: str) -> None:

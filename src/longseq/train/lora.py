@@ -16,6 +16,17 @@ from longseq.train.expert_lora import STACKED, LoRAExperts, expert_layers, exper
 from longseq.train.nf4 import NF4_BLOCK, is_nf4, quiet_torchao, to_nf4_weight  # noqa: F401 (imported from here)
 
 
+def new_adapter(in_features: int, out_features: int, rank: int, device) -> tuple[nn.Linear, nn.Linear]:
+    """The factors A (r, in) and B (out, r) in float32 (the master copy, whatever the frozen weight's dtype),
+    initialised as PEFT does: B = 0 so that W starts at W0."""
+    kw = dict(device=device, dtype=torch.float32)
+    lora_a = nn.Linear(in_features, rank, bias=False, **kw)
+    lora_b = nn.Linear(rank, out_features, bias=False, **kw)
+    nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_b.weight)
+    return lora_a, lora_b
+
+
 class LoRALinear(nn.Module):
     """y = x W0^T + b + (alpha / r) * B A dropout(x), with W0 (and b) frozen; W0 optionally NF4 (QLoRA).
 
@@ -33,12 +44,7 @@ class LoRALinear(nn.Module):
         self.rank, self.scaling = rank, (alpha / rank if rank else 0.0)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if rank:
-            # Trainable factors in float32 (the master copy), whatever the frozen weight's dtype.
-            kw = dict(device=weight.device, dtype=torch.float32)
-            self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
-            self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: B = 0 so W starts at W0
-            nn.init.zeros_(self.lora_B.weight)
+            self.lora_A, self.lora_B = new_adapter(self.in_features, self.out_features, rank, weight.device)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():  # no activation saved; skipped where a recompute never reads the output

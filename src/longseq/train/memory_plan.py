@@ -59,7 +59,9 @@ class MemoryChoice:
 
 
 def fixed(cfg: TrainConfig) -> auto.Fixed:
-    return auto.Fixed(cfg.recompute, cfg.tile_tokens, cfg.offload_keep, cfg.plain_layers, cfg.attention_layers)
+    # Tensor parallelism's norms and MLPs run on DTensors, which the tiles do not split: never tiled.
+    return auto.Fixed(cfg.recompute, cfg.tile_tokens if cfg.tp == 1 else 0, cfg.offload_keep, cfg.plain_layers,
+                      cfg.attention_layers)
 
 
 def predict(model_cfg: ModelConfig, cfg: TrainConfig, precision: str, packed: bool, recompute: str,

@@ -14,8 +14,9 @@ from longseq.models.llama import CausalLM
 from longseq.models.router_loss import RouterLoss
 from longseq.models.sparse_moe import SparseMoeBlock
 from longseq.train.loss import IGNORE, chunked_cross_entropy
-from longseq.train.parallel.data_parallel import gradient_sync
+from longseq.train.parallel.data_parallel import clip_grad_norm, gradient_sync
 from longseq.train.parallel.env import DistEnv
+from longseq.train.parallel.pipeline import Pipeline
 
 
 class TokenLoss(nn.Module):
@@ -59,31 +60,20 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
     """One optimizer step over grad_accum micro-batches; the loss is the mean over all their target tokens, on all
     processes: sum of token losses / total target tokens (so data parallel equals one process on the same batch).
 
-    `model` is a train.step.TokenLoss (possibly DDP / FSDP-wrapped) or a bare CausalLM."""
+    `model` is a train.step.TokenLoss (possibly DDP / FSDP-wrapped), a bare CausalLM, or a pipeline's stages
+    (train/parallel/pipeline.py), whose schedule runs all the micro-batches."""
     env = env or DistEnv(device=device)
     if isinstance(model, CausalLM):
         model = TokenLoss(model, cfg.loss_chunk)
-    shard = env.shard_sequence  # Ulysses: this rank's slice of each sequence; the identity otherwise
-    num_targets = max(1, env.all_reduce_sum(sum(int((shard(b.targets) != IGNORE).sum()) for b in micro_batches)))
-    total = 0.0
-    for i, b in enumerate(micro_batches):
-        ids, targets, positions = (shard(t).to(device) for t in (b.input_ids, b.targets, b.positions))
-        # Rows that hold a single segment need no document mask (the fast causal kernel). The whole sequence's:
-        # under Ulysses attention runs over all of it.
-        doc_ids = b.doc_ids.to(device) if bool((b.positions[:, 1:] == 0).any()) else None
-        with gradient_sync(model, env, sync=i == len(micro_batches) - 1):  # exchange grads on the last one only
-            with precision.autocast():
-                loss = model(ids, positions, doc_ids, targets) / num_targets
-            # DDP and FSDP average gradients over the processes; times their number, that mean is the sum.
-            scaled = loss * env.world_size if env.distributed else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total += loss.item()
-    total = env.all_reduce_sum(total)
+    if isinstance(model, Pipeline):
+        total = env.all_reduce_sum(model.forward_backward(micro_batches, precision, device))  # the last stage's
+    else:
+        total = _forward_backward(model, micro_batches, precision, device, scaler, env)
     if scaler is not None:
         scaler.unscale_(optimizer)
     if cfg.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        clip_grad_norm(params, cfg.max_grad_norm, env.group("pp") if env.pp > 1 else None)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -91,3 +81,24 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def _forward_backward(model, micro_batches, precision, device, scaler, env: DistEnv) -> float:
+    """Forward and backward of each micro-batch in turn, gradients accumulated; returns the step's loss."""
+    shard = env.shard_sequence  # context / sequence / tensor parallel: this rank's tokens; else the identity
+    num_targets = max(1, env.all_reduce_sum(sum(int((shard(b.targets) != IGNORE).sum()) for b in micro_batches)))
+    total = 0.0
+    for i, b in enumerate(micro_batches):
+        ids, targets = shard(b.input_ids).to(device), shard(b.targets).to(device)
+        positions = env.shard_positions(b.positions).to(device)
+        # Rows that hold a single segment need no document mask (the fast causal kernel). The whole sequence's:
+        # attention runs over all of it.
+        doc_ids = b.doc_ids.to(device) if bool((b.positions[:, 1:] == 0).any()) else None
+        with gradient_sync(model, env, sync=i == len(micro_batches) - 1):  # exchange grads on the last one only
+            with precision.autocast():
+                loss = model(ids, positions, doc_ids, targets) / num_targets
+            # DDP and FSDP average gradients over the processes; times their number, that mean is the sum.
+            scaled = loss * env.grad_ranks if env.distributed else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        total += loss.item()
+    return env.all_reduce_sum(total)

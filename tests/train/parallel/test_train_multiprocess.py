@@ -1,6 +1,7 @@
 """`longseq train` on several processes: `--nproc 2` (torchrun) trains the single-process losses; its DCP
-checkpoints resume on another number of processes (1, or 2 with FSDP + Ulysses) and single-process checkpoints
-resume on 2 processes, all continuing the single-process run; export reads DCP checkpoints."""
+checkpoints resume on another number of processes or layout (1; 2 with FSDP + Ulysses; 2 with ring attention) and
+single-process checkpoints resume on 2 processes (FSDP; FSDP x tensor parallel; 2 pipeline stages), all continuing
+the single-process run; export reads DCP checkpoints, tensor-parallel and pipeline ones included."""
 
 import json
 import os
@@ -69,20 +70,29 @@ def test_ddp_cli_trains_the_single_process_losses(single, ddp_cli, setup):
 
 
 def _resume_worker(rank, world, setup):
-    # FSDP2 continues the single-process checkpoint; FSDP2 + Ulysses (1 data-parallel rank) continues DDP's.
-    a = train(config(setup, "fsdp-from-single", parallel="fsdp", grad_accum=1, resume="latest"), progress=False)
-    b = train(config(setup, "ulysses-from-ddp", parallel="fsdp", sequence_parallel=2, resume="latest"),
-              progress=False)
-    return a.losses, b.losses
+    # FSDP2 continues the single-process checkpoint, and so do tensor parallelism (FSDP2 x TP over one
+    # data-parallel rank) and two pipeline stages (1F1B over 2 micro-batches); FSDP2 + Ulysses and ring attention
+    # (DDP) continue DDP's.
+    runs = [("fsdp-from-single", dict(parallel="fsdp", grad_accum=1)),
+            ("ulysses-from-ddp", dict(parallel="fsdp", sp=2)), ("tp-from-single", dict(tp=2)),
+            ("ring-from-ddp", dict(cp=2)), ("pp-from-single", dict(pp=2))]
+    return {out: train(config(setup, out, resume="latest", **kw), progress=False).losses for out, kw in runs}
 
 
-def test_resume_on_another_number_of_processes(single, ddp_cli, setup):
-    resume_copy(setup, "single", "fsdp-from-single")
-    resume_copy(setup, "ddp", "ulysses-from-ddp")
-    resume_copy(setup, "ddp", "one-from-ddp")
-    for fsdp_losses, ulysses_losses in run_workers(_resume_worker, 2, setup):
-        assert fsdp_losses == pytest.approx(single[2:], rel=1e-6)
-        assert ulysses_losses == pytest.approx(single[2:], rel=1e-6)
+@pytest.fixture(scope="module")
+def resumed(single, ddp_cli, setup):
+    for source, out in (("single", "fsdp-from-single"), ("ddp", "ulysses-from-ddp"), ("single", "tp-from-single"),
+                        ("ddp", "ring-from-ddp"), ("single", "pp-from-single"), ("ddp", "one-from-ddp")):
+        resume_copy(setup, source, out)
+    return run_workers(_resume_worker, 2, setup)
+
+
+def test_resume_on_another_number_of_processes(single, resumed, setup):
+    for losses in resumed:
+        assert losses.keys() == {"fsdp-from-single", "ulysses-from-ddp", "tp-from-single", "ring-from-ddp",
+                                 "pp-from-single"}
+        for run, run_losses in losses.items():
+            assert run_losses == pytest.approx(single[2:], rel=1e-6), run
     one = train(config(setup, "one-from-ddp", resume="latest"), progress=False)  # 2 processes -> 1
     assert one.losses == pytest.approx(single[2:], rel=1e-6)
 
@@ -93,15 +103,18 @@ def test_resume_refuses_another_batch_per_step(ddp_cli, setup):
         train(config(setup, "wrong-batch", grad_accum=1, resume="latest"), progress=False)
 
 
-def test_export_reads_a_distributed_checkpoint(single, ddp_cli, setup):
+def test_export_reads_a_distributed_checkpoint(single, ddp_cli, resumed, setup):
     root = setup[0]
     adapters = []
-    for run in ("single", "ddp"):
+    # tensor-parallel shards are whole again; each pipeline stage wrote its own layers
+    for run in ("single", "ddp", "tp-from-single", "ring-from-ddp", "pp-from-single"):
         out = export(ckpt.checkpoint_root(root / run) / "step-000004", root / f"adapter-{run}", "peft")
         adapters.append(load_file(str(out / "adapter_model.safetensors")))
-    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) > 0
-    for name in adapters[0]:
-        torch.testing.assert_close(adapters[1][name], adapters[0][name], rtol=1e-4, atol=1e-6)
+    assert len(adapters[0]) > 0
+    for other in adapters[1:]:
+        assert other.keys() == adapters[0].keys()
+        for name in adapters[0]:
+            torch.testing.assert_close(other[name], adapters[0][name], rtol=1e-4, atol=1e-6)
 
 
 def test_bad_launch_is_one_line_before_any_process_starts(setup, capsys):
@@ -109,8 +122,8 @@ def test_bad_launch_is_one_line_before_any_process_starts(setup, capsys):
 
     root, model_dir, data = setup
     argv = ["train", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--seq-len", "32"]
-    assert main(argv + ["--nproc", "2", "--sequence-parallel", "4"]) == 2
+    assert main(argv + ["--nproc", "2", "--sp", "4"]) == 2
     assert main(argv + ["--nproc", "2", "--data", str(root / "missing.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0] == "longseq: error: sequence_parallel 4 must divide --nproc 2"
+    assert err[0] == "longseq: error: sp 4 = 4 processes per model replica does not divide the 2 process(es) launched"
     assert len(err) == 2 and "missing.jsonl" in err[1]

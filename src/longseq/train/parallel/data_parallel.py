@@ -34,10 +34,38 @@ def wrap(step_model: nn.Module, env: DistEnv, precision: Precision, offload: boo
     # Gather weights in the autocast dtype (half the traffic of fp32 master weights), reduce gradients in fp32.
     mp = MixedPrecisionPolicy(param_dtype=precision.autocast_dtype, reduce_dtype=torch.float32)
     off = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if offload else OffloadPolicy()
+    layer_mesh = env.fsdp_mesh  # tensor parallel: the ranks that hold the same layer shards
     for layer in step_model.lm.model.layers:
-        fully_shard(layer, mesh=env.mesh, mp_policy=mp, offload_policy=off)
+        fully_shard(layer, mesh=layer_mesh, mp_policy=mp, offload_policy=off)
+    # The root (embedding, final norm, LM head: whole on every tensor-parallel rank) over all ranks.
     fully_shard(step_model, mesh=env.mesh, mp_policy=mp, offload_policy=off)
+    if env.tp > 1:  # its gradient reduction sums every rank's tokens: average over the others' count, as theirs
+        step_model.set_gradient_divide_factor(float(env.grad_ranks))
+        step_model.set_force_sum_reduction_for_comms(True)  # a sum, then the division (gloo has no PREMUL_SUM)
     return step_model
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages=None) -> None:
+    """torch.nn.utils.clip_grad_norm_ over parameters whose gradients may be DTensors on different meshes (tensor
+    parallel: the layers' on the 2-D mesh, the root's on all ranks), each mesh's norm reduced on its own, and held
+    by different pipeline stages (`stages`: their process group, over which the squared norms add up)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(groups) <= 1 and stages is None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups.values()]
+    squares = sum((n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2 for n in norms)
+    squares = torch.as_tensor(squares, dtype=torch.float64)
+    if stages is not None:
+        dist.all_reduce(squares, group=stages)
+    total = squares.sqrt().float()
+    for group in groups.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
 
 
 def _uniform_trainable_dtype(module: nn.Module) -> None:

@@ -127,20 +127,47 @@ def load_single_process(path: Path, model: nn.Module, optimizer, scheduler, scal
         raise LongseqError(f"{path}: cannot read trainable.safetensors ({first_line(e, 200)})") from None
     saved = load_state_file(path / "optimizer.pt", meta, map_location=device)
     # optimizer.pt numbers parameters 0, 1, ... in build_optimizer's order; DCP's API wants their names.
-    names = [n for group in trainable_groups(model) for n, _ in group]
+    names = _optimizer_names(model, weights)
+    here = {n for n, p in model.named_parameters() if p.requires_grad}  # a pipeline stage: some of them
     try:
-        if len(names) != sum(len(g["params"]) for g in saved["param_groups"]):
+        if len(names) != sum(len(g["params"]) for g in saved["param_groups"]) or not here <= set(names):
             raise ValueError("another number of parameters")
-        osd = {"state": {names[i]: s for i, s in saved["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        groups = [{**g, "params": [names[i] for i in g["params"] if names[i] in here]}
+                  for g in saved["param_groups"]]
+        osd = {"state": {names[i]: s for i, s in saved["state"].items() if names[i] in here},
+               "param_groups": [g for g in groups if g["params"]]}
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise LongseqError(f"{path}: its optimizer state does not match this model and method ({first_line(e)})"
                            ) from None
-    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=osd,
+    set_state_dict(model, optimizer, model_state_dict={n: w for n, w in weights.items() if n in here},
+                   optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False))
     _load_trainer_state(path, meta, scheduler, scaler)
     _reseed(seed, meta["step"], env.rank)
     return meta
+
+
+def _optimizer_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the parameters that a single-process optimizer.pt numbers 0, 1, ...: build_optimizer's order
+    over the whole model. A pipeline stage holds some of them; the others come from the checkpoint's trained
+    weights, put in the model's order (embedding, layers by index, final norm, head; within a layer as the stage's
+    own layers are) and grouped as trainable_groups groups them (matrices, then vectors)."""
+    here = [n for group in trainable_groups(model) for n, _ in group]
+    if set(weights) <= set(here):
+        return here
+    within: dict[str, int] = {}  # a layer's parameter name -> its place in the layer
+    for n, _ in model.named_parameters():
+        if n.startswith("model.layers."):
+            within.setdefault(n.split(".", 3)[3], len(within))
+
+    def order(name: str) -> tuple[int, int, int]:
+        if name.startswith("model.layers."):
+            _, _, index, rest = name.split(".", 3)
+            return 1, int(index), within.get(rest, len(within))
+        return {"model.embed_tokens.weight": 0, "model.norm.weight": 2}.get(name, 3), 0, 0
+
+    ordered = sorted(weights, key=order)
+    return [n for n in ordered if weights[n].dim() >= 2] + [n for n in ordered if weights[n].dim() < 2]
 
 
 def load_trainable_dcp(path: Path, model: nn.Module) -> None:

@@ -2,9 +2,12 @@
 
 torchrun (or `longseq train --nproc N`, which re-launches under it) sets RANK, LOCAL_RANK and WORLD_SIZE; the
 process group uses NCCL on GPUs (gloo beside it for CPU tensors) and gloo on CPU. The processes form a
-(dp, sp) grid: `sp` consecutive ranks share one sequence (Ulysses), and the dp = world / sp groups of them read
-different micro-batches. Gradients are averaged over the whole world by DDP / FSDP2 (ZeRO over dp × sp, as
-DeepSpeed-Ulysses does), so the trainer scales each rank's loss by the world size to turn that mean into a sum.
+(pp, dp, cp, sp, tp) grid, tp varying fastest (tensor parallelism exchanges the most, so it stays on the nearest
+GPUs): the cp × sp × tp ranks of one model replica share each sequence (ring attention over cp, Ulysses over sp,
+tensor parallelism's sequence shards over tp), the dp replicas read different micro-batches, and the pp pipeline
+stages each hold a run of the layers. Gradients are averaged over dp × cp × sp by DDP / FSDP2 (ZeRO over all of
+them, as DeepSpeed-Ulysses does), so the trainer scales each rank's loss by that count to turn the mean into a
+sum; tensor-parallel ranks hold different weights.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch.distributed as dist
 from longseq import process_group
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
+from longseq.train.parallel.ring_attention import ring_token_index
 
 
 @dataclass
@@ -32,10 +36,14 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     parallel: str = "none"  # none | ddp | fsdp
+    dp: int = 1  # data-parallel replicas
+    cp: int = 1  # ring attention degree
     sp: int = 1  # Ulysses degree
+    tp: int = 1  # tensor-parallel degree
+    pp: int = 1  # pipeline stages
     device: torch.device = torch.device("cpu")
-    mesh: Any = None  # 1-D DeviceMesh over the world (FSDP2 shards over it)
-    sp_group: Any = None  # this rank's Ulysses process group
+    mesh: Any = None  # 1-D DeviceMesh over the world
+    grid: Any = None  # DeviceMesh ("pp", "dp", "cp", "sp", "tp")
 
     @property
     def distributed(self) -> bool:
@@ -45,17 +53,43 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def dp(self) -> int:
-        return self.world_size // self.sp
+    def _coordinate(self, inner: int, size: int) -> int:
+        return self.rank // inner % size
 
     @property
-    def dp_rank(self) -> int:
-        return self.rank // self.sp
+    def tp_rank(self) -> int:
+        return self._coordinate(1, self.tp)
 
     @property
     def sp_rank(self) -> int:
-        return self.rank % self.sp
+        return self._coordinate(self.tp, self.sp)
+
+    @property
+    def cp_rank(self) -> int:
+        return self._coordinate(self.tp * self.sp, self.cp)
+
+    @property
+    def dp_rank(self) -> int:
+        return self._coordinate(self.tp * self.sp * self.cp, self.dp)
+
+    @property
+    def pp_rank(self) -> int:
+        return self._coordinate(self.tp * self.sp * self.cp * self.dp, self.pp)
+
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks whose gradients of the same weights DDP / FSDP2 average: all but the tensor-parallel ones."""
+        return self.dp * self.cp * self.sp
+
+    def group(self, dim: str):
+        """The process group of this rank's `dim` ("pp", "cp", "sp" or "tp") neighbours."""
+        return self.grid.get_group(dim)
+
+    @property
+    def fsdp_mesh(self):
+        """What FSDP2 shards the decoder layers over: the whole world, or (tensor parallel) the dp × cp × sp ranks
+        that hold the same tensor-parallel shard."""
+        return self.grid["dp", "cp", "sp"]._flatten("fsdp") if self.tp > 1 else self.mesh
 
     def all_reduce_sum(self, value: float) -> float:
         if not self.distributed or self.world_size == 1:
@@ -95,16 +129,33 @@ class DistEnv:
             yield step[self.dp_rank * grad_accum : (self.dp_rank + 1) * grad_accum]
 
     def shard_sequence(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """(B, S) -> this rank's (B, S / sp) slice of the sequence (Ulysses); the whole tensor when sp is 1."""
-        if t is None or self.sp == 1:
+        """(B, S) -> this rank's tokens of each sequence, (B, S / (cp·sp·tp)); the whole tensor when it holds all.
+
+        Ring attention deals the sequence out in 2·cp chunks, rank i taking chunks i and 2·cp-1-i (causal work
+        balanced); Ulysses and then tensor parallelism split those tokens into contiguous pieces."""
+        return self._shard(t, self.tp)
+
+    def shard_positions(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The RoPE positions of this rank's queries and keys: its tokens under ring attention and Ulysses; the
+        whole sequence under tensor parallelism, whose attention runs on all tokens (gathered) of its heads."""
+        return self._shard(t, 1)
+
+    def _shard(self, t: torch.Tensor | None, tp: int) -> torch.Tensor | None:
+        if t is None or self.cp * self.sp * tp == 1:
             return t
-        chunk = t.shape[1] // self.sp
-        return t[:, self.sp_rank * chunk : (self.sp_rank + 1) * chunk]
+        if self.cp > 1:
+            t = t[:, ring_token_index(t.shape[1], self.cp, self.cp_rank).to(t.device)]
+        pieces = self.sp * tp
+        piece = self.sp_rank * tp + (self.tp_rank if tp > 1 else 0)
+        chunk = t.shape[1] // pieces
+        return t[:, piece * chunk : (piece + 1) * chunk]
 
 
 def resolve_parallel(cfg: TrainConfig, world_size: int) -> str:
     if cfg.parallel == "auto":
-        return "ddp" if world_size > 1 or cfg.sequence_parallel > 1 else "none"
+        if cfg.tp > 1:
+            return "fsdp"
+        return "ddp" if world_size > 1 or cfg.sequence_shards > 1 else "none"
     if cfg.parallel == "none" and world_size > 1:
         raise LongseqError(f"parallel none trains in one process, but {world_size} were launched: use --parallel "
                            "ddp or fsdp")
@@ -121,8 +172,7 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     device = resolve_device(cfg.device)
     if parallel == "none":
         return DistEnv(device=device)
-    if world % cfg.sequence_parallel:
-        raise LongseqError(f"sequence_parallel {cfg.sequence_parallel} must divide the number of processes {world}")
+    dp = cfg.data_parallel(world)
     device = process_group.local_device(device, local_rank)
     if not dist.is_initialized():
         backend = process_group.backend(device)
@@ -135,11 +185,11 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
         atexit.register(_destroy)
     from torch.distributed.device_mesh import init_device_mesh
 
-    sp = cfg.sequence_parallel
     mesh = init_device_mesh(device.type, (world,))
-    grid = init_device_mesh(device.type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, parallel=parallel, sp=sp, device=device,
-                   mesh=mesh, sp_group=grid.get_group("sp"))
+    grid = init_device_mesh(device.type, (cfg.pp, dp, cfg.cp, cfg.sp, cfg.tp),
+                            mesh_dim_names=("pp", "dp", "cp", "sp", "tp"))
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, parallel=parallel, dp=dp, cp=cfg.cp,
+                   sp=cfg.sp, tp=cfg.tp, pp=cfg.pp, device=device, mesh=mesh, grid=grid)
 
 
 def _destroy() -> None:

@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 
 from longseq.config import TrainConfig
-from longseq.errors import LongseqError
 
 LAUNCHED = "WORLD_SIZE"  # set by torchrun in every worker
 
@@ -38,11 +37,10 @@ def relaunch(cfg: TrainConfig) -> int:
     from longseq.train.checkpoint_files import resolve_checkpoint
     from longseq.train.data import resolve_files
 
+    cfg.data_parallel(cfg.nproc)  # the layout must fit the processes
     resolve_files(cfg.data)  # bad input fails here, once, not in every worker
     if cfg.resume:
         resolve_checkpoint(cfg.resume, cfg.out_dir)
-    if cfg.nproc % cfg.sequence_parallel:
-        raise LongseqError(f"sequence_parallel {cfg.sequence_parallel} must divide --nproc {cfg.nproc}")
     # torchrun's agent logs each worker failure as a multi-line report; the worker's own one-line error is enough.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)  # its OMP_NUM_THREADS=1 banner

@@ -18,6 +18,8 @@ import torch.distributed as dist
 
 from longseq.attention import attention
 from longseq.errors import LongseqError
+from longseq.train.parallel.env import DistEnv
+from longseq.train.parallel.ring_attention import RingAttention
 
 
 class _AllToAll(torch.autograd.Function):
@@ -68,28 +70,34 @@ class UlyssesAttention:
     """What an Attention layer calls instead of `attention` when its sequence is split over `group`.
 
     q (B, H, S/N, D), k/v (B, H_kv, S/N, D), RoPE already applied at global positions; doc_ids (B, S) are the WHOLE
-    sequence's (every rank has the batch, so they need no exchange). Returns (B, H, S/N, D).
+    sequence's (every rank has the batch, so they need no exchange). Returns (B, H, S/N, D). `inner` attends over
+    the gathered tokens: `attention`, or (Ulysses inside ring attention) a RingAttention over the ring's ranks.
     """
 
-    def __init__(self, group, degree: int):
-        self.group, self.degree = group, degree
+    def __init__(self, group, degree: int, inner=None):
+        self.group, self.degree, self.inner = group, degree, inner or attention
 
     def __call__(self, q, k, v, *, window=None, doc_ids=None) -> torch.Tensor:
         q, k, v = heads_from_sequence([q, k, v], self.group, self.degree)
-        out = attention(q, k, v, window=window, doc_ids=doc_ids)  # (B, H/N, S, D)
+        out = self.inner(q, k, v, window=window, doc_ids=doc_ids)  # (B, H/N, S, D)
         return sequence_from_heads(out, self.group, self.degree)
 
 
 def check_degree(num_kv_heads: int, degree: int) -> None:
     if degree > num_kv_heads:
-        raise LongseqError(f"sequence_parallel {degree} is more than the model's {num_kv_heads} KV heads: Ulysses "
-                           "splits heads over processes, so at most that many can share a sequence")
+        raise LongseqError(f"sp {degree} is more than the model's {num_kv_heads} KV heads: Ulysses splits heads over "
+                           "processes, so at most that many can share a sequence this way (--cp has no such limit)")
     if num_kv_heads % degree:
-        raise LongseqError(f"sequence_parallel {degree} must divide the model's {num_kv_heads} KV heads")
+        raise LongseqError(f"sp {degree} must divide the model's {num_kv_heads} KV heads")
 
 
-def enable_ulysses(model, group, degree: int) -> None:
-    """Make every attention layer of `model` (a CausalLM) run Ulysses over `group`."""
-    check_degree(model.config.num_kv_heads, degree)
+def enable_sequence_parallel(model, env: DistEnv) -> None:
+    """Make every attention layer of `model` (a CausalLM) attend over the sequence its cp × sp ranks share:
+    Ulysses over sp, ring attention over cp, or Ulysses inside each ring rank (both)."""
+    if env.cp * env.sp == 1:
+        return
+    if env.sp > 1:
+        check_degree(model.config.num_kv_heads, env.sp)
+    ring = RingAttention(env.group("cp"), env.cp) if env.cp > 1 else None
     for layer in model.model.layers:
-        layer.self_attn.sequence_parallel = UlyssesAttention(group, degree)
+        layer.self_attn.sequence_parallel = UlyssesAttention(env.group("sp"), env.sp, ring) if env.sp > 1 else ring

@@ -1,0 +1,33 @@
+"""A run's model split over its processes by its layout (--dp --tp --cp --sp --pp): the one place the techniques
+are applied, in the order they compose."""
+
+from __future__ import annotations
+
+from longseq.config import TrainConfig
+from longseq.errors import LongseqError
+from longseq.train.parallel import tensor_parallel
+from longseq.train.parallel.data_parallel import wrap
+from longseq.train.parallel.env import DistEnv
+from longseq.train.parallel.pipeline import Pipeline
+from longseq.train.parallel.ulysses import enable_sequence_parallel
+from longseq.train.precision import Precision
+from longseq.train.step import TokenLoss, router_loss_for
+
+
+def parallelize(model, cfg: TrainConfig, env: DistEnv, precision: Precision):
+    """What a training step runs for `model` (a CausalLM with its adapters): its pipeline stages on this process
+    (--pp), or the model with its loss as one module, its attention split over the sequence's ranks (ring, Ulysses),
+    its layers over the tensor-parallel ranks, and the whole data parallel (DDP, or FSDP2 sharding what is left)."""
+    router_loss = router_loss_for(model, cfg.router_aux_loss_coef, cfg.router_z_loss_coef)
+    if env.pp > 1:
+        if router_loss is not None:
+            raise LongseqError("a mixture of experts' router losses are not summed across pipeline stages yet: "
+                               "train it without --pp, or with --router-aux-loss-coef 0")
+        return Pipeline(model, env, cfg.pp_schedule, cfg.grad_accum, cfg.loss_chunk)
+    step_model = TokenLoss(model, cfg.loss_chunk, router_loss)
+    enable_sequence_parallel(model, env)
+    if env.tp > 1:
+        tensor_parallel.parallelize(model, env.grid["tp"], env.tp)
+    if env.distributed:
+        step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
+    return step_model

@@ -21,10 +21,9 @@ _CONFIGS = [
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    n_mask = n < N
-    rows = W + n[:, None].to(tl.int64) * stride_w
+def row_dots(X, rows, n_mask, K, BN: tl.constexpr, BK: tl.constexpr):
+    """(BN,) float32: Σ_k W[n, k] x[k] for the BN weight rows `rows` points at ((BN, 1) pointers; n_mask: those
+    that exist), each widened to float32 in registers, x (K,) streamed along with them."""
     acc = tl.zeros((BN, BK), tl.float32)  # reduced once at the end, not every step of the K loop
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
@@ -32,7 +31,14 @@ def _gemv_kernel(X, W, B, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BN: tl.cons
         x = tl.load(X + k, mask=k_mask, other=0.0).to(tl.float32)
         w = tl.load(rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         acc += w * x[None, :]
-    y = tl.sum(acc, 1)
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, Y, N, K, stride_w, HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_mask = n < N
+    y = row_dots(X, W + n[:, None].to(tl.int64) * stride_w, n_mask, K, BN, BK)
     if HAS_BIAS:
         y += tl.load(B + n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(Y + n, y.to(Y.dtype.element_ty), mask=n_mask)

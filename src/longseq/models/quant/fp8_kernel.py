@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longseq.models.kernels.gemv import row_dots
+
 FP8_MAX = 448.0
 BLOCK = 1024
 
@@ -57,19 +59,11 @@ _GEMV_CONFIGS = [
 
 @triton.jit
 def _fp8_gemv_kernel(X, W, S, Y, N, K, BN: tl.constexpr, BK: tl.constexpr):
-    # y[n] = s[n] · Σ_k W[n, k] x[k]: the e4m3 weights widened in registers, x unquantized (models/kernels/gemv.py's
+    # y[n] = s[n] · Σ_k W[n, k] x[k]: the e4m3 weights widened in registers, x unquantized (the 16-bit GEMV's
     # loop over a slice of rows, with half its bytes to read)
     n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = n < N
-    rows = W + n[:, None].to(tl.int64) * K
-    acc = tl.zeros((BN, BK), tl.float32)
-    for k0 in range(0, K, BK):
-        k = k0 + tl.arange(0, BK)
-        k_mask = k < K
-        x = tl.load(X + k, mask=k_mask, other=0.0).to(tl.float32)
-        w = tl.load(rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        acc += w * x[None, :]
-    y = tl.sum(acc, 1) * tl.load(S + n, mask=n_mask, other=0.0)
+    y = row_dots(X, W + n[:, None].to(tl.int64) * K, n_mask, K, BN, BK) * tl.load(S + n, mask=n_mask, other=0.0)
     tl.store(Y + n, y.to(Y.dtype.element_ty), mask=n_mask)
 
 

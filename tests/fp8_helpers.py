@@ -1,5 +1,5 @@
-"""Triton kernel tests' device, and e4m3 values computed by a kernel against PyTorch's (importable from every test
-folder)."""
+"""Triton kernel tests' device, e4m3 values computed by a kernel against PyTorch's, and the tame model the
+quantization tests round (importable from every test folder)."""
 
 import os
 
@@ -20,3 +20,16 @@ def assert_same_e4m3(q: torch.Tensor, ref: torch.Tensor) -> None:
         power_of_two = ref.abs().log2() == ref.abs().log2().round()
         same |= ((q - ref).abs() <= step) | (power_of_two & (q * 2 == ref))
     assert same.all(), f"{(~same).sum()} values differ"
+
+
+def tame_model(seed: int):
+    """tiny_models.random_model(seed) with its matrices scaled to N(0, 0.06): a tame network, where a quantizer's own
+    rounding error shows; and (2, 12) token ids for it."""
+    from tiny_models import random_model
+
+    model = random_model(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.mul_(0.3)
+    return model, torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(seed))

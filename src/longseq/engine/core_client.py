@@ -28,6 +28,10 @@ if TYPE_CHECKING:
     from longseq.engine.llm_engine import LLMEngine
 
 
+NO_LORA = ("this server runs its engine in a process of its own, which does not load LoRA adapters yet; start the "
+           "server with --enable-lora (its engine then runs on a thread)")
+
+
 class EngineDeadError(RuntimeError):
     """The engine process is gone: every request in flight fails with this, and every later one (HTTP 500)."""
 
@@ -125,11 +129,10 @@ class EngineCoreClient(AsyncLLMEngine):
         return {}
 
     async def load_lora(self, name: str, path: str) -> None:
-        raise LongseqError("this server runs its engine in a process of its own, which does not load LoRA adapters "
-                           "yet; start the server with --enable-lora (its engine then runs on a thread)")
+        raise LongseqError(NO_LORA)
 
     async def unload_lora(self, name: str) -> None:
-        await self.load_lora(name, "")
+        raise LongseqError(NO_LORA)
 
     # ---- sender thread ----------------------------------------------------------------------------------
 

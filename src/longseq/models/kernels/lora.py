@@ -19,17 +19,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _block_rows(ORDER, BLOCK_SLOT, BLOCK_START, blk, n_rows, BM: tl.constexpr):
+    """Block `blk`'s adapter slot, its token rows (BM,) and which of them exist (the first n_rows)."""
+    slot = tl.load(BLOCK_SLOT + blk).to(tl.int64)
+    start = tl.load(BLOCK_START + blk)
+    m = tl.arange(0, BM)
+    m_mask = m < n_rows
+    return slot, tl.load(ORDER + start + m, mask=m_mask, other=0).to(tl.int64), m_mask
+
+
+@triton.jit
 def _shrink_kernel(X, A, XA, ORDER, BLOCK_SLOT, BLOCK_START, BLOCK_ROWS, K, RT, K_PER_SPLIT,
                    stride_x, stride_as, stride_ar, stride_xa,
                    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
     blk, rb, ks = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     n_rows = tl.load(BLOCK_ROWS + blk)
     if n_rows > 0:
-        slot = tl.load(BLOCK_SLOT + blk).to(tl.int64)
-        start = tl.load(BLOCK_START + blk)
-        m = tl.arange(0, BM)
-        m_mask = m < n_rows
-        rows = tl.load(ORDER + start + m, mask=m_mask, other=0).to(tl.int64)
+        slot, rows, m_mask = _block_rows(ORDER, BLOCK_SLOT, BLOCK_START, blk, n_rows, BM)
         r = rb * BR + tl.arange(0, BR)
         r_mask = r < RT
         a_rows = A + slot * stride_as + r[None, :] * stride_ar  # (1, BR): read transposed, (BK, BR)
@@ -55,11 +61,7 @@ def _expand_kernel(XA, B, Y, ORDER, BLOCK_SLOT, BLOCK_START, BLOCK_ROWS, N_OUT, 
     blk, nb = tl.program_id(0), tl.program_id(1)
     n_rows = tl.load(BLOCK_ROWS + blk)
     if n_rows > 0:
-        slot = tl.load(BLOCK_SLOT + blk).to(tl.int64)
-        start = tl.load(BLOCK_START + blk)
-        m = tl.arange(0, BM)
-        m_mask = m < n_rows
-        rows = tl.load(ORDER + start + m, mask=m_mask, other=0).to(tl.int64)
+        slot, rows, m_mask = _block_rows(ORDER, BLOCK_SLOT, BLOCK_START, blk, n_rows, BM)
         n0 = nb * BN
         cols = n0 + tl.arange(0, BN)
         c_mask = cols < N_OUT

@@ -202,8 +202,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loras = _lora_args(args.lora)
     if loras:
         cfg = dataclasses.replace(cfg, enable_lora=True)
-    if cfg.enable_lora:  # adapters are registered on the engine (engine/lora): it runs on a thread of the server
-        cfg = dataclasses.replace(cfg, engine_process=False)
     api_key = resolve_api_key(args.api_key, args.api_key_file)  # before the model loads: a bad key fails at once
     max_request_bytes = DEFAULT_MAX_REQUEST_BYTES if args.max_request_bytes is None else args.max_request_bytes
     if max_request_bytes <= 0:
@@ -213,26 +211,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.stem
     if name in loras:
         raise LongseqError(f"--lora {name}=...: '{name}' is the served model's name; give the adapter another")
-    make_engine = partial(load_engine, path, args.dtype, args.device, cfg)
+    make_engine = partial(load_engine, path, args.dtype, args.device, cfg, loras)  # the adapters before it serves
     with err.status(f"loading {path.name}" + (" in the engine process" if cfg.engine_process else "")):
         if cfg.engine_process:
             frontend = EngineCoreClient(make_engine, model_name=name)
             info, engine = frontend.info, None
         else:
             engine = make_engine()
-            for lora, lora_path in loras.items():  # before the engine thread starts
-                adapter = engine.add_lora(lora, lora_path)
-                err.print(f"[dim]LoRA adapter {lora}: rank {adapter.rank}, {', '.join(adapter.targets)}[/]")
             frontend, info = AsyncLLMEngine(engine, model_name=name), describe(engine)
+    for lora, adapter in info["loras"].items():
+        err.print(f"[dim]LoRA adapter {lora}: rank {adapter['rank']}, {', '.join(adapter['targets'])}[/]")
     blocks, quantized = info["num_kv_blocks"], info["quantization"]
     kv = " (fp8)" if cfg.kv_cache_dtype == "fp8" else ""
     err.print(f"[dim]{name} · {info['device']}{f' · {quantized} weights' if quantized else ''} · KV pool{kv} "
               f"{blocks:,} blocks × {cfg.kv_block_size} tokens = {blocks * cfg.kv_block_size:,} tokens · context "
               f"{info['max_model_len']:,} · engine "
               f"{'in its own process' if cfg.engine_process else 'on a thread of the server'}[/]")
-    if cfg.enable_lora:
-        pool = engine.runner.lora
-        err.print(f"[dim]LoRA pool: {pool.num_slots} slots of rank {pool.max_rank} ({pool.nbytes / 2**20:,.0f} MiB)[/]")
+    if (pool := info["lora_pool"]) is not None:
+        err.print(f"[dim]LoRA pool: {pool['num_slots']} slots of rank {pool['max_rank']} "
+                  f"({pool['nbytes'] / 2**20:,.0f} MiB)[/]")
     if cfg.tensor_parallel > 1:
         err.print(f"[dim]tensor parallel over {cfg.tensor_parallel} processes (KV heads and weights / "
                   f"{cfg.tensor_parallel} each)[/]")

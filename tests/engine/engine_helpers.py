@@ -10,6 +10,7 @@ import torch
 
 from longseq.config import EngineConfig
 from longseq.engine import LLMEngine, SamplingParams
+from longseq.engine.core_process import register_loras
 from longseq.errors import LongseqError
 from longseq.models.loader import LoadedModel
 from tiny_models import random_model
@@ -50,6 +51,14 @@ def tiny_engine(step_delay: float = 0.0, **options) -> LLMEngine:
     engine = make_engine(tiny_lm(), **options)
     if step_delay:
         slow_steps(engine, step_delay)
+    return engine
+
+
+def lora_tiny_engine(loras: dict[str, str], **options) -> LLMEngine:
+    """tiny_engine serving LoRA adapters, `loras` (name -> folder) registered as `longseq serve --lora` registers
+    them: what a test hands an engine process to build."""
+    engine = tiny_engine(enable_lora=True, **options)
+    register_loras(engine, loras)
     return engine
 
 

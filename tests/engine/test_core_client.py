@@ -1,6 +1,7 @@
 """EngineCoreClient: the engine in a child process streams what AsyncLLMEngine on a thread streams (greedy, seeded
 sampling, logprobs, stop strings), frees the child's blocks when a stream is left or aborted, keeps the queue limit
-and request ids, says why a child could not start, serves the HTTP app, and leaves no process behind."""
+and request ids, says why a child could not start, serves the HTTP app, and leaves no process behind. LoRA
+adapters through it: test_core_client_lora.py."""
 
 import asyncio
 import multiprocessing
@@ -159,6 +160,9 @@ def test_the_server_runs_over_the_process_client(client):
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]" and len(events) >= 3
         assert "longseq_num_requests_running" in httpx.get(f"{url}/metrics").text
+        # an engine without LoRA refuses adapters as it does on a thread (tests/serve/test_lora_server.py)
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"}, timeout=30)
+        assert r.status_code == 400 and "LoRA adapters are off" in r.json()["error"]["message"]
 
 
 def test_a_dead_engine_process_fails_its_streams_and_later_requests():
@@ -173,6 +177,8 @@ def test_a_dead_engine_process_fails_its_streams_and_later_requests():
             await collect(agen)
         with pytest.raises(EngineDeadError):
             await client.generate(prompt, LONG, "later").__anext__()
+        with pytest.raises(EngineDeadError):
+            await client.load_lora("a", "/x")
 
     try:
         run(main())

@@ -1,12 +1,14 @@
 """Multi-LoRA serving over HTTP (issue 26): adapters listed by /v1/models, selected by a request's `model`, loaded and
 unloaded at run time through vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; an unknown name is a 404 and
 an adapter that cannot be served a 400, after which the server goes on serving. The real app and engine on
-127.0.0.1, a tiny random model behind the built-in model's tokenizer."""
+127.0.0.1, a tiny random model behind the built-in model's tokenizer; every test runs with the engine on a thread of
+the server and in a process of its own (`longseq serve`'s default), which must answer alike."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -14,6 +16,8 @@ import pytest
 
 from longseq.config import EngineConfig
 from longseq.engine.async_engine import AsyncLLMEngine
+from longseq.engine.core_client import EngineCoreClient
+from longseq.engine.core_process import register_loras
 from longseq.engine.llm_engine import LLMEngine
 from longseq.generation.sampling import SamplingParams
 from longseq.models.loader import LoadedModel
@@ -64,17 +68,27 @@ def expected_text(tokenizer, folder: Path | None) -> str:
     return out[0].text
 
 
-@pytest.fixture(scope="module")
-def server(tokenizer, adapters) -> Iterator[str]:
-    engine = LLMEngine(tiny(tokenizer), EngineConfig(num_kv_blocks=64, max_num_seqs=8, enable_lora=True,
-                                                     max_loras=2, max_lora_rank=16))
-    engine.add_lora("alpha", adapters["alpha"])
-    async_engine = AsyncLLMEngine(engine, model_name="tiny")
+def lora_engine(tokenizer_dir: Path, loras: dict[str, str]) -> LLMEngine:
+    """The servers' engine with the adapters `loras` registered (--lora); module-level: an engine process builds
+    it."""
+    from longseq.models.tokenizer import load_tokenizer
+
+    engine = LLMEngine(tiny(load_tokenizer(tokenizer_dir)), EngineConfig(
+        num_kv_blocks=64, max_num_seqs=8, enable_lora=True, max_loras=2, max_lora_rank=16))
+    register_loras(engine, loras)
+    return engine
+
+
+@pytest.fixture(scope="module", params=["thread", "process"])
+def server(request, tokenizer_dir, adapters) -> Iterator[str]:
+    make = partial(lora_engine, tokenizer_dir, {"alpha": str(adapters["alpha"])})
+    frontend = (EngineCoreClient(make, model_name="tiny") if request.param == "process"
+                else AsyncLLMEngine(make(), model_name="tiny"))
     try:
-        with running(create_app(async_engine)) as url:
+        with running(create_app(frontend)) as url:
             yield url
     finally:
-        async_engine.shutdown()
+        frontend.shutdown()
 
 
 @pytest.fixture

@@ -124,6 +124,8 @@ class AsyncLLMEngine:
     async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """fn() run by the engine thread between two steps, which owns every engine structure it may touch."""
         done: concurrent.futures.Future = concurrent.futures.Future()
+        # Running: a caller that gives up (a cancelled request) cannot cancel it under the engine thread, which sets it.
+        done.set_running_or_notify_cancel()
         self._commands.put(("call", fn, done))
         return await asyncio.wrap_future(done)
 

@@ -4,10 +4,15 @@ The child process (engine/core_process.py) runs the engine; here a sender thread
 `generate` and `abort` queue (batched: one pipe write for all that queued meanwhile), and a receiver thread, blocked
 on the pipe without the GIL while it waits, rebuilds each request's RequestOutput snapshots from the per-step deltas
 and hands them to the streams' event loops with one call_soon_threadsafe per loop per message (`deliver_all`).
+LoRA adapters are loaded and unloaded by the child, each call answered over the same pipe; the adapters registered
+are kept here too (updated by each successful answer), as the server reads them for every request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import itertools
 import multiprocessing
 import os
 import pickle
@@ -26,10 +31,6 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from longseq.engine.llm_engine import LLMEngine
-
-
-NO_LORA = ("this server runs its engine in a process of its own, which does not load LoRA adapters yet; start the "
-           "server with --enable-lora (its engine then runs on a thread)")
 
 
 class EngineDeadError(RuntimeError):
@@ -87,6 +88,10 @@ class EngineCoreClient(AsyncLLMEngine):
         self._stats: dict[str, Any] = {"num_waiting": 0, "num_running": 0, "kv_cache_usage": 0.0,
                                        "num_preempted": 0, "num_steps": 0, "num_steps_ahead": 0}
         self._num_added = 0  # adds the child has taken in, as it last said
+        self._loras: dict[str, str] = {name: a["path"] for name, a in self.info["loras"].items()}
+        # LoRA commands sent and not yet answered: call id -> (the command, what its caller awaits)
+        self._calls: dict[int, tuple[tuple, concurrent.futures.Future]] = {}
+        self._call_ids = itertools.count()
         self._dead: EngineDeadError | None = None
         self._stopping = threading.Event()
         self._sender = threading.Thread(target=self._send_loop, name="longseq-core-send", daemon=True)
@@ -124,15 +129,50 @@ class EngineCoreClient(AsyncLLMEngine):
         """Stops the engine process and waits for it; idempotent."""
         self._finalizer()
 
-    # LoRA adapters live on the engine; `longseq serve` runs a LoRA-enabled engine on a thread (AsyncLLMEngine).
+    # ---- LoRA adapters: registered on the child's engine -----------------------------------------------
+
     def lora_adapters(self) -> dict[str, str]:
-        return {}
+        with self._lock:
+            return dict(self._loras)
 
     async def load_lora(self, name: str, path: str) -> None:
-        raise LongseqError(NO_LORA)
+        """The child reads and packs the adapter while it keeps stepping, then registers it between two steps;
+        its LoRAError where the adapter cannot be served."""
+        await self._call("load_lora", name, path)
 
     async def unload_lora(self, name: str) -> None:
-        raise LongseqError(NO_LORA)
+        """UnknownLoRAError where no adapter has that name."""
+        await self._call("unload_lora", name)
+
+    async def _call(self, kind: str, *args: str) -> None:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        # Running: a caller that gives up (a cancelled request) cannot cancel it under the receiver, which sets it.
+        done.set_running_or_notify_cancel()
+        command = (kind, next(self._call_ids), *args)
+        self._calls[command[1]] = (command, done)  # before it is queued: the answer may come at once
+        self._commands.put(command)
+        await asyncio.wrap_future(done)
+
+    def _answer(self, call_id: int, error: Exception | None, result: Any) -> None:
+        call = self._calls.pop(call_id, None)
+        if call is None:  # failed already (the engine died)
+            return
+        command, done = call
+        if error is not None:
+            done.set_exception(error)
+            return
+        with self._lock:
+            if command[0] == "load_lora":
+                self._loras[command[2]] = result  # the folder the child read
+            else:
+                self._loras.pop(command[2], None)
+        done.set_result(None)
+
+    def _fail_calls(self, call_ids: list[int]) -> None:
+        for call_id in call_ids:
+            call = self._calls.pop(call_id, None)
+            if call is not None:
+                call[1].set_exception(self._dead)
 
     # ---- sender thread ----------------------------------------------------------------------------------
 
@@ -162,14 +202,18 @@ class EngineCoreClient(AsyncLLMEngine):
         with self._lock:
             self._pending = max(0, self._pending - len(adds))
         deliver_all(self._streams, [(request_id, self._dead) for request_id in adds])
+        self._fail_calls([c[1] for c in commands if c[0] in ("load_lora", "unload_lora")])
 
     # ---- receiver thread --------------------------------------------------------------------------------
 
     def _receive_loop(self) -> None:
         try:
             while True:
-                _, deltas, stats, num_added = pickle.loads(self._conn.recv_bytes())  # waits without the GIL
-                self._receive(deltas, stats, num_added)
+                message = pickle.loads(self._conn.recv_bytes())  # waits without the GIL
+                if message[0] == "reply":
+                    self._answer(*message[1:])
+                else:
+                    self._receive(*message[1:])
         except (EOFError, OSError):
             pass
         self._process.join(timeout=5)
@@ -179,6 +223,7 @@ class EngineCoreClient(AsyncLLMEngine):
             self._dead = EngineDeadError(why)
             self._pending = 0
         deliver_all(self._streams, [(request_id, self._dead) for request_id in list(self._streams)])
+        self._fail_calls(list(self._calls))  # after _dead is set: a later call is refused by the sender
 
     def _receive(self, deltas: list[Delta], stats: dict[str, Any], num_added: int) -> None:
         items: list[tuple[str, Any]] = []

@@ -6,11 +6,15 @@ process, as vLLM v1's EngineCore does; the server's side is engine/core_client.p
 
 The wire is one duplex Pipe carrying pickled messages (send_bytes / recv_bytes):
 - parent -> child: lists of commands, the tuples AsyncLLMEngine's thread takes: ("add", request_id, prompt_ids,
-  params, max_output_tokens), ("abort", request_id), ("stop",);
+  params, max_output_tokens, lora), ("abort", request_id), ("stop",); and LoRA adapters' registration, each with
+  the id of the call that waits for its answer: ("load_lora", call_id, name, path), ("unload_lora", call_id, name);
 - child -> parent: first ("ready", info, tokenizer) or ("failed", one line); then, after every turn of the loop
   (the commands taken in, one engine step), one ("step", deltas, stats, num_added): per request only what the step
   added (`Delta`), never the prompt or the whole output again; the engine's stats; and how many adds the child has
-  taken in so far (the parent counts a request once, as pending or as waiting, as AsyncLLMEngine does).
+  taken in so far (the parent counts a request once, as pending or as waiting, as AsyncLLMEngine does). A LoRA
+  command is answered by ("reply", call_id, error, result): error None and the result (a load: the adapter's
+  folder), or the error the engine raised (a LoRAError, an UnknownLoRAError), for the server to answer as it
+  would on a thread.
 The child exits on "stop", when the pipe closes, or when its parent is gone.
 """
 
@@ -25,6 +29,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
 
     from longseq.config import EngineConfig
     from longseq.engine.llm_engine import LLMEngine
+    from longseq.engine.lora import LoRAAdapter
     from longseq.engine.outputs import RequestOutput, TokenLogprob
 
 PICKLE = pickle.HIGHEST_PROTOCOL
@@ -53,17 +60,35 @@ class Delta(NamedTuple):
     error: Exception | None = None  # the request failed (it is retired): the parent raises this in its stream
 
 
-def load_engine(path: str | Path, dtype: str, device: str, cfg: EngineConfig) -> LLMEngine:
-    """`longseq serve`'s engine: the model at `path` on one GPU, or tensor-parallel over cfg.tensor_parallel."""
-    if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks
+def load_engine(path: str | Path, dtype: str, device: str, cfg: EngineConfig,
+                loras: dict[str, str] | None = None) -> LLMEngine:
+    """`longseq serve`'s engine: the model at `path` on one GPU, or tensor-parallel over cfg.tensor_parallel, with
+    the LoRA adapters `loras` (name -> folder: --lora) registered."""
+    if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks (no adapters: EngineConfig)
         from longseq.engine.tp_engine import start_engine
 
         return start_engine(path, dtype, device, cfg)
     from longseq.engine.llm_engine import LLMEngine
     from longseq.models.loader import load
 
-    return LLMEngine(load(path, dtype=dtype, device=device, quantization=cfg.quantization,
-                          group_size=cfg.quant_group_size), cfg)
+    engine = LLMEngine(load(path, dtype=dtype, device=device, quantization=cfg.quantization,
+                            group_size=cfg.quant_group_size), cfg)
+    try:
+        register_loras(engine, loras or {})
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def register_loras(engine: LLMEngine, loras: dict[str, str]) -> None:
+    """--lora NAME=PATH ...: each adapter registered before the engine serves (in the engine process, before it
+    says ready); one that cannot be served ends the start with its reason, naming it."""
+    for name, path in loras.items():
+        try:
+            engine.add_lora(name, path)
+        except LongseqError as e:
+            raise LongseqError(f"--lora {name}: {first_line(e)}") from None
 
 
 def describe(engine: LLMEngine) -> dict[str, Any]:
@@ -71,7 +96,12 @@ def describe(engine: LLMEngine) -> dict[str, Any]:
     return {"limits": engine.limits, "device": str(engine.lm.device), "num_kv_blocks": engine.blocks.num_blocks,
             "kv_block_size": engine.cfg.kv_block_size, "max_model_len": engine.max_model_len,
             "max_queue": engine.cfg.max_queue, "tensor_parallel": engine.cfg.tensor_parallel,
-            "quantization": getattr(engine.lm.model, "quantization", None)}
+            "quantization": getattr(engine.lm.model, "quantization", None),
+            "loras": {name: {"path": a.path, "rank": a.rank, "targets": a.targets}
+                      for name, a in (engine.loras.adapters.items() if engine.loras is not None else ())},
+            "lora_pool": None if engine.runner.lora is None else {
+                "num_slots": engine.runner.lora.num_slots, "max_rank": engine.runner.lora.max_rank,
+                "nbytes": engine.runner.lora.nbytes}}
 
 
 def portable(e: BaseException) -> Exception:
@@ -127,7 +157,8 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 class EngineCore:
-    """The add / abort / step loop over the pipe: AsyncLLMEngine's engine thread, with deltas for outputs."""
+    """The add / abort / step loop over the pipe: AsyncLLMEngine's engine thread, with deltas for outputs, and the
+    LoRA adapters' registration."""
 
     def __init__(self, engine: LLMEngine, conn: Connection):
         self.engine, self.conn = engine, conn
@@ -138,6 +169,11 @@ class EngineCore:
         # steps' messages) must not hold up the next step.
         self.outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self.sender = threading.Thread(target=self._send_loop, name="longseq-core-send", daemon=True)
+        # An adapter is read and packed on a thread of its own (the slow part: a file read, checks, a copy) while
+        # steps go on, as AsyncLLMEngine.load_lora does; the loop registers it between two steps. `wake` ends the
+        # loop's idle wait when one is ready.
+        self.prepared: queue.SimpleQueue[tuple[int, LoRAAdapter | Exception]] = queue.SimpleQueue()
+        self.woken, self.wake = multiprocessing.Pipe(duplex=False)
 
     def run(self) -> None:
         self.sender.start()
@@ -151,14 +187,16 @@ class EngineCore:
         engine = self.engine
         while True:
             deltas: list[Delta] = []
-            # Idle: block until a command comes (an EOFError when the parent is gone); busy: take what is there.
-            block = not engine.has_unfinished()
-            while block or self.conn.poll():
-                block = False
+            # Idle: wait for a command (the pipe closing reads as one: an EOFError) or an adapter read; busy: take
+            # what is there.
+            if not engine.has_unfinished():
+                wait([self.conn, self.woken])
+            while self.conn.poll():
                 for command in pickle.loads(self.conn.recv_bytes()):
                     if command[0] == "stop":
                         return
                     self._command(command, deltas)
+            self._register_prepared()
             if engine.has_unfinished():
                 self._step(deltas)
             stats = dict(engine.stats(), num_steps=self.num_steps, num_steps_ahead=engine.num_steps_ahead)
@@ -179,10 +217,48 @@ class EngineCore:
                 self.engine.add_request(prompt_ids, params, request_id, max_output_tokens, lora)
             except Exception as e:
                 deltas.append(self._failed(request_id, e))
-        else:
+        elif command[0] == "abort":
             out = self.engine.abort(command[1])
             if out is not None:
                 deltas.append(self._delta(out))
+        elif command[0] == "load_lora":
+            threading.Thread(target=self._prepare, args=command[1:], name="longseq-lora-read", daemon=True).start()
+        else:  # ("unload_lora", call_id, name)
+            self._reply(command[1], partial(self.engine.remove_lora, command[2]))
+
+    # ---- LoRA adapters ----------------------------------------------------------------------------------
+
+    def _prepare(self, call_id: int, name: str, path: str) -> None:
+        """On a thread of its own: the adapter read and packed (prepare_lora touches no engine state)."""
+        try:
+            adapter: LoRAAdapter | Exception = self.engine.prepare_lora(name, path)
+        except Exception as e:
+            adapter = e
+        self.prepared.put((call_id, adapter))
+        self.wake.send_bytes(b"")
+
+    def _register_prepared(self) -> None:
+        while self.woken.poll():  # before the queue: a wake-up sent after this is for an item still queued
+            self.woken.recv_bytes()
+        while True:
+            try:
+                call_id, adapter = self.prepared.get_nowait()
+            except queue.Empty:
+                return
+            self._reply(call_id, partial(self._register, adapter))
+
+    def _register(self, adapter: LoRAAdapter | Exception) -> str:
+        if isinstance(adapter, Exception):
+            raise adapter
+        return self.engine.add_lora(adapter.name, adapter).path
+
+    def _reply(self, call_id: int, fn: Callable[[], Any]) -> None:
+        """fn() run here, between two steps; its result or its error goes back to the call waiting for it."""
+        try:
+            result, error = fn(), None
+        except Exception as e:
+            result, error = None, portable(e)
+        self.outbox.put(pickle.dumps(("reply", call_id, error, result), PICKLE))
 
     def _step(self, deltas: list[Delta]) -> None:
         self.num_steps += 1

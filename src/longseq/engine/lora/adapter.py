@@ -37,6 +37,9 @@ class UnknownLoRAError(LongseqError):
         super().__init__(f"the LoRA adapter '{name}' does not exist")
         self.name = name
 
+    def __reduce__(self):  # rebuilt from its name, not its message: it crosses the engine process's pipe
+        return type(self), (self.name,)
+
 
 @dataclass
 class AdapterWeights:

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.add_argument("--no-chat", action="store_true", help="plain completion, without the chat template")
     g.add_argument("--system", default=None, help="a system message (chat mode)")
-    g.add_argument("--quantization", default=None, choices=["fp8", "int4"],
+    g.add_argument("--quantization", default=None, choices=["fp8", "int4", "int8"],
                    help="decoder weights quantized at load (default: as the checkpoint stores them)")
     g.add_argument("--quant-group-size", type=int, default=128, help="int4: inputs per scale and zero (default: 128)")
     from longseq.config import ModelOverrides

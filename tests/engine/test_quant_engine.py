@@ -37,7 +37,7 @@ def prompts():
     return random_prompts(6, 1, 30, seed=2)
 
 
-@pytest.mark.parametrize("method", ["fp8", "int4"])
+@pytest.mark.parametrize("method", ["fp8", "int4", "int8"])
 def test_quantized_weights_batched_equal_generate(method, prompts):
     lm = tame_lm(method)
     outs = run_engine(make_engine(lm, **TIGHT), prompts, GREEDY)
@@ -75,7 +75,7 @@ def test_fp8_kv_pool_serves_nearly_the_same_tokens(prompts):
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(quantization="int8"), "quantization must be one of fp8, int4"),
+    (dict(quantization="int3"), "quantization must be one of fp8, int4, int8"),
     (dict(quant_group_size=48), "quant_group_size must be one of 32, 64, 128"),
     (dict(kv_cache_dtype="int8"), "kv_cache_dtype must be one of auto, fp8"),
     (dict(quantization="fp8", tensor_parallel=2), "quantized weights are served on one GPU"),
@@ -85,7 +85,7 @@ def test_bad_options_are_one_line(options, match):
         EngineConfig(**options)
 
 
-@pytest.mark.parametrize("method", ["fp8", "int4"])
+@pytest.mark.parametrize("method", ["fp8", "int4", "int8"])
 def test_default_model_quantized_still_answers(method):
     llm = LLM(None, device="cpu", dtype="float32", num_kv_blocks=64, quantization=method, kv_cache_dtype="fp8")
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
@@ -112,5 +112,5 @@ def test_serve_and_generate_flags():
     gen = build_parser().parse_args(["generate", "hi", "--quantization", "fp8"])
     assert gen.quantization == "fp8" and gen.quant_group_size == 128
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(["generate", "hi", "--quantization", "int8"])
+        build_parser().parse_args(["generate", "hi", "--quantization", "int3"])
     assert e.value.code == 2

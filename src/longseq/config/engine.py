@@ -45,8 +45,10 @@ class EngineConfig:
                                 default=True)
     quantization: str | None = flag("weights quantized at load: fp8 (e4m3, a scale per output channel, activations "
                                     "scaled per token; GPUs of compute capability 8.9+) | int4 (weight-only, a scale "
-                                    "and zero per group of --quant-group-size inputs); default: as the checkpoint "
-                                    "stores them (FP8, GPTQ and AWQ checkpoints load quantized)", default=None)
+                                    "and zero per group of --quant-group-size inputs) | int8 (weight-only, GGUF's "
+                                    "Q8_0 layout: an fp16 scale per 32 inputs; a .gguf's Q8_0 tensors kept as "
+                                    "they are); default: as the checkpoint stores them (FP8, GPTQ and AWQ "
+                                    "checkpoints load quantized)", default=None)
     quant_group_size: int = flag("int4: input channels per scale and zero (32, 64 or 128)", default=128)
     kv_cache_dtype: str = flag("KV pool: auto (the model's dtype) | fp8 (e4m3 with a scale per layer: twice the "
                                "blocks in the same memory)", default="auto")

@@ -57,7 +57,7 @@ def planned_reserve(model: CausalLM, cfg: EngineConfig) -> float:
 
 
 def plan_format(model: CausalLM) -> str:
-    """The planner's weight format (plan/quant.py) of a loaded model: fp8 / int4 where quantized (models/quant),
+    """The planner's weight format (plan/quant.py) of a loaded model: fp8 / int4 / int8 where quantized (models/quant),
     else its dtype's."""
     from longseq.models.quant import quantization_of
 

@@ -1,4 +1,5 @@
-"""Load a GGUF file (llama.cpp's format), dequantizing each tensor to the requested dtype as it is read."""
+"""Load a GGUF file (llama.cpp's format), dequantizing each tensor to the requested dtype as it is read (or, for a
+quantized load, handing the decoder linears' blocks over packed where the layer format holds them as they are)."""
 
 from __future__ import annotations
 
@@ -94,12 +95,13 @@ def _config(reader, path: Path) -> ModelConfig:
     return cfg
 
 
-def _int4_blocks(t, name: str | None, cfg: ModelConfig, permuted: bool):
-    """(name, GgufBlocks) for a decoder linear stored in Q4_0 / Q4_1 / Q4_K; None for anything else."""
+def _packed_blocks(t, name: str | None, cfg: ModelConfig, permuted: bool, types: tuple[str, ...]):
+    """(name, GgufBlocks) for a decoder linear stored in one of `types` (the block types the requested
+    quantization keeps packed: models/quant/gguf_int4.py's PACKED_BY_METHOD); None for anything else."""
     from longseq.models.quant import LINEAR
-    from longseq.models.quant.gguf_int4 import PACKED_TYPES, GgufBlocks
+    from longseq.models.quant.gguf_int4 import GgufBlocks
 
-    if name is None or t.tensor_type.name not in PACKED_TYPES or not LINEAR.match(name):
+    if name is None or t.tensor_type.name not in types or not LINEAR.match(name):
         return None
     N, K = int(t.shape[1]), int(t.shape[0])  # GGUF lists dimensions innermost first
     order = None
@@ -110,9 +112,12 @@ def _int4_blocks(t, name: str | None, cfg: ModelConfig, permuted: bool):
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quant=None):
-    """`quant`: models.quant.QuantLoader, quantizing the (dequantized) linears at load."""
+    """`quant`: models.quant.QuantLoader, quantizing the (dequantized) linears at load; with int4, Q4_0 / Q4_1 /
+    Q4_K linears are handed over packed instead, with int8 Q8_0 ones (models/quant/gguf_int4.py, gguf_q8.py)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
+
+    from longseq.models.quant.gguf_int4 import PACKED_BY_METHOD
 
     reader = open_gguf(path)
     cfg = _config(reader, path)
@@ -124,13 +129,13 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quant=None):
             return np.asarray(t.data)
         return dequantize(t.data, t.tensor_type)  # float32, one tensor at a time
 
-    keep_packed = quant is not None and quant.method == "int4" and quant.stored is None
+    packed_types = PACKED_BY_METHOD.get(quant.method, ()) if quant is not None and quant.stored is None else ()
 
     def tensors():
         for t in reader.tensors:
             m = _LAYER_RE.fullmatch(t.name)
-            if keep_packed and (packed := _int4_blocks(t, hf_name(t.name), cfg, permuted)) is not None:
-                yield packed  # 4-bit blocks go to the int4 layers as they are (models/quant/gguf_int4.py)
+            if packed_types and (packed := _packed_blocks(t, hf_name(t.name), cfg, permuted, packed_types)) is not None:
+                yield packed  # blocks go to the quantized layers as they are (models/quant/gguf_int4.py, gguf_q8.py)
                 continue
             if m and m.group(2) in _EXPERT_NAMES and m.group(3) == "weight":
                 try:

@@ -96,9 +96,9 @@ def load_model(
 ) -> CausalLM:
     """Load weights from an HF directory, a GGUF file or (path None) the built-in default model.
 
-    `config`: an HF directory's config when the caller has already read it. `quantization`: fp8 or int4 (groups of
-    `group_size` inputs) for the decoder linears, quantized as they load (models/quant); None: as stored (a
-    quantized checkpoint loads quantized)."""
+    `config`: an HF directory's config when the caller has already read it. `quantization`: fp8, int4 (groups of
+    `group_size` inputs) or int8 (Q8_0's groups of 32) for the decoder linears, quantized as they load
+    (models/quant); None: as stored (a quantized checkpoint loads quantized)."""
     from longseq.models.quant.checkpoint import quant_loader
 
     p = resolve_model_path(path)

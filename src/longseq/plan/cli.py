@@ -95,7 +95,7 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
                        epilog=SERVE_OUTPUTS, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(s)
     s.add_argument("--quant", default="bf16", help="bf16, fp16, fp8, int8, int4 (group 128; int4-g32, int4-g64) or nf4 "
-                   "(default: bf16; fp8 and int4 are `longseq serve --quantization`'s)")
+                   "(default: bf16; fp8, int4 and int8 (Q8_0) are `longseq serve --quantization`'s)")
     s.add_argument("--kv-dtype", default="bf16", help="bf16, fp16 or fp8 (default: bf16; fp8: `longseq serve "
                    "--kv-cache-dtype fp8`)")
     s.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's context)")

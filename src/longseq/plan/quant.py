@@ -28,7 +28,13 @@ def int4_bytes_per_param(group: int) -> float:
     return 0.5 + 4 / group
 
 
-# int8: per-output-channel fp16 scales (LLM.int8 / SmoothQuant W8); int4: a 16-bit scale + zero per group of inputs
+def int8_bytes_per_param(group: int = 32) -> float:
+    """longseq's int8 (models/quant/int8.py, GGUF Q8_0): a byte a weight and a 16-bit scale per `group` inputs."""
+    return 1 + 2 / group
+
+
+# int8: an fp16 scale per 32 inputs (longseq's --quantization int8 and GGUF's Q8_0: 8.5 bits a weight, ggml's
+# block_q8_0 in ggml-common.h); int4: a 16-bit scale + zero per group of inputs
 # (longseq's --quantization int4, AWQ, GPTQ); fp8: e4m3 with a float32 scale per output channel (longseq's
 # --quantization fp8: 4 bytes per row of K weights, 0.1% at K = 4096, left out); nf4: QLoRA double quantization.
 FORMATS: dict[str, WeightFormat] = {
@@ -37,7 +43,8 @@ FORMATS: dict[str, WeightFormat] = {
     "fp16": WeightFormat("fp16", 2.0, 2.0, "float16"),
     "fp8": WeightFormat("fp8", 1.0, 2.0, "e4m3 weights, a scale per output channel; embeddings and LM head in 16 "
                         "bits"),
-    "int8": WeightFormat("int8", 1.0, 2.0, "per-channel scales; embeddings and LM head in 16 bits"),
+    "int8": WeightFormat("int8", int8_bytes_per_param(), 2.0, "Q8_0: an fp16 scale per 32 inputs; embeddings and LM "
+                         "head in 16 bits"),
     "int4": WeightFormat("int4", int4_bytes_per_param(128), 2.0, "group 128, 16-bit scale + zero (AWQ / GPTQ)"),
     **{f"int4-g{g}": WeightFormat(f"int4-g{g}", int4_bytes_per_param(g), 2.0, f"group {g}, 16-bit scale + zero")
        for g in (32, 64, 128)},
@@ -50,8 +57,11 @@ KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
 def dequant_transient_bytes(quant: str, largest_linear: int) -> float:
     """Bytes a serving step holds beside its activations to run a quantized layer: int4 prefill dequantizes the
     largest (fused) weight to 16 bits before its matmul (models/quant/int4.py: 2 bytes a weight, plus 1 byte of
-    unpacked nibbles while it converts); fp8 and 16-bit formats hold nothing of the kind."""
-    return 3.0 * largest_linear if quant.startswith("int4") else 0.0
+    unpacked nibbles while it converts), int8 prefill likewise (2 bytes a weight, written by one Triton pass:
+    models/quant/int8_kernel.py); fp8 and 16-bit formats hold nothing of the kind."""
+    if quant.startswith("int4"):
+        return 3.0 * largest_linear
+    return 2.0 * largest_linear if quant == "int8" else 0.0
 
 
 def get_format(name: str) -> WeightFormat:

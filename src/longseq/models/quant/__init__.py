@@ -1,11 +1,14 @@
-"""Quantized serving: linear layers swapped for FP8 or int4 ones at load (the layer-swap pattern of train/lora.py).
+"""Quantized serving: linear layers swapped for FP8, int4 or int8 ones at load (train/lora.py's layer-swap pattern).
 
 fp8.py         Fp8Linear: e4m3 weights, a scale per output channel, activations quantized per token (torch._scaled_mm)
 fp8_kernel.py  the per-token activation quantization in one Triton launch
 int4.py        Int4Linear: 4-bit weights, a scale and zero per group of inputs (GPTQ act-order through a permutation)
 int4_kernel.py the few-row (decode) int4 matmul in Triton
+int8.py        Int8Linear: llama.cpp's Q8_0 layout, an int8 a weight and an fp16 scale per 32 inputs
+int8_kernel.py the single-row (decode) int8 GEMV and the one-pass dequantize in Triton
 checkpoint.py  checkpoints stored quantized: HF FP8 (per-tensor, per-channel, block), compressed-tensors, GPTQ, AWQ
 gguf_int4.py   GGUF Q4_0 / Q4_1 / Q4_K blocks kept packed as int4 layers
+gguf_q8.py     GGUF Q8_0 blocks kept packed as int8 layers
 
 Which layers: every decoder layer's attention projections and dense MLP; the embeddings, the LM head and a mixture of
 experts' stacked expert weights stay in 16 bits. `QuantLoader` is build_from_tensors' hook: each weight is quantized
@@ -24,11 +27,12 @@ from torch import nn
 from longseq.errors import LongseqError
 from longseq.models.quant.fp8 import Fp8Linear
 from longseq.models.quant.int4 import Int4Linear
+from longseq.models.quant.int8 import Int8Linear
 
 # The decoder linears that quantize: attention projections and dense MLPs (not experts, not the LM head).
 LINEAR = re.compile(r"^(model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:shared_expert\.)?(?:gate|up|down)_proj))"
                     r"\.(\w+)$")
-QUANTIZED_TYPES = (Fp8Linear, Int4Linear)
+QUANTIZED_TYPES = (Fp8Linear, Int4Linear, Int8Linear)
 
 
 class FusedQuantLinear:
@@ -59,6 +63,8 @@ def quantize_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: str
         return Fp8Linear.quantize(weight, bias)
     if method == "int4":
         return Int4Linear.quantize(weight, group_size, bias)
+    if method == "int8":
+        return Int8Linear.quantize(weight, bias)
     raise LongseqError(f"unknown quantization {method!r}")
 
 
@@ -87,7 +93,7 @@ def check_method_device(method: str, device: torch.device) -> None:
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """fp8 / int4 where the model's decoder linears are quantized, else None."""
+    """fp8 / int4 / int8 where the model's decoder linears are quantized, else None."""
     return getattr(model, "quantization", None)
 
 
@@ -114,8 +120,8 @@ class QuantLoader:
         match = LINEAR.match(name)
         if match is None or match.group(2) != "weight":
             return False
-        if not isinstance(tensor, torch.Tensor):  # a GGUF tensor's 4-bit blocks, kept packed (gguf_int4.py)
-            self.layers[match.group(1)] = tensor.to_int4(self.device)
+        if not isinstance(tensor, torch.Tensor):  # a GGUF tensor's blocks, kept packed (gguf_int4.py, gguf_q8.py)
+            self.layers[match.group(1)] = tensor.to_layer(self.device)
             return True
         weight = tensor.to(self.device, self.dtype)
         self.layers[match.group(1)] = quantize_weight(weight, None, self.method, self.group_size)

@@ -6,8 +6,9 @@ and m = -Dmin · mn from 6-bit sc, mn and fp16 D, Dmin (layouts: the gguf packag
 compare with). That is Int4Linear's (q - z) · s with group 32, s = d and z = -m / d, so the packed nibbles are kept
 as they are and only re-ordered into int4.py's layout; s and z are kept in float32 (a Q4_K d is an fp16 times a
 6-bit integer, and z = -m / d is no integer), which makes 6 bits a weight where the file has 4.5-5. A block whose d
-is 0 (every weight equal to m) takes a tiny s and the matching z. Other GGUF types (Q8_0, Q6_K, ...) are dequantized
-and requantized as any 16-bit weight is.
+is 0 (every weight equal to m) takes a tiny s and the matching z. Q8_0 blocks are kept the same way as int8 layers
+(gguf_q8.py, `--quantization int8`); other GGUF types (Q6_K, ...) are dequantized and requantized as any 16-bit
+weight is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from longseq.models.quant.int4 import Int4Linear
 
 GROUP = 32
 PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+# The block types each --quantization keeps packed; any other type of a decoder linear is dequantized and requantized.
+PACKED_BY_METHOD = {"int4": PACKED_TYPES, "int8": ("Q8_0",)}
 _FLAT = 2.0**-14  # s of a block with d = 0, relative to |m|: q · s stays below 0.1% of the block's value
 
 
@@ -29,10 +32,18 @@ _FLAT = 2.0**-14  # s of a block with d = 0, relative to |m|: q · s stays below
 class GgufBlocks:
     """A GGUF tensor's raw blocks, handed to QuantLoader.claim in place of a dequantized tensor."""
 
-    qtype: str  # one of PACKED_TYPES
+    qtype: str  # one of PACKED_BY_METHOD's
     data: np.ndarray  # (N, bytes a row) uint8, as gguf's reader maps it
     shape: tuple[int, int]  # (N, K)
     row_order: np.ndarray | None = None  # new row i is stored row row_order[i] (llama.cpp's Q/K permutation undone)
+
+    def to_layer(self, device: torch.device) -> torch.nn.Module:
+        """The quantized layer these blocks are: Int8Linear for Q8_0, Int4Linear for the 4-bit types."""
+        if self.qtype == "Q8_0":
+            from longseq.models.quant.gguf_q8 import q8_0_layer
+
+            return q8_0_layer(self.data, self.shape, self.row_order, device)
+        return self.to_int4(device)
 
     def to_int4(self, device: torch.device) -> Int4Linear:
         q, d, m = unpack_blocks(self.qtype, self.data, *self.shape)

@@ -67,6 +67,15 @@ def test_search_equals_the_sort_path(V, seed, tiling):
     assert int(index[row[7]]) == int(0.3337 * V)  # inside the tie of every token
 
 
+def test_a_rows_cut_does_not_depend_on_the_batch_size():
+    """Batches of 32 rows and more search with fewer thresholds a pass; each row's cut stays the same (a seeded
+    request samples the same tokens whatever shares its batch)."""
+    args = batch(300, 4)
+    small = top_p_cut(*args)
+    large = top_p_cut(*(torch.cat([a] * 3) for a in args))  # 42 rows
+    assert all(torch.equal(torch.cat([s] * 3), big) for s, big in zip(small, large, strict=True))
+
+
 def assert_cut_where_the_exact_mass_crosses_top_p(args, value, index, tol):
     """Each row's cut, ranked in the stable descending order, has exact (float64) mass < top_p + tol ahead of it,
     and the next token has >= top_p - tol ahead: the cut of the definition, up to float32 rounding."""
@@ -141,4 +150,5 @@ def test_the_kernel_is_checked_once_per_device_and_a_wrong_one_is_not_used(monke
         got = cuts.top_p_cut(*args)
     want = top_p_cut_reference(*args)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    assert cuts._checked == {(device, 300): False} and "disagrees with the sort" in caplog.text
+    # keyed by the tensors' device: cuda:0 where DEVICE says cuda
+    assert list(cuts._checked.values()) == [False] and "disagrees with the sort" in caplog.text

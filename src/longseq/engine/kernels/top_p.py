@@ -206,11 +206,15 @@ def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, HI, GHI, TIES,
 
 
 def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor,
-              on: torch.Tensor, thresholds: int = 16, block: int | None = None, blocks_per_chunk: int | None = None,
-              num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+              on: torch.Tensor, thresholds: int | None = None, block: int | None = None,
+              blocks_per_chunk: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """engine/top_p.py's top_p_cut_reference in NUM_PASSES + 3 launches. `thresholds` (a power of 2) per search
     pass, `block`, `blocks_per_chunk` (the tiling) and `num_warps`: tests and benchmarks set them."""
     B, V = logits.shape
+    # Each token costs work per threshold in every pass: a few rows leave the GPU idle enough that fewer, wider
+    # passes win; many rows fill it, and fewer thresholds (more, cheaper passes) win. The cut is the same either
+    # way: the mass above a key is summed in one order whatever the other thresholds are (benchmarks/top_p_cut.py).
+    thresholds = thresholds or (8 if B >= 32 else 16)
     assert logits.dtype == torch.float32 and logits.stride(1) == 1
     assert inv_temp.dtype == floor.dtype == top_p.dtype == torch.float32 and on.dtype == torch.int64
     assert thresholds >= 2 and thresholds & (thresholds - 1) == 0

@@ -27,10 +27,10 @@ Workloads (`--requests N`, default 1000; `--quick` 200):
                    (and prefill tok/s, model TFLOP/s counting causal attention), and the short requests' TPOT
                    while it was being prefilled (their token intervals inside [long arrival, long first token]).
   chat-mix-http    (e) chat-mix's lengths and parameters (its own prompt tokens) through the HTTP server as
-                   `longseq serve` runs it: the engine in a process of its own (EngineCoreClient; the same engine
-                   built and warmed up there, run first so that the GPU is its alone; --no-engine-process: over
-                   this process's engine on a thread, AsyncLLMEngine), create_app and uvicorn in this process on a
-                   free port; the official `openai`
+                   `longseq serve` runs it: over this process's engine on a thread (AsyncLLMEngine; --engine-process:
+                   the engine in a process of its own, EngineCoreClient, the same engine built and warmed up there,
+                   run first so that the GPU is its alone), create_app and uvicorn in this process on a free port;
+                   the official `openai`
                    client (AsyncOpenAI) in --http-clients separate processes (clients parsing SSE in the server's
                    process would take the GIL from the server), every request in flight at once (or
                    --http-concurrency per process), streaming /v1/completions with token-id prompts, max_tokens as
@@ -47,8 +47,8 @@ request at once to LLMEngine and step it on this thread; this process builds tha
 runs.
 
 Time (--plan-only prints the plan and runs nothing): on an H200 at issue 21's targets (20K tok/s greedy, sampled
->= 95% of it, chat-mix 18K, HTTP >= 90% of chat-mix, 128K TTFT <= 12 s) the default run takes about 5 minutes, two
-minutes of start-up included (chat-mix-http's engine process, then this process's engine; --quick: about 3). At
+>= 95% of it, chat-mix 18K, HTTP >= 90% of chat-mix, 128K TTFT <= 12 s) the default run takes about 5 minutes,
+a minute of start-up included (two with --engine-process: that engine, then this process's; --quick: about 3). At
 the speeds issue 21 measured (sampling 4.2K tok/s) it would take 13.5, so each workload is cut off after
 --cap-factor (2) x its time at target (at least 30 s; 75 s for long-context): its unfinished requests are aborted
 and its row is marked truncated (throughput over the tokens done, latency over the requests that got that far).
@@ -540,7 +540,7 @@ def http_missing() -> str | None:
 
 
 def run_http(ctx: Context, cap_s: float) -> dict:
-    """chat-mix-http over this process's engine, on a thread of the server (--no-engine-process)."""
+    """chat-mix-http over this process's engine, on a thread of the server, as `longseq serve` runs it."""
     missing = http_missing()
     if missing:
         return {"skipped": f"missing Python packages: {missing}"}
@@ -564,13 +564,13 @@ def run_http(ctx: Context, cap_s: float) -> dict:
     finally:
         aengine.shutdown()
         del engine.step
-    result["server"] = "the engine on a thread of the server's process (AsyncLLMEngine, --no-engine-process)"
+    result["server"] = "the engine on a thread of the server's process (AsyncLLMEngine, as `longseq serve` runs it)"
     return result
 
 
 def run_http_process(args, vocab: int, make_engine, cap_s: float) -> dict:
-    """chat-mix-http as `longseq serve` runs it: the engine (built and warmed up by `make_engine`) in a process
-    of its own, the server over an EngineCoreClient."""
+    """chat-mix-http as `longseq serve --engine-process` runs it: the engine (built and warmed up by `make_engine`)
+    in a process of its own, the server over an EngineCoreClient."""
     missing = http_missing()
     if missing:
         return {"skipped": f"missing Python packages: {missing}"}
@@ -584,8 +584,8 @@ def run_http_process(args, vocab: int, make_engine, cap_s: float) -> dict:
         result = http_workload(args, vocab, client, lambda: StatsProbe(client), cap_s)
     finally:
         client.shutdown()
-    result["server"] = ("the engine in a process of its own (EngineCoreClient, as `longseq serve`); its start-up "
-                        f"{startup} s, before any other workload")
+    result["server"] = ("the engine in a process of its own (EngineCoreClient, as `longseq serve --engine-process`); "
+                        f"its start-up {startup} s, before any other workload")
     return result
 
 
@@ -1006,10 +1006,10 @@ def parse_args(argv=None):
                     "running then is cut off, later ones skipped (default 540, inside a 10-minute device command; "
                     "--tiny: none; 0: none)")
     ap.add_argument("--http-clients", type=int, help="client processes for chat-mix-http (default 4; --tiny 1)")
-    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-                    help="chat-mix-http: the engine in a process of its own, as `longseq serve` runs it (built "
-                    "before the other workloads' engine; --no-engine-process: on a thread of this process, over "
-                    "the engine the other workloads use)")
+    ap.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                    help="chat-mix-http: the engine in a process of its own, as `longseq serve --engine-process` runs "
+                    "it (built before the other workloads' engine; default: on a thread of this process, over the "
+                    "engine the other workloads use, as `longseq serve` runs it)")
     ap.add_argument("--http-concurrency", type=int, default=0, help="requests in flight per client process "
                     "(0: all at once)")
     ap.add_argument("--commit", help="the commit to record where git cannot tell (a copy of the tree without .git)")
@@ -1158,7 +1158,7 @@ def main(argv=None) -> None:
         t0 = time.monotonic()
         try:
             if in_process:
-                log(f"-- {name} (cut-off {cut:.0f} s; the engine in its own process, as `longseq serve`)")
+                log(f"-- {name} (cut-off {cut:.0f} s; the engine in its own process, `longseq serve --engine-process`)")
                 r = run_http_process(args, shape["vocab_size"], make_engine, cut)
             else:
                 c = offline()

@@ -1,5 +1,6 @@
 """Paged attention over K/V scattered into random non-contiguous blocks equals contiguous attention."""
 
+import os
 import zlib
 
 import pytest
@@ -97,6 +98,31 @@ def test_batch_slots_follow_the_block_tables():
     assert slots[0].tolist() == [20, 21, 22, 23, 8, 9] + [9] * (width - 6)
     assert slots[1].tolist() == [28, 29] + [29] * (width - 2)
     assert dec.slot_mapping.tolist() == [9, 29]
+
+
+ON_GPU = os.environ.get("LONGSEQ_TEST_CUDA") == "1" and torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if ON_GPU else []))
+def test_a_mixed_steps_indices_reach_the_device_without_a_sync(device):
+    """A mixed step's index tensors (new-token slots, prompt chunks, decode tables) arrive on the device with the
+    values and dtypes the kernels take, and on a GPU without synchronizing the stream (a plain .to(cuda) from
+    pageable memory would: the host could not prepare a step while the last one runs)."""
+    if device == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch = PagedBatch.build([[5, 2], [7], [0, 3, 1]], [3, 1, 2], [6, 2, 9], BS, torch.device(device))
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert batch.slot_mapping.tolist() == [23, 8, 9, 29, 15, 4]
+    c = batch.chunks
+    assert c.rows.tolist() == [0, 1, 2, 4, 5] and c.q_lens == [3, 2] and c.ctx_lens == [6, 9]
+    assert c.slots.tolist() == [20, 21, 22, 23, 8, 9, 0, 1, 2, 3, 12, 13, 14, 15, 4]
+    assert c.cu_q.tolist() == [0, 3, 5] and c.cu_k.tolist() == [0, 6, 15]
+    assert c.cu_q.dtype == c.cu_k.dtype == batch.decode_tables.dtype == batch.decode_lens.dtype == torch.int32
+    assert batch.decode_lens.tolist() == [2] and batch.decode_rows.tolist() == [3]
+    assert batch.decode_tables[0, :1].tolist() == [7] and batch.slot_mapping.device.type == device
 
 
 @pytest.mark.parametrize("q_lens, ctx_lens", [([1, 1, 1], [3, 9, 5]), ([2, 1, 4], [7, 1, 4])])

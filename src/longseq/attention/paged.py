@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from longseq.attention.host_copy import upload_ints
 from longseq.attention.kv_fp8 import FP8, dequantize_kv, quantize_kv
 from longseq.attention.sdpa import attention
 from longseq.attention.varlen import Chunks, chunk_attention
@@ -67,17 +68,26 @@ class PagedBatch:
         seq = torch.repeat_interleave(torch.arange(B), q_lens)  # (N,) owning sequence of each new token
         first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
-        batch = cls((tables[seq, pos // bs] * bs + pos % bs).to(device), query_lens, context_lens, tables, bs, dev)
-        batch.chunks = Chunks.build(tables, q_lens, ctx, bs, dev)
+        host = [tables[seq, pos // bs] * bs + pos % bs]  # every index tensor of the step goes over in one copy
+        chunks = Chunks.host(tables, q_lens, ctx, bs)
+        if chunks is not None:
+            host += chunks[:4]
         single = (q_lens == 1).nonzero().flatten()  # (B_dec,) sequences with one new token
         if len(single):
             keys = -(-int(ctx[single].max()) // DECODE_BUCKET) * DECODE_BUCKET
             width = -(-keys // bs)
-            batch.decode_tables = F.pad(tables[single, :width], (0, max(0, width - tables.shape[1])))
-            batch.decode_tables = batch.decode_tables.to(device, torch.int32)
-            batch.decode_lens = ctx[single].to(device, torch.int32)
+            host += [F.pad(tables[single, :width], (0, max(0, width - tables.shape[1]))), ctx[single]]
             if len(single) < B:
-                batch.decode_rows = (torch.cumsum(q_lens, 0) - 1)[single].to(device)
+                host.append((torch.cumsum(q_lens, 0) - 1)[single])
+        on_device = upload_ints(dev, *host)
+        batch = cls(on_device[0], query_lens, context_lens, tables, bs, dev)
+        if chunks is not None:
+            batch.chunks = Chunks.from_device(on_device[1:5], *chunks[4:])
+        if len(single):
+            decode = on_device[5 if chunks is not None else 1:]
+            batch.decode_tables, batch.decode_lens = decode[0].to(torch.int32), decode[1].to(torch.int32)
+            if len(single) < B:
+                batch.decode_rows = decode[2]
             batch.splits = decode_splits(len(single), num_kv_heads, keys, dev, ctx[single].tolist())
         return batch
 

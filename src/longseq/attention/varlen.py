@@ -34,11 +34,12 @@ class Chunks:
     q_lens: list[int]
     ctx_lens: list[int]
 
-    @classmethod
-    def build(cls, tables: torch.Tensor, q_lens: torch.Tensor, ctx: torch.Tensor, block_size: int,
-              device: torch.device) -> Chunks | None:
+    @staticmethod
+    def host(tables: torch.Tensor, q_lens: torch.Tensor, ctx: torch.Tensor, block_size: int) -> tuple | None:
         """From the step's host tensors (every sequence: block tables (B, W), new tokens (B,), context after the
-        step (B,)); None where no sequence has more than one new token."""
+        step (B,)): (rows, slots, cu_q, cu_k) still on the host, then q_lens and ctx_lens as lists; None where no
+        sequence has more than one new token. The caller copies the four tensors over with the step's other
+        indices (paged.PagedBatch.build) and hands them to `from_device`."""
         multi = (q_lens > 1).nonzero().flatten()  # (C,)
         if not len(multi):
             return None
@@ -48,8 +49,14 @@ class Chunks:
         owner = torch.repeat_interleave(multi, cc)  # (sum cc,) sequence of each context token
         pos = _ranges(cc)
         slots = tables[owner, pos // block_size] * block_size + pos % block_size
-        cu = [torch.nn.functional.pad(torch.cumsum(n, 0), (1, 0)).to(device, torch.int32) for n in (cq, cc)]
-        return cls(rows.to(device), slots.to(device), cu[0], cu[1], cq.tolist(), cc.tolist())
+        cu_q, cu_k = (torch.nn.functional.pad(torch.cumsum(n, 0), (1, 0)) for n in (cq, cc))
+        return rows, slots, cu_q, cu_k, cq.tolist(), cc.tolist()
+
+    @classmethod
+    def from_device(cls, tensors: list[torch.Tensor], q_lens: list[int], ctx_lens: list[int]) -> Chunks:
+        """`host`'s four tensors, now on the device (int64), and its two lists."""
+        rows, slots, cu_q, cu_k = tensors
+        return cls(rows, slots, cu_q.to(torch.int32), cu_k.to(torch.int32), q_lens, ctx_lens)
 
 
 def _ranges(lens: torch.Tensor) -> torch.Tensor:

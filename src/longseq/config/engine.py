@@ -40,9 +40,11 @@ class EngineConfig:
     max_lora_rank: int = flag("the largest adapter rank served (every slot is sized for it)", default=16)
     tensor_parallel: int = flag("GPUs (processes) the model is split over: weights, heads and KV cache / N",
                                 default=1)
-    engine_process: bool = flag("`longseq serve`: run the engine in a process of its own, so the server's Python "
-                                "work never holds the GIL its step loop needs (off: on a thread of the server)",
-                                default=True)
+    engine_process: bool = flag("`longseq serve`: run the engine in a process of its own (the server's Python work "
+                                "then never holds the GIL its step loop needs) instead of on a thread of the server; "
+                                "off by default: slower than the thread under load on an H200 "
+                                "(benchmarks/results/2026-12-03-serve-http-h200)",
+                                default=False)
     quantization: str | None = flag("weights quantized at load: fp8 (e4m3, a scale per output channel, activations "
                                     "scaled per token; GPUs of compute capability 8.9+) | int4 (weight-only, a scale "
                                     "and zero per group of --quant-group-size inputs) | int8 (weight-only, GGUF's "

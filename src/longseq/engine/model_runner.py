@@ -14,6 +14,7 @@ from longseq.engine.lora import LoRAPool
 from longseq.engine.requests import max_model_len
 from longseq.engine.sequence import Sequence
 from longseq.engine.tensor_parallel import local_kv_heads
+from longseq.engine.uploads import upload
 from longseq.errors import LongseqError
 from longseq.models import moe
 from longseq.models.fused_linear import calibrate
@@ -198,14 +199,16 @@ class ModelRunner:
                 return logits
         self.cache.batch = PagedBatch.build(step.block_tables, step.query_lens, step.context_lens, self.block_size,
                                             self.device, self.cache.num_kv_heads)
-        ids_t = ids.view(1, -1) if ids is not None else torch.tensor([step.ids], device=self.device)  # (1, N)
-        pos_t = torch.tensor([step.positions], device=self.device)
+        # one copy that does not wait for the GPU (engine/uploads.py), as PagedBatch.build's
+        host = [step.positions, step.last] + ([] if ids is not None else [step.ids])
+        pos_t, last, *new_ids = upload(self.device, ints=host)[0]
+        ids_t = (ids if ids is not None else new_ids[0]).view(1, -1)  # (1, N)
         if self.lora is not None:
             self.lora.use(step.lora_slots, step.query_lens)
-        hidden = self.model.hidden(ids_t, pos_t, cache=self.cache)  # (1, N, d)
+        hidden = self.model.hidden(ids_t, pos_t.view(1, -1), cache=self.cache)  # (1, N, d)
         if not step.last:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-        logits = self.model.logits(hidden[0, torch.tensor(step.last, device=self.device)])  # (M, V)
+        logits = self.model.logits(hidden[0, last])  # (M, V)
         return logits.float()
 
     def _graph_run(self, step: StepInputs, ids: torch.Tensor | None) -> torch.Tensor | None:

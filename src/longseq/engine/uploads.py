@@ -1,5 +1,5 @@
-"""Small host lists to the device in one copy: from pinned memory and without waiting, so the host goes on
-launching while it lands."""
+"""Small host lists to the device in one copy that does not wait for the GPU (attention/host_copy.py), so the host
+goes on launching while it lands."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import itertools
 
 import torch
 
+from longseq.attention.host_copy import upload_ints
+
 
 def upload(device: torch.device, ints: list[list[int]] = (),
            floats: list[list[float]] = ()) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The int lists as int64 tensors and the float lists as float32 tensors on `device`, in one host->device copy
     (the floats travel as float64 bit patterns beside the ints)."""
-    host = torch.cat([torch.tensor(list(itertools.chain(*ints)), dtype=torch.int64),
-                      torch.tensor(list(itertools.chain(*floats)), dtype=torch.float64).view(torch.int64)])
-    if device.type == "cuda":
-        host = host.pin_memory()  # freed for reuse only once the copy is done (the caching host allocator)
-    packed = host.to(device, non_blocking=True)
+    (packed,) = upload_ints(device, torch.cat([
+        torch.tensor(list(itertools.chain(*ints)), dtype=torch.int64),
+        torch.tensor(list(itertools.chain(*floats)), dtype=torch.float64).view(torch.int64)]))
     int_lens = [len(x) for x in ints]
     n = sum(int_lens)
     out_ints = list(packed[:n].split(int_lens)) if ints else []

@@ -15,9 +15,8 @@ import torch
 
 from longseq.attention.memory import LayerMemory, query_positions, reference_memory_attention, rope_table
 from longseq.config import ModelConfig
+from longseq.config.policy import MEMORY_PREFILL_TOKENS
 from longseq.errors import LongseqError
-
-PREFILL_TOKENS = 1024  # prompt tokens per forward (whole query blocks): a forward's matmuls stay large
 
 
 class MemoryKVCache:
@@ -41,9 +40,9 @@ class MemoryKVCache:
         self.pending = 0
 
     def prefill_chunk(self) -> int:
-        """Prompt tokens per forward: whole query blocks, about PREFILL_TOKENS."""
+        """Prompt tokens per forward: whole query blocks, about MEMORY_PREFILL_TOKENS."""
         bs = self.spec.block_size
-        return bs * max(1, PREFILL_TOKENS // bs)
+        return bs * max(1, MEMORY_PREFILL_TOKENS // bs)
 
     def prepare(self, num_tokens: int) -> torch.Tensor:
         """Positions (1, n) of the next n tokens, each in its query block's frame."""

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from longseq.config import AttentionConfig
 from longseq.errors import LongseqError
 
 TRAIN_OUTPUTS = """outputs (one line each in the table; keys of --json):
@@ -106,6 +107,15 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     s.add_argument("--max-loras", type=int, default=0, help="LoRA adapter slots (longseq serve --max-loras; "
                    "default: 0, no adapters)")
     s.add_argument("--max-lora-rank", type=int, default=16, help="the rank each adapter slot holds (default: 16)")
+    m = s.add_argument_group("memory attention (InfLLM; `longseq generate / eval --attention memory`)")
+    m.add_argument("--attention", default="causal", choices=["causal", "memory"],
+                   help="memory: also report what memory attention holds per sequence on the GPU and the host")
+    defaults = AttentionConfig()
+    m.add_argument("--sink-tokens", type=int, default=defaults.sink_tokens)
+    m.add_argument("--window", type=int, default=defaults.local_window, help="the local window (tokens)")
+    m.add_argument("--block-size", type=int, default=defaults.block_size)
+    m.add_argument("--retrieved-blocks", type=int, default=defaults.retrieved_blocks)
+    m.add_argument("--memory-placement", default=defaults.memory_placement, help="gpu or host")
     s.set_defaults(plan_func=run_serve)
 
     lst = sub.add_parser("list", help="the preset models and GPUs")
@@ -243,7 +253,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from longseq.plan.hardware import get_gpu
     from longseq.plan.models import get_model
-    from longseq.plan.report import serve_tables
+    from longseq.plan.report import memory_attention_table, serve_tables
     from longseq.plan.serving import ServeSetup, plan_serve
 
     spec, gpu = get_model(args.model), get_gpu(args.gpu)
@@ -254,11 +264,31 @@ def run_serve(args: argparse.Namespace) -> int:
                        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                        max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     plan = plan_serve(spec, gpu, setup)
+    memory = _memory_attention(args, spec, plan) if args.attention == "memory" else None
     if args.json:
-        _print(plan.to_dict(), [], [], [])
+        payload = plan.to_dict()
+        if memory is not None:
+            payload["memory_attention"] = dict(memory[0].to_dict(), longest_context=memory[1])
+        _print(payload, [], [], [])
     else:
-        _print(None, serve_tables(plan), [], plan.notes)
+        tables = serve_tables(plan) + ([memory_attention_table(plan, *memory)] if memory is not None else [])
+        _print(None, tables, [], plan.notes)
     return 0
+
+
+def _memory_attention(args: argparse.Namespace, spec, plan):
+    """(the plan of one sequence at the serve plan's context, the longest context its batch fits on the GPU)."""
+    from longseq.plan.memory_attention import longest_context, plan_memory_attention
+
+    if args.kv_dtype != "bf16" or args.num_gpus != 1:
+        raise LongseqError("memory attention keeps its K/V in the model's dtype on one GPU: drop --kv-dtype and "
+                           "--num-gpus")
+    attn = AttentionConfig(variant="memory", sink_tokens=args.sink_tokens, local_window=args.window,
+                           block_size=args.block_size, retrieved_blocks=args.retrieved_blocks,
+                           memory_placement=args.memory_placement)
+    left = plan.budget - plan.weights - plan.activations - plan.lora_pool
+    return (plan_memory_attention(spec, attn, plan.context),
+            longest_context(spec, attn, left, max(1, plan.batch)))
 
 
 def run_list(args: argparse.Namespace) -> int:

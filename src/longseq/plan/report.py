@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from longseq.plan.fit import FitResult
+from longseq.plan.memory_attention import MemoryAttentionPlan
 from longseq.plan.serving import ServePlan
 from longseq.plan.training import TrainPlan
 
@@ -137,3 +138,31 @@ def serve_tables(plan: ServePlan) -> list[Any]:
     speed.add_row("prefill", f"{plan.prefill_tokens_per_s:,.0f} tok/s",
                   f"first token after {_duration(plan.time_to_first_token_s)} at full context")
     return [mem, speed]
+
+
+def memory_attention_table(plan: ServePlan, memory: MemoryAttentionPlan, longest: int) -> Any:
+    """What memory attention holds for one sequence at the plan's context, next to full attention's KV cache."""
+    from rich.table import Table
+
+    t = Table(title=f"memory attention (longseq generate / eval; not served yet) · one sequence at "
+              f"{memory.context:,} tokens · memory on the {memory.placement}", title_justify="left", show_edge=False)
+    t.add_column("per sequence")
+    t.add_column("amount", justify="right")
+    t.add_column("what", style="dim")
+    for name, nbytes in memory.gpu_parts.items():
+        t.add_row(name, f"{_gib(nbytes)} GiB", "GPU")
+    full = memory.context * plan.kv_per_token
+    t.add_row("GPU in all", f"{_gib(memory.gpu_bytes)} GiB", f"full attention's KV cache: {_gib(full)} GiB",
+              style="bold")
+    if memory.host_bytes:
+        t.add_row("host memory", f"{_gib(memory.host_bytes)} GiB",
+                  f"{memory.blocks:,} blocks a layer ({memory.blocks_allocated:,} allocated)")
+    t.add_row("keys a decoded token reads", f"{memory.keys_per_token:,}", f"full attention: {memory.context:,}")
+    step = (plan.weights + memory.read_bytes) / (plan.gpu.bandwidth_tbs * 1e12)
+    t.add_row("decode", f"{1 / step:,.1f} tok/s", "per sequence at batch 1 (bandwidth bound: weights, keys read, "
+              "representative keys scored)")
+    if memory.host_copy_bytes:
+        t.add_row("copied to the GPU", f"{_gib(memory.host_copy_bytes)} GiB", "per decoded token: retrieved blocks")
+    t.add_row("longest context", f"{longest:,}", f"tokens × {max(1, plan.batch)} sequence(s) in the GPU budget "
+              "left after weights and activations")
+    return t

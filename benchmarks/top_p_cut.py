@@ -1,8 +1,9 @@
 """The top-p cut on one GPU: the sort path (engine/top_p.py: scale, stable sort, softmax, cumsum) against the Triton
 search (engine/kernels/top_p.py), at temperature 0.7 / top_p 0.9 on random logits (randn * 3), for each batch of
 rows x vocabulary. Milliseconds as the median of CUDA-event-timed single calls; each kernel tiling is also checked
-against the sort path (rows whose cut differs; only float rounding at top_p can make one). Then one whole sampler
-step (engine/sampler.py) of those rows, which takes the search.
+against the sort path (rows whose cut differs; only float rounding at top_p can make one). Then the search with each
+row's draw as its candidate (what the sampler passes: rows whose draw top-p keeps skip the search), with the draw's
+own time; and one whole sampler step (engine/sampler.py) of those rows, which takes both, beside a greedy step.
 
     PYTHONPATH=src python3 benchmarks/top_p_cut.py --out top_p_cut.json [--rows 1,64,256] [--vocab 128256]
 """
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from longseq.engine.gumbel_max import gumbel_max
 from longseq.engine.kernels.top_p import top_p_cut
 from longseq.engine.sampler import Sampler
 from longseq.engine.sequence import Sequence
-from longseq.engine.top_p import top_p_cut_reference
+from longseq.engine.top_p import candidate_cuts, top_p_cut_reference
 from longseq.generation.sampling import SamplingParams
 
 # (thresholds, block, blocks_per_chunk, num_warps); the first is the kernel's default
@@ -60,12 +62,28 @@ def measure(rows: int, vocab: int, reps: int) -> dict:
         kernels.append({**tiling, "ms": round(ms, 4), "rows_differing": differ})
     out["kernel"] = kernels
     out["speedup_default"] = round(out["sort_ms"] / kernels[0]["ms"], 2)
+    keys = torch.arange(rows, device="cuda") * 7919
+    positions = torch.zeros(rows, dtype=torch.int64, device="cuda")
+    no_cut = (torch.full((rows,), float("-inf"), device="cuda"), torch.full((rows,), vocab, device="cuda"))
+    draw = lambda: gumbel_max(logits, inv_temp, floor, *no_cut, keys, positions)  # noqa: E731
+    candidate = draw()
+    value, index = top_p_cut(*args, candidate=candidate)
+    want = candidate_cuts(logits * inv_temp[:, None], floor, *ref, candidate, on)
+    out["candidates"] = {"draw_ms": round(median_ms(draw, reps), 4),
+                         "search_ms": round(median_ms(lambda: top_p_cut(*args, candidate=candidate), reps), 4),
+                         "rows_taken": int((index == candidate).sum()),
+                         "rows_differing": int(((value != want[0]) | (index != want[1])).sum())}
     seqs = [Sequence(str(i), [1, 2, 3], SamplingParams(temperature=0.7, top_p=0.9), None, 1 << 20, seed=i)
             for i in range(rows)]
     for s in seqs:
         s.num_computed_tokens = len(s)
     sampler = Sampler(vocab, "cuda")
     out["sampler_step_ms"] = round(median_ms(lambda: sampler(logits.clone(), seqs), reps), 4)
+    greedy = [Sequence(str(i), [1, 2, 3], SamplingParams(temperature=0.0), None, 1 << 20) for i in range(rows)]
+    for s in greedy:
+        s.num_computed_tokens = len(s)
+    greedy_sampler = Sampler(vocab, "cuda")
+    out["greedy_step_ms"] = round(median_ms(lambda: greedy_sampler(logits.clone(), greedy), reps), 4)
     out["clone_ms"] = round(median_ms(lambda: logits.clone(), reps), 4)  # inside sampler_step_ms
     return out
 

@@ -233,6 +233,41 @@ def step_logits(step: int, V: int) -> torch.Tensor:
     return torch.randn(V, generator=torch.Generator().manual_seed(1000 + step)) * 2
 
 
+def test_the_searchs_candidate_shortcut_draws_the_reference_tokens(monkeypatch):
+    """Through the kernels (fused.MODE 1: the top-p search with each row's draw as its candidate, the Triton draw;
+    under the interpreter) the tokens equal the eager path's (sort cut, reference draw), row by row, over several
+    output positions: a candidate the cut keeps is the draw among the kept tokens too."""
+    import longseq.engine.kernels.top_p as kernels
+    from longseq.engine import top_p
+    from longseq.models import fused
+
+    search, taken = kernels.top_p_cut, []
+
+    def recording(*args):  # how many rows the candidate shortcut took
+        cut = search(*args)
+        if len(args) > 5:
+            taken.append(int((cut[1] == args[5]).sum()))
+        return cut
+
+    monkeypatch.setattr(kernels, "top_p_cut", recording)
+    monkeypatch.setattr(top_p, "_checked", {})
+    V = 257
+    g = torch.Generator().manual_seed(9)
+    cases = [dict(temperature=1.0, top_p=0.9), dict(temperature=0.7, top_p=0.5), dict(temperature=1.3, top_p=0.3),
+             dict(temperature=1.0, top_k=20, top_p=0.8), dict(temperature=0.9, top_p=0.95, min_p=0.05),
+             dict(temperature=0.0, top_p=0.9), dict(temperature=1.0)]
+    logits = torch.randn(len(cases), V, generator=g) * 3
+    draws = {}
+    for mode in ("0", "1"):
+        monkeypatch.setattr(fused, "MODE", mode)
+        sampler = Sampler(V, "cpu")
+        draws[mode] = [sampler(logits.clone(), [seq(SamplingParams(**c), position=pos, seed=11 * i + 1)
+                                               for i, c in enumerate(cases)]).tokens.tolist() for pos in range(6)]
+    assert draws["1"] == draws["0"]
+    assert top_p._checked[(torch.device("cpu"), V)] and len(taken) == 1 + 6  # the device check, then every step
+    assert 0 < sum(taken[1:]) < 6 * 5  # the shortcut took some rows, the search the others
+
+
 def test_seeded_request_draws_the_same_tokens_in_any_batch():
     """A seeded request's tokens over several steps: alone, and at different rows of changing batches of greedy,
     seeded and unseeded requests with other parameters (its penalty counts follow it between compositions)."""

@@ -11,7 +11,7 @@ from longseq.engine.gumbel_max import kept
 from longseq.engine.kernels.top_p import top_p_cut
 from longseq.engine.sampler import Sampler
 from longseq.engine.sequence import Sequence
-from longseq.engine.top_p import sorted_cut, top_p_cut_reference
+from longseq.engine.top_p import candidate_cuts, sorted_cut, top_p_cut_reference
 from longseq.generation.sampling import SamplingParams, filter_logits
 from longseq.models import fused
 
@@ -74,6 +74,29 @@ def test_a_rows_cut_does_not_depend_on_the_batch_size():
     small = top_p_cut(*args)
     large = top_p_cut(*(torch.cat([a] * 3) for a in args))  # 42 rows
     assert all(torch.equal(torch.cat([s] * 3), big) for s, big in zip(small, large, strict=True))
+
+
+def test_a_kept_candidate_is_the_cut_and_the_others_are_searched():
+    """With candidates (the sampler's draw were top-p to keep everything): a row whose candidate the true cut keeps
+    gets (its value, its id); the others, the true cut: candidates outside the top-p mass, below the top-k floor,
+    inside a tie (kept or not by id), -1, and rows without top-p."""
+    args = batch(300, 5)
+    logits, inv_temp, floor, top_p, on = args
+    scaled = logits * inv_temp[:, None]
+    ranked, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    ref = top_p_cut_reference(*args)
+    candidate = order[:, 0].clone()  # the top token: kept wherever the row has a token at all
+    candidate[[1, 5]] = order[[1, 5], -1]  # the last: below the floor / outside the mass
+    candidate[3] = -1
+    candidate[4] = order[4, 3]  # inside the coarse ties
+    candidate[7] = ref[1][7]  # the row where every token ties: the last kept tie ...
+    candidate[10] = ref[1][10] + 1 if ref[1][10] + 1 < 300 else 0  # ... and a token of id just past a cut
+    candidate[13] = order[13, 40]
+    got = top_p_cut(*args, candidate=candidate)
+    want = candidate_cuts(scaled, floor, *ref, candidate, on)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    taken = got[1] == candidate
+    assert taken[[0, 7]].all() and not taken[[3, 11, 12]].any()  # kept; -1 and rows without top-p
 
 
 def assert_cut_where_the_exact_mass_crosses_top_p(args, value, index, tol):

@@ -9,6 +9,7 @@ against.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,12 @@ class Sampler:
         else:
             # The output index of the token each row samples: its noise's counter (generation/counter_rng.py).
             positions = upload(self.device, [[s.num_computed_tokens - s.num_prompt_tokens for s in seqs]])[0][0]
-            tokens = gumbel_max(logits, b.inv_temp, *self.cuts(logits, b), b.rng_keys, positions)
+            no_cut = (logits.new_full((len(seqs),), NEG_INF), torch.full_like(positions, logits.shape[1]))
+
+            def draw(floor: torch.Tensor) -> torch.Tensor:  # each row's token were top-p to keep everything
+                return gumbel_max(logits, b.inv_temp, floor, *no_cut, b.rng_keys, positions)
+
+            tokens = gumbel_max(logits, b.inv_temp, *self.cuts(logits, b, draw), b.rng_keys, positions)
         if b.penalty_rows:
             self.penalties.add(b.slots, tokens[b.penalty_rows_t])
         return SamplerOutput(tokens, None if raw is None else self._logprobs(raw, tokens, b))
@@ -90,11 +96,14 @@ class Sampler:
             self.penalties.apply(logits, b.penalty_rows_t, b.slots, b.presence, b.frequency,
                                  b.repetition if b.any_repetition else None)
 
-    def cuts(self, logits: torch.Tensor, b: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cuts(self, logits: torch.Tensor, b: SamplingBatch, draw: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each row's kept tokens as (floor, cut_value, cut_index) (B,) in units of logit / T (gumbel_max.kept):
         the same tokens as filter_logits keeps. The top-k floor is a top-k as deep as the largest k; the top-p cut
         is engine/top_p.py's search on a GPU, else one sort that also gives the floor; min-p needs each row's
-        maximum alone."""
+        maximum alone. `draw` (floor -> (B,) tokens): the rows' draws were top-p to keep every token above the
+        floor; where the search runs, a row whose draw top-p keeps anyway gets its draw as its cut, which keeps
+        fewer tokens but the same draw, and skips the search (kernels/top_p.py)."""
         B, V = logits.shape
         floor = logits.new_full((B,), NEG_INF)
         cut_value = logits.new_full((B,), NEG_INF)
@@ -113,11 +122,13 @@ class Sampler:
             floor[rows] = kth[:, 0]
             if b.any_top_p and not search:
                 cut_value[rows], cut_index[rows] = sorted_cut(ranked, order, kth, b.top_p[rows], b.top_p_on[rows])
-        if search:
-            cut_value, cut_index = top_p_cut(logits, b.inv_temp, floor, b.top_p, b.top_p_on)
+        top_k_floor = floor  # what the top-p cut renormalises over
         if b.any_min_p:
             # Min-p: p_i >= min_p * p_max, i.e. logit_i / T >= max logit / T + log(min_p) (arXiv 2407.01082).
             floor = torch.maximum(floor, logits.max(-1).values * b.inv_temp + b.log_min_p)
+        if search:
+            candidate = draw(floor) if draw is not None else None
+            cut_value, cut_index = top_p_cut(logits, b.inv_temp, top_k_floor, b.top_p, b.top_p_on, candidate)
         return floor, cut_value, cut_index
 
     def _logprobs(self, raw: torch.Tensor, tokens: torch.Tensor, b: SamplingBatch) -> BatchLogprobs:

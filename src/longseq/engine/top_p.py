@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from longseq.engine.gumbel_max import kept
 from longseq.models import fused
 
 log = logging.getLogger("longseq.engine")
@@ -45,14 +46,24 @@ def top_p_cut_reference(logits: torch.Tensor, inv_temp: torch.Tensor, floor: tor
     return sorted_cut(ranked, order, floor[:, None], top_p, on)
 
 
+def candidate_cuts(scaled: torch.Tensor, floor: torch.Tensor, cut_value: torch.Tensor, cut_index: torch.Tensor,
+                   candidate: torch.Tensor, on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel returns with candidates, from the true cuts: (scaled[c], c) for a row with top-p whose
+    candidate c the cut keeps, the cut itself for the others (and for c = -1)."""
+    c = candidate.clamp(min=0)[:, None]
+    keep = (candidate >= 0) & (on > 0) & kept(scaled, floor, cut_value, cut_index).gather(1, c)[:, 0]
+    return (torch.where(keep, scaled.gather(1, c)[:, 0], cut_value), torch.where(keep, candidate, cut_index))
+
+
 def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor,
-              on: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              on: torch.Tensor, candidate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """top_p_cut_reference, by the kernel where the model's kernels run (models/fused.py: CUDA tensors) and it has
-    passed its check on this device."""
+    passed its check on this device. `candidate` (B,) int64: the kernel may return a row's candidate as its cut
+    where top-p keeps it (kernels/top_p.py); the sort path ignores it (its cut keeps the candidate too)."""
     if fused.active(logits) and _kernel_agrees(logits.device, logits.shape[1]):
         from longseq.engine.kernels.top_p import top_p_cut as kernel
 
-        return kernel(logits, inv_temp, floor, top_p, on)
+        return kernel(logits, inv_temp, floor, top_p, on, candidate)
     return top_p_cut_reference(logits, inv_temp, floor, top_p, on)
 
 
@@ -74,6 +85,12 @@ def _kernel_agrees(device: torch.device, vocab: int) -> bool:
         got = kernel(logits, inv_temp, floor, top_p, on)
         want = top_p_cut_reference(logits, inv_temp, floor, top_p, on)
         _checked[key] = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        # With candidates: each row's cut is its candidate where the true cut keeps it, else the true cut.
+        candidate = torch.randint(-1, vocab, (16,), generator=gen, device=device)
+        candidate[::3] = (logits * inv_temp[:, None]).argmax(-1)[::3]  # some surely kept
+        got = kernel(logits, inv_temp, floor, top_p, on, candidate)
+        _checked[key] &= all(torch.equal(a, b) for a, b in zip(got, candidate_cuts(
+            logits * inv_temp[:, None], floor, *want, candidate, on), strict=True))
         if not _checked[key]:
             log.warning("the top-p kernel disagrees with the sort on this GPU (%s); sampling keeps the sort", device)
     return _checked[key]

@@ -13,6 +13,13 @@ e(v*)) of them (by id) stay. Passes over the row, each a launch whose programs c
 3. per chunk: the ties at v* = hi;
 4. per row: the chunk and then the token of the last kept tie.
 
+A row may come with a candidate: the token the sampler would draw if top-p kept everything (engine/sampler.py).
+Where the candidate is kept anyway (the mass ranked ahead of it, g(its key) plus its ties of lower id, is < top_p *
+Z), it is the draw among the kept tokens too, and the row needs no search: pass 1 also sums that mass, and the
+row's cut is returned as the candidate itself (value, id), which keeps a subset of the tokens holding it. Most rows
+of a sampled batch end there (the candidate falls inside the top-p mass with probability about top_p), so the
+search passes run for the few that do not.
+
 The chunk size depends on the vocabulary alone, never on the batch, so a row's cut does not depend on the batch it
 is in (seeded requests: engine/gumbel_max.py). Each mass is a sum in one fixed order (float32 per lane, float64
 across lanes and chunks), so g is monotone as computed. It is not the sort path's float32 cumsum, so the two can
@@ -92,36 +99,74 @@ def _interval(LO, HI, GHI, PART, row, p, S, t, NUM_PASSES: tl.constexpr, NT: tl.
 
 
 @triton.jit
-def _stats(L, stride_l, INV_T, FLOOR, ON, MAX, SUM, MIN_KEY, V, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _candidate(L, stride_l, INV_T, FLOOR, CAND, row):
+    """The row's candidate token (-1: none), its s and whether it takes part."""
+    c = tl.load(CAND + row)
+    s = tl.load(L + row * stride_l + tl.maximum(c, 0)) * tl.load(INV_T + row)
+    return c, s, (c >= 0) & (s >= tl.load(FLOOR + row)) & (s > NEG_INF)
+
+
+@triton.jit
+def _stats(L, stride_l, INV_T, FLOOR, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, V, CHUNK: tl.constexpr,
+           BLOCK: tl.constexpr):
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     if tl.load(ON + row) != 0:
         inv_t, floor = tl.load(INV_T + row), tl.load(FLOOR + row)
+        c, s_c, _ = _candidate(L, stride_l, INV_T, FLOOR, CAND, row)
+        key_c = _key(s_c)
         m = tl.full([BLOCK], NEG_INF, tl.float32)
         z = tl.zeros([BLOCK], tl.float32)
+        za = tl.zeros([BLOCK], tl.float32)  # the same sum over the tokens whose key is above the candidate's
+        before = tl.zeros([BLOCK], tl.int32)  # the candidate's ties of lower id
         kmin = tl.full([BLOCK], INT32_MAX, tl.int32)
         for off in range(0, CHUNK, BLOCK):
-            s, inside = _tile(L, stride_l, row, chunk * CHUNK + off + tl.arange(0, BLOCK), V, inv_t, floor)
+            idx = chunk * CHUNK + off + tl.arange(0, BLOCK)
+            s, inside = _tile(L, stride_l, row, idx, V, inv_t, floor)
             s = tl.where(inside, s, NEG_INF)
             new_m = tl.maximum(m, s)
             shift = tl.where(new_m == NEG_INF, 0.0, new_m)
-            z = z * tl.exp(m - shift) + tl.exp(s - shift)
+            rescale, e = tl.exp(m - shift), tl.exp(s - shift)
+            z = z * rescale + e
+            key = _key(s)
+            za = za * rescale + tl.where(inside & (key > key_c), e, 0.0)
+            before += (inside & (key == key_c) & (idx < c)).to(tl.int32)
             m = new_m
-            kmin = tl.minimum(kmin, tl.where(inside, _key(s), INT32_MAX))
+            kmin = tl.minimum(kmin, tl.where(inside, key, INT32_MAX))
         top = tl.max(m, 0)
         shift = tl.where(top == NEG_INF, 0.0, top)
         at = row * tl.num_programs(1) + chunk
         tl.store(MAX + at, top)
         tl.store(SUM + at, tl.sum((z * tl.exp(m - shift)).to(tl.float64), 0))
+        tl.store(ABOVE + at, tl.sum((za * tl.exp(m - shift)).to(tl.float64), 0))
+        tl.store(TIES_BEFORE + at, tl.sum(before, 0))
         tl.store(MIN_KEY + at, tl.min(kmin, 0))
 
 
+@triton.jit
+def _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2: tl.constexpr):
+    """Whether the row's candidate is kept by its top-p: the mass ranked ahead of it is < top_p * Z."""
+    c, s_c, inside = _candidate(L, stride_l, INV_T, FLOOR, CAND, row)
+    i = tl.arange(0, S_POW2)
+    on = i < S
+    maxes = tl.load(MAX + row * S + i, mask=on, other=NEG_INF)
+    m = tl.max(maxes, 0)
+    shift = tl.where(m == NEG_INF, 0.0, m)
+    scale = tl.exp(maxes - shift).to(tl.float64)
+    z = tl.sum(tl.load(SUM + row * S + i, mask=on, other=0.0) * scale, 0)
+    ahead = tl.sum(tl.load(ABOVE + row * S + i, mask=on, other=0.0) * scale, 0)
+    ties = tl.sum(tl.load(TIES_BEFORE + row * S + i, mask=on, other=0), 0)
+    ahead += ties.to(tl.float64) * tl.exp(s_c - shift).to(tl.float64)
+    return inside & (ahead < z * tl.load(TOP_P + row))
+
+
 @triton.jit(do_not_specialize=["p"])  # the pass index: one compiled kernel for passes 1, 2, ...
-def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI, PART, p, V,
-            FIRST: tl.constexpr, NUM_PASSES: tl.constexpr, NT: tl.constexpr, CHUNK: tl.constexpr,
+def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, LO, HI, GHI, PART, p,
+            V, FIRST: tl.constexpr, NUM_PASSES: tl.constexpr, NT: tl.constexpr, CHUNK: tl.constexpr,
             BLOCK: tl.constexpr, S_POW2: tl.constexpr):
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     S = tl.num_programs(1)
-    if tl.load(ON + row) != 0:
+    kept = _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2)
+    if (tl.load(ON + row) != 0) & (kept == 0):  # a row whose candidate is kept needs no search
         m, t, kmin = _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2)
         if m > NEG_INF:  # else no token takes part: _cut's answer needs no search
             if FIRST:
@@ -149,12 +194,13 @@ def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI
 
 
 @triton.jit
-def _ties(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI, PART, TIES, V,
-          NUM_PASSES: tl.constexpr, NT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+def _ties(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, LO, HI, GHI, PART, TIES,
+          V, NUM_PASSES: tl.constexpr, NT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
           S_POW2: tl.constexpr):
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     S = tl.num_programs(1)
-    if tl.load(ON + row) != 0:
+    kept = _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2)
+    if (tl.load(ON + row) != 0) & (kept == 0):  # a row whose candidate is kept needs no search
         m, t, kmin = _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2)
         if m > NEG_INF:
             lo, hi, ghi = _interval(LO, HI, GHI, PART, row, NUM_PASSES, S, t, NUM_PASSES, NT, S_POW2)
@@ -171,12 +217,17 @@ def _ties(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, LO, HI, GHI, 
 
 
 @triton.jit
-def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, HI, GHI, TIES, CUT_V, CUT_I, V, S,
-         NUM_PASSES: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, S_POW2: tl.constexpr):
+def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, HI, GHI, TIES, CUT_V,
+         CUT_I, V, S, NUM_PASSES: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, S_POW2: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     value = tl.full([], NEG_INF, tl.float32)
     index = tl.zeros([], tl.int64) + V  # a row without top-p: (-inf, V) keeps every token
-    if tl.load(ON + row) != 0:
+    on = tl.load(ON + row) != 0
+    kept = _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2)
+    if on & kept:
+        c, value, _ = _candidate(L, stride_l, INV_T, FLOOR, CAND, row)
+        index = c.to(tl.int64)
+    elif on:
         m, t, kmin = _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2)
         index = tl.zeros_like(index)  # no token takes part: the sort path's first token, as it cuts there
         if m > NEG_INF:
@@ -206,10 +257,12 @@ def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, MAX, SUM, MIN_KEY, HI, GHI, TIES,
 
 
 def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor, top_p: torch.Tensor,
-              on: torch.Tensor, thresholds: int | None = None, block: int | None = None,
-              blocks_per_chunk: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """engine/top_p.py's top_p_cut_reference in NUM_PASSES + 3 launches. `thresholds` (a power of 2) per search
-    pass, `block`, `blocks_per_chunk` (the tiling) and `num_warps`: tests and benchmarks set them."""
+              on: torch.Tensor, candidate: torch.Tensor | None = None, thresholds: int | None = None,
+              block: int | None = None, blocks_per_chunk: int | None = None,
+              num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine/top_p.py's top_p_cut_reference in NUM_PASSES + 3 launches; with `candidate` (B,) int64 (-1: none),
+    a row whose candidate is kept gets the candidate as its cut instead (see above). `thresholds` (a power of 2)
+    per search pass, `block`, `blocks_per_chunk` (the tiling) and `num_warps`: tests and benchmarks set them."""
     B, V = logits.shape
     # Each token costs work per threshold in every pass: a few rows leave the GPU idle enough that fewer, wider
     # passes win; many rows fill it, and fewer thresholds (more, cheaper passes) win. The cut is the same either
@@ -220,6 +273,10 @@ def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor,
     assert thresholds >= 2 and thresholds & (thresholds - 1) == 0
     # the kernels index the per-row tensors by row: a strided view (a column of a top-k, say) must be copied
     inv_temp, floor, top_p, on = (t.contiguous() for t in (inv_temp, floor, top_p, on))
+    if candidate is None:
+        candidate = torch.full((B,), -1, dtype=torch.int64, device=logits.device)
+    assert candidate.dtype == torch.int64 and candidate.shape == (B,)
+    candidate = candidate.contiguous()
     device = logits.device
     block = block or min(triton.next_power_of_2(V), elements_per_program(device, 256))
     chunk = block * (blocks_per_chunk or (16 if logits.is_cuda else 1))
@@ -230,13 +287,14 @@ def top_p_cut(logits: torch.Tensor, inv_temp: torch.Tensor, floor: torch.Tensor,
     if not B:
         return cut_value, cut_index
     maxes, sums = torch.empty(B, S, **f32), torch.empty(B, S, device=device, dtype=torch.float64)
-    min_keys, ties = (torch.empty(B, S, device=device, dtype=torch.int32) for _ in range(2))
+    min_keys, ties, ties_before = (torch.empty(B, S, device=device, dtype=torch.int32) for _ in range(3))
+    above = torch.empty(B, S, device=device, dtype=torch.float64)
     lo, hi = (torch.empty(B, num_passes + 1, device=device, dtype=torch.int64) for _ in range(2))
     f64 = dict(device=device, dtype=torch.float64)  # masses: float32 per lane, summed across lanes in float64
     ghi = torch.empty(B, num_passes + 1, **f64)
     part = torch.empty(B, num_passes, S, thresholds, **f64)
     row = (logits, logits.stride(0), inv_temp, floor)
-    stats = (maxes, sums, min_keys)
+    stats = (candidate, maxes, sums, min_keys, above, ties_before)
     sizes = dict(CHUNK=chunk, BLOCK=block, num_warps=num_warps)
     search = dict(NUM_PASSES=num_passes, NT=thresholds, S_POW2=triton.next_power_of_2(S), **sizes)
     _stats[(B, S)](*row, on, *stats, V, **sizes)

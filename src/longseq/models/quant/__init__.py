@@ -52,6 +52,27 @@ class FusedQuantLinear:
         return y if len(self.sizes) == 1 else y.split(self.sizes, dim=-1)
 
 
+def fuse_rows(layers: list[nn.Module], names: tuple[str, ...], make) -> FusedQuantLinear:
+    """fused_linear.fuse's hook for quantized layers of one kind that read the same input (the caller checks):
+    their per-output-row buffers `names` concatenated, `make(parts, bias)` the layer over them, and each layer's
+    buffers views of the concatenation, as FusedLinear does for 16-bit layers."""
+    first = layers[0]
+    if len(layers) == 1:
+        return FusedQuantLinear(first, [first.out_features])
+    parts = {name: torch.cat([getattr(m, name) for m in layers]) for name in names}
+    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in layers])
+    fused = make(parts, bias)
+    start = 0
+    for m in layers:
+        n = m.out_features
+        for name, t in parts.items():
+            setattr(m, name, t[start : start + n])
+        if bias is not None:
+            m.bias.data = fused.bias.data[start : start + n]
+        start += n
+    return FusedQuantLinear(fused, [m.out_features for m in layers])
+
+
 def quantize_linear(linear: nn.Module, method: str, group_size: int = 128) -> nn.Module:
     """The quantized layer of an nn.Linear (its weight read once; the layer itself is left as it was)."""
     return quantize_weight(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), method,

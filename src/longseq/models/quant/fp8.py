@@ -130,24 +130,11 @@ class Fp8Linear(nn.Module):
     def fused(layers: list[nn.Module]):
         """fused_linear.fuse's hook: q/k/v (or gate/up) as one FP8 matmul over concatenated weights and scales;
         the layers' buffers become views of them, as FusedLinear does for 16-bit layers."""
-        from longseq.models.quant import FusedQuantLinear
+        from longseq.models.quant import fuse_rows
 
-        if not all(type(m) is Fp8Linear and not m._forward_hooks for m in layers):
+        first = layers[0]
+        if not all(type(m) is Fp8Linear and not m._forward_hooks and (m.bias is None) == (first.bias is None)
+                   for m in layers):
             return None
-        if len(layers) == 1:
-            return FusedQuantLinear(layers[0], [layers[0].out_features])
-        biases = [m.bias for m in layers]
-        if any(b is None for b in biases) != all(b is None for b in biases):
-            return None
-        weight = torch.cat([m.weight for m in layers])
-        scale = torch.cat([m.weight_scale for m in layers])
-        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        fused = Fp8Linear(weight, scale, bias)
-        start = 0
-        for m in layers:
-            n = m.out_features
-            m.weight, m.weight_scale = weight[start : start + n], scale[start : start + n]
-            if bias is not None:
-                m.bias.data = fused.bias.data[start : start + n]
-            start += n
-        return FusedQuantLinear(fused, [m.out_features for m in layers])
+        return fuse_rows(layers, ("weight", "weight_scale"), lambda p, bias: Fp8Linear(p["weight"],
+                                                                                          p["weight_scale"], bias))

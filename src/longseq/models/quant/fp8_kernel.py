@@ -49,7 +49,7 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-_GEMV_CONFIGS = [
+BYTE_GEMV_CONFIGS = [  # also int8_kernel.py's: a byte a weight either way
     triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
     for bn, bk in ((8, 256), (8, 512), (16, 256), (16, 512), (32, 256))
     for w in (4, 8)
@@ -67,7 +67,7 @@ def _fp8_gemv_kernel(X, W, S, Y, N, K, BN: tl.constexpr, BK: tl.constexpr):
     tl.store(Y + n, y.to(Y.dtype.element_ty), mask=n_mask)
 
 
-_fp8_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_fp8_gemv_kernel)
+_fp8_gemv_tuned = triton.autotune(configs=BYTE_GEMV_CONFIGS, key=["N", "K"])(_fp8_gemv_kernel)
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -146,26 +146,14 @@ class Int4Linear(nn.Module):
     def fused(layers: list[nn.Module]):
         """fused_linear.fuse's hook: one int4 matmul over layers that read the same input (same group size and
         input permutation); their buffers become views of the concatenation."""
-        from longseq.models.quant import FusedQuantLinear
+        from longseq.models.quant import fuse_rows
 
         first = layers[0]
         if not all(type(m) is Int4Linear and not m._forward_hooks and m.group_size == first.group_size
                    and (m.bias is None) == (first.bias is None) and _same(m.perm, first.perm) for m in layers):
             return None
-        if len(layers) == 1:
-            return FusedQuantLinear(first, [first.out_features])
-        parts = {name: torch.cat([getattr(m, name) for m in layers]) for name in ("qweight", "scales", "zeros")}
-        bias = None if first.bias is None else torch.cat([m.bias.detach() for m in layers])
-        fused = Int4Linear(parts["qweight"], parts["scales"], parts["zeros"], bias, first.perm)
-        start = 0
-        for m in layers:
-            n = m.out_features
-            for name, t in parts.items():
-                setattr(m, name, t[start : start + n])
-            if bias is not None:
-                m.bias.data = fused.bias.data[start : start + n]
-            start += n
-        return FusedQuantLinear(fused, [m.out_features for m in layers])
+        return fuse_rows(layers, ("qweight", "scales", "zeros"), lambda p, bias: Int4Linear(
+            p["qweight"], p["scales"], p["zeros"], bias, first.perm))
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

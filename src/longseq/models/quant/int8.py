@@ -89,23 +89,10 @@ class Int8Linear(nn.Module):
     def fused(layers: list[nn.Module]):
         """fused_linear.fuse's hook: one int8 matmul over layers that read the same input; their buffers become
         views of the concatenation, as FusedLinear does for 16-bit layers."""
-        from longseq.models.quant import FusedQuantLinear
+        from longseq.models.quant import fuse_rows
 
         first = layers[0]
         if not all(type(m) is Int8Linear and not m._forward_hooks and (m.bias is None) == (first.bias is None)
                    for m in layers):
             return None
-        if len(layers) == 1:
-            return FusedQuantLinear(first, [first.out_features])
-        qweight = torch.cat([m.qweight for m in layers])
-        scales = torch.cat([m.scales for m in layers])
-        bias = None if first.bias is None else torch.cat([m.bias.detach() for m in layers])
-        fused = Int8Linear(qweight, scales, bias)
-        start = 0
-        for m in layers:
-            n = m.out_features
-            m.qweight, m.scales = qweight[start : start + n], scales[start : start + n]
-            if bias is not None:
-                m.bias.data = fused.bias.data[start : start + n]
-            start += n
-        return FusedQuantLinear(fused, [m.out_features for m in layers])
+        return fuse_rows(layers, ("qweight", "scales"), lambda p, bias: Int8Linear(p["qweight"], p["scales"], bias))

@@ -13,14 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-GROUP = 32
+from longseq.models.quant.fp8_kernel import BYTE_GEMV_CONFIGS
 
-_GEMV_CONFIGS = [
-    triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-    for bn, bk in ((8, 256), (8, 512), (16, 256), (16, 512), (32, 256))
-    for w in (4, 8)
-    for s in (1, 3)
-]
+GROUP = 32
 
 
 @triton.jit
@@ -49,7 +44,7 @@ def _int8_gemv_kernel(X, W, S, Y, N, K, G: tl.constexpr, BN: tl.constexpr, BK: t
     tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n_mask)
 
 
-_int8_gemv_tuned = triton.autotune(configs=_GEMV_CONFIGS, key=["N", "K"])(_int8_gemv_kernel)
+_int8_gemv_tuned = triton.autotune(configs=BYTE_GEMV_CONFIGS, key=["N", "K"])(_int8_gemv_kernel)
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

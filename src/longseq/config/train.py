@@ -105,6 +105,9 @@ class TrainConfig:
                    "micro-batches flowing through them (for now without dp / tp / cp / sp)", default=1)
     pp_schedule: str = flag("gpipe | 1f1b | interleaved-1f1b (two stages per process): the pipeline's order of "
                             "micro-batch forwards and backwards", default="1f1b")
+    ep: int = flag("expert-parallel degree: data-parallel processes that split every mixture-of-experts layer's "
+                   "experts among them, exchanging tokens all-to-all (EP groups inside dp, as DeepSpeed-MoE and "
+                   "Megatron: divides dp and the expert count; needs ddp, without tp / cp / sp / pp)", default=1)
     nproc: int = flag("processes to start on this machine (re-launches itself under torchrun); ignored when "
                        "already launched by torchrun", default=1)
 
@@ -123,7 +126,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise LongseqError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "lora_rank", "loss_chunk", "keep_last",
-                     "log_every", "tp", "cp", "sp", "pp", "nproc", "max_row_bytes"):
+                     "log_every", "tp", "cp", "sp", "pp", "ep", "nproc", "max_row_bytes"):
             if getattr(self, name) <= 0:
                 raise LongseqError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "save_every"):
@@ -172,6 +175,8 @@ class TrainConfig:
             raise LongseqError(f"{(several or ['--dp'])[0]} needs several processes: use --parallel ddp or fsdp")
         if self.pp > 1:
             self._check_pipeline()
+        if self.ep > 1:
+            self._check_experts()
         if self.tp > 1:
             if self.parallel == "ddp":
                 raise LongseqError("--tp needs --parallel fsdp (or auto): DDP cannot replicate tensor-parallel "
@@ -187,6 +192,22 @@ class TrainConfig:
             if self.tile_tokens:
                 raise LongseqError("--tp with --tile-tokens is not supported: tensor parallelism already splits the "
                                    "norms' tokens and the MLP's width")
+
+    def _check_experts(self) -> None:
+        # The expert shards are plain per-rank tensors: FSDP2 would shard and average them as replicated weights,
+        # and the sequence / tensor / pipeline splits do not yet route their tokens through the expert exchange.
+        others = [f"--{n}" for n in ("tp", "cp", "sp", "pp") if getattr(self, n) > 1]
+        if others:
+            raise LongseqError(f"--ep with {' / '.join(others)} is not supported yet: expert parallelism runs inside "
+                               "plain data parallelism for now")
+        if self.parallel in ("none", "fsdp"):
+            raise LongseqError(f"--ep with --parallel {self.parallel} is not supported: expert parallelism needs "
+                               "--parallel ddp (or auto)")
+        if self.method == "qlora":
+            raise LongseqError("--ep with --method qlora is not supported: NF4 expert stacks cannot be split yet; "
+                               "use --method lora or full")
+        if self.precision == "fp16":  # the loss scaler's overflow check would not agree across the EP group
+            raise LongseqError("--ep with --precision fp16 is not supported: use bf16")
 
     def _check_pipeline(self) -> None:
         others = [f"--{n}" for n in ("dp", "tp", "cp", "sp") if (getattr(self, n) or 1) > 1]
@@ -213,11 +234,17 @@ class TrainConfig:
             if world_size % model_parallel:
                 raise LongseqError(f"{degrees} = {model_parallel} processes per model replica does not divide the "
                                    f"{world_size} process(es) launched")
-            return world_size // model_parallel
+            return self._check_expert_degree(world_size // model_parallel)
         if self.dp * model_parallel != world_size:
             product = " x ".join([f"dp {self.dp}", *([degrees] if degrees else [])])
             raise LongseqError(f"{product} = {self.dp * model_parallel} processes, but {world_size} were launched")
-        return self.dp
+        return self._check_expert_degree(self.dp)
+
+    def _check_expert_degree(self, dp: int) -> int:
+        if dp % self.ep:
+            raise LongseqError(f"ep {self.ep} must divide the data-parallel size ({dp}): expert-parallel groups are "
+                               "made of data-parallel processes")
+        return dp
 
     def to_dict(self) -> dict[str, Any]:
         """{option: value}, flat as flags and YAML keys are (checkpoints record the run's options so)."""

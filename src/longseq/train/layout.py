@@ -1,11 +1,11 @@
-"""A run's model split over its processes by its layout (--dp --tp --cp --sp --pp): the one place the techniques
+"""A run's model split over its processes by its layout (--dp --tp --cp --sp --pp --ep): the one place the techniques
 are applied, in the order they compose."""
 
 from __future__ import annotations
 
 from longseq.config import TrainConfig
 from longseq.errors import LongseqError
-from longseq.train.parallel import tensor_parallel
+from longseq.train.parallel import experts, tensor_parallel
 from longseq.train.parallel.data_parallel import wrap
 from longseq.train.parallel.env import DistEnv
 from longseq.train.parallel.pipeline import Pipeline
@@ -17,7 +17,8 @@ from longseq.train.step import TokenLoss, router_loss_for
 def parallelize(model, cfg: TrainConfig, env: DistEnv, precision: Precision):
     """What a training step runs for `model` (a CausalLM with its adapters): its pipeline stages on this process
     (--pp), or the model with its loss as one module, its attention split over the sequence's ranks (ring, Ulysses),
-    its layers over the tensor-parallel ranks, and the whole data parallel (DDP, or FSDP2 sharding what is left)."""
+    its layers over the tensor-parallel ranks, its experts over the expert-parallel ranks, and the whole data
+    parallel (DDP, or FSDP2 sharding what is left)."""
     router_loss = router_loss_for(model, cfg.router_aux_loss_coef, cfg.router_z_loss_coef)
     if env.pp > 1:
         if router_loss is not None:
@@ -28,6 +29,9 @@ def parallelize(model, cfg: TrainConfig, env: DistEnv, precision: Precision):
     enable_sequence_parallel(model, env)
     if env.tp > 1:
         tensor_parallel.parallelize(model, env.grid["tp"], env.tp)
+    if env.ep > 1:
+        experts.split_experts(model, env)
+        experts.ignore_in_ddp(step_model)  # DDP neither broadcasts nor averages them (train/parallel/experts.py)
     if env.distributed:
         step_model = wrap(step_model, env, precision, offload=cfg.fsdp_offload)
     return step_model

@@ -189,7 +189,9 @@ def _report_memory(console, run: Run, kernel: str) -> None:
     elif env.distributed:
         console.print(f"[dim]{env.parallel}{' + CPU offload' if cfg.fsdp_offload else ''} over {env.world_size} "
                       f"process(es): {env.dp} data parallel × {env.tp} tensor parallel × {env.cp} context parallel "
-                      f"(ring) × {env.sp} sequence parallel (Ulysses)[/]")
+                      f"(ring) × {env.sp} sequence parallel (Ulysses)"
+                      + (f"; experts split over {env.ep} of the data-parallel processes" if env.ep > 1 else "")
+                      + "[/]")
 
 
 def _clean_temporaries(console, out_dir: str) -> None:

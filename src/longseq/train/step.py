@@ -16,6 +16,7 @@ from longseq.models.sparse_moe import SparseMoeBlock
 from longseq.train.loss import IGNORE, chunked_cross_entropy
 from longseq.train.parallel.data_parallel import clip_grad_norm, gradient_sync
 from longseq.train.parallel.env import DistEnv
+from longseq.train.parallel.experts import sync_expert_grads
 from longseq.train.parallel.pipeline import Pipeline
 
 
@@ -69,11 +70,12 @@ def train_step(model, micro_batches, cfg, precision, device, optimizer, scaler, 
         total = env.all_reduce_sum(model.forward_backward(micro_batches, precision, device))  # the last stage's
     else:
         total = _forward_backward(model, micro_batches, precision, device, scaler, env)
+    split = (sync_expert_grads(model, env), env.group("ep")) if env.ep > 1 else None  # expert parallel
     if scaler is not None:
         scaler.unscale_(optimizer)
     if cfg.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.grad is not None]
-        clip_grad_norm(params, cfg.max_grad_norm, env.group("pp") if env.pp > 1 else None)
+        clip_grad_norm(params, cfg.max_grad_norm, env.group("pp") if env.pp > 1 else None, split)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

@@ -8,6 +8,8 @@ meta_loading.py    FSDP2 runs: the model built on meta, each rank reading only i
 tensor_parallel.py Megatron tensor parallelism with sequence parallelism, through DTensor (LoRA layers too)
 ulysses.py         Ulysses sequence parallelism: all-to-all between sequence shards and head shards
 ring_attention.py  context parallelism: ring attention over load-balanced chunks (inside Ulysses: 2D)
+experts.py         expert parallelism (--ep): experts split inside data parallelism, their gradients averaged over
+                   the ranks that hold the same ones, their checkpoints as full stacks
 pipeline.py        pipeline stages and schedules (GPipe, 1F1B, interleaved 1F1B) with torch.distributed.pipelining
 dcp.py             DCP checkpoints (train/checkpoint.py's multi-process format), resumable on any number of
                    processes and layout

@@ -45,22 +45,36 @@ def wrap(step_model: nn.Module, env: DistEnv, precision: Precision, offload: boo
     return step_model
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages=None) -> None:
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, stages=None, split=None) -> None:
     """torch.nn.utils.clip_grad_norm_ over parameters whose gradients may be DTensors on different meshes (tensor
     parallel: the layers' on the 2-D mesh, the root's on all ranks), each mesh's norm reduced on its own, and held
-    by different pipeline stages (`stages`: their process group, over which the squared norms add up)."""
+    by different pipeline stages (`stages`: their process group, over which the squared norms add up). `split`:
+    (parameters, group), ones every rank of the group holds a different part of (expert parallelism's experts):
+    their squared norms add up over that group."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    split_params, split_group = split or ((), None)
+    split_ids = {id(p) for p in split_params}
     groups: dict = {}
     for p in params:
-        groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
-    if len(groups) <= 1 and stages is None:
+        groups.setdefault("split" if id(p) in split_ids else getattr(p.grad, "device_mesh", None), []).append(p)
+    if len(groups) <= 1 and stages is None and split_group is None:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return
-    norms = [torch.nn.utils.get_total_norm([p.grad for p in group]) for group in groups.values()]
-    squares = sum((n.full_tensor() if isinstance(n, DTensor) else n).double() ** 2 for n in norms)
-    squares = torch.as_tensor(squares, dtype=torch.float64)
+    device = params[0].grad.device if params else torch.device("cpu")
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for key, group in groups.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group])
+        square = (norm.full_tensor() if isinstance(norm, DTensor) else norm).double().to(device) ** 2
+        if key == "split":  # added up over split_group below
+            split_square = square
+        else:
+            squares = squares + square
+    if split_group is not None:  # every rank of the group joins, whether it holds split gradients or not
+        part = split_square if "split" in groups else torch.zeros_like(squares)
+        dist.all_reduce(part, group=split_group)
+        squares = squares + part
     if stages is not None:
         dist.all_reduce(squares, group=stages)
     total = squares.sqrt().float()

@@ -57,6 +57,7 @@ from longseq.train.checkpoint_files import (
     writer_tag,
 )
 from longseq.train.optim import trainable_groups
+from longseq.train.parallel import experts
 from longseq.train.parallel.env import DistEnv
 
 DCP_DIR = "dcp"
@@ -80,7 +81,10 @@ def save_distributed(out_dir: str | Path, cfg: TrainConfig, step: int, model: nn
         tmp.mkdir(parents=True)
     env.barrier()
     msd, osd = get_state_dict(model, optimizer, options=_SAVE)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / DCP_DIR)
+    state = {"model": msd, "optim": osd}
+    if env.ep > 1:  # the split experts as the full stacks they are parts of
+        experts.global_views(state, model, env)
+    dcp.save(state, checkpoint_id=tmp / DCP_DIR)
     torch.save(rng_state(), tmp / f"rng-rank{env.rank}.pt")
     if env.is_main:
         torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None},
@@ -101,10 +105,12 @@ def load_distributed(path: Path, model: nn.Module, optimizer, scheduler, scaler,
     meta = read_meta(path)
     msd, osd = get_state_dict(model, optimizer, options=_SAVE)
     state = {"model": msd, "optim": osd}
+    swapped = experts.global_views(state, model, env) if env.ep > 1 else {}  # this rank's rows of the stacks
     try:
         _dcp_load(state, path, no_dist=not env.distributed)
     except Exception as e:  # DCP wraps per-rank failures; one line is what the user needs
         raise LongseqError(f"{path}: cannot read the distributed checkpoint ({first_line(e)})") from None
+    experts.restore_locals(state, swapped)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_LOAD)
     _load_trainer_state(path, meta, scheduler, scaler)
     rng = path / f"rng-rank{env.rank}.pt"
@@ -139,6 +145,13 @@ def load_single_process(path: Path, model: nn.Module, optimizer, scheduler, scal
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise LongseqError(f"{path}: its optimizer state does not match this model and method ({first_line(e)})"
                            ) from None
+    for name, rows in experts.local_slices(model, env).items():  # expert parallel: this rank's experts
+        if name in weights:
+            weights[name] = weights[name][rows]
+        entry = osd["state"].get(name, {})
+        for key, t in entry.items():
+            if torch.is_tensor(t) and t.dim() > 0:
+                entry[key] = t[rows]
     set_state_dict(model, optimizer, model_state_dict={n: w for n, w in weights.items() if n in here},
                    optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True, strict=False))

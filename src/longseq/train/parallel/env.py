@@ -7,7 +7,9 @@ GPUs): the cp × sp × tp ranks of one model replica share each sequence (ring a
 tensor parallelism's sequence shards over tp), the dp replicas read different micro-batches, and the pp pipeline
 stages each hold a run of the layers. Gradients are averaged over dp × cp × sp by DDP / FSDP2 (ZeRO over all of
 them, as DeepSpeed-Ulysses does), so the trainer scales each rank's loss by that count to turn the mean into a
-sum; tensor-parallel ranks hold different weights.
+sum; tensor-parallel ranks hold different weights. Expert parallelism (--ep) splits the dp ranks into groups of ep
+consecutive ones, each group holding one copy of every expert, ep / E of them per rank (`experts`: a mesh
+("replica", "ep")).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ class DistEnv:
     sp: int = 1  # Ulysses degree
     tp: int = 1  # tensor-parallel degree
     pp: int = 1  # pipeline stages
+    ep: int = 1  # expert-parallel degree, inside dp
     device: torch.device = torch.device("cpu")
     mesh: Any = None  # 1-D DeviceMesh over the world
     grid: Any = None  # DeviceMesh ("pp", "dp", "cp", "sp", "tp")
+    experts: Any = None  # expert parallelism: DeviceMesh ("replica", "ep") over the dp ranks
 
     @property
     def distributed(self) -> bool:
@@ -82,8 +86,9 @@ class DistEnv:
         return self.dp * self.cp * self.sp
 
     def group(self, dim: str):
-        """The process group of this rank's `dim` ("pp", "cp", "sp" or "tp") neighbours."""
-        return self.grid.get_group(dim)
+        """The process group of this rank's `dim` ("pp", "cp", "sp" or "tp") neighbours; "ep": the ranks that split
+        the experts with it; "replica": the ranks that hold the same experts as it (one per EP group)."""
+        return self.experts.get_group(dim) if dim in ("ep", "replica") else self.grid.get_group(dim)
 
     @property
     def fsdp_mesh(self):
@@ -155,7 +160,7 @@ def resolve_parallel(cfg: TrainConfig, world_size: int) -> str:
     if cfg.parallel == "auto":
         if cfg.tp > 1:
             return "fsdp"
-        return "ddp" if world_size > 1 or cfg.sequence_shards > 1 else "none"
+        return "ddp" if world_size > 1 or cfg.sequence_shards > 1 or cfg.ep > 1 else "none"
     if cfg.parallel == "none" and world_size > 1:
         raise LongseqError(f"parallel none trains in one process, but {world_size} were launched: use --parallel "
                            "ddp or fsdp")
@@ -188,8 +193,12 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     mesh = init_device_mesh(device.type, (world,))
     grid = init_device_mesh(device.type, (cfg.pp, dp, cfg.cp, cfg.sp, cfg.tp),
                             mesh_dim_names=("pp", "dp", "cp", "sp", "tp"))
+    # --ep runs on dp alone (TrainConfig refuses the other degrees with it), so rank = dp rank: EP groups of ep
+    # consecutive ranks, and the "replica" dimension across them.
+    experts = (init_device_mesh(device.type, (dp // cfg.ep, cfg.ep), mesh_dim_names=("replica", "ep"))
+               if cfg.ep > 1 else None)
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, parallel=parallel, dp=dp, cp=cfg.cp,
-                   sp=cfg.sp, tp=cfg.tp, pp=cfg.pp, device=device, mesh=mesh, grid=grid)
+                   sp=cfg.sp, tp=cfg.tp, pp=cfg.pp, ep=cfg.ep, device=device, mesh=mesh, grid=grid, experts=experts)
 
 
 def _destroy() -> None:

@@ -1,5 +1,5 @@
 """Accuracy of quantized serving on the built-in model (SmolLM2-135M-Instruct): perplexity and passkey retrieval
-with 16-bit weights, FP8 weights, int4 weights and an FP8 KV pool.
+with 16-bit weights, FP8, int4 and int8 weights and an FP8 KV pool.
 
     python benchmarks/quant_accuracy.py --device cuda --out benchmarks/results/DATE-quant-accuracy-h200
     python benchmarks/quant_accuracy.py --device cpu --quick --out /tmp/qa      # minutes on a laptop
@@ -9,6 +9,11 @@ engine's paged KV pool in chunks of --chunk tokens up to --context, so every chu
 the pool as serving does (an FP8 pool rounds them); one number per configuration, the same tokens each time.
 Passkey: longseq eval passkey's prompts (a key hidden at each depth of filler text) answered greedily by the engine
 (LLM), --trials keys per length and depth. Writes quant_accuracy.json and quant_accuracy.md (dated) under --out.
+
+The built-in model is a GGUF file, so "16-bit" means its blocks dequantized, and int4 / int8 keep the decoder linears'
+blocks packed where their type allows (models/quant/gguf_int4.py, gguf_q8.py): the table's `weights` column says,
+from the file's tensor types, what each configuration serves. The `-requant` configurations load the weights
+dequantized and let the engine round them afresh (the path of a 16-bit checkpoint).
 """
 
 from __future__ import annotations
@@ -27,10 +32,55 @@ CONFIGS = {  # name: LLM options
     "16-bit": {},
     "fp8": {"quantization": "fp8"},
     "int4": {"quantization": "int4"},
+    "int4-requant": {"quantization": "int4", "requantize": True},
+    "int8": {"quantization": "int8"},
     "fp8-kv": {"kv_cache_dtype": "fp8"},
     "fp8+fp8-kv": {"quantization": "fp8", "kv_cache_dtype": "fp8"},
 }
+ROUNDING = {"fp8": "fp8 e4m3 per channel", "int4": "int4 g{group}", "int8": "Q8_0 (int8, scale per 32)"}
+GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 HERE = Path(__file__).resolve().parent
+
+
+def linear_types(path: Path) -> list[str]:
+    """The GGUF block types of the file's decoder linears (those quantization swaps)."""
+    from gguf import GGUFReader
+
+    return sorted({t.tensor_type.name for t in GGUFReader(path).tensors
+                   if t.name.startswith("blk.") and t.name.split(".")[-2] in GGUF_LINEARS})
+
+
+def weights_note(options: dict, types: list[str], model) -> str:
+    """What a configuration serves, given the file's linear types: dequantized, kept packed, or rounded afresh."""
+    from longseq.models.quant.gguf_int4 import PACKED_BY_METHOD
+
+    # int4's group: quant_group_size or, where that does not divide a layer's inputs, a smaller one (int4.py)
+    group = "/".join(map(str, sorted({m.group_size for m in model.modules() if hasattr(m, "group_size")})))
+    method, source = options.get("quantization"), "/".join(types)
+    if method is None:
+        note = f"{source} dequantized"
+    elif not options.get("requantize") and set(types) <= set(PACKED_BY_METHOD.get(method, ())):
+        note = f"GGUF {source} blocks kept packed"
+    else:
+        note = f"{ROUNDING[method].format(group=group)} of {source} dequantized"
+    return note + (", fp8 KV pool" if options.get("kv_cache_dtype") == "fp8" else "")
+
+
+def build_llm(options: dict, device: str, **engine):
+    """The engine over the built-in model; `requantize`: load it dequantized and let the engine quantize it
+    (model_runner's quantize_model), so blocks LLM(None, quantization=...) would keep packed are rounded afresh."""
+    from longseq.config import EngineConfig
+    from longseq.engine import LLM
+    from longseq.engine.llm_engine import LLMEngine
+    from longseq.models.loader import load
+
+    options = dict(options)
+    if not options.pop("requantize", False):
+        return LLM(None, device=device, **options, **engine)
+    llm = LLM.__new__(LLM)  # LLM(None, quantization=...) loads the file's blocks packed where it can
+    llm.engine = LLMEngine(load(None, device=device), EngineConfig(**options, **engine))
+    llm.tokenizer = llm.engine.tokenizer
+    return llm
 
 
 @torch.inference_mode()
@@ -108,30 +158,31 @@ def main():
     ap.add_argument("--quick", action="store_true", help="the first 4K tokens of text, passkey at 1K and 2K, 1 trial")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    from longseq.engine import LLM
+    from longseq.models.loader import default_model_path
 
     text = Path(args.text).read_text()
     if args.quick:
         text, args.lengths, args.depths, args.trials = text[:16000], [1024, 2048], [0.0, 0.5, 1.0], 1
     report = {"date": datetime.date.today().isoformat(), "model": "SmolLM2-135M-Instruct (built-in)",
               "text": Path(args.text).name, "args": vars(args), "results": {}}
+    types = linear_types(default_model_path())
     for name in args.configs:
         start = time.perf_counter()
-        llm = LLM(None, device=args.device, num_kv_blocks=2 + max(args.lengths) * 4 // 16, max_num_seqs=64,
-                  **CONFIGS[name])
+        llm = build_llm(CONFIGS[name], args.device, num_kv_blocks=2 + max(args.lengths) * 4 // 16, max_num_seqs=64)
         dev = llm.engine.lm.device
         report["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         report["dtype"] = str(llm.engine.lm.model.lm_head.weight.dtype).removeprefix("torch.")
-        row = {"perplexity": perplexity(llm, text, args.context, args.chunk),
+        row = {"weights": weights_note(CONFIGS[name], types, llm.engine.lm.model),
+               "perplexity": perplexity(llm, text, args.context, args.chunk),
                "passkey": passkey(llm, args.lengths, args.depths, args.trials, args.seed)}
         row["seconds"] = round(time.perf_counter() - start, 1)
         report["results"][name] = row
         print(name, json.dumps(row), flush=True)
         del llm
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quant_accuracy.json").write_text(json.dumps(report, indent=1))
-    (out / "quant_accuracy.md").write_text(markdown(report))
+        out = Path(args.out)  # written after each configuration, so a run stopped early keeps what it measured
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "quant_accuracy.json").write_text(json.dumps(report, indent=1))
+        (out / "quant_accuracy.md").write_text(markdown(report))
     print(markdown(report))
 
 
@@ -142,14 +193,14 @@ def markdown(r: dict) -> str:
              f"Perplexity of {r['text']} in windows of {a['context']} tokens scored {a['chunk']} at a time through "
              f"the paged KV pool; passkey at {', '.join(map(str, a['lengths']))} tokens, depths "
              f"{', '.join(map(str, a['depths']))}, {a['trials']} keys each.", "",
-             "| configuration | perplexity | vs 16-bit | passkey | "
+             "| configuration | weights | perplexity | vs 16-bit | passkey | "
              + " | ".join(f"{n} tok" for n in a["lengths"]) + " |",
-             "|---|---|---|---|" + "---|" * len(a["lengths"])]
+             "|---|---|---|---|---|" + "---|" * len(a["lengths"])]
     for name, row in r["results"].items():
         ppl = row["perplexity"]["perplexity"]
         rel = f"{100 * (ppl / base - 1):+.2f}%" if base else "-"
         pk = row["passkey"]
-        lines.append(f"| {name} | {ppl:.3f} | {rel} | {pk['accuracy']:.2f} | "
+        lines.append(f"| {name} | {row.get('weights', '-')} | {ppl:.3f} | {rel} | {pk['accuracy']:.2f} | "
                      + " | ".join(f"{pk['by_length'][str(n)]:.2f}" for n in a["lengths"]) + " |")
     return "\n".join(lines) + "\n"
 

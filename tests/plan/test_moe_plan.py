@@ -10,7 +10,7 @@ from longseq.config.hf import to_hf
 from longseq.config.policy import LORA_TARGETS_ALL
 from longseq.plan.hardware import find_gpu
 from longseq.plan.models import get_model, model_spec
-from longseq.plan.params import count_params, lora_params
+from longseq.plan.params import count_params, lora_params, routed_expert_params
 from longseq.plan.setup import TrainSetup
 from longseq.plan.training import plan_train
 from longseq.train.lora import apply_lora
@@ -40,6 +40,9 @@ def test_qwen2_moe_is_planned_approximately():
     cfg = random_model(arch="qwen2_moe", **MOE, shared_expert_intermediate_size=96).config
     spec = model_spec("tiny", cfg)
     assert (spec.num_experts, spec.experts_per_token) == (8 + 2, 2 + 2)  # the shared expert as 2 of width 48
+    assert spec.routed_experts == 8  # what --ep splits: the shared expert stays whole on every GPU
+    d, width, layers = cfg.hidden_size, MOE["moe_intermediate_size"], cfg.num_layers
+    assert routed_expert_params(spec) == layers * 8 * 3 * d * width
 
 
 def test_plan_train_reports_total_and_active_parameters(tmp_path):

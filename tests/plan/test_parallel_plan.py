@@ -71,6 +71,7 @@ def test_train_config_maps_onto_parallelism():
     assert parallelism_for(cfg, 8) == Parallelism(dp=2, cp=2, sp=2, zero=3)
     assert parallelism_for(TrainConfig(tp=2, seq_len=64), 8) == Parallelism(dp=4, tp=2)
     assert parallelism_for(TrainConfig(pp=4, grad_accum=4), 4) == Parallelism(pp=4)
+    assert parallelism_for(TrainConfig(parallel="ddp", ep=2), 4) == Parallelism(dp=4, ep=2)
 
 
 def test_ulysses_degree_must_divide_kv_heads():

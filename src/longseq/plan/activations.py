@@ -42,11 +42,19 @@ from dataclasses import dataclass, field, replace
 
 from longseq.config.policy import PLAIN_LAYER_POLICIES, attention_groups
 from longseq.plan.models import ModelSpec
-from longseq.plan.params import ATTENTION_LINEARS, count_params, layer_linears, lora_params, lora_weight_elements
+from longseq.plan.params import (
+    ATTENTION_LINEARS,
+    MLP_LINEARS,
+    count_params,
+    layer_linears,
+    lora_expert_params,
+    lora_params,
+    lora_weight_elements,
+    routed_expert_params,
+)
 from longseq.plan.setup import TrainSetup
 
 POLICIES = ("none", "selective", "keep_attention", "full", "offloaded")
-MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 FP32 = 4  # RMSNorm statistics, loss logits, log-sum-exp, master weights
 INDEX = 8  # int64 token ids and targets
 NORM_BACKWARD_TEMPS = 5  # fp32 S×d tensors alive at once in RMSNorm's backward (measured: grad·r, mean grad, x, 2x, …)
@@ -249,7 +257,7 @@ def _layer_constants(spec: ModelSpec, st: TrainSetup, policy: str | None = None)
     recompute down_proj's adapter inside SwiGLU's checkpoint: its casts are not kept."""
     z = _sizes(st)
     if z.casts:
-        return 2.0 * count_params(spec).linear / spec.config.num_layers
+        return 2.0 * _cast_elements(spec, st) / spec.config.num_layers
     if z.a == 2 and z.targets:
         inside = {"down_proj"} if (policy or st.recompute) in ("selective", "plain") else set()
         return 2.0 * lora_weight_elements(spec, st.lora_rank, tuple(t for t in z.targets if t not in inside))
@@ -294,16 +302,30 @@ def saved_bytes(spec: ModelSpec, st: TrainSetup) -> dict[str, float]:
     return {key: value for key, value in out.items() if value}
 
 
+def _away(st: TrainSetup) -> float:
+    """Of each routed expert's weights, gradients and states, the share the other ranks of its expert-parallel group
+    hold (1 - 1/ep; 0 without --ep)."""
+    return 1 - 1 / st.parallel.ep
+
+
+def _cast_elements(spec: ModelSpec, st: TrainSetup) -> float:
+    """Linear weight elements autocast casts to bf16 on one GPU (every layer): all but the other ranks' experts."""
+    return count_params(spec).linear - routed_expert_params(spec, biases=False) * _away(st)
+
+
 def _grad_bytes(spec: ModelSpec, st: TrainSetup) -> tuple[float, float, float]:
-    """(LM head, one layer, everything) gradient bytes on one GPU: fp32 .grad of the trainable weights."""
+    """(LM head, one layer, everything) gradient bytes on one GPU: fp32 .grad of the trainable weights (of the
+    routed experts, this rank's under --ep)."""
     z, cfg = _sizes(st), spec.config
     shard = st.parallel.tp * st.parallel.pp
     if z.full:
-        counts = count_params(spec)
+        counts, away = count_params(spec), routed_expert_params(spec) * _away(st)
         head = FP32 * cfg.vocab_size * cfg.hidden_size
-        layer = FP32 * (counts.attention + counts.mlp + 2 * cfg.hidden_size * cfg.num_layers) / cfg.num_layers
-        return head / st.parallel.tp, layer / shard, FP32 * counts.total / shard
-    adapters = FP32 * lora_params(spec, st.lora_rank, tuple(z.targets)) / shard
+        layer = FP32 * (counts.attention + counts.mlp - away + 2 * cfg.hidden_size * cfg.num_layers) / cfg.num_layers
+        return head / st.parallel.tp, layer / shard, FP32 * (counts.total - away) / shard
+    targets = tuple(z.targets)
+    adapters = FP32 * (lora_params(spec, st.lora_rank, targets)
+                       - lora_expert_params(spec, st.lora_rank, targets) * _away(st)) / shard
     return 0.0, adapters / cfg.num_layers, adapters
 
 
@@ -458,7 +480,8 @@ def _events(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool):
     # At a layer's MLP backward its down_proj is done: the bf16 cast of that weight is already freed; at its
     # attention backward, all of the MLP's casts are.
     down_cast = 2.0 * inter * d * k / st.parallel.tp if z.casts else 0.0
-    mlp_casts = 2.0 * sum(x.params for n, x in layer_linears(spec).items() if n in MLP_LINEARS) / st.parallel.tp
+    mlp_casts = 2.0 * (sum(x.params for n, x in layer_linears(spec).items() if n in MLP_LINEARS)
+                       - routed_expert_params(spec, biases=False) / cfg.num_layers * _away(st)) / st.parallel.tp
     mlp_casts = mlp_casts if z.casts else 0.0
 
     def inputs_at(i: int) -> float:
@@ -531,7 +554,7 @@ def _events(spec: ModelSpec, st: TrainSetup, kernel_workspace: bool):
                                                               grads(head_grad + (done + 1) * layer_grad))
     events["optimizer step"] = (0.0, all_grads)
     if z.casts:  # autocast caches a bf16 copy of every fp32 weight until the forward's autocast region ends
-        casts = 2.0 * count_params(spec).linear / (st.parallel.tp * st.parallel.pp) if recomputing else 0.0
+        casts = 2.0 * _cast_elements(spec, st) / (st.parallel.tp * st.parallel.pp) if recomputing else 0.0
         events["forward end"] = (total + casts + (z.a + 2 * FP32) * chunk * vocab, grads(0.0))
     if st.method == "qlora":  # torchao dequantizes each NF4 weight in full before its matmul (forward, recompute)
         dequant = _dequant_bytes(spec, st)

@@ -78,6 +78,8 @@ def add_plan_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
                    "default: 1)")
     t.add_argument("--cp", type=int, default=1, help="context-parallel degree: ring attention (longseq train --cp; "
                    "default: 1)")
+    t.add_argument("--ep", type=int, default=1, help="expert-parallel degree: data-parallel GPUs that split each "
+                   "mixture-of-experts layer's experts (longseq train --ep; divides dp and the experts; default: 1)")
     t.add_argument("--zero", type=int, default=None, help="ZeRO stage 0-3 over data × sequence parallel ranks; "
                    "longseq train --parallel ddp is 0, fsdp is 3 (--fit searches)")
     t.add_argument("--offload", default="none", choices=["none", "optimizer", "params"],
@@ -160,6 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
     from longseq.plan.auto import Fixed, choose, with_candidate
     from longseq.plan.fit import DEFAULT_METHODS, DEFAULT_OPTIMIZERS, LONGSEQ_POLICIES, SearchSpace, fit_train
     from longseq.plan.hardware import get_gpu
+    from longseq.plan.memory import check_experts
     from longseq.plan.models import get_model
     from longseq.plan.params import layer_linears
     from longseq.plan.report import fit_lines, train_tables
@@ -167,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
     from longseq.plan.training import plan_train
 
     spec, gpu = get_model(args.model), get_gpu(args.gpu)
-    for name in ("num_gpus", "nodes", "tp", "pp", "sp", "cp", "seq_len", "batch_size", "grad_accum", "lora_rank",
+    for name in ("num_gpus", "nodes", "tp", "pp", "sp", "cp", "ep", "seq_len", "batch_size", "grad_accum", "lora_rank",
                  "loss_chunk"):
         if getattr(args, name) <= 0:
             raise LongseqError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -193,7 +196,7 @@ def run_train(args: argparse.Namespace) -> int:
     if extra - {"embed", "norm"}:
         raise LongseqError(f"--train-extra takes embed and/or norm; got {sorted(extra - {'embed', 'norm'})}")
     parallel = Parallelism(dp=args.num_gpus // model_par, tp=args.tp, pp=args.pp, sp=args.sp, cp=args.cp,
-                           zero=args.zero or 0, offload=args.offload, nodes=args.nodes)
+                           ep=args.ep, zero=args.zero or 0, offload=args.offload, nodes=args.nodes)
     for name in ("plain_layers", "attention_layers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise LongseqError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
@@ -208,11 +211,12 @@ def run_train(args: argparse.Namespace) -> int:
                        packed=args.packed, mlp_tile=args.mlp_tile or None, offload_keep=args.offload_keep,
                        plain_layers=args.plain_layers or 0, attention_layers=args.attention_layers or 0,
                        parallel=parallel)
+    check_experts(spec, setup)  # before --fit, which would skip every candidate of a refused --ep
     kw = dict(tokens=args.tokens, price=args.price, efficiency=args.efficiency, host_gib=args.host_memory)
     if args.fit:
-        zero = (args.zero,) if args.zero is not None else (0, 1, 2, 3)
+        zero = (args.zero,) if args.zero is not None else (0,) if args.ep > 1 else (0, 1, 2, 3)
         space = SearchSpace(methods=methods, policies=policies, optimizers=optimizers, zero_stages=zero,
-                            layouts=model_par == 1)
+                            layouts=model_par == 1 and args.ep == 1)
         result = fit_train(spec, gpu, setup, space, **kw)
         payload = {"fit": {"found": result.best is not None, "tried": result.tried, "fitting": result.fitting,
                            "explanation": result.explanation}}

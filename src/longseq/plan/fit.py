@@ -84,7 +84,7 @@ def _describe(plan: TrainPlan) -> str:
     if s.mlp_tile:
         parts.insert(2, f"tiles of {s.mlp_tile:,} tokens")
     if p.num_gpus > 1:
-        parts.append(f"dp {p.dp} tp {p.tp} pp {p.pp} cp {p.cp} sp {p.sp} zero {p.zero}")
+        parts.append(f"dp {p.dp} tp {p.tp} pp {p.pp} cp {p.cp} sp {p.sp} ep {p.ep} zero {p.zero}")
     return ", ".join(parts)
 
 

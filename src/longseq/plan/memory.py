@@ -12,17 +12,27 @@ LM head), which FSDP2 keeps gathered from forward to the end of backward; `--off
 CPUOffloadPolicy (weights, gradients and optimizer state in host memory). DDP (`--parallel ddp`) is stage 0 with
 gradients as bucket views (no second copy). longseq loads the whole model on each GPU before sharding it (the load
 peak). Ulysses (`--sp`) divides the tokens per GPU. Tensor and pipeline parallelism divide the weights by t·p
-(Megatron; modelled, longseq only serves tensor-parallel).
+(Megatron; modelled, longseq only serves tensor-parallel). Expert parallelism (`--ep`, train/parallel/experts.py,
+as DeepSpeed-MoE, Rajbhandari et al. 2022, arXiv 2201.05596) divides the routed experts' weights, gradients,
+optimizer states and adapters by ep; assuming balanced routing, each rank computes as many expert rows as
+without it, and holds one exchange's all-to-all send and receive buffers (top-k copies of its tokens' hidden states).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from longseq.errors import LongseqError
 from longseq.plan.activations import POLICIES, ActivationPeak, activation_peak
 from longseq.plan.models import ModelSpec
-from longseq.plan.params import count_params, layer_linears, lora_params
+from longseq.plan.params import (
+    MLP_LINEARS,
+    count_params,
+    layer_linears,
+    lora_expert_params,
+    lora_params,
+    routed_expert_params,
+)
 from longseq.plan.quant import nf4_bytes_per_param
 from longseq.plan.setup import TrainSetup
 
@@ -105,6 +115,35 @@ def validate(spec: ModelSpec, setup: TrainSetup) -> None:
     for ok, message in checks:
         if not ok:
             raise LongseqError(message)
+    check_experts(spec, setup)
+
+
+def check_experts(spec: ModelSpec, setup: TrainSetup) -> None:
+    """LongseqError for an expert-parallel degree `longseq train --ep` refuses (config/train.py, the trainer's
+    messages where they apply)."""
+    p = setup.parallel
+    if p.ep <= 0:
+        raise LongseqError(f"ep must be positive, got {p.ep}")
+    if p.ep == 1:
+        return
+    others = [f"--{n}" for n in ("tp", "cp", "sp", "pp") if getattr(p, n) > 1]
+    checks = [
+        (not others, f"--ep with {' / '.join(others)} is not supported yet: expert parallelism runs inside plain "
+         "data parallelism for now"),
+        (p.zero == 0, f"--ep with --zero {p.zero} is not supported: expert parallelism needs --parallel ddp "
+         "(--zero 0)"),
+        (setup.method != "qlora", "--ep with --method qlora is not supported: NF4 expert stacks cannot be split "
+         "yet; use --method lora or full"),
+        (setup.precision != "fp16", "--ep with --precision fp16 is not supported: use bf16"),
+        (spec.is_moe, f"--ep {p.ep} needs a mixture-of-experts model; this one is dense"),
+        (not spec.is_moe or spec.routed_experts % p.ep == 0,
+         f"--ep {p.ep} must divide the model's {spec.routed_experts} experts per layer"),
+        (p.dp % p.ep == 0, f"ep {p.ep} must divide the data-parallel size ({p.dp}): expert-parallel groups are made "
+         "of data-parallel processes"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LongseqError(message)
 
 
 def optimizer_bytes(spec: ModelSpec, setup: TrainSetup, trainable: int) -> float:
@@ -154,6 +193,42 @@ def trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
     return lora_params(spec, setup.lora_rank, setup.lora_targets) + extra
 
 
+def expert_trainable_params(spec: ModelSpec, setup: TrainSetup) -> int:
+    """Of trainable_params, the routed experts' (their weights, or their adapters): what --ep splits."""
+    if setup.method == "full":
+        return routed_expert_params(spec)
+    return lora_expert_params(spec, setup.lora_rank, setup.lora_targets)
+
+
+def local_trainable_params(spec: ModelSpec, setup: TrainSetup) -> float:
+    """Trainable parameters on one GPU before tp / pp / ZeRO divide them: the routed experts' by ep."""
+    return trainable_params(spec, setup) - expert_trainable_params(spec, setup) * (1 - 1 / setup.parallel.ep)
+
+
+def _expert_optimizer_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
+    """Of optimizer_bytes, the routed experts' states (Adafactor: their factored rows + cols, as
+    _adafactor_elements counts them)."""
+    if setup.optimizer != "adafactor":
+        return optimizer_bytes(spec, setup, expert_trainable_params(spec, setup))
+    if not spec.is_moe:
+        return 0.0
+    lin, r = layer_linears(spec), setup.lora_rank
+    names = MLP_LINEARS if setup.method == "full" else [t for t in setup.lora_targets if t in MLP_LINEARS]
+    per_expert = sum(lin[n].in_features + lin[n].out_features + (0 if setup.method == "full" else 2 * r)
+                     for n in names if n in lin)
+    return 4.0 * spec.config.num_layers * spec.routed_experts * per_expert
+
+
+def exchange_bytes(spec: ModelSpec, setup: TrainSetup) -> float:
+    """One MoE layer's all-to-all under --ep: the send and the receive buffer of top-k copies of this rank's tokens'
+    hidden states in the autocast dtype (balanced routing: as many rows come in as go out); 0 without --ep."""
+    if setup.parallel.ep == 1:
+        return 0.0
+    tokens = setup.batch_size * setup.seq_len / setup.parallel.sequence_shards
+    dtype = 4 if setup.precision == "fp32" else 2
+    return 2 * dtype * tokens * spec.experts_per_token * spec.config.hidden_size
+
+
 def _state_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, float, float, list[str]]:
     """(weights, all gradients, optimizer, host) bytes on one GPU, and notes."""
     p, counts = setup.parallel, count_params(spec)
@@ -161,23 +236,30 @@ def _state_bytes(spec: ModelSpec, setup: TrainSetup) -> tuple[float, float, floa
     trainable = trainable_params(spec, setup)
     notes: list[str] = []
     frozen_bytes = 4 if setup.precision == "fp32" else 2
+    # --ep: the other ranks of this one's expert-parallel group hold this share of the routed experts' weights,
+    # adapters, gradients and states (check_experts leaves only DDP, LoRA or full, without ZeRO)
+    away = 1 - 1 / p.ep
+    expert_opt = _expert_optimizer_bytes(spec, setup) * away if p.ep > 1 else 0.0
     if setup.method == "full":
         zero_layout = p.zero_ranks > 1 and p.zero in (1, 2)  # DeepSpeed bf16 + fp32 master; else fp32 (FSDP2 shards it)
         weight_b, grad_b = (2.0, 2.0) if zero_layout else (4.0, 4.0)
         master = 4.0 * trainable if zero_layout and setup.precision != "fp32" else 0.0
-        weights, grads = weight_b * counts.total, grad_b * trainable
-        opt = optimizer_bytes(spec, setup, trainable) + master
+        experts = routed_expert_params(spec) * away
+        weights, grads = weight_b * (counts.total - experts), grad_b * (trainable - experts)
+        opt = optimizer_bytes(spec, setup, trainable) - expert_opt + master
     else:
-        base = counts.total
+        base = counts.total - routed_expert_params(spec) * away
         if setup.method == "qlora":
             weights = TORCHAO_NF4_BYTES * counts.linear + frozen_bytes * counts.not_linear
         else:
             weights = frozen_bytes * base
         adapters = lora_params(spec, setup.lora_rank, setup.lora_targets)
         extra = trainable - adapters  # LongLoRA's embeddings / norms train in the frozen dtype
-        weights += 4.0 * adapters
-        grads = 4.0 * adapters + frozen_bytes * extra
-        opt = optimizer_bytes(spec, setup, adapters) + _extra_optimizer_bytes(spec, setup, extra) * frozen_bytes / 4
+        local_adapters = adapters - lora_expert_params(spec, setup.lora_rank, setup.lora_targets) * away
+        weights += 4.0 * local_adapters
+        grads = 4.0 * local_adapters + frozen_bytes * extra
+        opt = (optimizer_bytes(spec, setup, adapters) - expert_opt
+               + _extra_optimizer_bytes(spec, setup, extra) * frozen_bytes / 4)
     weights, grads, opt = weights / shard, grads / shard, opt / shard
     host = 0.0
     n = p.zero_ranks
@@ -213,11 +295,19 @@ def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
     memory = TrainMemory(weights=weights, gradients=share * grads_all, optimizer=opt, activations=act.saved,
                          transient=act.peak - act.saved, activation=act, trainable=trainable_params(spec, setup),
                          host=host + act.host, notes=notes)
+    if p.ep > 1:
+        if act.phase != "optimizer step":  # counted at the peak moment whatever it is: an upper bound outside MoE
+            memory.transient += exchange_bytes(spec, setup)
+        notes.append(f"expert parallel {p.ep}: each GPU holds {spec.routed_experts // p.ep} of the "
+                     f"{spec.routed_experts} routed experts per layer; activations assume balanced routing (as many "
+                     "expert rows per GPU as without --ep)")
     if setup.method == "qlora":  # longseq loads the bf16 checkpoint on the GPU, then quantizes weight by weight
         biggest = max(x.in_features * x.out_features for x in layer_linears(spec).values())
         memory.load_peak = (2.0 * counts.total + nf4_quantize_bytes(biggest)) / (p.tp * p.pp)
     elif p.zero >= 3 and p.zero_ranks > 1:  # FSDP2: the whole model is on each GPU until fully_shard splits it
         load_b = 4.0 if setup.method == "full" or setup.precision == "fp32" else 2.0
         memory.load_peak = load_b * counts.total / (p.tp * p.pp)
+    elif p.ep > 1:  # train/loop.py loads the whole model (and adds its adapters) before --ep drops the other experts
+        memory.load_peak = _state_bytes(spec, replace(setup, parallel=replace(p, ep=1)))[0]
     return memory
 

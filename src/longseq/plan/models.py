@@ -26,6 +26,7 @@ class ModelSpec:
     config: ModelConfig
     num_experts: int = 1  # MoE: expert MLPs per layer (Mixtral: 8)
     experts_per_token: int = 1  # MoE: top-k routing (Mixtral: 2)
+    shared_experts: int = 0  # of num_experts, Qwen2-MoE's always-routed shared expert (not split by --ep)
     mlp: str = "swiglu"  # swiglu (gate, up, down) | gelu (up, down: GPT-2/3)
     extra_params: int = 0  # parameters outside the Llama layout (GPT-3's learned position embeddings)
     source: str = ""
@@ -41,6 +42,11 @@ class ModelSpec:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 1
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts a router chooses among: what expert parallelism splits over its ranks."""
+        return self.num_experts - self.shared_experts
 
 
 def _llama(name: str, source: str, vocab: int, d: int, inter: int, layers: int, heads: int, kv: int, *,
@@ -163,7 +169,7 @@ def model_spec(name: str, cfg: ModelConfig, source: str = "") -> ModelSpec:
                     moe_intermediate_size=0, shared_expert_intermediate_size=0, sparse_layers=(),
                     router_aux_loss_coef=0.0)
     return ModelSpec(name=name, config=dense, num_experts=cfg.num_experts + shared,
-                     experts_per_token=cfg.experts_per_token + shared, source=source)
+                     experts_per_token=cfg.experts_per_token + shared, shared_experts=shared, source=source)
 
 
 _DENSE_ARCH = {"mixtral": "mistral", "qwen2_moe": "qwen2", "qwen3_moe": "qwen3"}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from longseq.plan.models import ModelSpec
 
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -98,3 +99,23 @@ def lora_params(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
 def lora_weight_elements(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
     """Adapter elements of one layer (what autocast casts to bf16 per layer in forward)."""
     return lora_params(spec, rank, targets) // spec.config.num_layers
+
+
+def routed_expert_params(spec: ModelSpec, biases: bool = True) -> int:
+    """Weights (and biases) of the routed experts, every layer: what `longseq train --ep` splits over its ranks (the
+    router and Qwen2-MoE's shared expert stay whole on each); 0 for a dense model."""
+    if not spec.is_moe:
+        return 0
+    cfg, lin = spec.config, layer_linears(spec)
+    mlp_names = [n for n in lin if n in MLP_LINEARS]
+    per_expert = sum(lin[n].in_features * lin[n].out_features for n in mlp_names)
+    per_expert += (cfg.intermediate_size * (len(mlp_names) - 1) + cfg.hidden_size) * cfg.mlp_bias * biases
+    return cfg.num_layers * spec.routed_experts * per_expert
+
+
+def lora_expert_params(spec: ModelSpec, rank: int, targets: tuple[str, ...]) -> int:
+    """Of `lora_params`, the routed experts' adapters (split with their experts by --ep); 0 for a dense model."""
+    if not spec.is_moe:
+        return 0
+    mlp_targets = tuple(t for t in targets if t in MLP_LINEARS)
+    return lora_params(spec, rank, mlp_targets) // spec.num_experts * spec.routed_experts

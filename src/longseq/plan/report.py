@@ -36,7 +36,7 @@ def _count(x: float) -> str:
 def train_title(plan: TrainPlan) -> str:
     s, p = plan.setup, plan.setup.parallel
     method = s.method if s.method == "full" else f"{s.method} r{s.lora_rank}"
-    par = f" · dp {p.dp} tp {p.tp} pp {p.pp} cp {p.cp} sp {p.sp} zero {p.zero}" if p.num_gpus > 1 else ""
+    par = f" · dp {p.dp} tp {p.tp} pp {p.pp} cp {p.cp} sp {p.sp} ep {p.ep} zero {p.zero}" if p.num_gpus > 1 else ""
     return (f"{plan.model} · {method} · {s.seq_len:,} tokens × {s.batch_size} (× {s.grad_accum} accum) · "
             f"recompute {s.recompute} · {s.optimizer} · {p.num_gpus} × {plan.gpu.name}{par}")
 
@@ -64,7 +64,10 @@ def train_tables(plan: TrainPlan) -> list[Any]:
                 "backward has freed")
     mem.add_row("allocated peak", _gib(m.allocated), "torch.cuda.max_memory_allocated", style="bold")
     if m.load_peak > m.allocated:
-        mem.add_row("load peak", _gib(m.load_peak), "bf16 weights on the GPU before NF4 quantization")
+        what = ("bf16 weights on the GPU before NF4 quantization" if s.method == "qlora" else
+                "the whole model on each GPU before --ep drops the other experts" if s.parallel.ep > 1 else
+                "the whole model on each GPU before FSDP2 shards it")
+        mem.add_row("load peak", _gib(m.load_peak), what)
     mem.add_row("reserve", _gib(m.reserve), "CUDA context + allocator slack")
     verdict = "[green]fits[/]" if m.total <= plan.gpu.memory_bytes else "[red]does not fit[/]"
     mem.add_row("total", _gib(m.total), f"of {plan.gpu.memory_gib:.1f} GiB: {verdict}", style="bold")

@@ -11,13 +11,14 @@ from longseq.config.policy import LORA_TARGETS_ALL
 
 @dataclass(frozen=True)
 class Parallelism:
-    """How many GPUs and how the work is split over them (num_gpus = dp · tp · pp · sp)."""
+    """How many GPUs and how the work is split over them (num_gpus = dp · tp · pp · sp · cp; ep splits dp)."""
 
     dp: int = 1  # data parallel
     tp: int = 1  # tensor parallel (Megatron, with sequence parallelism)
     pp: int = 1  # pipeline stages
     sp: int = 1  # Ulysses sequence parallel
     cp: int = 1  # context parallel (ring attention)
+    ep: int = 1  # expert parallel: groups of ep data-parallel ranks share one copy of every routed expert
     zero: int = 0  # ZeRO stage over the dp ranks: 0 | 1 | 2 | 3
     offload: str = "none"  # none | optimizer (ZeRO-Offload) | params (ZeRO-Infinity: optimizer and weights)
     nodes: int = 1
@@ -64,7 +65,7 @@ class TrainSetup:
 
 def parallelism_for(cfg: TrainConfig, world_size: int, nodes: int = 1) -> Parallelism:
     """The Parallelism of a `longseq train` run on `world_size` processes."""
-    return Parallelism(dp=cfg.data_parallel(world_size), tp=cfg.tp, pp=cfg.pp, sp=cfg.sp, cp=cfg.cp,
+    return Parallelism(dp=cfg.data_parallel(world_size), tp=cfg.tp, pp=cfg.pp, sp=cfg.sp, cp=cfg.cp, ep=cfg.ep,
                        zero=3 if cfg.parallel == "fsdp" else 0, offload="params" if cfg.fsdp_offload else "none",
                        nodes=nodes)
 

@@ -14,7 +14,13 @@ from longseq.plan.flops import (
     train_flops_per_token,
 )
 from longseq.plan.hardware import GPU, INTER_NODE_GBS
-from longseq.plan.memory import TrainMemory, train_memory, trainable_params
+from longseq.plan.memory import (
+    TrainMemory,
+    expert_trainable_params,
+    local_trainable_params,
+    train_memory,
+    trainable_params,
+)
 from longseq.plan.models import ModelSpec
 from longseq.plan.params import count_params, layer_linears, lora_params
 from longseq.plan.setup import TrainSetup
@@ -143,6 +149,10 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     grad_bytes = (2.0 if p.zero in (1, 2) else 4.0) * trainable_params(spec, setup) / (p.tp * p.pp)
     dp_bw = _link_gbs(gpu, p.num_gpus, gpus_per_node)
     dp_comm = _ring_allreduce_s(grad_bytes, p.zero_ranks, dp_bw)
+    if p.ep > 1:  # --ep: the routed experts' gradients (this rank's E/ep) are all-reduced over their dp/ep replicas
+        expert_bytes = grad_bytes * expert_trainable_params(spec, setup) / trainable_params(spec, setup)
+        dp_comm = (_ring_allreduce_s(grad_bytes - expert_bytes, p.zero_ranks, dp_bw)
+                   + _ring_allreduce_s(expert_bytes / p.ep, p.zero_ranks // p.ep, dp_bw))
     if p.zero >= 3 and p.zero_ranks > 1:
         # FSDP2: all-gather every weight in forward and again in backward (in the autocast dtype), reduce-scatter
         # the fp32 gradients; each moves (n-1)/n of its bytes per GPU (ring).
@@ -162,13 +172,21 @@ def plan_train(spec: ModelSpec, gpu: GPU, setup: TrainSetup, tokens: float | Non
     kv_block = micro_tokens / p.sequence_shards * 2 * spec.kv_dim * 2
     ring_comm = 4 * layers_here * (p.cp - 1) * kv_block / (_link_gbs(gpu, p.num_gpus // p.nodes, gpus_per_node)
                                                           * 1e9)
-    comm += (tp_comm + sp_comm + ring_comm) * setup.grad_accum
+    # Expert parallelism: per MoE layer two all-to-alls forward (tokens to their experts' GPUs and back) and two
+    # backward, two more when the layer's forward is recomputed; each GPU sends and receives (ep-1)/ep of its
+    # top-k rows (dispatch and combine, GShard: Lepikhin et al. 2020, arXiv 2006.16668), on the critical path.
+    exchanges = 4 + 2 * (setup.recompute in ("full", "offloaded", "keep_attention"))
+    rows_bytes = act_bytes * spec.experts_per_token
+    ep_comm = (exchanges * layers_here * (p.ep - 1) / p.ep * rows_bytes / (_link_gbs(gpu, p.ep, gpus_per_node) * 1e9)
+               if p.ep > 1 else 0.0)
+    comm += (tp_comm + sp_comm + ring_comm + ep_comm) * setup.grad_accum
     trainable = trainable_params(spec, setup)
+    local = local_trainable_params(spec, setup) if p.ep > 1 else trainable  # what this GPU's optimizer steps
     opt_shard = p.tp * p.pp * (p.zero_ranks if p.zero else 1)
     if p.offload == "none":
-        other += trainable / opt_shard * OPTIMIZER_TRAFFIC[setup.optimizer] / (gpu.bandwidth_tbs * 1e12)
+        other += local / opt_shard * OPTIMIZER_TRAFFIC[setup.optimizer] / (gpu.bandwidth_tbs * 1e12)
     else:  # CPU Adam, gradients down and weights up over PCIe
-        other += trainable / opt_shard / CPU_ADAM_PARAMS_PER_S + 4.0 * trainable / opt_shard / (PCIE_GBS * 1e9)
+        other += local / opt_shard / CPU_ADAM_PARAMS_PER_S + 4.0 * local / opt_shard / (PCIE_GBS * 1e9)
     if setup.method == "qlora":  # each pass dequantizes every NF4 weight: memory-bound
         passes = 2 + (setup.recompute in ("full", "offloaded", "keep_attention"))
         other += (setup.grad_accum * passes * counts.linear / (p.tp * p.pp) * NF4_DEQUANT_TRAFFIC

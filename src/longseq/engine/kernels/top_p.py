@@ -140,6 +140,13 @@ def _stats(L, stride_l, INV_T, FLOOR, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, TIES_B
         tl.store(ABOVE + at, tl.sum((za * tl.exp(m - shift)).to(tl.float64), 0))
         tl.store(TIES_BEFORE + at, tl.sum(before, 0))
         tl.store(MIN_KEY + at, tl.min(kmin, 0))
+    else:  # a row without top-p: neutral statistics, which the later passes read (and then ignore)
+        at = row * tl.num_programs(1) + chunk
+        tl.store(MAX + at, NEG_INF)
+        tl.store(SUM + at, tl.zeros([], tl.float64))
+        tl.store(ABOVE + at, tl.zeros([], tl.float64))
+        tl.store(TIES_BEFORE + at, tl.zeros([], tl.int32))
+        tl.store(MIN_KEY + at, INT32_MAX)
 
 
 @triton.jit

@@ -106,7 +106,7 @@ ISSUE_RATE = {"greedy": 20614, "sampled-t1": 4208, "sampled-t07-p09": 4208, "cha
 LONG_TTFT_TARGET = {32768: 1.5, 131072: 12.0}  # seconds
 LONG_TTFT_ISSUE = {32768: 2.15, 131072: 22.4}
 STARTUP_ESTIMATE_S = 60  # imports, model fill, GEMV timing, KV pool, graph capture, Triton compiles, warm-up
-HTTP_OVERHEAD_S = 15  # chat-mix-http: the server's start, the client processes' start and warm-up
+HTTP_OVERHEAD_S = 20  # chat-mix-http: the server's start, the client processes' start and warm-up (--http-warmup)
 
 TINY_SHAPE = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
@@ -635,6 +635,7 @@ def http_workload(args, vocab: int, frontend, new_probe, cap_s: float) -> dict:
             for shard in range(clients):
                 cfg = dict(url=url, n=len(specs), seed=args.seed, chat=args.chat, salt=SALT[name], vocab=vocab,
                            shard=shard, shards=clients, concurrency=args.http_concurrency, cap_s=cap_s,
+                           warmup=args.http_warmup,
                            out=str(out_dir / f".http_client_{shard}.json"))
                 procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--http-client",
                                                json.dumps(cfg)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -673,7 +674,9 @@ def http_workload(args, vocab: int, frontend, new_probe, cap_s: float) -> dict:
     result["client"] = (f"openai {__import__('openai').__version__} AsyncOpenAI, {clients} client process(es), "
                         + (f"at most {args.http_concurrency} requests in flight per process"
                            if args.http_concurrency else "every request in flight at once")
-                        + ", streaming /v1/completions, token-id prompts, extra_body ignore_eos, include_usage")
+                        + ", streaming /v1/completions, token-id prompts, extra_body ignore_eos, include_usage"
+                        + (f"; warmed up first with {args.http_warmup} chat-mix requests of their own (not timed)"
+                           if args.http_warmup else ""))
     result["ignore_eos"] = "sent as extra_body (longseq's server supports it, as vLLM); output counts from usage"
     return result
 
@@ -753,11 +756,19 @@ async def _client(cfg: dict) -> None:
             except Exception as e:
                 errors.append(f"{type(e).__name__}: {e}"[:300])
 
-    # Warm-up: two short requests through the whole path (not measured).
+    # Warm-up (not measured): two short requests through the whole path, then this process's share of --http-warmup
+    # chat-mix requests of their own (outputs cut to 32 tokens), all at once: an engine that has not served yet
+    # meets the step shapes of the workload here (kernel specialisations, allocator growth), not in the timed run.
     warm = dict(prompt_len=16, max_tokens=4, temperature=0.7, top_p=1.0)
-    warm_recs = [dict(recs[0], chunks=0, finished=False) for _ in range(2)]
-    warm_prompt = np.random.default_rng([cfg["seed"], cfg["salt"], 99, cfg["shard"]]).integers(0, cfg["vocab"], 16)
-    await asyncio.gather(*(one(warm, warm_prompt.tolist(), r) for r in warm_recs))
+    warm_specs = [warm, warm]
+    warm_prompts = [np.random.default_rng([cfg["seed"], cfg["salt"], 99, cfg["shard"]]).integers(
+        0, cfg["vocab"], 16).tolist()] * 2
+    if cfg.get("warmup"):
+        extra = chat_mix_specs(cfg["warmup"], cfg["seed"] + 1, *cfg["chat"])[cfg["shard"] :: cfg["shards"]]
+        warm_specs += [dict(w, max_tokens=min(w["max_tokens"], 32)) for w in extra]
+        warm_prompts += prompt_tokens(extra, cfg["vocab"], cfg["seed"] + 1, cfg["salt"])
+    warm_recs = [dict(recs[0], chunks=0, finished=False) for _ in warm_specs]
+    await asyncio.gather(*(one(w, p, r) for w, p, r in zip(warm_specs, warm_prompts, warm_recs, strict=True)))
     if errors or not all(r["finished"] for r in warm_recs):
         print(f"warm-up failed: {errors[:1] or 'no usage chunk'}", flush=True)
         sys.exit(1)
@@ -1012,6 +1023,8 @@ def parse_args(argv=None):
                     "engine the other workloads use, as `longseq serve` runs it)")
     ap.add_argument("--http-concurrency", type=int, default=0, help="requests in flight per client process "
                     "(0: all at once)")
+    ap.add_argument("--http-warmup", type=int, default=None, help="chat-mix-http: chat-mix requests of their own "
+                    "sent through the server before the timed run, outputs cut to 32 tokens (default 256; --tiny 0)")
     ap.add_argument("--commit", help="the commit to record where git cannot tell (a copy of the tree without .git)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan and the time estimate, run nothing")
     ap.add_argument("--http-client", help=argparse.SUPPRESS)  # internal: run as an HTTP load generator
@@ -1024,6 +1037,8 @@ def parse_args(argv=None):
     args.long_lens = args.long_lens or ([1024, 4096] if args.tiny else [32768, 131072])
     args.max_num_batched_tokens = args.max_num_batched_tokens or (1024 if args.tiny else 8192)
     args.http_clients = args.http_clients or (1 if args.tiny else 4)
+    if args.http_warmup is None:
+        args.http_warmup = 0 if args.tiny else 256
     if args.max_seconds is None:
         args.max_seconds = 0 if args.tiny else 540
     names = []

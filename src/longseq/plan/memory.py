@@ -307,7 +307,8 @@ def train_memory(spec: ModelSpec, setup: TrainSetup) -> TrainMemory:
     elif p.zero >= 3 and p.zero_ranks > 1:  # FSDP2: the whole model is on each GPU until fully_shard splits it
         load_b = 4.0 if setup.method == "full" or setup.precision == "fp32" else 2.0
         memory.load_peak = load_b * counts.total / (p.tp * p.pp)
-    elif p.ep > 1:  # train/loop.py loads the whole model (and adds its adapters) before --ep drops the other experts
+    elif p.ep > 1:  # a GGUF model loads whole before --ep drops the other experts; an HF directory loads only this
+        # GPU's experts (train/parallel/meta_loading.py), but the plan does not know the source: the upper bound
         memory.load_peak = _state_bytes(spec, replace(setup, parallel=replace(p, ep=1)))[0]
     return memory
 

@@ -65,7 +65,8 @@ def train_tables(plan: TrainPlan) -> list[Any]:
     mem.add_row("allocated peak", _gib(m.allocated), "torch.cuda.max_memory_allocated", style="bold")
     if m.load_peak > m.allocated:
         what = ("bf16 weights on the GPU before NF4 quantization" if s.method == "qlora" else
-                "the whole model on each GPU before --ep drops the other experts" if s.parallel.ep > 1 else
+                "the whole model on each GPU before --ep drops the other experts (GGUF; not an HF directory)"
+                if s.parallel.ep > 1 else
                 "the whole model on each GPU before FSDP2 shards it")
         mem.add_row("load peak", _gib(m.load_peak), what)
     mem.add_row("reserve", _gib(m.reserve), "CUDA context + allocator slack")

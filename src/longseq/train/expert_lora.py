@@ -30,6 +30,16 @@ def expert_targets(lora_targets: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in STACKED if name in {TARGETS.get(t) for t in lora_targets})
 
 
+def new_expert_adapter(shape: tuple[int, int, int], rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors A (E, in, r) and B (E, r, out) of a stacked weight of `shape` (E, out, in), in float32 (the master
+    copy). PEFT's init per expert: A ~ kaiming_uniform(a=√5) of an (r, in) matrix, i.e. U(±1/√in); B = 0, so
+    training starts from W."""
+    E, out, inp = shape
+    bound = 1 / math.sqrt(inp)
+    return (torch.empty(E, inp, rank, device=device).uniform_(-bound, bound),
+            torch.zeros(E, rank, out, device=device))
+
+
 class LoRAExperts(nn.Module):
     """Experts with frozen stacked weights (NF4 under QLoRA) and per-expert adapters on `targets` (STACKED names).
     Parameters: gate_up_proj, down_proj (frozen) and lora_A.<name> (E, in, r), lora_B.<name> (E, r, out)."""
@@ -47,13 +57,8 @@ class LoRAExperts(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for name in targets if rank else ():
-            E, out, inp = self.shapes[name]
-            # Trainable factors in float32 (the master copy). PEFT's init per expert: A ~ kaiming_uniform(a=√5) of an
-            # (r, in) matrix, i.e. U(±1/√in); B = 0, so training starts from W.
-            device = self.gate_up_proj.device
-            bound = 1 / math.sqrt(inp)
-            self.lora_A[name] = nn.Parameter(torch.empty(E, inp, rank, device=device).uniform_(-bound, bound))
-            self.lora_B[name] = nn.Parameter(torch.zeros(E, rank, out, device=device))
+            A, B = new_expert_adapter(self.shapes[name], rank, self.gate_up_proj.device)
+            self.lora_A[name], self.lora_B[name] = nn.Parameter(A), nn.Parameter(B)
 
     def stacked(self, name: str) -> torch.Tensor | moe.PackedExperts:
         """The frozen weight (E, out, in) as models/moe.py takes it."""

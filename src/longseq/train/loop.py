@@ -106,11 +106,10 @@ def build(cfg: TrainConfig, env: DistEnv) -> Run:
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     make_trainable(model, cfg)
     model.train()
-    step_model = parallelize(model, cfg, env, precision)
-    if sharded:
-        meta_loading.materialize(step_model, model, lm.path, torch.device("cpu") if cfg.fsdp_offload else env.device,
-                                 cfg.seed, env.device)
-    optimizer = build_optimizer(model, cfg, torch.device("cpu") if cfg.fsdp_offload else env.device)
+    home = torch.device("cpu") if cfg.fsdp_offload else env.device
+    step_model = parallelize(model, cfg, env, precision, materialize=(
+        lambda root: meta_loading.materialize(root, model, lm.path, home, cfg.seed, env.device)) if sharded else None)
+    optimizer = build_optimizer(model, cfg, home)
     return Run(cfg, env, lm, data, precision, optimizer, build_scheduler(optimizer, cfg), grad_scaler(env, precision),
                step_model)
 

@@ -108,6 +108,16 @@ def apply_lora(model: nn.Module, cfg: TrainConfig) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def adapted_layers(layer: nn.Module) -> list[nn.Module]:
+    """A decoder layer's LoRALinear and LoRAExperts modules in the order apply_lora swaps them in (and draws their
+    adapters from the random stream): attention, the MLP (a sparse block's shared expert), then the experts."""
+    mlp = layer.mlp
+    sparse = isinstance(mlp, SparseMoeBlock)
+    parents = [p for p in (layer.self_attn, mlp.shared_expert if sparse else mlp) if p is not None]
+    out = [child for parent in parents for child in parent.children() if isinstance(child, LoRALinear)]
+    return out + [mlp.experts] if sparse and isinstance(mlp.experts, LoRAExperts) else out
+
+
 def make_trainable(model: nn.Module, cfg: TrainConfig) -> list[str]:
     """Full fine-tuning: every weight trains; LoRA / QLoRA: adapters are swapped in. Returns the trainable names."""
     if cfg.method != "full":

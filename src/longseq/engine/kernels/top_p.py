@@ -62,15 +62,20 @@ def _tile(L, stride_l, row, idx, V, inv_t, floor):
 
 
 @triton.jit
-def _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2: tl.constexpr):
-    """The row's max, top_p * Z (float64) and smallest key from the per-chunk statistics."""
+def _row_stats(MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, TOP_P, row, S, S_POW2: tl.constexpr):
+    """From the per-chunk statistics: the row's max, top_p * Z (float64), smallest key, and for its candidate the
+    mass of the keys above the candidate's (float64, e relative to the max) and its ties of lower id."""
     c = tl.arange(0, S_POW2)
     on = c < S
     maxes = tl.load(MAX + row * S + c, mask=on, other=NEG_INF)
     m = tl.max(maxes, 0)
     shift = tl.where(m == NEG_INF, 0.0, m)
-    z = tl.sum(tl.load(SUM + row * S + c, mask=on, other=0.0) * tl.exp(maxes - shift).to(tl.float64), 0)
-    return m, z * tl.load(TOP_P + row), tl.min(tl.load(MIN_KEY + row * S + c, mask=on, other=INT32_MAX), 0)
+    scale = tl.exp(maxes - shift).to(tl.float64)
+    z = tl.sum(tl.load(SUM + row * S + c, mask=on, other=0.0) * scale, 0)
+    above = tl.sum(tl.load(ABOVE + row * S + c, mask=on, other=0.0) * scale, 0)
+    ties = tl.sum(tl.load(TIES_BEFORE + row * S + c, mask=on, other=0), 0)
+    kmin = tl.min(tl.load(MIN_KEY + row * S + c, mask=on, other=INT32_MAX), 0)
+    return m, z * tl.load(TOP_P + row), kmin, above, ties
 
 
 @triton.jit
@@ -150,20 +155,13 @@ def _stats(L, stride_l, INV_T, FLOOR, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, TIES_B
 
 
 @triton.jit
-def _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2: tl.constexpr):
-    """Whether the row's candidate is kept by its top-p: the mass ranked ahead of it is < top_p * Z."""
+def _accepted(L, stride_l, INV_T, FLOOR, CAND, row, m, t, above, ties):
+    """Whether the row's candidate is kept by its top-p: the mass ranked ahead of it (`above` and `ties` of
+    _row_stats) is < top_p * Z (`t`)."""
     c, s_c, inside = _candidate(L, stride_l, INV_T, FLOOR, CAND, row)
-    i = tl.arange(0, S_POW2)
-    on = i < S
-    maxes = tl.load(MAX + row * S + i, mask=on, other=NEG_INF)
-    m = tl.max(maxes, 0)
     shift = tl.where(m == NEG_INF, 0.0, m)
-    scale = tl.exp(maxes - shift).to(tl.float64)
-    z = tl.sum(tl.load(SUM + row * S + i, mask=on, other=0.0) * scale, 0)
-    ahead = tl.sum(tl.load(ABOVE + row * S + i, mask=on, other=0.0) * scale, 0)
-    ties = tl.sum(tl.load(TIES_BEFORE + row * S + i, mask=on, other=0), 0)
-    ahead += ties.to(tl.float64) * tl.exp(s_c - shift).to(tl.float64)
-    return inside & (ahead < z * tl.load(TOP_P + row))
+    ahead = above + ties.to(tl.float64) * tl.exp(s_c - shift).to(tl.float64)
+    return inside & (ahead < t)
 
 
 @triton.jit(do_not_specialize=["p"])  # the pass index: one compiled kernel for passes 1, 2, ...
@@ -172,9 +170,9 @@ def _search(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE
             BLOCK: tl.constexpr, S_POW2: tl.constexpr):
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     S = tl.num_programs(1)
-    kept = _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2)
+    m, t, kmin, above, ties = _row_stats(MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, TOP_P, row, S, S_POW2)
+    kept = _accepted(L, stride_l, INV_T, FLOOR, CAND, row, m, t, above, ties)
     if (tl.load(ON + row) != 0) & (kept == 0):  # a row whose candidate is kept needs no search
-        m, t, kmin = _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2)
         if m > NEG_INF:  # else no token takes part: _cut's answer needs no search
             if FIRST:
                 lo, hi, ghi = kmin.to(tl.int64) - 1, _key(m).to(tl.int64), 0.0
@@ -206,9 +204,9 @@ def _ties(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, 
           S_POW2: tl.constexpr):
     row, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)
     S = tl.num_programs(1)
-    kept = _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2)
+    m, t, kmin, above, ties = _row_stats(MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, TOP_P, row, S, S_POW2)
+    kept = _accepted(L, stride_l, INV_T, FLOOR, CAND, row, m, t, above, ties)
     if (tl.load(ON + row) != 0) & (kept == 0):  # a row whose candidate is kept needs no search
-        m, t, kmin = _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2)
         if m > NEG_INF:
             lo, hi, ghi = _interval(LO, HI, GHI, PART, row, NUM_PASSES, S, t, NUM_PASSES, NT, S_POW2)
             if chunk == 0:
@@ -230,12 +228,11 @@ def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, T
     value = tl.full([], NEG_INF, tl.float32)
     index = tl.zeros([], tl.int64) + V  # a row without top-p: (-inf, V) keeps every token
     on = tl.load(ON + row) != 0
-    kept = _accepted(L, stride_l, INV_T, FLOOR, TOP_P, CAND, MAX, SUM, ABOVE, TIES_BEFORE, row, S, S_POW2)
-    if on & kept:
+    m, t, kmin, above, ties = _row_stats(MAX, SUM, MIN_KEY, ABOVE, TIES_BEFORE, TOP_P, row, S, S_POW2)
+    if on & _accepted(L, stride_l, INV_T, FLOOR, CAND, row, m, t, above, ties):
         c, value, _ = _candidate(L, stride_l, INV_T, FLOOR, CAND, row)
         index = c.to(tl.int64)
     elif on:
-        m, t, kmin = _row_stats(MAX, SUM, MIN_KEY, TOP_P, row, S, S_POW2)
         index = tl.zeros_like(index)  # no token takes part: the sort path's first token, as it cuts there
         if m > NEG_INF:
             at = row * (NUM_PASSES + 1) + NUM_PASSES

@@ -15,6 +15,7 @@ def upload_ints(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tens
     """Host integer tensors -> the same values on `device` as int64, each in its own shape, in one copy."""
     if device.type != "cuda":
         return [t.to(device, torch.int64) for t in tensors]
-    flat = torch.cat([t.reshape(-1).to(torch.int64) for t in tensors]).pin_memory()
+    flat = [t.reshape(-1).to(torch.int64) for t in tensors]
+    flat = (torch.cat(flat) if len(flat) > 1 else flat[0]).pin_memory()  # one tensor: pinned as it is
     packed = flat.to(device, non_blocking=True)
     return [part.view(t.shape) for part, t in zip(packed.split([t.numel() for t in tensors]), tensors, strict=True)]

@@ -78,9 +78,9 @@ class Sampler:
         else:
             # The output index of the token each row samples: its noise's counter (generation/counter_rng.py).
             positions = upload(self.device, [[s.num_computed_tokens - s.num_prompt_tokens for s in seqs]])[0][0]
-            no_cut = (logits.new_full((len(seqs),), NEG_INF), torch.full_like(positions, logits.shape[1]))
 
             def draw(floor: torch.Tensor) -> torch.Tensor:  # each row's token were top-p to keep everything
+                no_cut = (torch.full_like(floor, NEG_INF), torch.full_like(positions, logits.shape[1]))
                 return gumbel_max(logits, b.inv_temp, floor, *no_cut, b.rng_keys, positions)
 
             tokens = gumbel_max(logits, b.inv_temp, *self.cuts(logits, b, draw), b.rng_keys, positions)

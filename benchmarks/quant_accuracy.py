@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from longseq.eval.io import write_text
+
 CONFIGS = {  # name: LLM options
     "16-bit": {},
     "fp8": {"quantization": "fp8"},
@@ -180,9 +182,8 @@ def main():
         print(name, json.dumps(row), flush=True)
         del llm
         out = Path(args.out)  # written after each configuration, so a run stopped early keeps what it measured
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "quant_accuracy.json").write_text(json.dumps(report, indent=1))
-        (out / "quant_accuracy.md").write_text(markdown(report))
+        write_text(out / "quant_accuracy.json", json.dumps(report, indent=1))
+        write_text(out / "quant_accuracy.md", markdown(report))
     print(markdown(report))
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from longseq.eval.io import write_text
+
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}  # (N, K)
 
 
@@ -74,12 +76,11 @@ def main():
             print(json.dumps(row), flush=True)
             rows_out.append(row)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "group": args.group, "rows": rows_out}
     if "tg_err" in locals():
         meta["tinygemm_error"] = tg_err
-    (out / "quant_kernels.json").write_text(json.dumps(meta, indent=1))
+    write_text(out / "quant_kernels.json", json.dumps(meta, indent=1))
     lines = [f"# Quantized matmuls, {meta['gpu']}, {meta['date']} (us per matmul, CUDA-graph replays)", "",
              "| layer | N×K | rows | bf16 | fp8 | int4 (longseq) | tinygemm int4 | fp8 err | int4 err |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -88,7 +89,7 @@ def main():
         lines.append(f"| {r['layer']} | {r['N']}×{r['K']} | {r['M']} | {u['bf16']} | {u['fp8']} | {u['int4']} | "
                      f"{u.get('tinygemm', '-')} | {r['rel_err']['fp8']} | "
                      f"{r['rel_err']['int4']} |")
-    (out / "quant_kernels.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "quant_kernels.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ from serve_workloads import (  # noqa: E402  (benchmarks/ is not a package)
     num,
     summarize,
     sync,
-    write_atomic,
 )
+
+from longseq.eval.io import write_text  # noqa: E402
 
 TARGETS = {64: 0.85, 512: 0.75}  # issue 26: LoRA throughput / base throughput, at these adapter counts
 RANK, ALPHA = 16, 32.0
@@ -235,8 +236,8 @@ def markdown(report: dict) -> str:
 
 
 def save(report: dict, out: Path) -> None:
-    write_atomic(out / "lora.json", json.dumps(report, indent=1, default=str))
-    write_atomic(out / "lora.md", markdown(report))
+    write_text(out / "lora.json", json.dumps(report, indent=1, default=str))
+    write_text(out / "lora.md", markdown(report))
 
 
 # ---- main -----------------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from longseq.eval.io import write_text
+
 
 def build(shape: dict, quant: str | None, group: int):
     from serve_workloads import build_model
@@ -201,9 +203,8 @@ def main():
             print(json.dumps(report["long"][-1]), flush=True)
             free()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_quant.json").write_text(json.dumps(report, indent=1))
-    (out / "serve_quant.md").write_text(markdown(report))
+    write_text(out / "serve_quant.json", json.dumps(report, indent=1))
+    write_text(out / "serve_quant.md", markdown(report))
     print(markdown(report))
 
 

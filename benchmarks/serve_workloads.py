@@ -80,6 +80,8 @@ from pathlib import Path
 
 import numpy as np
 
+from longseq.eval.io import write_text
+
 HERE = Path(__file__).resolve().parent
 
 DEFAULT_WORKLOADS = ["greedy", "sampled-t1", "sampled-t07-p09", "chat-mix", "long-context", "chat-mix-http"]
@@ -789,9 +791,7 @@ async def _client(cfg: dict) -> None:
                 r[k] -= t0
     out = {"start": start, "end": end, "truncated": bool(pending), "requests": recs, "errors": len(errors),
            "error_examples": errors[:3]}
-    tmp = Path(cfg["out"] + ".tmp")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, cfg["out"])
+    write_text(cfg["out"], json.dumps(out))
 
 
 # ---- plan, caps, output ----------------------------------------------------------------------------------------
@@ -856,12 +856,6 @@ def print_plan(args, names: list[str], cap: dict[str, float]) -> dict:
             f"cut-offs (~{i / 60:.1f} min without); at most ~{worst / 60:.1f} min"
             + (f"; --max-seconds {args.max_seconds:.0f} ends it by then" if args.max_seconds else ""))
     return plan
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def ms(p: dict | None, key: str) -> str:
@@ -973,8 +967,8 @@ def save(report: dict, out: Path) -> None:
     text = json.dumps(report, indent=1, default=str)
     # One line per list of numbers (the per-request arrays), not one line per number.
     text = re.sub(r"\[\s*([-0-9.,\snul]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
-    write_atomic(out / "workloads.json", text)
-    write_atomic(out / "workloads.md", markdown(report))
+    write_text(out / "workloads.json", text)
+    write_text(out / "workloads.md", markdown(report))
 
 
 def print_row(name: str, r: dict) -> None:

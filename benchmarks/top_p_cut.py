@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -22,6 +21,7 @@ from longseq.engine.kernels.top_p import top_p_cut
 from longseq.engine.sampler import Sampler
 from longseq.engine.sequence import Sequence
 from longseq.engine.top_p import candidate_cuts, top_p_cut_reference
+from longseq.eval.io import write_text
 from longseq.generation.sampling import SamplingParams
 
 # (thresholds, block, blocks_per_chunk, num_warps); the first is the kernel's default
@@ -102,7 +102,7 @@ def main() -> None:
         run = measure(rows, args.vocab, args.reps)
         print(json.dumps(run), flush=True)
         results["runs"].append(run)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_text(args.out, json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
+
+from longseq.eval.io import write_atomic, write_text
 
 LABELS = {"longseq": "longseq LoRA", "qlora": "longseq QLoRA", "hf": "transformers + PEFT LoRA",
           "liger": "transformers + PEFT + Liger LoRA"}
@@ -123,10 +123,7 @@ def plot(rows: list[dict], path: str, device: str | None = None) -> None:
     longest = max(r["seq_len"] for r in rows if "error" not in r and r["side"] not in PEERS)
     ax2.set_title(f"longest longseq run here: {longest // 1024}K tokens")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
 def main():
@@ -138,8 +135,7 @@ def main():
     rows, device = load(args.files)
     text = table(rows)
     if args.md:
-        with open(args.md, "w") as f:
-            f.write(text)
+        write_text(args.md, text)
     print(text)
     plot(rows, args.png, device)
 

@@ -71,18 +71,14 @@ def weights_note(options: dict, types: list[str], model) -> str:
 def build_llm(options: dict, device: str, **engine):
     """The engine over the built-in model; `requantize`: load it dequantized and let the engine quantize it
     (model_runner's quantize_model), so blocks LLM(None, quantization=...) would keep packed are rounded afresh."""
-    from longseq.config import EngineConfig
     from longseq.engine import LLM
-    from longseq.engine.llm_engine import LLMEngine
     from longseq.models.loader import load
 
     options = dict(options)
-    if not options.pop("requantize", False):
-        return LLM(None, device=device, **options, **engine)
-    llm = LLM.__new__(LLM)  # LLM(None, quantization=...) loads the file's blocks packed where it can
-    llm.engine = LLMEngine(load(None, device=device), EngineConfig(**options, **engine))
-    llm.tokenizer = llm.engine.tokenizer
-    return llm
+    # LLM(None, quantization=...) loads the file's blocks packed where it can; a model loaded dequantized is
+    # quantized by the engine
+    model = load(None, device=device) if options.pop("requantize", False) else None
+    return LLM(model, device=device, **options, **engine)
 
 
 @torch.inference_mode()

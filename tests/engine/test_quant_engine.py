@@ -55,6 +55,18 @@ def test_engine_quantizes_a_sixteen_bit_model_it_is_handed():
     assert engine.runner.num_blocks == 64
 
 
+def test_llm_serves_a_loaded_model_and_quantizes_it(prompts):
+    """LLM(a LoadedModel): served as it is, `quantization` applied by the engine (what benchmarks/quant_accuracy.py's
+    requantized configurations run); the same tokens as an engine over the same model. Not tensor-parallel."""
+    lm = tame_lm()
+    llm = LLM(lm, num_kv_blocks=64, quantization="int4", quant_group_size=32)
+    assert llm.engine.lm is lm and lm.model.quantization == "int4"
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in run_engine(make_engine(lm), prompts, GREEDY)]
+    with pytest.raises(LongseqError, match="served on one GPU"):
+        LLM(tame_lm(), tensor_parallel=2)
+
+
 def test_fp8_kv_pool_holds_more_blocks_in_the_same_memory():
     lm = tame_lm()
     plain = make_engine(lm, num_kv_blocks=None, kv_cache_gib=0.001)

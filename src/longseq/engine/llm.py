@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from longseq.config import EngineConfig
 from longseq.engine.llm_engine import LLMEngine
 from longseq.engine.outputs import RequestOutput
+from longseq.errors import LongseqError
 from longseq.generation.generate import render_prompt
 from longseq.generation.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from longseq.models.loader import LoadedModel
+
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
+    def __init__(self, model: str | Path | LoadedModel | None = None, *, dtype: str = "auto", device: str = "auto",
                  loras: dict[str, str | Path] | None = None, **engine_options):
-        """`model`: HF directory, .gguf or None for the built-in model; `loras`: LoRA adapters to serve beside it,
-        name -> PEFT folder (more with `add_lora`; implies enable_lora); `engine_options`: EngineConfig fields."""
-        from longseq.models.loader import load
+        """`model`: HF directory, .gguf, None for the built-in model, or a model already loaded (models/loader.py:
+        served as it is, `quantization` applied to what it holds in 16 bits); `loras`: LoRA adapters to serve beside
+        it, name -> PEFT folder (more with `add_lora`; implies enable_lora); `engine_options`: EngineConfig fields."""
+        from longseq.models.loader import LoadedModel, load
 
         if loras:
             engine_options.setdefault("enable_lora", True)
         cfg = EngineConfig(**engine_options)
-        if cfg.tensor_parallel > 1:  # this process becomes rank 0 and starts the others (call close() at the end)
+        if isinstance(model, LoadedModel):
+            if cfg.tensor_parallel > 1:
+                raise LongseqError("a model already loaded is served on one GPU; give its path for tensor_parallel")
+            self.engine = LLMEngine(model, cfg)
+        elif cfg.tensor_parallel > 1:  # this process becomes rank 0 and starts the others (call close() at the end)
             from longseq.engine.tp_engine import start_engine
 
             self.engine = start_engine(model, dtype, device, cfg)

@@ -42,6 +42,7 @@ import torch
 
 from longseq.attention.sdpa import attention
 from longseq.config import AttentionConfig
+from longseq.config.policy import MEMORY_FIRST_BLOCKS
 
 
 def query_positions(num_tokens: int, spec: AttentionConfig, device: torch.device | str) -> torch.Tensor:
@@ -113,7 +114,7 @@ class BlockMemory:
         self.num_blocks = end
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.k.shape[1], 16)
+        capacity = max(needed, 2 * self.k.shape[1], MEMORY_FIRST_BLOCKS)
         for name in ("k", "v", "reprs"):
             old = getattr(self, name)
             new = old.new_empty((old.shape[0], capacity, *old.shape[2:]))

@@ -17,6 +17,7 @@ KV_POOL_MODES = ("measure", "plan")
 MAX_LORA_RANK = 64  # the largest adapter rank serving takes (the pool pads every adapter to --max-lora-rank)
 QUANT_METHODS = ("fp8", "int4", "int8")  # serving: weights quantized at load (models/quant)
 INT4_GROUP_SIZES = (32, 64, 128)
+MEMORY_FIRST_BLOCKS = 16  # memory attention: a layer's first block storage, doubled as it fills
 MEMORY_PREFILL_TOKENS = 1024  # memory attention: prompt tokens per forward (whole query blocks), matmuls stay large
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype
 LORA_TARGETS_ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

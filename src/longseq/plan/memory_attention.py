@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from longseq.config import AttentionConfig
-from longseq.config.policy import MEMORY_PREFILL_TOKENS
+from longseq.config.policy import MEMORY_FIRST_BLOCKS, MEMORY_PREFILL_TOKENS
 from longseq.plan.models import ModelSpec
 
-FIRST_BLOCKS = 16  # BlockMemory's first allocation, in blocks
 REPR_BYTES = 4  # representative keys are float32
 
 
@@ -52,7 +51,7 @@ def _blocks(spec: AttentionConfig, context: int) -> int:
 def _allocated(blocks: int) -> int:
     if not blocks:
         return 0
-    return FIRST_BLOCKS << max(0, math.ceil(math.log2(blocks / FIRST_BLOCKS)))
+    return MEMORY_FIRST_BLOCKS << max(0, math.ceil(math.log2(blocks / MEMORY_FIRST_BLOCKS)))
 
 
 def plan_memory_attention(model: ModelSpec, spec: AttentionConfig, context: int, kv_bytes: float = 2

@@ -24,6 +24,38 @@ from longseq.errors import LongseqError
 DEFAULT_MAX_ROW_BYTES = 8 * 2**20
 
 
+def check_expert_parallel(others: list[str], method: str, precision: str, data_parallel: str | None = None) -> None:
+    """--ep beside the other degrees in use (`others`: their flags), the method and the precision: a LongseqError
+    for what expert parallelism does not support yet (the trainer's check and the planner's). `data_parallel`: why
+    the data-parallel mode in use cannot hold expert shards, where it cannot."""
+    if others:  # the sequence / tensor / pipeline splits do not route their tokens through the expert exchange
+        raise LongseqError(f"--ep with {' / '.join(others)} is not supported yet: expert parallelism runs inside "
+                           "plain data parallelism for now")
+    if data_parallel:
+        raise LongseqError(data_parallel)
+    if method == "qlora":
+        raise LongseqError("--ep with --method qlora is not supported: NF4 expert stacks cannot be split yet; "
+                           "use --method lora or full")
+    if precision == "fp16":  # the loss scaler's overflow check would not agree across the EP group
+        raise LongseqError("--ep with --precision fp16 is not supported: use bf16")
+
+
+def check_expert_split(ep: int, num_experts: int, dp: int | None = None) -> None:
+    """--ep `ep` against the model's experts per layer (1: dense) and, where known, the data-parallel size."""
+    if num_experts <= 1:
+        raise LongseqError(f"--ep {ep} needs a mixture-of-experts model; this one is dense")
+    if num_experts % ep:
+        raise LongseqError(f"--ep {ep} must divide the model's {num_experts} experts per layer")
+    if dp is not None:
+        check_expert_degree(ep, dp)
+
+
+def check_expert_degree(ep: int, dp: int) -> None:
+    if dp % ep:
+        raise LongseqError(f"ep {ep} must divide the data-parallel size ({dp}): expert-parallel groups are made of "
+                           "data-parallel processes")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. `longseq train` flags and YAML keys are these field names, with the model
@@ -194,20 +226,11 @@ class TrainConfig:
                                    "norms' tokens and the MLP's width")
 
     def _check_experts(self) -> None:
-        # The expert shards are plain per-rank tensors: FSDP2 would shard and average them as replicated weights,
-        # and the sequence / tensor / pipeline splits do not yet route their tokens through the expert exchange.
-        others = [f"--{n}" for n in ("tp", "cp", "sp", "pp") if getattr(self, n) > 1]
-        if others:
-            raise LongseqError(f"--ep with {' / '.join(others)} is not supported yet: expert parallelism runs inside "
-                               "plain data parallelism for now")
-        if self.parallel in ("none", "fsdp"):
-            raise LongseqError(f"--ep with --parallel {self.parallel} is not supported: expert parallelism needs "
-                               "--parallel ddp (or auto)")
-        if self.method == "qlora":
-            raise LongseqError("--ep with --method qlora is not supported: NF4 expert stacks cannot be split yet; "
-                               "use --method lora or full")
-        if self.precision == "fp16":  # the loss scaler's overflow check would not agree across the EP group
-            raise LongseqError("--ep with --precision fp16 is not supported: use bf16")
+        # The expert shards are plain per-rank tensors: FSDP2 would shard and average them as replicated weights.
+        mode = (f"--ep with --parallel {self.parallel} is not supported: expert parallelism needs --parallel ddp (or "
+                "auto)") if self.parallel in ("none", "fsdp") else None
+        check_expert_parallel([f"--{n}" for n in ("tp", "cp", "sp", "pp") if getattr(self, n) > 1], self.method,
+                              self.precision, mode)
 
     def _check_pipeline(self) -> None:
         others = [f"--{n}" for n in ("dp", "tp", "cp", "sp") if (getattr(self, n) or 1) > 1]
@@ -241,9 +264,7 @@ class TrainConfig:
         return self._check_expert_degree(self.dp)
 
     def _check_expert_degree(self, dp: int) -> int:
-        if dp % self.ep:
-            raise LongseqError(f"ep {self.ep} must divide the data-parallel size ({dp}): expert-parallel groups are "
-                               "made of data-parallel processes")
+        check_expert_degree(self.ep, dp)
         return dp
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from longseq.config.train import check_expert_parallel, check_expert_split
 from longseq.errors import LongseqError
 from longseq.plan.activations import POLICIES, ActivationPeak, activation_peak
 from longseq.plan.models import ModelSpec
@@ -126,24 +127,10 @@ def check_experts(spec: ModelSpec, setup: TrainSetup) -> None:
         raise LongseqError(f"ep must be positive, got {p.ep}")
     if p.ep == 1:
         return
-    others = [f"--{n}" for n in ("tp", "cp", "sp", "pp") if getattr(p, n) > 1]
-    checks = [
-        (not others, f"--ep with {' / '.join(others)} is not supported yet: expert parallelism runs inside plain "
-         "data parallelism for now"),
-        (p.zero == 0, f"--ep with --zero {p.zero} is not supported: expert parallelism needs --parallel ddp "
-         "(--zero 0)"),
-        (setup.method != "qlora", "--ep with --method qlora is not supported: NF4 expert stacks cannot be split "
-         "yet; use --method lora or full"),
-        (setup.precision != "fp16", "--ep with --precision fp16 is not supported: use bf16"),
-        (spec.is_moe, f"--ep {p.ep} needs a mixture-of-experts model; this one is dense"),
-        (not spec.is_moe or spec.routed_experts % p.ep == 0,
-         f"--ep {p.ep} must divide the model's {spec.routed_experts} experts per layer"),
-        (p.dp % p.ep == 0, f"ep {p.ep} must divide the data-parallel size ({p.dp}): expert-parallel groups are made "
-         "of data-parallel processes"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise LongseqError(message)
+    mode = f"--ep with --zero {p.zero} is not supported: expert parallelism needs --parallel ddp (--zero 0)"
+    check_expert_parallel([f"--{n}" for n in ("tp", "cp", "sp", "pp") if getattr(p, n) > 1], setup.method,
+                          setup.precision, mode if p.zero else None)
+    check_expert_split(p.ep, spec.routed_experts if spec.is_moe else 1, p.dp)
 
 
 def optimizer_bytes(spec: ModelSpec, setup: TrainSetup, trainable: int) -> float:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from longseq.errors import LongseqError
+from longseq.config.train import check_expert_split
 from longseq.models.expert_parallel import ExpertShard, expert_parameters, shard_experts
 from longseq.train.parallel.env import DistEnv
 
@@ -25,11 +25,7 @@ from longseq.train.parallel.env import DistEnv
 def split_experts(model: nn.Module, env: DistEnv) -> ExpertShard:
     """Keep this rank's experts (and their adapters: call after the LoRA swap) in every sparse block of `model`;
     the other experts' tensors are dropped."""
-    cfg = model.config
-    if not cfg.is_moe:
-        raise LongseqError(f"--ep {env.ep} needs a mixture-of-experts model; this one is dense")
-    if cfg.num_experts % env.ep:
-        raise LongseqError(f"--ep {env.ep} must divide the model's {cfg.num_experts} experts per layer")
+    check_expert_split(env.ep, model.config.num_experts if model.config.is_moe else 1)
     return shard_experts(model, env.group("ep"))
 
 

@@ -241,11 +241,12 @@ def _cut(L, stride_l, INV_T, FLOOR, TOP_P, ON, CAND, MAX, SUM, MIN_KEY, ABOVE, T
             # tie j (from 0) has g(v*) + j * e(v*) ahead of it: those with that < top_p * Z stay, at least one
             wanted = tl.ceil((t - tl.load(GHI + at)) / tl.exp(value - m).to(tl.float64))
             c = tl.arange(0, S_POW2)
-            ties = tl.load(TIES + row * S + c, mask=c < S, other=0)
-            seen = tl.cumsum(ties, 0)  # (S_POW2,) the ties up to each chunk's end
+            # a name of its own: Triton refuses a scalar (`ties` above) redefined as a block in a branch
+            chunk_ties = tl.load(TIES + row * S + c, mask=c < S, other=0)
+            seen = tl.cumsum(chunk_ties, 0)  # (S_POW2,) the ties up to each chunk's end
             last = tl.minimum(tl.maximum(wanted, 1.0), tl.max(seen, 0).to(tl.float64)).to(tl.int32)
             chunk = tl.sum((seen < last).to(tl.int32), 0)  # the chunk of the last kept tie
-            need = last - tl.sum(tl.where(c < chunk, ties, 0), 0)
+            need = last - tl.sum(tl.where(c < chunk, chunk_ties, 0), 0)
             inv_t, floor = tl.load(INV_T + row), tl.load(FLOOR + row)
             index = tl.zeros([], tl.int64) + V
             counted = tl.zeros([], tl.int32)

@@ -1,0 +1,3 @@
+import os, sys
+if os.environ.get("SWITCH"):
+    sys.setswitchinterval(float(os.environ["SWITCH"]))

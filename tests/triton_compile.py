@@ -2,13 +2,14 @@
 
 CI runs the kernels under Triton's interpreter (tests/conftest.py), which never type-checks them: a kernel that
 Triton's compiler refuses passes there and fails on the first GPU. Triton's frontend (Python AST -> TTIR) needs no
-GPU, so this script runs the wrappers (tests/triton_launches.py) with every launch recorded instead of run, builds
-each launch's signature as Triton's launcher would on the device (its own binder, for the CUDA backend), compiles
-it to TTIR and runs the TTIR passes.
+GPU, and neither do the CUDA backend's stages down to a cubin (LLVM and the ptxas that ships with Triton). This
+script runs the wrappers (tests/triton_launches.py) with every launch recorded instead of run, builds each launch's
+signature as Triton's launcher would on the device (its own binder, for the CUDA backend), and compiles it.
 
 Run as a script by tests/test_triton_compile.py, in a process without TRITON_INTERPRET (so that `triton.jit` gives
-real JITFunctions); it prints one JSON line per distinct launch: {"kernel", "variant", "error"} (error: null when it
-compiled). `python tests/triton_compile.py FILE`: also the launches of FILE's `launch()` (the checker's own test).
+real JITFunctions); it prints one JSON line per distinct launch: {"kernel", "variant", "through", "error"} (error:
+null when it compiled). `python tests/triton_compile.py FILE`: also the launches of FILE's `launch()` (the checker's
+own test); `--all-to-cubin`: every launch down to a cubin, not only each kernel's first (minutes, not seconds).
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ def specialize(launch: Launch, backend) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, attrs, options
 
 
-def compile_ttir(launch: Launch, specialized: tuple[dict, dict, dict, dict], backend) -> str | None:
-    """Compile one launch (`specialize`'s answer for it) to TTIR for TARGET and run the TTIR passes: None, or
-    Triton's message."""
+STAGES = ("ttir", "ttgir", "llir", "ptx", "cubin")  # the CUDA backend's, after the frontend
+
+
+def compile_launch(launch: Launch, specialized: tuple[dict, dict, dict, dict], backend, through: str) -> str | None:
+    """Compile one launch (`specialize`'s answer for it) for TARGET: Triton's frontend, then the backend's stages
+    up to `through` ("ttir": the TTIR passes, inlining, canonicalisation and the verifier, a fraction of the
+    frontend's time; "cubin": down to ptxas, tens of times as long). None, or Triton's message."""
     signature, constexprs, attrs, kw = specialized
     try:
         options = backend.parse_options(kw)
@@ -94,11 +99,10 @@ def compile_ttir(launch: Launch, specialized: tuple[dict, dict, dict, dict], bac
         args = (options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
         # older Tritons (the GPU machine may have one) take no target
         module = src.make_ir(*((TARGET, *args) if "target" in inspect.signature(src.make_ir).parameters else args))
-        # Then the TTIR passes (inlining, canonicalisation, the verifier), a fraction of the frontend's time; the
-        # TTGIR stage after them would take over ten times as long.
-        stages = {}
+        stages, metadata = {}, {}
         backend.add_stages(stages, options, src.language)
-        stages["ttir"](module, {})
+        for stage in STAGES[: STAGES.index(through) + 1]:
+            module = stages[stage](module, metadata)
     except Exception as e:  # any refusal is the finding
         return _message(e)
     return None
@@ -125,12 +129,14 @@ def kernel_name(fn: JITFunction) -> str:
     return f"{fn.fn.__module__}.{fn.fn.__qualname__}"
 
 
-def check(scenarios: Callable[[], None]) -> Iterator[dict]:
-    """Run `scenarios` recording its launches, then compile each distinct one: a dict per launch."""
+def check(scenarios: Callable[[], None], all_to_cubin: bool = False) -> Iterator[dict]:
+    """Run `scenarios` recording its launches, then compile each distinct one: a dict per launch. Each kernel's
+    first launch goes through every stage down to a cubin (what its other launches share with it: the backend's
+    lowering of its code), the others through TTIR; `all_to_cubin`: every launch down to a cubin."""
     with recording() as launches:
         scenarios()
     backend = make_backend(TARGET)
-    seen = set()
+    seen, kernels = set(), set()
     for launch in launches:
         name = kernel_name(launch.fn)
         try:
@@ -141,8 +147,10 @@ def check(scenarios: Callable[[], None]) -> Iterator[dict]:
         key = (name, repr(specialized))
         if key not in seen:
             seen.add(key)
-            error = compile_ttir(launch, specialized, backend)
-            yield {"kernel": name, "variant": variant(launch, specialized[0]), "error": error}
+            through = "cubin" if all_to_cubin or name not in kernels else "ttir"
+            kernels.add(name)
+            error = compile_launch(launch, specialized, backend, through)
+            yield {"kernel": name, "variant": variant(launch, specialized[0]), "through": through, "error": error}
 
 
 def _load(path: str):
@@ -155,9 +163,10 @@ def _load(path: str):
 def main(argv: list[str]) -> None:
     import triton_launches
 
-    runs = [triton_launches.launch_all] + [_load(path).launch for path in argv]
+    all_to_cubin = "--all-to-cubin" in argv
+    runs = [triton_launches.launch_all] + [_load(path).launch for path in argv if path != "--all-to-cubin"]
     for run in runs:
-        for result in check(run):
+        for result in check(run, all_to_cubin):
             print(json.dumps(result))
 
 

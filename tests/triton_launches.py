@@ -11,6 +11,7 @@ True), `elements_per_program` gives the GPU's share and the device has an H100's
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -164,3 +165,7 @@ def launch_all() -> None:
     _as_on_gpu()
     for run in (kv_write, paged_decode, sampler, gemv, lora, norms_and_activations, quantized):
         run()
+    tiling = kernels.elements_per_program
+    stale = [name for name, module in list(sys.modules.items())
+             if name.startswith("longseq.") and getattr(module, "elements_per_program", tiling) is not tiling]
+    assert not stale, f"imported before _as_on_gpu, these launched with the CPU tiling: {stale}"

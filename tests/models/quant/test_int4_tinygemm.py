@@ -54,6 +54,17 @@ def test_what_tinygemm_takes():
     assert Int4Linear.quantize(torch.randn(16, 64), 32).layout == "plain"  # on CPU: only when asked
 
 
+def test_path_by_rows_dtype_and_layout():
+    w = torch.randn(16, 64)
+    tg = Int4Linear.quantize(w, 32, dtype=torch.bfloat16, tinygemm=True)
+    plain = Int4Linear.quantize(w, 32, dtype=torch.bfloat16)
+    rows = int4.DECODE_ROWS
+    assert [tg.path(r, torch.bfloat16) for r in (1, rows, rows + 1)] == ["tinygemm", "tinygemm", "dequantize"]
+    assert tg.path(1, torch.float16) == "dequantize"  # tinygemm takes bf16 only; its layout, dequantized
+    assert [plain.path(r, torch.float16) for r in (1, rows, rows + 1)] == ["gemv", "tl.dot", "dequantize"]
+    assert tg.path(1, torch.bfloat16, cuda=False) == "reference"
+
+
 def twin_close(x: torch.Tensor, layer: Int4Linear, sz: torch.Tensor, qweight: torch.Tensor) -> None:
     """tinygemm's CPU twin over `sz` and the layer's nibbles against reference_linear, both from bf16 inputs."""
     xs = x[..., layer.perm] if layer.perm is not None else x
@@ -180,7 +191,8 @@ def test_tinygemm_layer_on_a_gpu_equals_the_reference(rows, group, act_order):
     gpu = Int4Linear(qweight.cuda(), scale.bfloat16().cuda(), zero.bfloat16().cuda(), bias.cuda(),
                      None if perm is None else perm.cuda())
     assert gpu.layout == "tinygemm"
-    x = torch.randn(2, rows, K, generator=g).bfloat16() if rows > 1 else torch.randn(1, K, generator=g).bfloat16()
+    x = torch.randn(rows, K, generator=g).bfloat16()
+    assert gpu.path(rows, x.dtype) == ("tinygemm" if rows <= int4.DECODE_ROWS else "dequantize")
     out = gpu(x.cuda()).float().cpu()
     ref = reference_linear(x, cpu).float()
     assert out.shape == ref.shape and (out - ref).norm() / ref.norm() < 1e-2
@@ -192,3 +204,18 @@ def test_layers_tinygemm_cannot_take_keep_the_triton_path_on_a_gpu():
     assert Int4Linear.quantize(w.half(), 64).layout == "plain"  # fp16
     assert Int4Linear.quantize(w[:92].bfloat16(), 64).layout == "plain"  # 92 outputs
     assert Int4Linear.quantize(w.bfloat16(), 64).layout == "tinygemm"
+
+
+@cuda_only
+def test_fused_tinygemm_layers_on_a_gpu_equal_separate_ones():
+    g = torch.Generator().manual_seed(9)
+    layers = [Int4Linear.quantize(torch.randn(n, 256, generator=g).bfloat16().cuda(), 64) for n in (64, 32, 32)]
+    assert all(m.layout == "tinygemm" for m in layers)
+    for rows in (1, 4, 3 * int4.DECODE_ROWS):
+        x = torch.randn(rows, 256, generator=g).bfloat16().cuda()
+        separate = [m(x) for m in layers]
+        fused = Int4Linear.fused(layers)
+        for a, b in zip(fused(x), separate, strict=True):
+            torch.testing.assert_close(a, b)
+        for m, b in zip(layers, separate, strict=True):  # alone again, over strided views of the fused buffers
+            torch.testing.assert_close(m(x), b)

@@ -132,34 +132,44 @@ class Int4Linear(nn.Module):
         dtype = dtype or weight.dtype
         return cls(qweight, scale.to(dtype), zero.to(dtype), bias, tinygemm=tinygemm)
 
+    def path(self, rows: int, dtype: torch.dtype, cuda: bool = True) -> str:
+        """Which computation an input of `rows` rows in `dtype` takes: "reference" (CPU), "tinygemm", "gemv" or
+        "tl.dot" (the Triton kernels), or "dequantize" (then cuBLAS)."""
+        if not cuda:
+            return "reference"
+        if rows <= DECODE_ROWS:
+            if self.layout == "tinygemm" and dtype == torch.bfloat16:
+                return "tinygemm"
+            if self.layout == "plain" and dtype in (torch.float16, torch.bfloat16):
+                return "gemv" if rows == 1 else "tl.dot"
+        return "dequantize"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+        path = self.path(x.numel() // x.shape[-1], x.dtype, x.is_cuda)
+        if path == "reference":
             return reference_linear(x, self)
         if self.perm is not None:
             x = x[..., self.perm]
-        rows = x.numel() // x.shape[-1]
-        if self.layout == "tinygemm":
-            sz = self._sz()
-            if rows <= DECODE_ROWS and x.dtype == torch.bfloat16:
-                y = int4_tinygemm.linear(x, self.qweight, sz, self.group_size)
-                return y if self.bias is None else y + self.bias
-            from longseq.models.quant.int4_kernel import int4_dequantize_tinygemm
+        if path == "dequantize":
+            from longseq.models.quant.int4_kernel import int4_dequantize, int4_dequantize_tinygemm
 
-            weight = int4_dequantize_tinygemm(self.qweight, sz, self.group_size, x.dtype)
+            if self.layout == "tinygemm":
+                weight = int4_dequantize_tinygemm(self.qweight, self._sz(), self.group_size, x.dtype)
+            else:
+                weight = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
             return F.linear(x, weight, self.bias)
-        if rows <= DECODE_ROWS and x.dtype in (torch.float16, torch.bfloat16):
+        if path == "tinygemm":
+            y = int4_tinygemm.linear(x, self.qweight, self._sz(), self.group_size)
+        else:
             from longseq.models.quant.int4_kernel import int4_gemv, int4_matmul
 
-            if rows == 1:
+            if path == "gemv":
                 y = int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
             else:
-                y = int4_matmul(x.reshape(rows, -1), self.qweight, self.scales, self.zeros, self.group_size)
+                y = int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
+                                self.group_size)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        from longseq.models.quant.int4_kernel import int4_dequantize
-
-        weight = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
-        return F.linear(x, weight, self.bias)
+        return y if self.bias is None else y + self.bias
 
     def _sz(self) -> torch.Tensor:
         # A layer fused into a larger one holds a column slice of its scales_and_zeros (fused); the kernels read

@@ -106,8 +106,10 @@ class Int4Linear(nn.Module):
             N, half = qweight.shape
             assert qweight.dtype == torch.uint8 and scales.shape == zeros.shape and scales.shape[0] == N
             K, groups = 2 * half, scales.shape[1]
+            fits = int4_tinygemm.fits(N, K, K // groups, scales.dtype)
+            assert fits or not tinygemm, f"tinygemm cannot take a ({N}, {K}) layer, group {K // groups}, {scales.dtype}"
             if tinygemm is None:
-                tinygemm = qweight.is_cuda and int4_tinygemm.fits(N, K, K // groups, scales.dtype)
+                tinygemm = qweight.is_cuda and fits
             layout = "tinygemm" if tinygemm else "plain"
             if tinygemm:
                 qweight, scales = int4_tinygemm.convert(qweight, scales, zeros)

@@ -6,10 +6,13 @@
 Model: the Llama-3-8B shape with random bf16 weights (serve_workloads.build_model), quantized in place
 (models.quant.quantize_model) for the fp8 / int4 rows; random token-id prompts, EOS ignored. Three parts:
   throughput  --requests (1000) x --input-len (256) / --output-len (256), temperature 0.7, all submitted at once:
-              bf16 vs fp8 weights; tokens/s = (input + output) / wall time (vLLM's benchmark_throughput).
-  batch1      one request alone (CUDA-graph decode at batch 1), 128-token prompt, 256 new tokens: bf16 vs fp8 vs
-              int4 (group --group-size) decode tok/s, against the bound copy bandwidth / bytes read a token (every
-              decoder weight and the LM head once; the embedding row is negligible).
+              --throughput-weights (bf16 fp8); tokens/s = (input + output) / wall time (vLLM's
+              benchmark_throughput).
+  batch1      one request alone (CUDA-graph decode at batch 1), 128-token prompt, 256 new tokens:
+              --batch1-weights (bf16 fp8 int4, group --group-size) decode tok/s, its ratio to bf16's, and its share
+              of the bound copy bandwidth / bytes read a token: every decoder linear once as stored (int4: packed
+              weights, scales and zeros), what stays 16-bit (norms, the LM head) and one embedding row (the table is
+              not read whole).
   long        one --long-context (131072) token prompt prefilled, then it decodes beside --long-chats (32) chat
               requests (256-token prompts): decode tok/s of the whole batch while the long context is read every
               step, and the KV pool's size in tokens: bf16 KV vs fp8 KV (bf16 weights).
@@ -28,6 +31,8 @@ from pathlib import Path
 import torch
 
 from longseq.eval.io import write_text
+
+WEIGHTS = ("bf16", "fp8", "int8", "int4")
 
 
 def build(shape: dict, quant: str | None, group: int):
@@ -53,11 +58,26 @@ def engine_for(model, **options):
     return LLMEngine(LoadedModel(model, NullTokenizer(), Path("random")), cfg), cfg
 
 
-def read_bytes(model) -> int:
-    """Bytes a decode step reads of the model: every decoder linear (quantized buffers included) and the LM head."""
-    skip = {id(model.model.embed_tokens.weight)} - {id(model.lm_head.weight)}
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def read_bytes(model) -> dict[str, int]:
+    """Bytes a decode step reads of the model, a token: "quantized" (the quantized layers' buffers: packed weights,
+    scales, zeros) and "sixteen_bit" (every other parameter, the LM head and norms among them, and one row of an
+    untied embedding, whose table is not read whole)."""
+    from longseq.models.quant import QUANTIZED_TYPES
+
+    embed = model.model.embed_tokens.weight
+    quantized = {id(t): t for m in model.modules() if isinstance(m, QUANTIZED_TYPES) for t in m.buffers()}
+    others = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in quantized and t is not embed}
+    sixteen = sum(t.numel() * t.element_size() for t in others.values())
+    if embed is not model.lm_head.weight:
+        sixteen += embed.shape[1] * embed.element_size()
+    return {"quantized": sum(t.numel() * t.element_size() for t in quantized.values()), "sixteen_bit": sixteen}
+
+
+def int4_layouts(model) -> list[str]:
+    """The layouts the int4 layers keep (int4.py: "tinygemm" or "plain"), which decide their decode kernels."""
+    from longseq.models.quant.int4 import Int4Linear
+
+    return sorted({m.layout for m in model.modules() if isinstance(m, Int4Linear)})
 
 
 def run_all(engine, prompts, params) -> tuple[float, int]:
@@ -88,7 +108,7 @@ def throughput(args, shape, quant) -> dict:
     out = {"weights": quant or "bf16", "seconds": round(seconds, 2), "tokens_per_s": round(total / seconds, 1),
            "output_tokens_per_s": round(args.requests * args.output_len / seconds, 1), "steps": steps,
            "kv_blocks": engine.blocks.num_blocks, "preempted": engine.scheduler.num_preempted,
-           "weight_gib": round(read_bytes(model) / 2**30, 2)}
+           "weight_gib": round(sum(read_bytes(model).values()) / 2**30, 2)}
     engine.close()
     return out
 
@@ -108,12 +128,18 @@ def batch1(args, shape, quant, bandwidth) -> dict:
         m = outs[-1].metrics
         rates.append((len(outs[-1].token_ids) - 1) / (m["finished"] - m["first_token"]))
     decode = sorted(rates[1:])[len(rates[1:]) // 2]
-    nbytes = read_bytes(model)
+    parts = read_bytes(model)
+    nbytes = sum(parts.values())
     bound = bandwidth / nbytes
-    return {"weights": quant or "bf16", "decode_tokens_per_s": round(decode, 1),
-            "runs": [round(r, 1) for r in rates[1:]],
-            "read_gb_per_token": round(nbytes / 1e9, 3), "bound_tokens_per_s": round(bound, 1),
-            "share_of_bound": round(decode / bound, 3)}
+    out = {"weights": quant or "bf16", "decode_tokens_per_s": round(decode, 1),
+           "runs": [round(r, 1) for r in rates[1:]],
+           "read_gb_per_token": round(nbytes / 1e9, 3), "quantized_gb": round(parts["quantized"] / 1e9, 3),
+           "sixteen_bit_gb": round(parts["sixteen_bit"] / 1e9, 3), "bound_tokens_per_s": round(bound, 1),
+           "share_of_bound": round(decode / bound, 3)}
+    if quant == "int4":
+        out["int4_layout"] = "/".join(int4_layouts(model))
+    engine.close()
+    return out
 
 
 def long_context(args, shape, kv_dtype) -> dict:
@@ -160,7 +186,12 @@ def free():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", nargs="+", default=["throughput", "batch1", "long"])
+    ap.add_argument("--parts", nargs="+", default=["throughput", "batch1", "long"],
+                    choices=["throughput", "batch1", "long"])
+    ap.add_argument("--throughput-weights", nargs="+", default=["bf16", "fp8"], choices=WEIGHTS,
+                    help="weights of the throughput part, each a run")
+    ap.add_argument("--batch1-weights", nargs="+", default=["bf16", "fp8", "int4"], choices=WEIGHTS,
+                    help="weights of the batch-1 decode part, each a run (ratios to bf16's, if among them)")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=256)
@@ -186,16 +217,19 @@ def main():
     report["copy_tb_per_s"] = round(bandwidth / 1e12, 3)
     if "throughput" in args.parts:
         report["throughput"] = []
-        for quant in (None, "fp8"):
-            report["throughput"].append(throughput(args, shape, quant))
+        for weights in args.throughput_weights:
+            report["throughput"].append(throughput(args, shape, None if weights == "bf16" else weights))
             print(json.dumps(report["throughput"][-1]), flush=True)
             free()
     if "batch1" in args.parts:
         report["batch1"] = []
-        for quant in (None, "fp8", "int4"):
-            report["batch1"].append(batch1(args, shape, quant, bandwidth))
+        for weights in args.batch1_weights:
+            report["batch1"].append(batch1(args, shape, None if weights == "bf16" else weights, bandwidth))
             print(json.dumps(report["batch1"][-1]), flush=True)
             free()
+        base = next((b["decode_tokens_per_s"] for b in report["batch1"] if b["weights"] == "bf16"), None)
+        for b in report["batch1"]:
+            b["vs_bf16"] = round(b["decode_tokens_per_s"] / base, 2) if base else None
     if "long" in args.parts:
         report["long"] = []
         for kv in ("auto", "fp8"):
@@ -222,10 +256,13 @@ def markdown(r: dict) -> str:
     if "batch1" in r:
         lines += [f"## Batch-1 decode: 128-token prompt, {a['batch1_tokens']} new tokens (int4 group "
                   f"{a['group_size']})", "",
-                  "| weights | decode tok/s | GB read a token | bound tok/s | share of bound |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {b['weights']} | {b['decode_tokens_per_s']} | {b['read_gb_per_token']} | "
-                  f"{b['bound_tokens_per_s']} | {b['share_of_bound']} |" for b in r["batch1"]]
+                  "| weights | decode tok/s | vs bf16 | GB read a token (quantized + 16-bit) | bound tok/s | "
+                  "share of bound | int4 layout |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {b['weights']} | {b['decode_tokens_per_s']} | {b.get('vs_bf16') or '-'} | "
+                  f"{b['read_gb_per_token']} ({b['quantized_gb']} + {b['sixteen_bit_gb']}) | "
+                  f"{b['bound_tokens_per_s']} | {b['share_of_bound']} | {b.get('int4_layout', '-')} |"
+                  for b in r["batch1"]]
         lines.append("")
     if "long" in r:
         lines += [f"## Decode beside a {a['long_context']:,}-token context ({a['long_chats']} chats of 256 tokens, "

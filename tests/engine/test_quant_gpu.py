@@ -1,7 +1,8 @@
 """Quantized serving compiled on a GPU (LONGSEQ_TEST_CUDA=1; skipped elsewhere), CUDA graphs on: a small bf16 model
-served with FP8 weights (torch._scaled_mm, the single-row GEMV), int4 weights (the Triton kernels in decode,
-dequantize-then-matmul in prefill) or int8 weights (the single-row GEMV, dequantize-then-matmul beyond) follows
-`generate` over the same layers; over an FP8 KV pool, the Triton decode and write kernels follow the gather path."""
+served with FP8 weights (torch._scaled_mm, the single-row GEMV), int4 weights (PyTorch's tinygemm in decode, its
+layout dequantized then a matmul in prefill) or int8 weights (the single-row GEMV, dequantize-then-matmul beyond)
+follows `generate` over the same layers; over an FP8 KV pool, the Triton decode and write kernels follow the gather
+path."""
 
 import os
 from pathlib import Path
@@ -44,9 +45,9 @@ def test_quantized_weights_on_gpu_follow_generate(method):
     for prompt, out in zip(prompts, outs, strict=True):
         ref = list(generate_tokens(lm.model, prompt, GREEDY))
         # The first token comes from the same prefill maths. Then generate decodes one row at a time (FP8: the
-        # weight-only GEMV, the activation unrounded; int4, int8: the GEMV) where the engine's batched decode rounds
-        # activations to e4m3 (FP8), runs the tl.dot kernel (int4) or a 16-bit matmul (int8): a random model's
-        # greedy paths may part at a near-tie (benchmarks/quant_accuracy.py measures a real model).
+        # weight-only GEMV, the activation unrounded; int4: tinygemm; int8: the GEMV) where the engine's batched
+        # decode rounds activations to e4m3 (FP8), runs tinygemm over more rows (int4) or a 16-bit matmul (int8): a
+        # random model's greedy paths may part at a near-tie (benchmarks/quant_accuracy.py measures a real model).
         assert out.token_ids[0] == ref[0]
         same += sum(a == b for a, b in zip(out.token_ids, ref, strict=True))
         total += len(ref)

@@ -3,7 +3,8 @@
 fp8.py         Fp8Linear: e4m3 weights, a scale per output channel, activations quantized per token (torch._scaled_mm)
 fp8_kernel.py  the per-token activation quantization in one Triton launch
 int4.py        Int4Linear: 4-bit weights, a scale and zero per group of inputs (GPTQ act-order through a permutation)
-int4_kernel.py the few-row (decode) int4 matmul in Triton
+int4_kernel.py the few-row (decode) int4 matmul in Triton, and the one-pass dequantize of either int4 layout
+int4_tinygemm.py int4 weights in PyTorch's tinygemm layout (`_weight_int4pack_mm`), the bf16 decode path on GPUs
 int8.py        Int8Linear: llama.cpp's Q8_0 layout, an int8 a weight and an fp16 scale per 32 inputs
 int8_kernel.py the single-row (decode) int8 GEMV and the one-pass dequantize in Triton
 checkpoint.py  checkpoints stored quantized: HF FP8 (per-tensor, per-channel, block), compressed-tensors, GPTQ, AWQ

@@ -8,10 +8,14 @@ holding k = 2j in its high nibble and k = 2j + 1 in its low one; `scales` and `z
 their columns are sorted by group at load and each input row is permuted the same way at run time (`perm`), so
 every group stays one contiguous run of K (ExLlama's and vLLM's reordering).
 
-Compute: rows up to DECODE_ROWS (decode) through the Triton kernels (int4_kernel.py: a GEMV for one row, a tl.dot
-kernel beyond), which dequantize each tile in registers, so a step reads 4 bits a weight; longer inputs (prefill)
-dequantize the weight to 16 bits in one Triton pass and run one cuBLAS matmul: the dequantize costs the weight's
-bytes once per step, beside a matmul of hundreds of rows. The reference (`reference_linear`: dequantize, float32
+Compute on GPUs, inputs of up to DECODE_ROWS rows (decode): a layer built on a GPU with bf16 scales keeps only
+PyTorch's tinygemm layout (int4_tinygemm.py, converted once in the constructor) and runs `_weight_int4pack_mm`;
+other layers (fp16, GGUF's float32 scales, sizes tinygemm refuses) keep int4.py's layout and run the Triton kernels
+(int4_kernel.py: a GEMV for one row, a tl.dot kernel beyond), which dequantize each tile in registers. Either way a
+step reads 4 bits a weight. Longer inputs (prefill) dequantize the weight to 16 bits in one Triton pass from
+whichever layout the layer keeps and run one cuBLAS matmul: the dequantize costs the weight's bytes once per step,
+beside a matmul of hundreds of rows. One layout per layer: tinygemm's can be dequantized directly (its nibble order
+is fixed arithmetic), so no second copy is kept for prefill. The reference (`reference_linear`: dequantize, float32
 matmul) is the CPU path and the tests' oracle.
 """
 
@@ -22,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from longseq.errors import LongseqError
+from longseq.models.quant import int4_tinygemm
 
-# Inputs of at most this many rows take the Triton kernels on GPUs; longer ones dequantize and run cuBLAS. Estimated
-# from benchmarks/results/2026-12-03-quant-h200 (the tl.dot kernel against a one-pass dequantize + bf16 matmul at
-# 32 and 64 rows), not yet measured with the one-pass dequantize itself.
-DECODE_ROWS = 32
+# Inputs of at most this many rows take the decode kernels on GPUs (tinygemm, or the Triton ones); longer ones
+# dequantize and run cuBLAS. 16 is tinygemm's m-tile: it reads the whole weight once per 16 rows, so beyond that its
+# cost doubles while a dequantize's stays. An estimate; benchmarks/quant_kernels.py times 1, 8, 16 and 32 rows.
+DECODE_ROWS = 16
 
 
 def pack(q: torch.Tensor) -> torch.Tensor:
@@ -77,7 +82,7 @@ def reference_linear(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
     """Dequantize, then multiply in float32."""
     if layer.perm is not None:
         x = x[..., layer.perm]
-    y = x.float() @ dequantize(layer.qweight, layer.scales, layer.zeros).t()
+    y = x.float() @ layer.dequantized().t()
     if layer.bias is not None:
         y = y + layer.bias.float()
     return y.to(x.dtype)
@@ -86,51 +91,98 @@ def reference_linear(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
 class Int4Linear(nn.Module):
     """A frozen linear layer with 4-bit weights: a layer swap for nn.Linear in serving (models/quant/__init__.py)."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: torch.Tensor | None = None, perm: torch.Tensor | None = None):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 bias: torch.Tensor | None = None, perm: torch.Tensor | None = None, tinygemm: bool | None = None):
         """qweight (N, K/2) uint8 (pack), scales / zeros (N, K/G) in the compute dtype, perm (K,): the input
-        channel each stored column reads (act-order), or None."""
+        channel each stored column reads (act-order), or None. `tinygemm`: keep tinygemm's layout instead (None:
+        where the weights are on a GPU and int4_tinygemm.fits). A layout already converted is taken as it is:
+        qweight tinygemm's int32 (N/8, K / (16 tiles), 32, tiles/2), scales its scales_and_zeros, zeros None."""
         super().__init__()
-        N, half = qweight.shape
-        assert qweight.dtype == torch.uint8 and scales.shape == zeros.shape and scales.shape[0] == N
-        self.out_features, self.in_features = N, 2 * half
-        self.group_size = self.in_features // scales.shape[1]
+        if qweight.dtype == torch.int32:  # already tinygemm's (a fused concatenation)
+            assert zeros is None and scales.dim() == 3
+            N, K = 8 * qweight.shape[0], qweight.shape[1] * 16 * 2 * qweight.shape[3]
+            groups, layout = scales.shape[0], "tinygemm"
+        else:
+            N, half = qweight.shape
+            assert qweight.dtype == torch.uint8 and scales.shape == zeros.shape and scales.shape[0] == N
+            K, groups = 2 * half, scales.shape[1]
+            fits = int4_tinygemm.fits(N, K, K // groups, scales.dtype)
+            assert fits or not tinygemm, f"tinygemm cannot take a ({N}, {K}) layer, group {K // groups}, {scales.dtype}"
+            if tinygemm is None:
+                tinygemm = qweight.is_cuda and fits
+            layout = "tinygemm" if tinygemm else "plain"
+            if tinygemm:
+                qweight, scales = int4_tinygemm.convert(qweight, scales, zeros)
+                zeros = None
+        self.out_features, self.in_features = N, K
+        self.group_size = K // groups
+        self.layout = layout
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
+        # plain: scales and zeros (N, K/G); tinygemm: scales_and_zeros (K/G, N, 2)
+        self.register_buffer("scales", None if layout == "tinygemm" else scales)
         self.register_buffer("zeros", zeros)
+        self.register_buffer("scales_and_zeros", scales if layout == "tinygemm" else None)
         self.register_buffer("perm", None if perm is None else perm.long())
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,
-                 dtype: torch.dtype | None = None) -> Int4Linear:
-        """From a float weight; scales and zeros stored in `dtype` (default: the weight's)."""
+                 dtype: torch.dtype | None = None, tinygemm: bool | None = None) -> Int4Linear:
+        """From a float weight; scales and zeros stored in `dtype` (default: the weight's); `tinygemm` as in the
+        constructor."""
         qweight, scale, zero = quantize_weight(weight, fitting_group(weight.shape[1], group_size))
         dtype = dtype or weight.dtype
-        return cls(qweight, scale.to(dtype), zero.to(dtype), bias)
+        return cls(qweight, scale.to(dtype), zero.to(dtype), bias, tinygemm=tinygemm)
+
+    def path(self, rows: int, dtype: torch.dtype, cuda: bool = True) -> str:
+        """Which computation an input of `rows` rows in `dtype` takes: "reference" (CPU), "tinygemm", "gemv" or
+        "tl.dot" (the Triton kernels), or "dequantize" (then cuBLAS)."""
+        if not cuda:
+            return "reference"
+        if rows <= DECODE_ROWS:
+            if self.layout == "tinygemm" and dtype == torch.bfloat16:
+                return "tinygemm"
+            if self.layout == "plain" and dtype in (torch.float16, torch.bfloat16):
+                return "gemv" if rows == 1 else "tl.dot"
+        return "dequantize"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
+        path = self.path(x.numel() // x.shape[-1], x.dtype, x.is_cuda)
+        if path == "reference":
             return reference_linear(x, self)
         if self.perm is not None:
             x = x[..., self.perm]
-        rows = x.numel() // x.shape[-1]
-        if rows <= DECODE_ROWS and x.dtype in (torch.float16, torch.bfloat16):
+        if path == "dequantize":
+            from longseq.models.quant.int4_kernel import int4_dequantize, int4_dequantize_tinygemm
+
+            if self.layout == "tinygemm":
+                weight = int4_dequantize_tinygemm(self.qweight, self._sz(), self.group_size, x.dtype)
+            else:
+                weight = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
+            return F.linear(x, weight, self.bias)
+        if path == "tinygemm":
+            y = int4_tinygemm.linear(x, self.qweight, self._sz(), self.group_size)
+        else:
             from longseq.models.quant.int4_kernel import int4_gemv, int4_matmul
 
-            if rows == 1:
+            if path == "gemv":
                 y = int4_gemv(x, self.qweight, self.scales, self.zeros, self.group_size)
             else:
-                y = int4_matmul(x.reshape(rows, -1), self.qweight, self.scales, self.zeros, self.group_size)
+                y = int4_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self.zeros,
+                                self.group_size)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        from longseq.models.quant.int4_kernel import int4_dequantize
+        return y if self.bias is None else y + self.bias
 
-        weight = int4_dequantize(self.qweight, self.scales, self.zeros, self.group_size, x.dtype)
-        return F.linear(x, weight, self.bias)
+    def _sz(self) -> torch.Tensor:
+        # A layer fused into a larger one holds a column slice of its scales_and_zeros (fused); the kernels read
+        # a contiguous (K/G, N, 2), so such a layer, called alone, copies its slice.
+        sz = self.scales_and_zeros
+        return sz if sz.is_contiguous() else sz.contiguous()
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, K) weight, columns in stored order (apply `perm` to inputs, or use `weight_in_input_order`)."""
+        if self.layout == "tinygemm":
+            return int4_tinygemm.dequantize(self.qweight, self.scales_and_zeros, dtype)
         return dequantize(self.qweight, self.scales, self.zeros, dtype)
 
     def weight_in_input_order(self) -> torch.Tensor:
@@ -144,16 +196,42 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def fused(layers: list[nn.Module]):
-        """fused_linear.fuse's hook: one int4 matmul over layers that read the same input (same group size and
-        input permutation); their buffers become views of the concatenation."""
+        """fused_linear.fuse's hook: one int4 matmul over layers that read the same input (same group size, layout
+        and input permutation); their buffers become views of the concatenation."""
         from longseq.models.quant import fuse_rows
 
         first = layers[0]
         if not all(type(m) is Int4Linear and not m._forward_hooks and m.group_size == first.group_size
-                   and (m.bias is None) == (first.bias is None) and _same(m.perm, first.perm) for m in layers):
+                   and m.layout == first.layout and (m.bias is None) == (first.bias is None)
+                   and _same(m.perm, first.perm) for m in layers):
             return None
+        if first.layout == "tinygemm":
+            return _fuse_tinygemm(layers)
         return fuse_rows(layers, ("qweight", "scales", "zeros"), lambda p, bias: Int4Linear(
-            p["qweight"], p["scales"], p["zeros"], bias, first.perm))
+            p["qweight"], p["scales"], p["zeros"], bias, first.perm, tinygemm=False))
+
+
+def _fuse_tinygemm(layers: list[Int4Linear]):
+    """fuse_rows for tinygemm's layout: the packed weights concatenate along their first dim (8 outputs a row),
+    scales_and_zeros along its second; each layer keeps views (its scales_and_zeros a strided one, see _sz)."""
+    from longseq.models.quant import FusedQuantLinear
+
+    first = layers[0]
+    if len(layers) == 1:
+        return FusedQuantLinear(first, [first.out_features])
+    packed = torch.cat([m.qweight for m in layers])  # (N/8, K / (16 tiles), 32, tiles/2)
+    sz = torch.cat([m.scales_and_zeros for m in layers], dim=1)  # (K/G, N, 2)
+    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in layers])
+    fused = Int4Linear(packed, sz, None, bias, first.perm)
+    start = 0
+    for m in layers:
+        n = m.out_features
+        m.qweight = packed[start // int4_tinygemm.N_TILE : (start + n) // int4_tinygemm.N_TILE]
+        m.scales_and_zeros = sz[:, start : start + n]
+        if bias is not None:
+            m.bias.data = fused.bias.data[start : start + n]
+        start += n
+    return FusedQuantLinear(fused, [m.out_features for m in layers])
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -152,3 +152,43 @@ def int4_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     grid = (triton.cdiv(N, 32), K // block_k)
     _int4_dequantize_kernel[grid](qweight, scales, zeros, out, N, K, G=group_size, BN=32, BK=block_k, num_warps=4)
     return out
+
+
+@triton.jit
+def _int4_dequantize_tinygemm_kernel(P, SZ, Out, N, K, G: tl.constexpr, TILES: tl.constexpr, BN: tl.constexpr,
+                                     BK: tl.constexpr):
+    # One (BN, BK) tile of the 16-bit weight from tinygemm's layout (int4_tinygemm.py): input k of row n is nibble
+    # lo · 4 + half · 2 + which of word [n // 8][b // (8 TILES)][4 (n % 8) + t4][(b % (8 TILES)) // 16], with
+    # b = k // 2, lo = k % 2 and (half, which, t4) the bits of b % 16; W = (q - 8) · s + z_tg (BK divides G).
+    n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    n_mask = n < N
+    n64 = n.to(tl.int64)
+    b = k // 2
+    r = b % 16
+    slot = (k % 2) * 4 + (r // 8) * 2 + (r % 8) // 4  # (BK,)
+    lane_k = ((b // (8 * TILES)) * 32 + r % 4) * (TILES // 2) + (b % (8 * TILES)) // 16  # (BK,)
+    word = (n64 // 8) * (K // (16 * TILES)) * 32 * (TILES // 2) + (n64 % 8) * 4 * (TILES // 2)  # (BN,)
+    v = tl.load(P + word[:, None] + lane_k[None, :], mask=n_mask[:, None], other=0)  # (BN, BK) int32
+    q = ((v >> (4 * slot)[None, :]) & 0xF).to(tl.float32)
+    g = (tl.program_id(1) * BK) // G
+    s = tl.load(SZ + (g * N + n64) * 2, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(SZ + (g * N + n64) * 2 + 1, mask=n_mask, other=0.0).to(tl.float32)
+    w = (q - 8.0) * s[:, None] + z[:, None]
+    tl.store(Out + n64[:, None] * K + k[None, :], w.to(Out.dtype.element_ty), mask=n_mask[:, None])
+
+
+def int4_dequantize_tinygemm(packed: torch.Tensor, sz: torch.Tensor, group_size: int,
+                             dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) weight in `dtype` from tinygemm's packed int32 (N/8, K / (16 tiles), 32, tiles/2) and its
+    scales_and_zeros (K/G, N, 2) in one pass (the prefill path of a layer that keeps only that layout)."""
+    n_tiles, supers, _, words = packed.shape
+    tiles = 2 * words
+    N, K = 8 * n_tiles, supers * 16 * tiles
+    assert packed.is_contiguous() and sz.is_contiguous() and sz.shape == (K // group_size, N, 2)
+    out = torch.empty(N, K, dtype=dtype, device=packed.device)
+    block_k = min(group_size, 128)
+    grid = (triton.cdiv(N, 32), K // block_k)
+    _int4_dequantize_tinygemm_kernel[grid](packed, sz, out, N, K, G=group_size, TILES=tiles, BN=32, BK=block_k,
+                                           num_warps=4)
+    return out

@@ -138,7 +138,7 @@ def norms_and_activations() -> None:
 
 def quantized() -> None:
     from longseq.models.quant.fp8_kernel import fp8_gemv, quantize_rows_triton
-    from longseq.models.quant.int4_kernel import int4_dequantize, int4_gemv, int4_matmul
+    from longseq.models.quant.int4_kernel import int4_dequantize, int4_dequantize_tinygemm, int4_gemv, int4_matmul
     from longseq.models.quant.int8_kernel import int8_dequantize, int8_gemv
 
     for dtype in FLOATS:
@@ -148,6 +148,10 @@ def quantized() -> None:
         for group in (32, 128, 256):
             scales = gpu(1024, 4096 // group, dtype=dtype)
             int4_dequantize(gpu(1024, 2048, dtype=torch.uint8), scales, scales.clone(), group, dtype)
+    for tiles in (2, 4, 8):  # tinygemm's layout (bf16 only): (N/8, K/(16 tiles), 32, tiles/2) int32 words
+        for group in (32, 128, 256):
+            packed = gpu(1024 // 8, 4096 // (16 * tiles), 32, tiles // 2, dtype=torch.int32)
+            int4_dequantize_tinygemm(packed, gpu(4096 // group, 1024, 2, dtype=torch.bfloat16), group, torch.bfloat16)
     for dtype in HALVES:
         x = gpu(1, 4096, dtype=dtype)
         fp8_gemv(x, gpu(1024, 4096, dtype=FP8), gpu(1024))

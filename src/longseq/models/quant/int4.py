@@ -27,22 +27,12 @@ from torch import nn
 
 from longseq.errors import LongseqError
 from longseq.models.quant import int4_tinygemm
+from longseq.models.quant.nibbles import pack, unpack  # noqa: F401  (int4.pack / int4.unpack: the layout's names)
 
 # Inputs of at most this many rows take the decode kernels on GPUs (tinygemm, or the Triton ones); longer ones
 # dequantize and run cuBLAS. 16 is tinygemm's m-tile: it reads the whole weight once per 16 rows, so beyond that its
 # cost doubles while a dequantize's stays. An estimate; benchmarks/quant_kernels.py times 1, 8, 16 and 32 rows.
 DECODE_ROWS = 16
-
-
-def pack(q: torch.Tensor) -> torch.Tensor:
-    """(N, K) integers 0..15 -> (N, K/2) uint8, k = 2j in the high nibble of byte j."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] << 4) | q[:, 1::2]
-
-
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K/2) uint8 -> (N, K) uint8 integers 0..15."""
-    return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
 
 
 def fitting_group(in_features: int, group_size: int) -> int:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from longseq.models.quant.nibbles import pack, unpack
+
 GROUPS = (32, 64, 128, 256)
 K_TILE = 16  # inputs of one mma k-tile
 N_TILE = 8  # outputs of one mma n-tile
@@ -51,8 +53,6 @@ def _tile_dims(N: int, K: int, tiles: int) -> tuple[int, ...]:
 def pack_layout(qweight: torch.Tensor, tiles: int) -> torch.Tensor:
     """(N, K/2) uint8 (int4.pack) -> tinygemm's int32 (N/8, K / (16 tiles), 32, tiles/2), as
     `torch.ops.aten._convert_weight_to_int4pack(qweight, tiles)` builds it on a GPU."""
-    from longseq.models.quant.int4 import unpack
-
     N, K = qweight.shape[0], 2 * qweight.shape[1]
     q = unpack(qweight).reshape(_tile_dims(N, K, tiles))
     # -> (n-tile, k super-tile, row, t4, word, lo, half, which): a lane's word, then its eight nibbles low first
@@ -64,8 +64,6 @@ def pack_layout(qweight: torch.Tensor, tiles: int) -> torch.Tensor:
 
 def unpack_layout(packed: torch.Tensor) -> torch.Tensor:
     """tinygemm's int32 (N/8, K / (16 tiles), 32, tiles/2) -> (N, K/2) uint8 in int4.pack's layout."""
-    from longseq.models.quant.int4 import pack
-
     n_tiles, supers, _, words = packed.shape
     tiles = 2 * words
     N, K = n_tiles * N_TILE, supers * K_TILE * tiles
@@ -88,8 +86,6 @@ def convert(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) ->
 
 def dequantize(packed: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(N, K) weight in `dtype` from tinygemm's layout: (q - 8) · s + z_tg group by group, in float32."""
-    from longseq.models.quant.int4 import unpack
-
     q = unpack(unpack_layout(packed)).float()  # (N, K)
     N, K = q.shape
     groups = sz.shape[0]
@@ -109,8 +105,6 @@ def cpu_linear(x: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor, group_s
     """The same product through tinygemm's CPU twin (`_weight_int4pack_mm_for_cpu`, the same (q - 8) · s + z_tg
     over the same scales_and_zeros; its packed weight comes from int32 (N, K) values): the tests' check of
     `scales_and_zeros` against the reference."""
-    from longseq.models.quant.int4 import unpack
-
     tiles = inner_k_tiles(2 * qweight.shape[1])
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack(qweight).to(torch.int32), tiles)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()

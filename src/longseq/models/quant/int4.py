@@ -113,7 +113,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("zeros", zeros)
         self.register_buffer("scales_and_zeros", scales if layout == "tinygemm" else None)
         self.register_buffer("perm", None if perm is None else perm.long())
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        # in the activations' dtype (the scales'), so every path returns that dtype and cuBLAS takes the bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(scales.dtype), requires_grad=False)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None,

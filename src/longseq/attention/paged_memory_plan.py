@@ -49,7 +49,7 @@ class QueryBlocks:
     local_mask: torch.Tensor  # (Q, n, L) bool, causal
     table_start: torch.Tensor  # (Q,) where the block's sequence's table starts in MemoryStep.tables
     # Candidates: the memory blocks that have left a query block's window, 0 .. num_blocks-1, scored by the mean
-    # key stored at `cand_block` (the pool block of their last token).
+    # key kept at the pool block of their last token (pair_block, or each set's blocks).
     num_blocks: torch.Tensor  # (Q,)
     max_blocks: int  # the most of any query block
     # Single tokens: every (query block, candidate) pair, flat (P,), since each block is its own sequence.
@@ -104,15 +104,16 @@ def plan_step(block_tables: list[list[int]], query_lens: list[int], context_lens
         len_sinks, len_rest = local_start.clamp(max=sink), (local_start - mem_end).clamp(min=0)
         host.append(torch.stack([s0, n, qb[:, 3], table_start[seq], local_start, num_blocks, mem_end, len_sinks,
                                  len_rest], 1))
-        widths_q = (int(n.sum()), int(n.max()), int((len_sinks + len_rest).max()), int((s0 + n - local_start).max()),
-                    int(num_blocks.max()))
+        # real queries, then the widths: queries, memory keys, local keys, candidates
+        sizes = (int(n.sum()), int(n.max()), int((len_sinks + len_rest).max()), int((s0 + n - local_start).max()),
+                 int(num_blocks.max()))
         if kind == 0:
             scoring = int(num_blocks.sum())  # pairs
         else:  # per sequence: its query blocks (consecutive) and its last block's candidates (the most)
-            ends = torch.nonzero(torch.diff(seq, append=torch.tensor([-1]))).flatten() + 1
-            scoring = [(int(a), int(b), int(num_blocks[b - 1])) for a, b in zip(torch.cat([ends.new_zeros(1),
-                       ends[:-1]]).tolist(), ends.tolist(), strict=True) if num_blocks[b - 1] > 0]
-        shapes.append((kind, widths_q, scoring))
+            ends = (torch.nonzero(torch.diff(seq, append=torch.tensor([-1]))).flatten() + 1).tolist()
+            scoring = [(a, b, int(num_blocks[b - 1])) for a, b in zip([0, *ends[:-1]], ends, strict=True)
+                       if num_blocks[b - 1] > 0]
+        shapes.append((kind, sizes, scoring))
     # Memory blocks whose last token (sink + (c+1) * bs - 1) is written this step: c + 1 in [lo, hi].
     lo = torch.div(first - sink + 1 + bs - 1, bs, rounding_mode="floor").clamp(min=1)
     hi = torch.div(ctx - sink, bs, rounding_mode="floor")

@@ -188,3 +188,22 @@ def test_measured_step_runs_causal_in_its_place():
     with torch.no_grad(), causal_stand_in(model):
         model.hidden(ids)
     assert all(layer.self_attn.variant.variant == "memory" for layer in model.model.layers)
+
+
+def test_lora_requests_equal_generate_on_the_merged_model(tmp_path, prompts):
+    import copy
+
+    from lora_adapters import merge_adapter, write_adapter
+
+    lm = memory_lm()
+    write_adapter(tmp_path / "a", lm.model, rank=4, std=0.1)
+    merged = merge_adapter(copy.deepcopy(lm.model), tmp_path / "a")
+    engine = make_engine(lm, **CONFIGS["chunked"], enable_lora=True)
+    engine.add_lora("a", tmp_path / "a")
+    ids = [engine.add_request(p, GREEDY, lora=name) for p, name in zip(prompts[:3], ["a", None, "a"], strict=True)]
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert done[ids[1]].token_ids == reference(lm.model, prompts[1])[0]
+    for i in (0, 2):
+        assert done[ids[i]].token_ids == reference(merged, prompts[i])[0] != reference(lm.model, prompts[i])[0]

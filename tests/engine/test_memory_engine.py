@@ -7,7 +7,7 @@ import torch
 from engine_helpers import make_engine, random_prompts, run_engine, tiny_lm
 
 from longseq.attention.paged import PagedBatch, PagedKVCache
-from longseq.attention.paged_memory import PagedMemoryKVCache, keys_read, rotate_by
+from longseq.attention.paged_memory import PagedMemoryKVCache, angles, keys_read, rotate_with
 from longseq.attention.paged_memory_plan import plan_step
 from longseq.config import AttentionConfig, ModelOverrides
 from longseq.engine import LLM, SamplingParams
@@ -124,7 +124,7 @@ def test_every_block_retrieved_without_rope_is_causal():
         k, v = (torch.randn(1, H_KV, N, D, generator=g, dtype=torch.float64) for _ in range(2))
         batch_tables = [tables[j] for j in rows]
         memory.batch = PagedBatch.build(batch_tables, q_lens, ctx, kv, torch.device("cpu"), H_KV, slots_only=True)
-        memory.plan = plan_step(batch_tables, q_lens, ctx, kv, spec, torch.device("cpu"))
+        memory.set_plan(plan_step(batch_tables, q_lens, ctx, kv, spec, torch.device("cpu")))
         plain.batch = PagedBatch.build(batch_tables, q_lens, ctx, kv, torch.device("cpu"), H_KV)
         torch.testing.assert_close(memory.attention(0, q, k, v, None), plain.attention(0, q, k, v, None),
                                    atol=1e-12, rtol=0)
@@ -138,7 +138,8 @@ def test_rotation_is_exact_far_past_the_context():
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     x = torch.randn(3, 64, dtype=torch.float64)
     far = torch.tensor([1_000_003, 999_999, 1_048_575])
-    torch.testing.assert_close(rotate_by(rotate_by(x, far, inv_freq), -far, inv_freq), x, atol=1e-12, rtol=0)
+    there = rotate_with(x, *angles(far, inv_freq, torch.float64))
+    torch.testing.assert_close(rotate_with(there, *angles(-far, inv_freq, torch.float64)), x, atol=1e-12, rtol=0)
 
 
 def test_misaligned_chunks_still_serve():

@@ -36,14 +36,29 @@ class PagedMemoryKVCache(PagedKVCache):
     """The engine's KV pool under memory attention: `plan` (MemoryStep) is set before each step, as `batch` is."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, spec: AttentionConfig, inv_freq: torch.Tensor | None):
+                 dtype: torch.dtype, device: torch.device, spec: AttentionConfig, inv_freq: torch.Tensor | None,
+                 work_dtype: torch.dtype = torch.float32):
         """num_blocks: the pool blocks the block manager hands out (the pool has one more, the scratch block);
-        inv_freq (D/2,): the model's RoPE frequencies (None: no RoPE, keys are never moved)."""
+        inv_freq (D/2,): the model's RoPE frequencies (None: no RoPE, keys are never moved); work_dtype: what keys
+        are rotated in (the model's dtype, at least float32)."""
         super().__init__(num_layers, (num_blocks + 1) * block_size, num_kv_heads, head_dim, dtype, device)
-        self.spec = spec
+        self.spec, self.work_dtype = spec, work_dtype
         self.inv_freq = None if inv_freq is None else inv_freq.double().to(device)
         self.means = [torch.zeros(num_blocks + 1, num_kv_heads, head_dim, device=device) for _ in range(num_layers)]
         self.plan: MemoryStep | None = None
+
+    def set_plan(self, plan: MemoryStep) -> None:
+        """The step's plan, with the rotations every layer shares worked out once (float64 angles)."""
+        self.plan = plan
+        if self.inv_freq is None:
+            return
+        inv_freq, work = self.inv_freq, self.work_dtype
+        plan.inv_freq = inv_freq
+        plan.update_rot = angles(-plan.update_pos[..., None], inv_freq, torch.float32)  # (U, bs, 1, D/2)
+        plan.offset_rot = angles(-torch.arange(self.spec.block_size, device=inv_freq.device), inv_freq, work)
+        for blocks in plan.groups:
+            blocks.memory_rot = angles((blocks.frame[:, None] - blocks.memory_pos)[..., None], inv_freq, work)
+            blocks.query_rot = angles(blocks.rotate_query[:, None], inv_freq, torch.float32)  # (Q, 1, D/2)
 
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   window: int | None) -> torch.Tensor:
@@ -54,21 +69,14 @@ class PagedMemoryKVCache(PagedKVCache):
         plan = self.plan
         if len(plan.update_block):  # before scoring: a long chunk retrieves blocks it completed itself
             keys = _gather(pool_k, plan.update_slots, scales, 0, torch.float32)  # (U, bs, H_kv, D)
-            keys = rotate_by(keys, -plan.update_pos[..., None], self.inv_freq)
+            if plan.update_rot is not None:
+                keys = rotate_with(keys, *plan.update_rot)
             means[plan.update_block] = keys.mean(1)
         out = torch.empty_like(q)
         for blocks in plan.groups:
-            got = attend_blocks(q, pool_k, pool_v, means, blocks, self.spec, self.inv_freq, scales, plan)
-            out[0, :, blocks.rows.flatten()[blocks.real]] = got.flatten(0, 1)[blocks.real].transpose(0, 1)
+            got = attend_blocks(q, pool_k, pool_v, means, blocks, self.spec, scales, plan)
+            out[0, :, blocks.out_rows] = got.flatten(0, 1)[blocks.real].transpose(0, 1)
         return out
-
-
-def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor | None) -> torch.Tensor:
-    """x (..., D) rotated by `shift` positions (int, broadcast against x[..., 0]), RoPE's rotate-half layout: angles
-    in float64 (shifts reach the context's length), products in at least float32, back in x's dtype."""
-    if inv_freq is None:
-        return x
-    return rotate_with(x, *angles(shift, inv_freq, torch.promote_types(x.dtype, torch.float32)))
 
 
 def angles(shift: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,15 +98,16 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor | None
     return rows.to(dtype) if scales is None else dequantize_kv(rows, scales[which], dtype)
 
 
-def retrieve(q: torch.Tensor, means: torch.Tensor, blocks: QueryBlocks, spec: AttentionConfig,
-             inv_freq: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(q: torch.Tensor, means: torch.Tensor, blocks: QueryBlocks,
+             spec: AttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """q (Q, H, n, D) at true positions -> the memory blocks each query block reads (Q, k), ascending, and whether
     each is one (Q, k) bool (a block with fewer than k candidates pads with nothing)."""
     Q, H, _, D = q.shape
     num_kv_heads = means.shape[1]
     valid = blocks.valid[:, None, :, None]
     q_mean = (q.float() * valid).sum(2) / blocks.valid.sum(1)[:, None, None]  # (Q, H, D)
-    q_mean = rotate_by(q_mean, blocks.rotate_query[:, None], inv_freq)  # queries at window + i, memory at 0
+    if blocks.query_rot is not None:  # queries at window + i, memory at 0
+        q_mean = rotate_with(q_mean, *blocks.query_rot)
     q_mean = q_mean.view(Q, num_kv_heads, H // num_kv_heads, D).sum(2)  # (Q, H_kv, D): heads share their KV's key
     scores = q_mean.new_full((Q, blocks.max_blocks), float("-inf"))
     if blocks.pair_qb is not None:
@@ -114,31 +123,32 @@ def retrieve(q: torch.Tensor, means: torch.Tensor, blocks: QueryBlocks, spec: At
 
 
 def attend_blocks(q: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor, means: torch.Tensor,
-                  blocks: QueryBlocks, spec: AttentionConfig, inv_freq: torch.Tensor | None,
-                  scales: torch.Tensor | None, plan: MemoryStep) -> torch.Tensor:
+                  blocks: QueryBlocks, spec: AttentionConfig, scales: torch.Tensor | None,
+                  plan: MemoryStep) -> torch.Tensor:
     """The step's queries q (1, H, N, D) -> those of `blocks`, (Q, n, H, D) (padded query rows included)."""
     H, D = q.shape[1], q.shape[3]
     num_kv_heads = pool_k.shape[1]
     qb = q[0][:, blocks.rows].transpose(0, 1)  # (Q, H, n, D)
     Q, _, n, _ = qb.shape
-    dtype, work = qb.dtype, torch.promote_types(qb.dtype, torch.float32)
+    dtype = qb.dtype
     # Memory keys, moved from their true positions to the block's frame: sinks beyond the window and remainder...
-    keys = [rotate_by(_gather(pool_k, blocks.memory_slots, scales, 0, dtype),
-                      (blocks.frame[:, None] - blocks.memory_pos)[..., None], inv_freq)]  # (Q, M, H_kv, D)
+    keys = [_gather(pool_k, blocks.memory_slots, scales, 0, dtype)]  # (Q, M, H_kv, D)
+    if blocks.memory_rot is not None:
+        keys[0] = rotate_with(keys[0], *blocks.memory_rot)
     values, masks = [_gather(pool_v, blocks.memory_slots, scales, 1, dtype)], [blocks.memory_mask]
     if blocks.max_blocks and spec.retrieved_blocks:  # ... then the retrieved blocks
-        top, found = retrieve(qb, means, blocks, spec, inv_freq)  # (Q, k)
+        top, found = retrieve(qb, means, blocks, spec)  # (Q, k)
         bs, kv = spec.block_size, plan.kv_block_size
         start = spec.sink_tokens + top * bs  # (Q, k) each block's first position
         pos = torch.where(found[..., None], start[..., None] + torch.arange(bs, device=top.device),
                           (blocks.frame + spec.local_window)[:, None, None]).flatten(1)  # (Q, k * bs)
         slots = plan.tables[blocks.table_start[:, None] + pos // kv] * kv + pos % kv
         k_ret = _gather(pool_k, slots, scales, 0, dtype)  # (Q, k * bs, H_kv, D)
-        if inv_freq is not None:
-            # Token start + j moves by (frame - start) - j: float64 angles once per block, composed with a table
-            # over j, rather than per token.
-            cos_b, sin_b = angles(blocks.frame[:, None] - start, inv_freq, work)  # (Q, k, D/2)
-            cos_j, sin_j = angles(-torch.arange(bs, device=top.device), inv_freq, work)  # (bs, D/2)
+        if plan.offset_rot is not None:
+            # Token start + j moves by (frame - start) - j: float64 angles once per block, composed with the
+            # step's table over j, rather than per token.
+            cos_j, sin_j = plan.offset_rot  # (bs, D/2)
+            cos_b, sin_b = angles(blocks.frame[:, None] - start, plan.inv_freq, cos_j.dtype)  # (Q, k, D/2)
             cos = cos_b[:, :, None] * cos_j - sin_b[:, :, None] * sin_j  # (Q, k, bs, D/2)
             sin = sin_b[:, :, None] * cos_j + cos_b[:, :, None] * sin_j
             k_ret = rotate_with(k_ret, cos.flatten(1, 2)[:, :, None], sin.flatten(1, 2)[:, :, None])

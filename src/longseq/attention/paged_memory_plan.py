@@ -58,6 +58,11 @@ class QueryBlocks:
     pair_block: torch.Tensor | None = None
     # Chunks: per sequence, its query blocks a..b-1 and its candidates' pool blocks (N,), shared by them all.
     sets: list[tuple[int, int, torch.Tensor]] | None = None
+    out_rows: torch.Tensor | None = None  # (R,) rows[real]: where the real queries' outputs go
+    # Rotations every layer shares (cos, sin): memory keys into the frame (Q, M, 1, D/2), the block's mean query
+    # into the memory's (Q, 1, D/2); set by the cache (PagedMemoryKVCache.set_plan), None without RoPE.
+    memory_rot: tuple[torch.Tensor, torch.Tensor] | None = None
+    query_rot: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -70,6 +75,11 @@ class MemoryStep:
     update_pos: torch.Tensor  # (U, block_size) their positions
     update_block: torch.Tensor  # (U,) the pool block their mean key goes to
     kv_block_size: int
+    # Set by the cache with the step's rotations: RoPE's frequencies (float64), the completed blocks' keys back to
+    # position 0 (U, bs, 1, D/2), and the table over a block's offsets j, a move by -j (bs, D/2).
+    inv_freq: torch.Tensor | None = None
+    update_rot: tuple[torch.Tensor, torch.Tensor] | None = None
+    offset_rot: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def plan_step(block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], kv_block_size: int,
@@ -165,6 +175,7 @@ def _expand(scalars: torch.Tensor, shape: tuple, tables: torch.Tensor, spec: Att
         memory_slots=_slots(tables, start, mem_pos, kv), memory_pos=mem_pos, memory_mask=mem_mask,
         local_slots=_slots(tables, start, local_pos, kv), local_mask=local_mask, table_start=start,
         num_blocks=num_blocks, max_blocks=max_blocks)
+    blocks.out_rows = blocks.rows.flatten()[real]
     if kind == 0:
         pairs = scoring
         qb = torch.repeat_interleave(torch.arange(len(s0), device=dev), num_blocks, output_size=pairs)

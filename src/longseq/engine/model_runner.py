@@ -105,7 +105,7 @@ class ModelRunner:
         if self.memory is not None:
             self.cache = PagedMemoryKVCache(mc.num_layers, self.num_blocks, self.block_size, local_kv_heads(model),
                                             mc.head_dim, kv_pool_dtype(model, cfg), self.device, self.memory,
-                                            model.rotary.inv_freq)
+                                            model.rotary.inv_freq, torch.promote_types(self.dtype, torch.float32))
             model.rotary.exact_angles = True
         else:
             model.rotary.exact_angles = False  # an earlier memory engine on this model may have set it
@@ -218,8 +218,8 @@ class ModelRunner:
         self.cache.batch = PagedBatch.build(step.block_tables, step.query_lens, step.context_lens, self.block_size,
                                             self.device, self.cache.num_kv_heads, slots_only=self.memory is not None)
         if self.memory is not None:
-            self.cache.plan = plan_step(step.block_tables, step.query_lens, step.context_lens, self.block_size,
-                                        self.memory, self.device)
+            self.cache.set_plan(plan_step(step.block_tables, step.query_lens, step.context_lens, self.block_size,
+                                          self.memory, self.device))
         # one copy that does not wait for the GPU (engine/uploads.py), as PagedBatch.build's
         host = [step.positions, step.last] + ([] if ids is not None else [step.ids])
         pos_t, last, *new_ids = upload(self.device, ints=host)[0]

@@ -26,3 +26,31 @@ def test_bad_memory_flags_are_one_line(flags, words, capsys):
     assert main(["serve", "--attention", "memory", *flags]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_load_engine_applies_the_overrides(tmp_path, tokenizer_dir):
+    # What `longseq serve --attention memory` builds (on a thread or in the engine process): a model trained on
+    # 256 positions serves a 700-token prompt.
+    import shutil
+
+    import torch
+    import transformers
+
+    from longseq.config import EngineConfig
+    from longseq.engine import SamplingParams
+    from longseq.engine.core_process import describe, load_engine
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    shutil.copytree(tokenizer_dir, tmp_path, dirs_exist_ok=True)
+    overrides = ModelOverrides(attention="memory", window=64, sink_tokens=4, block_size=32, retrieved_blocks=2)
+    engine = load_engine(tmp_path, "float32", "cpu", EngineConfig(num_kv_blocks=64, kv_block_size=16), None,
+                         overrides)
+    info = describe(engine)
+    assert info["memory"] == {"sink_tokens": 4, "window": 64, "block_size": 32, "retrieved_blocks": 2}
+    assert info["max_model_len"] == 64 * 16
+    engine.add_request(list(range(100, 800)), SamplingParams(max_new_tokens=2, ignore_eos=True))
+    outs = [o for _ in range(50) if engine.has_unfinished() for o in engine.step() if o.finished]
+    assert len(outs[0].token_ids) == 2

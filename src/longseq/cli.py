@@ -218,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.stem
     if name in loras:
         raise LongseqError(f"--lora {name}=...: '{name}' is the served model's name; give the adapter another")
-    make_engine = partial(load_engine, path, args.dtype, args.device, cfg, loras, overrides)  # adapters first
+    make_engine = partial(load_engine, path, args.dtype, args.device, cfg, loras, overrides)  # all before it serves
     with err.status(f"loading {path.name}" + (" in the engine process" if cfg.engine_process else "")):
         if cfg.engine_process:
             frontend = EngineCoreClient(make_engine, model_name=name)

@@ -58,13 +58,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         bs, h = self.block_size, seq.cache_salt  # chains of different adapters never meet
-        reusable = (seq.num_prompt_tokens - 1) // bs // self.prefix_align * self.prefix_align
-        for i in range(reusable):
+        hits: list[tuple[int, int]] = []  # (block, hash) of the cached prefix
+        for i in range((seq.num_prompt_tokens - 1) // bs):
             tokens = seq.prompt_ids[i * bs : (i + 1) * bs]
             h = block_hash(h, tokens)
             block = self.cached.get(h)
             if block is None or self.block_tokens.get(block) != tuple(tokens):
                 break
+            hits.append((block, h))
+        for block, h in hits[: len(hits) // self.prefix_align * self.prefix_align]:
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1

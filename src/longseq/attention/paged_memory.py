@@ -33,7 +33,8 @@ _MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # as paged
 
 
 class PagedMemoryKVCache(PagedKVCache):
-    """The engine's KV pool under memory attention: `plan` (MemoryStep) is set before each step, as `batch` is."""
+    """The engine's KV pool under memory attention: `set_plan` gives it each step's MemoryStep, as `batch` its
+    PagedBatch (built with slots_only: the new K/V are written as in plain serving)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, spec: AttentionConfig, inv_freq: torch.Tensor | None,

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     from longseq.config import EngineConfig
 
     add_dataclass_flags(v, EngineConfig)
+    add_dataclass_flags(v, ModelOverrides)  # --attention memory --window 4096: contexts past the model's (InfLLM)
     v.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="generate, LoRA-teach the built-in model three new facts, plan, passkey "
@@ -188,7 +189,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from longseq.config import EngineConfig
+    from longseq.config import EngineConfig, ModelOverrides
+    from longseq.config.engine import check_served_overrides
     from longseq.config.flags import config_from
     from longseq.engine.async_engine import AsyncLLMEngine
     from longseq.engine.core_client import EngineCoreClient
@@ -199,6 +201,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from longseq.serve.body import DEFAULT_MAX_REQUEST_BYTES
 
     cfg = config_from(EngineConfig, args)
+    overrides = config_from(ModelOverrides, args)
+    if overrides == ModelOverrides():
+        overrides = None
+    else:
+        check_served_overrides(overrides)  # before the model loads
     loras = _lora_args(args.lora)
     if loras:
         cfg = dataclasses.replace(cfg, enable_lora=True)
@@ -211,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.stem
     if name in loras:
         raise LongseqError(f"--lora {name}=...: '{name}' is the served model's name; give the adapter another")
-    make_engine = partial(load_engine, path, args.dtype, args.device, cfg, loras)  # the adapters before it serves
+    make_engine = partial(load_engine, path, args.dtype, args.device, cfg, loras, overrides)  # all before it serves
     with err.status(f"loading {path.name}" + (" in the engine process" if cfg.engine_process else "")):
         if cfg.engine_process:
             frontend = EngineCoreClient(make_engine, model_name=name)
@@ -227,6 +234,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"{blocks:,} blocks × {cfg.kv_block_size} tokens = {blocks * cfg.kv_block_size:,} tokens · context "
               f"{info['max_model_len']:,} · engine "
               f"{'in its own process' if cfg.engine_process else 'on a thread of the server'}[/]")
+    if (memory := info["memory"]) is not None:
+        err.print(f"[dim]memory attention (InfLLM): {memory['sink_tokens']} sink tokens, window {memory['window']:,}, "
+                  f"blocks of {memory['block_size']} tokens, {memory['retrieved_blocks']} retrieved per query "
+                  "block[/]")
     if (pool := info["lora_pool"]) is not None:
         err.print(f"[dim]LoRA pool: {pool['num_slots']} slots of rank {pool['max_rank']} "
                   f"({pool['nbytes'] / 2**20:,.0f} MiB)[/]")

@@ -302,3 +302,13 @@ def test_random_workload_keeps_invariants(seed, caching):
     assert bm.num_free_blocks == nb
     if caching:
         assert hits > 0  # the workload did exercise prefix reuse
+
+
+def test_prefix_hits_are_whole_groups_of_prefix_align_blocks():
+    # Memory attention's query blocks span 2 KV blocks: of 3 cached blocks a new prompt reuses 2, and nothing of
+    # a prefix of 1.
+    bm = BlockManager(20, BS, prefix_align=2)
+    first = computed(bm, seq(range(13)))  # blocks 0-2 full and published
+    assert bm.allocate_prefix(seq(list(range(12)) + [50, 51, 52, 53, 54, 55])) == 8  # 3 blocks match, 4 might
+    assert bm.allocate_prefix(seq(list(range(4)) + [60, 61, 62, 63, 64])) == 0
+    bm.free_seq(first)

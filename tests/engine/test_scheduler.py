@@ -19,9 +19,10 @@ def next_token(s: Sequence) -> int:
 class Sim:
     """An engine without a model: schedule, advance num_computed, commit, sample, finish on length."""
 
-    def __init__(self, num_blocks=64, block_size=4, max_num_seqs=8, budget=32, caching=True):
-        self.bm = BlockManager(num_blocks, block_size, caching)
-        self.sched = Scheduler(self.bm, max_num_seqs, budget)
+    def __init__(self, num_blocks=64, block_size=4, max_num_seqs=8, budget=32, caching=True, align=1):
+        """`align`: memory attention's query block (chunks and prefix hits end on its multiples)."""
+        self.bm = BlockManager(num_blocks, block_size, caching, prefix_align=max(1, align // block_size))
+        self.sched = Scheduler(self.bm, max_num_seqs, budget, chunk_align=align)
         self.budget, self.max_num_seqs = budget, max_num_seqs
         self.history: list[list[tuple[Sequence, int]]] = []
         self.finished: list[Sequence] = []
@@ -268,3 +269,27 @@ def test_schedule_ahead_waits_for_admission():
     sim.step()
     scheduled = sim.step()
     assert sim.sched.schedule_ahead(scheduled, [s for s, _ in scheduled]) is not None
+
+
+@pytest.mark.parametrize("budget", [8, 13, 40])
+def test_memory_attention_chunks_and_prefix_hits_end_on_query_blocks(budget):
+    # Query blocks of 8 tokens (2 KV blocks): a prompt chunk that leaves some of its prompt ends on a multiple of 8,
+    # as does a prefix hit; the outputs are those of sequences run alone.
+    rng = random.Random(budget)
+    stem = [rng.randrange(97) for _ in range(21)]
+    prompts = [stem + [rng.randrange(97) for _ in range(rng.randint(1, 30))] for _ in range(8)]
+    prompts += [[rng.randrange(97) for _ in range(rng.randint(1, 50))] for _ in range(8)]
+    max_outs = [rng.randint(1, 9) for _ in prompts]
+    sim = Sim(num_blocks=96, budget=budget, max_num_seqs=5, align=8)
+    hits = []
+    allocate = sim.bm.allocate_prefix
+    sim.bm.allocate_prefix = lambda s: hits.append(allocate(s)) or hits[-1]
+    ends = []  # (where a chunk ends, the tokens its sequence has)
+    schedule = sim.sched.schedule
+    sim.sched.schedule = lambda: [ends.append((s.num_computed_tokens + n, len(s))) or (s, n) for s, n in schedule()]
+    seqs = [sim.add(p, m) for p, m in zip(prompts, max_outs, strict=True)]
+    sim.run()
+    assert all(end % 8 == 0 for end, total in ends if end < total)  # chunks that leave some of their tokens
+    assert any(end % 8 for end, total in ends)  # while the prompts' ends are anywhere
+    assert all(h % 8 == 0 for h in hits) and any(h > 0 for h in hits)
+    assert [s.output_ids for s in seqs] == reference_outputs(prompts, max_outs)

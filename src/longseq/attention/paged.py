@@ -59,15 +59,24 @@ class PagedBatch:
 
     @classmethod
     def build(cls, block_tables: list[list[int]], query_lens: list[int], context_lens: list[int], block_size: int,
-              device: torch.device, num_kv_heads: int = 1) -> PagedBatch:
+              device: torch.device, num_kv_heads: int = 1, slots_only: bool = False) -> PagedBatch:
+        """`slots_only`: just where the new K/V go (block_tables then stays empty), for an attention that plans its
+        own reads (memory attention: attention/paged_memory_plan.py); host work grows with the new tokens only, not
+        with the contexts."""
         # A handful of vectorized host ops and a few copies to the device, whatever the batch size: per-sequence
         # tensors here cost more host time than the whole decode step's GPU time.
         B, bs, dev = len(query_lens), block_size, torch.device(device)
         ctx, q_lens = torch.tensor(context_lens), torch.tensor(query_lens)
-        tables = pad_tables(block_tables, max(len(t) for t in block_tables))
         seq = torch.repeat_interleave(torch.arange(B), q_lens)  # (N,) owning sequence of each new token
         first = torch.repeat_interleave(torch.cumsum(q_lens, 0) - q_lens, q_lens)
         pos = (ctx - q_lens)[seq] + torch.arange(int(q_lens.sum())) - first  # (N,) position within its sequence
+        if slots_only:  # the blocks the new tokens fall in, each table from its first such block
+            lo = [(c - n) // bs for n, c in zip(query_lens, context_lens, strict=True)]
+            tail = [t[a : (c - 1) // bs + 1] for t, a, c in zip(block_tables, lo, context_lens, strict=True)]
+            tables = pad_tables(tail, max(len(t) for t in tail))
+            (slots,) = upload_ints(dev, tables[seq, pos // bs - torch.tensor(lo)[seq]] * bs + pos % bs)
+            return cls(slots, query_lens, context_lens, tables[:, :0], bs, dev)
+        tables = pad_tables(block_tables, max(len(t) for t in block_tables))
         host = [tables[seq, pos // bs] * bs + pos % bs]  # every index tensor of the step goes over in one copy
         chunks = Chunks.host(tables, q_lens, ctx, bs)
         if chunks is not None:
@@ -230,6 +239,11 @@ class PagedKVCache:
     def attention(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   window: int | None) -> torch.Tensor:
         """q (1, H, N, D), k/v (1, H_kv, N, D) for this step's N new tokens."""
+        scales = self.write(layer_idx, k, v)
+        return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window, scales)
+
+    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Store k/v (1, H_kv, N, D) at the step's slots; returns the layer's FP8 scales (None: no FP8 pool)."""
         slots = self.batch.slot_mapping
         k, v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # (N, H_kv, D)
         scales = None if self.scales is None else self.scales[layer_idx]  # (2,): K's and V's
@@ -242,4 +256,4 @@ class PagedKVCache:
                 k, v = quantize_kv(k, scales[0]), quantize_kv(v, scales[1])
             self.k[layer_idx][slots] = k
             self.v[layer_idx][slots] = v
-        return paged_attention(q, self.k[layer_idx], self.v[layer_idx], self.batch, window, scales)
+        return scales

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longseq.config.flags import flag
+from longseq.config.model import ModelConfig
+from longseq.config.overrides import ModelOverrides
 from longseq.config.policy import INT4_GROUP_SIZES, KV_CACHE_DTYPES, KV_POOL_MODES, MAX_LORA_RANK, QUANT_METHODS
 from longseq.errors import LongseqError
 
@@ -87,3 +89,35 @@ def check_quantization(method: str | None, group_size: int = 128) -> None:
     if group_size not in INT4_GROUP_SIZES:
         raise LongseqError(f"quant_group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, got "
                            f"{group_size}")
+
+
+def check_served_attention(cfg: EngineConfig, model: ModelConfig) -> None:
+    """One line for an attention the serving engine cannot run: it serves causal (or sliding-window) attention, and
+    memory attention (attention/paged_memory.py) with its blocks made of whole KV blocks, on one GPU."""
+    attn = model.attention
+    if attn.variant not in ("causal", "memory") or attn.alibi:  # the paged kernels know causal masks and windows
+        raise LongseqError(f"the serving engine runs causal or sliding-window attention, or memory attention; not "
+                           f"{attn.variant}"
+                           + (" with ALiBi" if attn.alibi else ""))
+    if attn.variant != "memory":
+        return
+    if attn.block_size % cfg.kv_block_size:
+        raise LongseqError(f"memory attention's block size ({attn.block_size}) must be a multiple of the KV block "
+                           f"size ({cfg.kv_block_size}): its blocks are made of whole KV blocks")
+    if cfg.tensor_parallel > 1:
+        raise LongseqError("memory attention is served on one GPU for now (--tensor-parallel 1)")
+    if attn.memory_placement != "gpu":
+        raise LongseqError("the serving engine keeps memory attention's blocks in its GPU KV pool; "
+                           "--memory-placement host is for `longseq generate` and `longseq eval`")
+    if model.rope.type == "dynamic":
+        raise LongseqError("memory attention in the serving engine needs fixed RoPE frequencies, not dynamic NTK "
+                           "(its positions run far past the context)")
+    attn.check_context(model.max_seq_len)
+
+
+def check_served_overrides(overrides: ModelOverrides) -> None:
+    """One line for a model override the serving engine would not use (the contiguous attention paths' options)."""
+    for name in ("attention_chunk", "attention_kernel"):
+        if getattr(overrides, name) is not None:
+            raise LongseqError(f"--{name.replace('_', '-')} does not apply to the serving engine (its paged attention "
+                               "has kernels of its own)")

@@ -18,9 +18,11 @@ class BlockManager:
     """Invariants: a block is in `free` iff its ref count is 0; `cached` maps the hash of a block whose K/V is fully
     computed to that block (free or in use) until the block is reallocated for other tokens."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, prefix_align: int = 1):
+        """`prefix_align`: a prefix hit is a whole number of this many blocks (memory attention's query blocks)."""
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.prefix_align = prefix_align
         self.ref_counts = [0] * num_blocks
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest freed first
         self.cached: dict[int, int] = {}  # hash -> block id
@@ -56,13 +58,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         bs, h = self.block_size, seq.cache_salt  # chains of different adapters never meet
-        reusable = (seq.num_prompt_tokens - 1) // bs
-        for i in range(reusable):
+        hits: list[tuple[int, int]] = []  # (block, hash) of the cached prefix
+        for i in range((seq.num_prompt_tokens - 1) // bs):
             tokens = seq.prompt_ids[i * bs : (i + 1) * bs]
             h = block_hash(h, tokens)
             block = self.cached.get(h)
             if block is None or self.block_tokens.get(block) != tuple(tokens):
                 break
+            hits.append((block, h))
+        for block, h in hits[: len(hits) // self.prefix_align * self.prefix_align]:
             if self.ref_counts[block] == 0:
                 del self.free[block]
             self.ref_counts[block] += 1

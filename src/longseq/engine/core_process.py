@@ -39,7 +39,7 @@ from longseq.errors import LongseqError, first_line
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-    from longseq.config import EngineConfig
+    from longseq.config import AttentionConfig, EngineConfig, ModelOverrides
     from longseq.engine.llm_engine import LLMEngine
     from longseq.engine.lora import LoRAAdapter
     from longseq.engine.outputs import RequestOutput, TokenLogprob
@@ -61,18 +61,23 @@ class Delta(NamedTuple):
 
 
 def load_engine(path: str | Path, dtype: str, device: str, cfg: EngineConfig,
-                loras: dict[str, str] | None = None) -> LLMEngine:
+                loras: dict[str, str] | None = None, overrides: ModelOverrides | None = None) -> LLMEngine:
     """`longseq serve`'s engine: the model at `path` on one GPU, or tensor-parallel over cfg.tensor_parallel, with
-    the LoRA adapters `loras` (name -> folder: --lora) registered."""
+    the LoRA adapters `loras` (name -> folder: --lora) registered and `overrides` (--attention memory, ...)
+    applied."""
     if cfg.tensor_parallel > 1:  # this process is rank 0; it starts the other ranks (no adapters: EngineConfig)
+        if overrides is not None:
+            raise LongseqError("model overrides (--attention, --rope-scaling, ...) are applied on one GPU; drop "
+                               "--tensor-parallel")
         from longseq.engine.tp_engine import start_engine
 
         return start_engine(path, dtype, device, cfg)
+    from longseq.engine.llm import with_overrides
     from longseq.engine.llm_engine import LLMEngine
     from longseq.models.loader import load
 
-    engine = LLMEngine(load(path, dtype=dtype, device=device, quantization=cfg.quantization,
-                            group_size=cfg.quant_group_size), cfg)
+    lm = load(path, dtype=dtype, device=device, quantization=cfg.quantization, group_size=cfg.quant_group_size)
+    engine = LLMEngine(with_overrides(lm, overrides), cfg)
     try:
         register_loras(engine, loras or {})
     except BaseException:
@@ -97,11 +102,20 @@ def describe(engine: LLMEngine) -> dict[str, Any]:
             "kv_block_size": engine.cfg.kv_block_size, "max_model_len": engine.max_model_len,
             "max_queue": engine.cfg.max_queue, "tensor_parallel": engine.cfg.tensor_parallel,
             "quantization": getattr(engine.lm.model, "quantization", None),
+            "memory": memory_knobs(engine.lm.config.attention),
             "loras": {name: {"path": a.path, "rank": a.rank, "targets": a.targets}
                       for name, a in (engine.loras.adapters.items() if engine.loras is not None else ())},
             "lora_pool": None if engine.runner.lora is None else {
                 "num_slots": engine.runner.lora.num_slots, "max_rank": engine.runner.lora.max_rank,
                 "nbytes": engine.runner.lora.nbytes}}
+
+
+def memory_knobs(attn: AttentionConfig) -> dict[str, int] | None:
+    """Memory attention's settings as the server reports them (None: another attention)."""
+    if attn.variant != "memory":
+        return None
+    return {"sink_tokens": attn.sink_tokens, "window": attn.local_window, "block_size": attn.block_size,
+            "retrieved_blocks": attn.retrieved_blocks}
 
 
 def portable(e: BaseException) -> Exception:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from longseq.config import EngineConfig
+from longseq.config import EngineConfig, ModelOverrides
+from longseq.config.engine import check_served_overrides
 from longseq.engine.llm_engine import LLMEngine
 from longseq.engine.outputs import RequestOutput
 from longseq.errors import LongseqError
@@ -18,19 +20,25 @@ if TYPE_CHECKING:
 
 class LLM:
     def __init__(self, model: str | Path | LoadedModel | None = None, *, dtype: str = "auto", device: str = "auto",
-                 loras: dict[str, str | Path] | None = None, **engine_options):
+                 loras: dict[str, str | Path] | None = None, **options):
         """`model`: HF directory, .gguf, None for the built-in model, or a model already loaded (models/loader.py:
         served as it is, `quantization` applied to what it holds in 16 bits); `loras`: LoRA adapters to serve beside
-        it, name -> PEFT folder (more with `add_lora`; implies enable_lora); `engine_options`: EngineConfig fields."""
+        it, name -> PEFT folder (more with `add_lora`; implies enable_lora); `options`: EngineConfig fields, and
+        ModelOverrides fields applied to the model before it is served (attention="memory", window=4096, ...: a
+        model already loaded is changed in place)."""
         from longseq.models.loader import LoadedModel, load
 
+        overrides, engine_options = split_options(options)
         if loras:
             engine_options.setdefault("enable_lora", True)
         cfg = EngineConfig(**engine_options)
+        if overrides is not None and cfg.tensor_parallel > 1:
+            raise LongseqError(f"{', '.join(sorted(set(options) - set(engine_options)))}: model overrides are "
+                               "applied on one GPU; drop tensor_parallel")
         if isinstance(model, LoadedModel):
             if cfg.tensor_parallel > 1:
                 raise LongseqError("a model already loaded is served on one GPU; give its path for tensor_parallel")
-            self.engine = LLMEngine(model, cfg)
+            self.engine = LLMEngine(with_overrides(model, overrides), cfg)
         elif cfg.tensor_parallel > 1:  # this process becomes rank 0 and starts the others (call close() at the end)
             from longseq.engine.tp_engine import start_engine
 
@@ -38,7 +46,7 @@ class LLM:
         else:
             lm = load(model, dtype=dtype, device=device, quantization=cfg.quantization,
                       group_size=cfg.quant_group_size)
-            self.engine = LLMEngine(lm, cfg)
+            self.engine = LLMEngine(with_overrides(lm, overrides), cfg)
         self.tokenizer = self.engine.tokenizer
         for name, path in (loras or {}).items():
             self.add_lora(name, path)
@@ -88,3 +96,21 @@ class LLM:
         if failed is not None:  # the others did finish (engine/isolation.py), but a list with a hole would mislead
             raise failed.error
         return [done[r] for r in order]
+
+
+def split_options(options: dict) -> tuple[ModelOverrides | None, dict]:
+    """LLM's keyword options as ModelOverrides (None where none is given) and the EngineConfig fields left."""
+    names = {f.name for f in dataclasses.fields(ModelOverrides)}
+    model = {k: v for k, v in options.items() if k in names}
+    return (ModelOverrides(**model) if model else None), {k: v for k, v in options.items() if k not in names}
+
+
+def with_overrides(lm: LoadedModel, overrides: ModelOverrides | None) -> LoadedModel:
+    """lm with `overrides` applied to its model (in place); those the engine would not use are refused."""
+    if overrides is None:
+        return lm
+    from longseq.models.overrides import apply_overrides
+
+    check_served_overrides(overrides)
+    apply_overrides(lm.model, overrides)
+    return lm

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from longseq.config import EngineConfig
+from longseq.config.engine import check_served_attention
 from longseq.engine.block_manager import BlockManager
 from longseq.engine.inflight import InflightStep, RowLogprobs
 from longseq.engine.isolation import Isolation
@@ -27,17 +28,19 @@ class LLMEngine:
     def __init__(self, lm: Any, cfg: EngineConfig | None = None, runner: ModelRunner | None = None):
         """`lm` is a LoadedModel (model + tokenizer); `runner` a ModelRunner subclass (tensor parallel)."""
         self.lm, self.cfg = lm, cfg or EngineConfig()
+        check_served_attention(self.cfg, lm.config)
         attn = lm.config.attention
-        if attn.variant != "causal" or attn.alibi:  # the paged kernels know causal masks and sliding windows only
-            raise LongseqError(f"the serving engine runs causal or sliding-window attention; not {attn.variant}"
-                               + (" with ALiBi" if attn.alibi else ""))
         self.tokenizer = lm.tokenizer
         self.runner = runner or ModelRunner(lm.model, self.cfg)
-        self.blocks = BlockManager(self.runner.num_blocks, self.cfg.kv_block_size, self.cfg.enable_prefix_caching)
+        # Memory attention: prompt chunks and prefix-cache hits end on whole query blocks where they can, so that
+        # a prompt is cut into query blocks as `generate` cuts it, however it is scheduled (paged_memory_plan.py).
+        align = attn.block_size if attn.variant == "memory" else 1
+        self.blocks = BlockManager(self.runner.num_blocks, self.cfg.kv_block_size, self.cfg.enable_prefix_caching,
+                                   prefix_align=align // self.cfg.kv_block_size or 1)
         self.limits = RequestLimits(self.runner.max_model_len, lm.config.vocab_size, self.cfg.kv_block_size,
                                     self.blocks.num_blocks)
         self.scheduler = Scheduler(self.blocks, self.cfg.max_num_seqs, self.cfg.max_num_batched_tokens,
-                                   self.runner.lora)
+                                   self.runner.lora, chunk_align=align)
         # LoRA serving: the adapters by name, over the runner's pool of GPU slots (None: adapters are off)
         self.loras = LoRARegistry(self.runner.lora) if self.runner.lora is not None else None
         self.sampler = Sampler(lm.config.vocab_size, self.runner.device)

@@ -3,11 +3,14 @@ memory."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
 import torch
 
 from longseq.attention.paged import PagedBatch, PagedKVCache, decode_splits, use_decode_kernel
+from longseq.attention.paged_memory import PagedMemoryKVCache
+from longseq.attention.paged_memory_plan import plan_step
 from longseq.config import EngineConfig
 from longseq.engine.cuda_graphs import BATCH_BUCKETS, DecodeGraph, bucket, key_bucket
 from longseq.engine.lora import LoRAPool
@@ -24,9 +27,11 @@ from longseq.models.sparse_moe import SparseMoeBlock
 
 def kv_bytes_per_block(model: CausalLM, block_size: int, kv_dtype: torch.dtype | None = None) -> int:
     # K and V, every layer: 2 * L * block_size * H_kv * head_dim * bytes (GQA/MQA shrink H_kv; tensor parallelism
-    # keeps H_kv / N on each GPU; an FP8 pool has 1 byte a value).
+    # keeps H_kv / N on each GPU; an FP8 pool has 1 byte a value). Memory attention adds a float32 mean key per
+    # block and layer (attention/paged_memory.py).
     cfg, dtype = model.config, kv_dtype or model.lm_head.weight.dtype
-    return 2 * cfg.num_layers * block_size * local_kv_heads(model) * cfg.head_dim * dtype.itemsize
+    per_value = 2 * block_size * dtype.itemsize + (4 if cfg.attention.variant == "memory" else 0)
+    return cfg.num_layers * local_kv_heads(model) * cfg.head_dim * per_value
 
 
 def kv_pool_dtype(model: CausalLM, cfg: EngineConfig) -> torch.dtype:
@@ -94,13 +99,24 @@ class ModelRunner:
         mc = model.config
         # One block more than the block manager hands out: the scratch slot that padded graph rows write to.
         self.scratch_slot = self.num_blocks * self.block_size
-        self.cache = PagedKVCache(mc.num_layers, (self.num_blocks + 1) * self.block_size, local_kv_heads(model),
-                                  mc.head_dim, kv_pool_dtype(model, cfg), self.device)
+        # Memory attention (InfLLM): positions run past the context, each layer reads sinks, window and retrieved
+        # blocks of the pool (attention/paged_memory.py).
+        self.memory = mc.attention if mc.attention.variant == "memory" else None
+        if self.memory is not None:
+            self.cache = PagedMemoryKVCache(mc.num_layers, self.num_blocks, self.block_size, local_kv_heads(model),
+                                            mc.head_dim, kv_pool_dtype(model, cfg), self.device, self.memory,
+                                            model.rotary.inv_freq, torch.promote_types(self.dtype, torch.float32))
+            model.rotary.exact_angles = True
+        else:
+            model.rotary.exact_angles = False  # an earlier memory engine on this model may have set it
+            self.cache = PagedKVCache(mc.num_layers, (self.num_blocks + 1) * self.block_size, local_kv_heads(model),
+                                      mc.head_dim, kv_pool_dtype(model, cfg), self.device)
         for layer, (k_scale, v_scale) in getattr(model, "kv_cache_scales", {}).items():
             if self.cache.scales is not None:  # an FP8 checkpoint's calibrated KV scales
                 self.cache.scales[layer] = torch.tensor([k_scale, v_scale])
         # Dynamic NTK reads the longest position on the host every step, which a graph cannot do.
-        self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
+        self.use_graphs = (cfg.cuda_graphs and self.device.type == "cuda" and mc.rope.type != "dynamic"
+                           and self.memory is None)  # memory attention's key widths change with every step
         if self.use_graphs and mc.is_moe:  # without the grouped GEMM, experts size their padding on the host
             self.use_graphs = all(moe.grouped_mm_runs(self.model.lm_head.weight, b.experts.gate_up_proj,
                                                       b.experts.down_proj)
@@ -111,7 +127,9 @@ class ModelRunner:
         # The decode kernel reads each context's length on the device, so one graph per batch bucket serves every
         # length up to the model's context, and all of them are captured now rather than on a request's first
         # step. The gather path needs the key length in the graph's shapes: one graph per power-of-two length.
-        self.max_model_len = max_model_len(cfg, mc.max_seq_len)
+        # Memory attention's contexts are bounded by the pool alone.
+        limit = self.num_blocks * self.block_size if self.memory is not None else mc.max_seq_len
+        self.max_model_len = max_model_len(cfg, limit)
         self.fixed_keys = use_decode_kernel(self.device, mc.head_dim)
         if self.use_graphs and self.fixed_keys:
             self._capture_all()
@@ -143,7 +161,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.zeros(1, self.cfg.max_num_batched_tokens, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), causal_stand_in(self.model):
             self.model.logits(self.model.hidden(ids)[:, -self.cfg.max_num_seqs :])
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device)
@@ -198,7 +216,10 @@ class ModelRunner:
             if logits is not None:
                 return logits
         self.cache.batch = PagedBatch.build(step.block_tables, step.query_lens, step.context_lens, self.block_size,
-                                            self.device, self.cache.num_kv_heads)
+                                            self.device, self.cache.num_kv_heads, slots_only=self.memory is not None)
+        if self.memory is not None:
+            self.cache.set_plan(plan_step(step.block_tables, step.query_lens, step.context_lens, self.block_size,
+                                          self.memory, self.device))
         # one copy that does not wait for the GPU (engine/uploads.py), as PagedBatch.build's
         host = [step.positions, step.last] + ([] if ids is not None else [step.ids])
         pos_t, last, *new_ids = upload(self.device, ints=host)[0]
@@ -225,6 +246,23 @@ class ModelRunner:
                               step.lora_slots)  # (B, d)
         # The vocabulary projection stays outside the graphs: its (B, V) output per captured graph would hold GBs.
         return self.model.logits(hidden).float()
+
+
+@contextmanager
+def causal_stand_in(model: CausalLM):
+    """Memory attention runs only over a cache: a cache-less forward (the engine's measured step) runs causal
+    attention in its place, the nearest in memory (the gathers of memory attention come on top)."""
+    variants = [layer.self_attn.variant for layer in model.model.layers]
+    if all(v.variant != "memory" for v in variants):
+        yield
+        return
+    try:
+        for layer, v in zip(model.model.layers, variants, strict=True):
+            layer.self_attn.variant = replace(v, variant="causal")
+        yield
+    finally:
+        for layer, v in zip(model.model.layers, variants, strict=True):
+            layer.self_attn.variant = v
 
 
 @dataclass

@@ -22,9 +22,12 @@ class Scheduler:
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 loras: LoRAPool | None = None):
+                 loras: LoRAPool | None = None, chunk_align: int = 1):
         """`loras`: the adapter slots (LoRA serving); a sequence with an adapter runs only while it pins a slot, and
-        one whose adapter finds no slot (every slot pinned) lets those behind it go first."""
+        one whose adapter finds no slot (every slot pinned) lets those behind it go first. `chunk_align`: a prompt
+        chunk that does not finish its prompt ends on a multiple of this many positions, where the budget reaches
+        one (memory attention's query blocks)."""
+        self.chunk_align = chunk_align
         self.blocks = block_manager
         self.loras = loras
         self.max_num_seqs = max_num_seqs
@@ -46,7 +49,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
             if n <= 0:
                 continue
             while not self.blocks.ensure(seq, seq.num_computed_tokens + n):
@@ -64,8 +67,8 @@ class Scheduler:
                 no_slot.append(self.waiting.popleft())
                 continue
             seq.num_computed_tokens = self.blocks.allocate_prefix(seq)
-            n = min(len(seq) - seq.num_computed_tokens, budget)
-            if not self.blocks.ensure(seq, seq.num_computed_tokens + n):
+            n = self._chunk(seq, budget)
+            if n == 0 or not self.blocks.ensure(seq, seq.num_computed_tokens + n):
                 # FCFS: nobody overtakes the head of the queue. It gives back its prefix hits: a waiting sequence
                 # holding blocks could starve a preempted one queued ahead of it, and the engine would stall.
                 self.free(seq)
@@ -77,6 +80,16 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(no_slot))
         return scheduled
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """The tokens of seq to compute within `budget`: all it has left, or a chunk ending on a multiple of
+        chunk_align; 0 (wait for the next step) where the budget left reaches none, unless no budget ever would."""
+        left = len(seq) - seq.num_computed_tokens
+        n = min(left, budget)
+        if n < left and self.chunk_align > 1 and self.max_num_batched_tokens >= self.chunk_align:
+            end = (seq.num_computed_tokens + n) // self.chunk_align * self.chunk_align
+            n = max(0, end - seq.num_computed_tokens)
+        return n
 
     def _acquire_lora(self, seq: Sequence) -> bool:
         """Pin a slot holding seq's adapter (loading it if need be); False where every slot is pinned."""

@@ -86,6 +86,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         # llama.cpp stores Llama 3.1 scaling as per-frequency divisors (`rope_freqs`); None elsewhere.
         self.freq_factors: torch.Tensor | None = None
+        # Angles in float64: the engine's memory attention (attention/paged_memory.py) sets it, its positions
+        # running far past the context, where float32's position * inv_freq is off by a sizeable fraction of a
+        # radian (its rounding step at 2^20 is 2^-4) while keys are re-rotated exactly.
+        self.exact_angles = False
 
     def reset(self, device: torch.device | str) -> None:
         """Recompute the (non-persistent) tables on `device`; used after building the model on `meta`."""
@@ -103,7 +107,10 @@ class RotaryEmbedding(nn.Module):
             if seq_len > self.rope.original_max_position_embeddings:
                 inv_freq, scale = inv_freq_for(self.rope, self.head_dim, seq_len)
                 inv_freq = inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * inv_freq  # (B, S, head_dim/2), float32 for long positions
+        if self.exact_angles:
+            freqs = positions[..., None].double() * inv_freq.double()  # (B, S, head_dim/2)
+        else:
+            freqs = positions[..., None].float() * inv_freq  # (B, S, head_dim/2), float32 for long positions
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, head_dim): HF layout, halves rotate together
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 

@@ -183,6 +183,20 @@ def test_passkey_with_memory_past_the_context(tiny_dir, tmp_path, capsys):
     assert err[-1].startswith("longseq: error: memory attention: local window 250") and "(256)" in err[-1], err
 
 
+def test_needle_with_memory_past_the_context(tiny_dir, tmp_path, capsys):
+    assert main(["eval", "needle", "--model", str(tiny_dir), "--device", "cpu", "--lengths", "400", "--depths",
+                 "0,100", "--trials", "2", "--attention", "memory", "--window", "64", "--block-size", "16", "--out",
+                 str(tmp_path)]) == 0
+    result = _read(tmp_path / "needle.json")
+    assert result["task"] == "needle" and len(result["samples"]) == 4 and (tmp_path / "needle.png").is_file()
+    assert all(len(s["key"]) == 7 and s["prompt_tokens"] == 400 - 12 for s in result["samples"])
+    assert "needle accuracy" in capsys.readouterr().out
+    # Its lengths are checked before the model loads, as the passkey's are.
+    assert main(["eval", "needle", "--model", str(tiny_dir), "--device", "cpu", "--lengths", "1K",
+                 "--out", str(tmp_path)]) == 2
+    assert "needle length 1024 exceeds the model's context (256)" in capsys.readouterr().err
+
+
 # ---- passkey lengths are checked before the model loads (issue 22) ----------------------------------------------
 
 

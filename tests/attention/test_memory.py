@@ -151,3 +151,23 @@ def test_bad_values_are_one_line_errors():
     with pytest.raises(LongseqError, match="must fit the model's context"):
         ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     max_seq_len=64, attention=AttentionConfig("memory", local_window=64, block_size=4))
+
+
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+def test_skipped_context_attends_as_an_attended_one(qkv, placement):
+    # skip() stores a prefix without attending (decode benchmarks): what follows attends exactly as after attend().
+    spec = replace(SPEC, memory_placement=placement)
+    q, k, v = qkv
+    table = rope_table(INV_FREQ, spec.local_window + spec.block_size, q.dtype, "cpu")
+    frame = query_positions(T, spec, "cpu")
+    qr, kr = rotate(q, table[0][frame], table[1][frame]), rotate(k, table[0][frame], table[1][frame])
+    attended, skipped = (LayerMemory(spec, B, H_KV, D, "cpu", q.dtype, table) for _ in range(2))
+    prefix = 61
+    attended.attend(qr[:, :, :prefix], kr[:, :, :prefix], v[:, :, :prefix])
+    skipped.skip(kr[:, :, :prefix], v[:, :, :prefix])
+    assert skipped.seen == prefix and skipped.memory.num_blocks > spec.retrieved_blocks
+    for t in range(prefix, T):  # decode, each token at frame position `window` (a one-token query block)
+        qd = rotate(q[:, :, t : t + 1], table[0][[spec.local_window]], table[1][[spec.local_window]])
+        kd = rotate(k[:, :, t : t + 1], table[0][[spec.local_window]], table[1][[spec.local_window]])
+        step = (qd, kd, v[:, :, t : t + 1])
+        torch.testing.assert_close(skipped.attend(*step), attended.attend(*step), atol=0, rtol=0)

@@ -42,7 +42,7 @@ import torch
 
 from longseq.attention.sdpa import attention
 from longseq.config import AttentionConfig
-from longseq.config.policy import MEMORY_FIRST_BLOCKS
+from longseq.config.policy import MEMORY_FIRST_BLOCKS, MEMORY_PREFILL_TOKENS
 
 
 def query_positions(num_tokens: int, spec: AttentionConfig, device: torch.device | str) -> torch.Tensor:
@@ -202,6 +202,23 @@ class LayerMemory:
         out = [self._block(q[:, :, a : a + bs], self.seen + a) for a in range(0, n, bs)]
         self.seen += n
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def skip(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, H_kv, n, D) of the next n positions, rotated as for `attend`, without attending: a context
+        whose outputs nobody reads (a decode benchmark's synthetic prefix). Blocks that have left the window of the
+        next query move to the memory in steps of a block, so the buffers end as a real prefill leaves them."""
+        n = k.shape[2]
+        if self.table is not None:
+            cos, sin = self.table
+            frame = query_positions(n, self.spec, self.device)
+            k = rotate(k, cos[frame], -sin[frame])
+        bs = self.spec.block_size
+        step = bs * max(1, MEMORY_PREFILL_TOKENS // bs)  # a prefill's pieces: the recent buffer grows as under attend
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            self._store(k[:, :, a:b], v[:, :, a:b])
+            self.seen += b - a
+            self._evict(max(0, self.seen - self.spec.local_window + 1))
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append un-rotated k, v (B, H_kv, n, D) of positions seen .. seen+n-1: sinks first, then recent."""

@@ -60,8 +60,8 @@ PRESETS = {
     # 2 CPU cores, fp32: memory attention at every length to 64K, full attention to 32K, one depth.
     "cpu": dict(lengths="16K,32K,64K", depths="50", trials=1, full_max="32K", ppl_lengths="16K",
                 speed_lengths="8K,16K,32K,64K", new_tokens=8),
-    # One H200, bf16: everything up to 1M; full attention to 128K (its prefill is O(L^2)).
-    "h200": dict(lengths="16K,32K,64K,128K,256K,1M", depths="0,25,50,75,100", trials=1, full_max="128K",
+    # One H200, bf16: memory attention at every length to 1M, full attention to 64K (its prefill is O(L^2)).
+    "h200": dict(lengths="16K,32K,64K,128K,256K,1M", depths="0,25,50,75,100", trials=2, full_max="64K",
                  ppl_lengths="32K,128K", speed_lengths="8K,32K,128K,512K,1M", new_tokens=32),
     # A tiny random model (native context 256): every path in seconds, for a smoke test.
     "tiny": dict(lengths="512,1K", depths="50", trials=1, full_max="512", ppl_lengths="512",
@@ -249,25 +249,32 @@ def calibrate(lm, native: int, args) -> Costs:
 def plan_cells(args, native: int, costs: Costs, kv_limit: int | None) -> list[Cell]:
     cells: list[Cell] = []
     answer = 12  # decode steps a retrieval prompt takes at most
+    # memory-host: the blocks in host memory (the GPU holds sinks, window and what is retrieved); on a CPU it is
+    # the same as memory.
+    modes = ("full", "memory", "memory-host") if costs.read_bytes_per_s == DECODE_READ_BYTES_PER_S["cuda"] else \
+        ("full", "memory")
     for n in args.speed_lengths:
-        for mode in ("full", "memory"):
+        for mode in modes:
             c = Cell("speed", mode, n)
-            c.estimate_s = 1.0 + (args.new_tokens + 2) * costs.decode("memory" if mode == "memory" else "none", n) \
-                + (costs.memory_per_token * n / 20 if mode == "memory" else 0.0)
+            memory = mode.startswith("memory")
+            c.estimate_s = 1.0 + (args.new_tokens + 2) * costs.decode("memory" if memory else "none", n) \
+                + (costs.memory_per_token * n / 20 if memory else 0.0)  # the synthetic fill: copies, no attention
             need = costs.kv_bytes_per_token * (n + args.new_tokens + 8)
             if mode == "full" and kv_limit is not None and need > kv_limit:
                 c.not_run = (f"cannot run: full attention's KV cache at {n:,} tokens needs {need / 2**30:.1f} GiB, "
                              f"{kv_limit / 2**30:.1f} GiB free")
             cells.append(c)
     configs = [c for c in args.configs if c == "memory"] + [c for c in args.configs if c != "memory"]
-    for task in args.tasks:  # the first task everywhere before the next: a budget cuts the least important cells
-        for config in configs:
-            for n in args.lengths:
-                c = Cell("retrieval", config, n, task)
-                per_prompt = costs.prefill(config, n) + answer * costs.decode(config, n)
-                c.estimate_s = per_prompt * len(args.depths) * args.trials
-                c.not_run = _full_limit(config, n, args, costs, kv_limit)
-                cells.append(c)
+    # Memory attention first (the method measured), then the baselines task by task: a budget cuts the rest.
+    order = [(config, task) for config in configs if config == "memory" for task in args.tasks]
+    order += [(config, task) for task in args.tasks for config in configs if config != "memory"]
+    for config, task in order:
+        for n in args.lengths:
+            c = Cell("retrieval", config, n, task)
+            per_prompt = costs.prefill(config, n) + answer * costs.decode(config, n)
+            c.estimate_s = per_prompt * len(args.depths) * args.trials
+            c.not_run = _full_limit(config, n, args, costs, kv_limit)
+            cells.append(c)
     for config in configs:
         for n in args.ppl_lengths:
             c = Cell("ppl", config, n)
@@ -338,15 +345,17 @@ def measure_speed(lm, cell: Cell, native: int, args) -> dict:
 
     device, dtype, cfg = lm.device, lm.model.lm_head.weight.dtype, lm.config
     total = cell.length + args.new_tokens + 2
-    if cell.config == "memory":
-        configure(lm, "memory", cell.length, native, args)
+    if cell.config.startswith("memory"):
+        placement = "host" if cell.config == "memory-host" else args.memory_placement
+        settings = argparse.Namespace(**{**vars(args), "memory_placement": placement})
+        configure(lm, "memory", cell.length, native, settings)
     else:
         configure(lm, "none", total, native, args)  # full attention, the context raised for speed only
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     g = torch.Generator(device=device).manual_seed(0)
-    if cell.config == "memory":
+    if cell.config.startswith("memory"):
         cache = MemoryKVCache(lm.config, 1, device, dtype, lm.model.rotary.inv_freq)
         piece = 1 << 16  # random K/V made a piece at a time: the synthetic context never exists twice
         for start in range(0, cell.length, piece):
@@ -422,18 +431,18 @@ def table(results: dict, args) -> str:
         lines.append("")
     speed = results.get("speed", {})
     if speed:
-        head = ["context", "full tok/s", "memory tok/s", "memory / full", "full peak GiB", "memory peak GiB",
-                "full cache GiB", "memory cache GiB"]
+        head = ["context", "attention", "decode tok/s", "vs full", "peak GPU GiB", "cache GiB (all devices)"]
         lines += ["## Decode speed and memory (synthetic context)", "", "| " + " | ".join(head) + " |",
                   "|" + "---|" * len(head)]
         for n in args.speed_lengths:
-            full, mem = speed.get("full", {}).get(str(n)), speed.get("memory", {}).get(str(n))
-            ratio = (f"{mem['decode_tok_s'] / full['decode_tok_s']:.2f}x" if full and mem and "decode_tok_s" in full
-                     and "decode_tok_s" in mem else "")
-            lines.append("| " + " | ".join([
-                _label(n), _cell_text(full, "decode_tok_s", ".1f"), _cell_text(mem, "decode_tok_s", ".1f"), ratio,
-                _cell_text(full, "peak_gib", ".2f"), _cell_text(mem, "peak_gib", ".2f"),
-                _cell_text(full, "cache_gib", ".2f"), _cell_text(mem, "cache_gib", ".2f")]) + " |")
+            full = speed.get("full", {}).get(str(n))
+            for mode in speed:
+                value = speed[mode].get(str(n))
+                ratio = (f"{value['decode_tok_s'] / full['decode_tok_s']:.2f}x" if mode != "full" and full and value
+                         and "decode_tok_s" in full and "decode_tok_s" in value else "")
+                lines.append("| " + " | ".join([
+                    _label(n), mode, _cell_text(value, "decode_tok_s", ".1f"), ratio,
+                    _cell_text(value, "peak_gib", ".2f"), _cell_text(value, "cache_gib", ".2f")]) + " |")
         lines.append("")
     notes = [f"- {c}: {v}" for c, v in results.get("notes", {}).items()]
     if notes:
@@ -488,6 +497,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=None, help="time budget: cells whose estimate no longer "
                    "fits are skipped, with a note")
     p.add_argument("--plan-only", action="store_true", help="calibrate, print the plan and stop")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the start-up timings (no estimates, no budget)")
     args = p.parse_args(argv)
     from longseq.models.loader import resolve_device
 
@@ -531,8 +541,11 @@ def main(argv=None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "describe": {c: describe(c, max(args.lengths), native, args) for c in args.configs},
     }
-    print(f"calibrating on {results['device']} ...", flush=True)
-    costs = calibrate(lm, native, args)
+    if args.no_calibrate:  # no timings: every estimate is 0 and --max-seconds skips nothing
+        costs = Costs(0.0, 0.0, 0.0, 0.0, 0.0, 0, DECODE_READ_BYTES_PER_S[device.type])
+    else:
+        print(f"calibrating on {results['device']} ...", flush=True)
+        costs = calibrate(lm, native, args)
     results["calibration"] = {k: v for k, v in vars(costs).items()}
     kv_limit = None
     if device.type == "cuda":

@@ -83,7 +83,8 @@ def test_host_placement_copies_retrieved_blocks(qkv, monkeypatch):
     real = memory._to_device
     monkeypatch.setattr(memory, "_to_device", lambda x, device: copies.append(x.shape) or real(x, device))
     host, layer = run_fast(replace(SPEC, memory_placement="host"), *qkv, CHUNKS["mixed"], INV_FREQ)
-    assert copies and copies[-1][1] == SPEC.retrieved_blocks  # (B, k, H_kv, block, D), once for K and once for V
+    # (B, m * k, H_kv, block, D) for m query blocks (one when decoding), once for K and once for V
+    assert copies and copies[-1][1] % SPEC.retrieved_blocks == 0
     assert layer.memory.storage == torch.device("cpu")
     gpu, _ = run_fast(SPEC, *qkv, CHUNKS["mixed"], INV_FREQ)
     torch.testing.assert_close(host, gpu, atol=0, rtol=0)
@@ -171,3 +172,23 @@ def test_skipped_context_attends_as_an_attended_one(qkv, placement):
         kd = rotate(k[:, :, t : t + 1], table[0][[spec.local_window]], table[1][[spec.local_window]])
         step = (qd, kd, v[:, :, t : t + 1])
         torch.testing.assert_close(skipped.attend(*step), attended.attend(*step), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+@pytest.mark.parametrize("spec", [SPEC, AttentionConfig("memory", sink_tokens=0, block_size=5, local_window=7,
+                                                        retrieved_blocks=2),
+                                  AttentionConfig("memory", sink_tokens=2, block_size=4, local_window=8,
+                                                  retrieved_blocks=0)], ids=["sinks", "no_sinks", "no_retrieval"])
+def test_batched_blocks_equal_block_by_block(qkv, placement, spec, monkeypatch):
+    # The batched path (_blocks: every whole query block past the warm-up in one call) against _block one block at
+    # a time, the reference; chunks long enough that most blocks batch.
+    spec = replace(spec, memory_placement=placement)
+    calls = []
+    real = LayerMemory._blocks
+    monkeypatch.setattr(LayerMemory, "_blocks", lambda self, q, s0, m: calls.append(m) or real(self, q, s0, m))
+    chunks = [20, 40, 1, 29]
+    batched, _ = run_fast(spec, *qkv, chunks, INV_FREQ)
+    assert sum(calls) * spec.block_size > T // 2  # most queries went through _blocks
+    monkeypatch.setattr(LayerMemory, "batch_blocks", False)
+    reference, _ = run_fast(spec, *qkv, chunks, INV_FREQ)
+    torch.testing.assert_close(batched, reference, atol=1e-12, rtol=0)

@@ -60,8 +60,9 @@ PRESETS = {
     # 2 CPU cores, fp32: memory attention at every length to 64K, full attention to 32K, one depth.
     "cpu": dict(lengths="16K,32K,64K", depths="50", trials=1, full_max="32K", ppl_lengths="16K",
                 speed_lengths="8K,16K,32K,64K", new_tokens=8),
-    # One H200, bf16: memory attention at every length to 1M, full attention to 64K (its prefill is O(L^2)).
-    "h200": dict(lengths="16K,32K,64K,128K,256K,1M", depths="0,25,50,75,100", trials=2, full_max="64K",
+    # One H200, bf16, about 9 minutes: memory attention at every length to 1M (5 depths, one key each; --trials 2
+    # doubles the retrieval time), full attention to 64K (its prefill is O(L^2)).
+    "h200": dict(lengths="16K,32K,64K,128K,256K,1M", depths="0,25,50,75,100", trials=1, full_max="64K",
                  ppl_lengths="32K,128K", speed_lengths="8K,32K,128K,512K,1M", new_tokens=32),
     # A tiny random model (native context 256): every path in seconds, for a smoke test.
     "tiny": dict(lengths="512,1K", depths="50", trials=1, full_max="512", ppl_lengths="512",

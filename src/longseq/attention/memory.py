@@ -295,6 +295,8 @@ class LayerMemory:
         at = 0
         for i, (k, v) in enumerate(memory + local):
             size = _length(k)
+            if not size:  # an empty piece (sinks inside the window, no remainder): no operations to launch
+                continue
             dst_k, dst_v = keys[:, :, at : at + size], values[:, :, at : at + size]
             if k.dim() == 5:  # retrieved blocks (B, k, H_kv, block, D): into the (B, H_kv, k * block, D) layout
                 dst_k, dst_v = (dst.unflatten(2, (k.shape[1], k.shape[3])).transpose(1, 2) for dst in (dst_k, dst_v))

@@ -292,8 +292,8 @@ def _full_limit(config: str, n: int, args, costs: Costs, kv_limit: int | None) -
     if kv_limit is not None and need > kv_limit:
         return f"cannot run: a {n:,}-token KV cache needs {need / 2**30:.1f} GiB, {kv_limit / 2**30:.1f} GiB free"
     if n > args.full_max:
-        return (f"not run: full attention past --full-max {args.full_max:,} (an O(L^2) prefill, about "
-                f"{costs.full_prefill(n):,.0f} s per prompt here)")
+        return (f"not run: past --full-max {args.full_max:,} (full attention's O(L^2) prefill, about "
+                f"{costs.full_prefill(n):,.0f} s per prompt here; raise --full-max to run it)")
     return None
 
 

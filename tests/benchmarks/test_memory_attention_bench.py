@@ -23,7 +23,7 @@ def test_tiny_run_writes_every_output(tmp_path):
             cells = results["retrieval"][config][task]
             assert set(cells) == set(lengths)
             for n in lengths:
-                assert "accuracy" in cells[n] or cells[n]["not_run"].startswith("not run: full attention past")
+                assert "accuracy" in cells[n] or cells[n]["not_run"].startswith("not run: past --full-max")
         assert "ppl" in results["ppl"][config]["512"]
         assert (tmp_path / "heatmaps" / f"{config}-passkey.png").read_bytes()[:4] == b"\x89PNG"
     assert all("accuracy" in results["retrieval"]["memory"][t][n] for t in ("passkey", "needle") for n in lengths)

@@ -244,3 +244,13 @@ def test_passkey_memory_check_also_guards_the_python_api(tiny_dir, monkeypatch):
     monkeypatch.setattr(longseq.eval.passkey, "build_prompt", lambda *a, **k: pytest.fail("built a prompt"))
     with pytest.raises(LongseqError, match="needs at least .* for its prompt and KV cache; cpu has"):
         run_passkey(lm, PasskeyConfig(lengths=(1_000_000_000,), depths=(0.5,)))
+
+
+def test_token_counts_take_k_and_m():
+    import argparse
+
+    from longseq.eval.cli import parse_tokens
+
+    assert [parse_tokens(t) for t in ("1024", "8K", "8k", "1M", "0.5m")] == [1024, 8192, 8192, 1 << 20, 1 << 19]
+    with pytest.raises(argparse.ArgumentTypeError, match="not a token count"):
+        parse_tokens("1G")

@@ -16,10 +16,11 @@ RETRIEVAL_TASKS = ("passkey", "needle")  # eval/retrieval.py's grid of lengths x
 
 
 def parse_tokens(text: str) -> int:
-    """1024, 8K or 8k -> tokens."""
+    """1024, 8K or 8k, 1M or 1m -> tokens (K = 1024, M = 1024 K)."""
     t = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+        return int(float(t[:-1]) * scale) if scale > 1 else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
 

@@ -319,7 +319,7 @@ def measure_retrieval(lm, cell: Cell, args) -> dict:
         flush=True))
     out = report.to_json()
     return {"accuracy": out["accuracy"], "cells": out["cells"],
-            "samples": [(s.depth, s.key, s.answer, round(s.seconds, 2)) for s in report.samples]}
+            "samples": [(s.depth, s.key, s.answer, round(s.seconds, 2), s.text) for s in report.samples]}
 
 
 @torch.inference_mode()

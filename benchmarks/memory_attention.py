@@ -451,11 +451,14 @@ def table(results: dict, args) -> str:
     return "\n".join(lines)
 
 
-def heatmaps(results: dict, args, out: Path) -> None:
+def heatmaps(results: dict, args, out: Path, only: tuple[str, str] | None = None) -> None:
+    """One heatmap per (configuration, task), or only the one `only` names; none without matplotlib."""
     from longseq.eval.plots import passkey_heatmap
 
     for config, tasks in results.get("retrieval", {}).items():
         for task, by_length in tasks.items():
+            if only is not None and (config, task) != only:
+                continue
             grid = []
             for d in args.depths:
                 row = []
@@ -463,8 +466,11 @@ def heatmaps(results: dict, args, out: Path) -> None:
                     cells = by_length.get(str(n), {}).get("cells", [])
                     row.append(next((c["accuracy"] for c in cells if c["depth"] == d), float("nan")))
                 grid.append(row)
-            passkey_heatmap(grid, args.lengths, args.depths, out / "heatmaps" / f"{config}-{task}.png",
-                            f"{results['model_name']} {task} · {results['describe'].get(config, config)}", task)
+            try:
+                passkey_heatmap(grid, args.lengths, args.depths, out / "heatmaps" / f"{config}-{task}.png",
+                                f"{results['model_name']} {task} · {results['describe'].get(config, config)}", task)
+            except ImportError:  # a GPU box without matplotlib still gets every number
+                return
 
 
 # ---- main ----------------------------------------------------------------------------------------------------
@@ -596,11 +602,10 @@ def main(argv=None) -> int:
         value["estimate_s"] = cell.estimate_s
         print(f"  -> {', '.join(f'{k} {v:.4g}' for k, v in value.items() if isinstance(v, float))}", flush=True)
         record(results, cell, value)
+        if cell.kind == "retrieval":  # redrawn after each cell: a run cut short keeps its heatmaps
+            heatmaps(results, args, out, only=(cell.config, cell.task))
         save()
-    try:
-        heatmaps(results, args, out)
-    except ImportError:  # a GPU box without matplotlib still gets every number
-        print("(matplotlib is not installed: no heatmaps)", flush=True)
+    heatmaps(results, args, out)
     save()
     print(table(results, args))
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {out / 'heatmaps'} in {results['seconds']:.0f} s")

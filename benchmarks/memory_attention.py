@@ -4,9 +4,9 @@ speed and memory against context length, full attention vs memory attention in t
 
     # smoke test: a tiny random model, seconds on CPU (tests/benchmarks/test_memory_attention_bench.py runs it)
     PYTHONPATH=src python benchmarks/memory_attention.py --tiny --out OUT
-    # 2 CPU cores (see the plan it prints; not run in CI)
+    # 2 CPU cores, about 75 minutes when idle (not run in CI; the plan it prints says more)
     PYTHONPATH=src python benchmarks/memory_attention.py --preset cpu --out OUT
-    # one H200, everything up to 1M tokens within a time budget
+    # one H200, everything up to 1M tokens within a time budget (cells that no longer fit are skipped, with a note)
     PYTHONPATH=src python benchmarks/memory_attention.py --preset h200 --max-seconds 480 --out OUT
 
 Configurations (each at every --lengths length, the same prompts for all: one seed):

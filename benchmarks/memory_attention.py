@@ -167,8 +167,7 @@ def configure(lm, config: str, length: int, native: int, args) -> None:
 
 def describe(config: str, length: int, native: int, args) -> str:
     if config == "memory":
-        return (f"memory: {args.sink_tokens} sinks + {args.window} window + {args.retrieved_blocks} x "
-                f"{args.block_size}-token blocks, {args.memory_placement}")
+        return f"memory {args.sink_tokens}+{args.window}+{args.retrieved_blocks}x{args.block_size}"
     if config == "ntk":
         return f"ntk (dynamic) x{max(2, math.ceil(length / native))}"
     return "yarn x4" if config == "yarn" else "none"
@@ -468,7 +467,7 @@ def heatmaps(results: dict, args, out: Path, only: tuple[str, str] | None = None
                 grid.append(row)
             try:
                 passkey_heatmap(grid, args.lengths, args.depths, out / "heatmaps" / f"{config}-{task}.png",
-                                f"{results['model_name']} {task} · {results['describe'].get(config, config)}", task)
+                                f"{task} · {results['describe'].get(config, config)}", task)
             except ImportError:  # a GPU box without matplotlib still gets every number
                 return
 

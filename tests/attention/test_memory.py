@@ -65,6 +65,13 @@ def test_fast_path_equals_dense_reference(qkv, chunks, rope, placement):
     _check_fast_path(spec, qkv, chunks, INV_FREQ if rope else None)
 
 
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+def test_batched_fast_path_equals_dense_reference(qkv, placement, monkeypatch):
+    # The batched query blocks (what GPUs run by default) against the dense reference as well.
+    monkeypatch.setattr(LayerMemory, "batch_blocks", True)
+    _check_fast_path(replace(SPEC, memory_placement=placement), qkv, CHUNKS["mixed"], INV_FREQ)
+
+
 def test_fast_path_without_sinks_and_window_off_the_block_grid(qkv):
     # No sinks, a window that is no multiple of the block, blocks that do not divide the chunks.
     spec = AttentionConfig("memory", sink_tokens=0, block_size=5, local_window=7, retrieved_blocks=2)
@@ -187,6 +194,7 @@ def test_batched_blocks_equal_block_by_block(qkv, placement, spec, monkeypatch):
     real = LayerMemory._blocks
     monkeypatch.setattr(LayerMemory, "_blocks", lambda self, q, s0, m: calls.append(m) or real(self, q, s0, m))
     chunks = [20, 40, 1, 29]
+    monkeypatch.setattr(LayerMemory, "batch_blocks", True)  # by default only GPUs batch
     batched, _ = run_fast(spec, *qkv, chunks, INV_FREQ)
     assert sum(calls) * spec.block_size > T // 2  # most queries went through _blocks
     monkeypatch.setattr(LayerMemory, "batch_blocks", False)

@@ -201,7 +201,8 @@ class LayerMemory:
         self._store(k, v)
         out, a = [], 0
         while a < n:
-            m = self._steady_blocks(self.seen + a, n - a) if self.batch_blocks else 0
+            batch = self.batch_blocks if self.batch_blocks is not None else self.device.type == "cuda"
+            m = self._steady_blocks(self.seen + a, n - a) if batch else 0
             if m > 1:  # whole blocks past the warm-up: one pass for all of them (_blocks), same result as _block's
                 out.append(self._blocks(q[:, :, a : a + m * bs], self.seen + a, m))
                 a += m * bs
@@ -317,9 +318,11 @@ class LayerMemory:
     # keeps the same remainder length (local_start - mem_end), retrieves exactly k blocks and sees the same number of
     # keys. `_blocks` builds their key buffers side by side, (B, m, H_kv, total, D), and runs one attention call over
     # the m blocks as a batch: per forward a fixed number of launches instead of m times _block's (a GPU runs
-    # _block's small operations one launch at a time). `_block` stays the reference; a test compares them.
+    # _block's small operations one launch at a time). `_block` stays the reference; a test compares them. On a CPU
+    # the batch is slower (m key buffers at once leave the caches that one block's buffer stays in), so by default
+    # only GPUs batch.
 
-    batch_blocks = True  # False: every query block through _block (the reference, for tests)
+    batch_blocks: bool | None = None  # None: on GPUs only; True / False force it (tests)
 
     def _steady_blocks(self, s0: int, left: int) -> int:
         """How many whole query blocks from position s0 (of `left` queries) _blocks takes: all of them once the

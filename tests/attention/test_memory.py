@@ -65,6 +65,13 @@ def test_fast_path_equals_dense_reference(qkv, chunks, rope, placement):
     _check_fast_path(spec, qkv, chunks, INV_FREQ if rope else None)
 
 
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+def test_batched_fast_path_equals_dense_reference(qkv, placement, monkeypatch):
+    # The batched query blocks (what GPUs run by default) against the dense reference as well.
+    monkeypatch.setattr(LayerMemory, "batch_blocks", True)
+    _check_fast_path(replace(SPEC, memory_placement=placement), qkv, CHUNKS["mixed"], INV_FREQ)
+
+
 def test_fast_path_without_sinks_and_window_off_the_block_grid(qkv):
     # No sinks, a window that is no multiple of the block, blocks that do not divide the chunks.
     spec = AttentionConfig("memory", sink_tokens=0, block_size=5, local_window=7, retrieved_blocks=2)
@@ -83,7 +90,8 @@ def test_host_placement_copies_retrieved_blocks(qkv, monkeypatch):
     real = memory._to_device
     monkeypatch.setattr(memory, "_to_device", lambda x, device: copies.append(x.shape) or real(x, device))
     host, layer = run_fast(replace(SPEC, memory_placement="host"), *qkv, CHUNKS["mixed"], INV_FREQ)
-    assert copies and copies[-1][1] == SPEC.retrieved_blocks  # (B, k, H_kv, block, D), once for K and once for V
+    # (B, m * k, H_kv, block, D) for m query blocks (one when decoding), once for K and once for V
+    assert copies and copies[-1][1] % SPEC.retrieved_blocks == 0
     assert layer.memory.storage == torch.device("cpu")
     gpu, _ = run_fast(SPEC, *qkv, CHUNKS["mixed"], INV_FREQ)
     torch.testing.assert_close(host, gpu, atol=0, rtol=0)
@@ -151,3 +159,44 @@ def test_bad_values_are_one_line_errors():
     with pytest.raises(LongseqError, match="must fit the model's context"):
         ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
                     max_seq_len=64, attention=AttentionConfig("memory", local_window=64, block_size=4))
+
+
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+def test_skipped_context_attends_as_an_attended_one(qkv, placement):
+    # skip() stores a prefix without attending (decode benchmarks): what follows attends exactly as after attend().
+    spec = replace(SPEC, memory_placement=placement)
+    q, k, v = qkv
+    table = rope_table(INV_FREQ, spec.local_window + spec.block_size, q.dtype, "cpu")
+    frame = query_positions(T, spec, "cpu")
+    qr, kr = rotate(q, table[0][frame], table[1][frame]), rotate(k, table[0][frame], table[1][frame])
+    attended, skipped = (LayerMemory(spec, B, H_KV, D, "cpu", q.dtype, table) for _ in range(2))
+    prefix = 61
+    attended.attend(qr[:, :, :prefix], kr[:, :, :prefix], v[:, :, :prefix])
+    skipped.skip(kr[:, :, :prefix], v[:, :, :prefix])
+    assert skipped.seen == prefix and skipped.memory.num_blocks > spec.retrieved_blocks
+    for t in range(prefix, T):  # decode, each token at frame position `window` (a one-token query block)
+        qd = rotate(q[:, :, t : t + 1], table[0][[spec.local_window]], table[1][[spec.local_window]])
+        kd = rotate(k[:, :, t : t + 1], table[0][[spec.local_window]], table[1][[spec.local_window]])
+        step = (qd, kd, v[:, :, t : t + 1])
+        torch.testing.assert_close(skipped.attend(*step), attended.attend(*step), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("placement", ["gpu", "host"])
+@pytest.mark.parametrize("spec", [SPEC, AttentionConfig("memory", sink_tokens=0, block_size=5, local_window=7,
+                                                        retrieved_blocks=2),
+                                  AttentionConfig("memory", sink_tokens=2, block_size=4, local_window=8,
+                                                  retrieved_blocks=0)], ids=["sinks", "no_sinks", "no_retrieval"])
+def test_batched_blocks_equal_block_by_block(qkv, placement, spec, monkeypatch):
+    # The batched path (_blocks: every whole query block past the warm-up in one call) against _block one block at
+    # a time, the reference; chunks long enough that most blocks batch.
+    spec = replace(spec, memory_placement=placement)
+    calls = []
+    real = LayerMemory._blocks
+    monkeypatch.setattr(LayerMemory, "_blocks", lambda self, q, s0, m: calls.append(m) or real(self, q, s0, m))
+    chunks = [20, 40, 1, 29]
+    monkeypatch.setattr(LayerMemory, "batch_blocks", True)  # by default only GPUs batch
+    batched, _ = run_fast(spec, *qkv, chunks, INV_FREQ)
+    assert sum(calls) * spec.block_size > T // 2  # most queries went through _blocks
+    monkeypatch.setattr(LayerMemory, "batch_blocks", False)
+    reference, _ = run_fast(spec, *qkv, chunks, INV_FREQ)
+    torch.testing.assert_close(batched, reference, atol=1e-12, rtol=0)

@@ -183,6 +183,20 @@ def test_passkey_with_memory_past_the_context(tiny_dir, tmp_path, capsys):
     assert err[-1].startswith("longseq: error: memory attention: local window 250") and "(256)" in err[-1], err
 
 
+def test_needle_with_memory_past_the_context(tiny_dir, tmp_path, capsys):
+    assert main(["eval", "needle", "--model", str(tiny_dir), "--device", "cpu", "--lengths", "400", "--depths",
+                 "0,100", "--trials", "2", "--attention", "memory", "--window", "64", "--block-size", "16", "--out",
+                 str(tmp_path)]) == 0
+    result = _read(tmp_path / "needle.json")
+    assert result["task"] == "needle" and len(result["samples"]) == 4 and (tmp_path / "needle.png").is_file()
+    assert all(len(s["key"]) == 7 and s["prompt_tokens"] == 400 - 12 for s in result["samples"])
+    assert "needle accuracy" in capsys.readouterr().out
+    # Its lengths are checked before the model loads, as the passkey's are.
+    assert main(["eval", "needle", "--model", str(tiny_dir), "--device", "cpu", "--lengths", "1K",
+                 "--out", str(tmp_path)]) == 2
+    assert "needle length 1024 exceeds the model's context (256)" in capsys.readouterr().err
+
+
 # ---- passkey lengths are checked before the model loads (issue 22) ----------------------------------------------
 
 
@@ -230,3 +244,13 @@ def test_passkey_memory_check_also_guards_the_python_api(tiny_dir, monkeypatch):
     monkeypatch.setattr(longseq.eval.passkey, "build_prompt", lambda *a, **k: pytest.fail("built a prompt"))
     with pytest.raises(LongseqError, match="needs at least .* for its prompt and KV cache; cpu has"):
         run_passkey(lm, PasskeyConfig(lengths=(1_000_000_000,), depths=(0.5,)))
+
+
+def test_token_counts_take_k_and_m():
+    import argparse
+
+    from longseq.eval.cli import parse_tokens
+
+    assert [parse_tokens(t) for t in ("1024", "8K", "8k", "1M", "0.5m")] == [1024, 8192, 8192, 1 << 20, 1 << 19]
+    with pytest.raises(argparse.ArgumentTypeError, match="not a token count"):
+        parse_tokens("1G")

@@ -2,10 +2,8 @@
 per (length, depth) is known in advance."""
 
 import pytest
-import torch
-from torch import nn
+from rule_lm import RuleLM
 
-from longseq.config import ModelConfig
 from longseq.errors import LongseqError
 from longseq.eval.passkey import INSTRUCTION, NEEDLE, QUESTION, PasskeyConfig, build_prompt, parse_answer, run_passkey
 from longseq.eval.plots import passkey_heatmap
@@ -50,35 +48,6 @@ def test_bad_config():
     for kw in (dict(depths=(1.5,)), dict(lengths=(0,)), dict(trials=0), dict(lengths=())):
         with pytest.raises(LongseqError):
             PasskeyConfig(**kw)
-
-
-class RuleLM(nn.Module):
-    """A fixed rule instead of a network: answers with the key's digits when the needle starts at most `reach`
-    tokens before the end of the prompt, with " the pass key." otherwise. Driven by the real `generate_tokens`."""
-
-    def __init__(self, tokenizer, reach: int):
-        super().__init__()
-        self.config = ModelConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=8, num_layers=1,
-                                  num_heads=1, num_kv_heads=1, max_seq_len=100_000)
-        self.lm_head = nn.Linear(8, 1, bias=False)  # device and dtype only
-        self.tok, self.reach = tokenizer, reach
-        self.marker = _ids(tokenizer, " The pass key is")
-
-    def forward(self, ids, positions=None, cache=None, last_only=False):
-        if cache.length == 0:  # prefill: a new prompt
-            self.prompt, self.out = ids[0].tolist(), []
-            m = len(self.marker)
-            self.needle_at = next(i for i in range(len(self.prompt)) if self.prompt[i : i + m] == self.marker)
-            digits = self.prompt[self.needle_at + m + 1 : self.needle_at + m + 6]  # after the " " token
-            visible = len(self.prompt) - self.needle_at <= self.reach
-            self.answer = (_ids(self.tok, " ") + digits if visible else _ids(self.tok, " the pass key")) + \
-                _ids(self.tok, ".")
-        else:
-            self.out.append(int(ids[0, -1]))
-        nxt = self.answer[min(len(self.out), len(self.answer) - 1)]
-        logits = torch.full((1, 1, self.config.vocab_size), -1e4)
-        logits[0, 0, nxt] = 0.0
-        return logits
 
 
 def test_run_on_a_rule_with_known_accuracy(tokenizer, tmp_path):

@@ -108,3 +108,38 @@ def test_read_documents(tmp_path):
                          ([tmp_path / "bad.jsonl"], "bad.jsonl:1")):
         with pytest.raises(LongseqError, match=match):
             read_documents(paths)
+
+
+@pytest.mark.parametrize("chunk", [7, 20, 64])
+def test_cached_nll_through_a_kv_cache_is_one_window(chunk):
+    # Read through a plain KV cache in chunks, every token after the first is scored from all before it: one window.
+    from longseq.eval.perplexity import cached_sequence_nll
+    from longseq.generation import KVCache
+
+    model = tiny_model()
+    ids = torch.randint(0, V, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    cache = KVCache(model.config, 1, len(ids), "cpu", torch.float64)
+    total, count = cached_sequence_nll(model, ids, cache, chunk)
+    expected, expected_count, _ = sequence_nll(model, ids, len(ids), len(ids))
+    assert count == expected_count == len(ids) - 1
+    assert total == pytest.approx(expected, rel=1e-10)
+
+
+def test_cached_nll_through_memory_attention():
+    # Memory attention (which refuses cache-less forwards) scores every token once; with a window over the whole
+    # text it is plain causal attention, so the NLL is the one window's.
+    from longseq.config import ModelOverrides
+    from longseq.eval.perplexity import cached_sequence_nll
+    from longseq.generation.memory_cache import MemoryKVCache
+    from longseq.models.overrides import apply_overrides
+
+    model = tiny_model()
+    ids = torch.randint(0, V, (50,), generator=torch.Generator().manual_seed(4)).tolist()
+    expected, _, _ = sequence_nll(model, ids, len(ids), len(ids))
+    for window, same in ((56, True), (12, False)):
+        apply_overrides(model, ModelOverrides(attention="memory", window=window, block_size=4, retrieved_blocks=1,
+                                              sink_tokens=2))
+        cache = MemoryKVCache(model.config, 1, "cpu", torch.float64, model.rotary.inv_freq)
+        total, count = cached_sequence_nll(model, ids, cache, 16)
+        assert count == len(ids) - 1
+        assert (total == pytest.approx(expected, rel=1e-9)) == same

@@ -42,7 +42,7 @@ import torch
 
 from longseq.attention.sdpa import attention
 from longseq.config import AttentionConfig
-from longseq.config.policy import MEMORY_FIRST_BLOCKS
+from longseq.config.policy import MEMORY_FIRST_BLOCKS, MEMORY_PREFILL_TOKENS
 
 
 def query_positions(num_tokens: int, spec: AttentionConfig, device: torch.device | str) -> torch.Tensor:
@@ -199,9 +199,35 @@ class LayerMemory:
             frame = query_positions(n, self.spec, self.device)
             k = rotate(k, cos[frame], -sin[frame])
         self._store(k, v)
-        out = [self._block(q[:, :, a : a + bs], self.seen + a) for a in range(0, n, bs)]
+        out, a = [], 0
+        while a < n:
+            batch = self.batch_blocks if self.batch_blocks is not None else self.device.type == "cuda"
+            m = self._steady_blocks(self.seen + a, n - a) if batch else 0
+            if m > 1:  # whole blocks past the warm-up: one pass for all of them (_blocks), same result as _block's
+                out.append(self._blocks(q[:, :, a : a + m * bs], self.seen + a, m))
+                a += m * bs
+            else:
+                out.append(self._block(q[:, :, a : a + bs], self.seen + a))
+                a += bs
         self.seen += n
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def skip(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, H_kv, n, D) of the next n positions, rotated as for `attend`, without attending: a context
+        whose outputs nobody reads (a decode benchmark's synthetic prefix). Blocks that have left the window of the
+        next query move to the memory in steps of a block, so the buffers end as a real prefill leaves them."""
+        n = k.shape[2]
+        if self.table is not None:
+            cos, sin = self.table
+            frame = query_positions(n, self.spec, self.device)
+            k = rotate(k, cos[frame], -sin[frame])
+        bs = self.spec.block_size
+        step = bs * max(1, MEMORY_PREFILL_TOKENS // bs)  # a prefill's pieces: the recent buffer grows as under attend
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            self._store(k[:, :, a:b], v[:, :, a:b])
+            self.seen += b - a
+            self._evict(max(0, self.seen - self.spec.local_window + 1))
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append un-rotated k, v (B, H_kv, n, D) of positions seen .. seen+n-1: sinks first, then recent."""
@@ -270,6 +296,8 @@ class LayerMemory:
         at = 0
         for i, (k, v) in enumerate(memory + local):
             size = _length(k)
+            if not size:  # an empty piece (sinks inside the window, no remainder): no operations to launch
+                continue
             dst_k, dst_v = keys[:, :, at : at + size], values[:, :, at : at + size]
             if k.dim() == 5:  # retrieved blocks (B, k, H_kv, block, D): into the (B, H_kv, k * block, D) layout
                 dst_k, dst_v = (dst.unflatten(2, (k.shape[1], k.shape[3])).transpose(1, 2) for dst in (dst_k, dst_v))
@@ -282,6 +310,75 @@ class LayerMemory:
             at += size
         # Causal from the last key: the memory keys, in front, are visible to every query. One call, no mask.
         return attention(q, keys, values, q_start=total - n)
+
+    # ---- the batched path: every whole query block of a forward past the warm-up in one attention call ----------
+    #
+    # Once a query block's window has passed the sinks (local_start >= sink_tokens) and the memory holds at least
+    # `retrieved_blocks` blocks, consecutive query blocks differ only by a shift of one block: each evicts one block,
+    # keeps the same remainder length (local_start - mem_end), retrieves exactly k blocks and sees the same number of
+    # keys. `_blocks` builds their key buffers side by side, (B, m, H_kv, total, D), and runs one attention call over
+    # the m blocks as a batch: per forward a fixed number of launches instead of m times _block's (a GPU runs
+    # _block's small operations one launch at a time). `_block` stays the reference; a test compares them. On a CPU
+    # the batch is slower (m key buffers at once leave the caches that one block's buffer stays in), so by default
+    # only GPUs batch.
+
+    batch_blocks: bool | None = None  # None: on GPUs only; True / False force it (tests)
+
+    def _steady_blocks(self, s0: int, left: int) -> int:
+        """How many whole query blocks from position s0 (of `left` queries) _blocks takes: all of them once the
+        first is in the steady state, else 0."""
+        bs, sink, k = self.spec.block_size, self.spec.sink_tokens, self.spec.retrieved_blocks
+        local_start = s0 - self.spec.local_window + 1
+        if local_start < sink:
+            return 0
+        blocks_then = (local_start - sink) // bs  # the memory's blocks once this query block has evicted
+        return left // bs if blocks_then >= k else 0
+
+    def _blocks(self, q: torch.Tensor, s0: int, m: int) -> torch.Tensor:
+        """m whole query blocks q (B, H, m * block, D) at positions s0 .. s0 + m * block - 1, in the steady state
+        (_steady_blocks) -> (B, H, m * block, D): for each, what _block computes."""
+        B, H, _, D = q.shape
+        bs, window, sink, k = self.spec.block_size, self.spec.local_window, self.spec.sink_tokens, \
+            self.spec.retrieved_blocks
+        H_kv = self.sink_k.shape[1]
+        local_start = s0 - window + 1
+        self._evict(local_start)  # the first block's memory: n0 blocks, its remainder from mem_end
+        n0, first_slot = self.memory.num_blocks, self.recent_start
+        remainder = local_start - self.mem_end
+        span = remainder + window - 1 + bs  # per block: remainder, then local keys up to its last query
+        # Block j's remainder and local keys: recent slots first_slot + j * block .. + span (read before the
+        # evictions below move recent_start; they leave the buffer's contents in place).
+        slots = first_slot + bs * torch.arange(m, device=self.device)[:, None] + torch.arange(span, device=self.device)
+        windows_k, windows_v = self.recent_k[:, :, slots], self.recent_v[:, :, slots]  # (B, H_kv, m, span, D)
+        self._evict(local_start + (m - 1) * bs)  # block j sees the first n0 + j blocks
+        total = sink + k * bs + span
+        keys, values = q.new_empty((B, m, H_kv, total, D)), q.new_empty((B, m, H_kv, total, D))
+        keys[:, :, :, :sink] = self.sink_k[:, None]
+        values[:, :, :, :sink] = self.sink_v[:, None]
+        q_blocks = q.unflatten(2, (m, bs))  # (B, H, m, block, D)
+        if k:
+            # Each block's mean query against every representative key, as block_scores (summed over heads)
+            q_mean = q_blocks.float().mean(3).unflatten(1, (H_kv, H // H_kv)).sum(2)  # (B, H_kv, m, D)
+            scores = torch.einsum("bhmd,bnhd->bmn", q_mean, self.memory.reprs[:, : self.memory.num_blocks].float())
+            visible = torch.arange(scores.shape[2], device=scores.device) < n0 + torch.arange(m, device=scores.device
+                                                                                              )[:, None]  # (m, N)
+            idx = scores.masked_fill(~visible, float("-inf")).topk(k, dim=-1).indices.sort(dim=-1).values  # (B, m, k)
+            k_sel, v_sel = self.memory.gather(idx.flatten(1))  # (B, m * k, H_kv, block, D)
+            for dst, src in ((keys, k_sel), (values, v_sel)):
+                dst[:, :, :, sink : sink + k * bs].unflatten(3, (k, bs)).copy_(
+                    src.unflatten(1, (m, k)).transpose(2, 3))  # (B, m, H_kv, k, block, D)
+        at = sink + k * bs
+        keys[:, :, :, at : at + remainder] = windows_k[:, :, :, :remainder].transpose(1, 2)
+        values[:, :, :, at:] = windows_v.transpose(1, 2)
+        local = windows_k[:, :, :, remainder:].transpose(1, 2)  # (B, m, H_kv, window - 1 + block, D)
+        if self.table is not None:  # local key t to t - s0 + window: frame positions 1 .. window + block - 1
+            _rotate_into(keys[:, :, :, at + remainder :], local, self.table[0][1 : window + bs],
+                         self.table[1][1 : window + bs])
+        else:
+            keys[:, :, :, at + remainder :] = local
+        out = attention(q_blocks.transpose(1, 2).flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1),
+                        q_start=total - bs)  # (B * m, H, block, D)
+        return out.unflatten(0, (B, m)).transpose(1, 2).flatten(2, 3)
 
     def nbytes(self) -> int:
         held = (self.sink_k, self.sink_v, self.recent_k, self.recent_v)

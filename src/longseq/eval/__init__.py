@@ -1,4 +1,4 @@
-"""`longseq eval`: passkey retrieval, perplexity, BLEU / ROUGE and throughput, as a Python API and a CLI.
+"""`longseq eval`: passkey and needle retrieval, perplexity, BLEU / ROUGE and throughput, as a Python API and a CLI.
 
 The names below load on first use, so that building the CLI parser (`longseq plan ...` included) never imports torch.
 """
@@ -7,7 +7,8 @@ import importlib
 
 _WHERE = {
     "load_for_eval": "model", "PasskeyConfig": "passkey", "PasskeyReport": "passkey", "build_prompt": "passkey",
-    "run_passkey": "passkey", "PerplexityResult": "perplexity", "read_documents": "perplexity",
+    "run_passkey": "passkey",
+    "NeedleConfig": "needle", "run_needle": "needle", "PerplexityResult": "perplexity", "read_documents": "perplexity",
     "run_perplexity": "perplexity", "bleu": "textgen", "read_rows": "textgen", "rouge": "textgen",
     "run_textgen": "textgen", "ThroughputResult": "throughput", "run_throughput": "throughput",
 }

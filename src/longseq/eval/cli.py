@@ -1,5 +1,5 @@
-"""`longseq eval passkey | perplexity | bleu | rouge | throughput`: flags, and the command that runs a task and
-prints a table (or, with --json, the JSON) and writes OUT/<task>.json (and the passkey heatmap)."""
+"""`longseq eval passkey | needle | perplexity | bleu | rouge | throughput`: flags, and the command that runs a task
+and prints a table (or, with --json, the JSON) and writes OUT/<task>.json (and the passkey / needle heatmap)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ from typing import Any
 
 from longseq.errors import LongseqError
 
-TASKS = ("passkey", "perplexity", "bleu", "rouge", "throughput")
+TASKS = ("passkey", "needle", "perplexity", "bleu", "rouge", "throughput")
+RETRIEVAL_TASKS = ("passkey", "needle")  # eval/retrieval.py's grid of lengths x depths
 
 
 def parse_tokens(text: str) -> int:
-    """1024, 8K or 8k -> tokens."""
+    """1024, 8K or 8k, 1M or 1m -> tokens (K = 1024, M = 1024 K)."""
     t = text.strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+        return int(float(t[:-1]) * scale) if scale > 1 else int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a token count: {text!r}") from None
 
@@ -41,6 +43,8 @@ def add_eval_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
     sub = p.add_subparsers(dest="eval_task", required=True, parser_class=parser_class)
     helps = {
         "passkey": "find a passkey hidden at depths 0-100%% in filler text of growing length; heatmap PNG",
+        "needle": "find a fact (a city's 7-digit magic number) hidden at depths 0-100%% of real text (the Python "
+                  "docs); heatmap PNG",
         "perplexity": "sliding-window perplexity over text files at a context length",
         "bleu": "generate for JSONL prompts and score against references with sacrebleu",
         "rouge": "generate for JSONL prompts and score ROUGE-1/2/L with rouge-score",
@@ -60,14 +64,15 @@ def add_eval_args(p: argparse.ArgumentParser, parser_class: type = argparse.Argu
         add_dataclass_flags(t, ModelOverrides)
         t.set_defaults(eval_task=task)
         parsers[task] = t
-    pk = parsers["passkey"]
-    pk.add_argument("--lengths", type=_token_list, default=(1024, 2048, 4096, 8192),
-                    help="context lengths, comma list, 1K = 1024 (default: 1K,2K,4K,8K)")
-    pk.add_argument("--depths", type=_percent_list, default=(0.0, 0.25, 0.5, 0.75, 1.0),
-                    help="passkey depths in percent, comma list (default: 0,25,50,75,100)")
-    pk.add_argument("--trials", type=int, default=1, help="prompts per (length, depth) cell (default: 1)")
-    pk.add_argument("--seed", type=int, default=0, help="passkey digits (default: 0)")
-    pk.add_argument("--heatmap", default=None, metavar="PNG", help="heatmap path (default: OUT/passkey.png)")
+    for task in RETRIEVAL_TASKS:
+        pk = parsers[task]
+        pk.add_argument("--lengths", type=_token_list, default=(1024, 2048, 4096, 8192),
+                        help="context lengths, comma list, 1K = 1024 (default: 1K,2K,4K,8K)")
+        pk.add_argument("--depths", type=_percent_list, default=(0.0, 0.25, 0.5, 0.75, 1.0),
+                        help=f"{task} depths in percent, comma list (default: 0,25,50,75,100)")
+        pk.add_argument("--trials", type=int, default=1, help="prompts per (length, depth) cell (default: 1)")
+        pk.add_argument("--seed", type=int, default=0, help=f"{task} digits (default: 0)")
+        pk.add_argument("--heatmap", default=None, metavar="PNG", help=f"heatmap path (default: OUT/{task}.png)")
     pp = parsers["perplexity"]
     pp.add_argument("--data", nargs="+", required=True, metavar="PATH", help=".txt / .md / .jsonl files or folders")
     pp.add_argument("--context", type=parse_tokens, default=None, help="window length (default: the model's context)")
@@ -98,11 +103,13 @@ def run_eval(args: argparse.Namespace) -> int:
     overrides = config_from(ModelOverrides, args)
     task = args.eval_task
     err = Console(stderr=True, highlight=False)
-    if task == "passkey":
+    if task in RETRIEVAL_TASKS:
+        from longseq.eval.needle import NeedleConfig
         from longseq.eval.passkey import PasskeyConfig
 
-        cfg = PasskeyConfig(lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed)
-        _check_passkey_before_loading(cfg, args, overrides)
+        config_class = PasskeyConfig if task == "passkey" else NeedleConfig
+        cfg = config_class(lengths=args.lengths, depths=args.depths, trials=args.trials, seed=args.seed)
+        _check_lengths_before_loading(cfg, args, overrides)
     if task in ("bleu", "rouge"):
         from longseq.eval.textgen import read_rows
 
@@ -120,16 +127,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     extra: dict[str, Any] = {}
-    if task == "passkey":
+    if task in RETRIEVAL_TASKS:
+        from longseq.eval.needle import run_needle
         from longseq.eval.passkey import run_passkey
         from longseq.eval.plots import passkey_heatmap
 
-        report = run_passkey(lm, cfg, on_sample=lambda s: err.print(
+        run = run_passkey if task == "passkey" else run_needle
+        report = run(lm, cfg, on_sample=lambda s: err.print(
             f"[dim]{s.length:>6} tokens · depth {s.depth:4.0%} · key {s.key} · answer {s.answer} · "
             f"{'ok' if s.correct else 'wrong'} · {s.seconds:.1f} s[/]"))
-        heatmap = Path(args.heatmap) if args.heatmap else out_dir / "passkey.png"
-        title = f"passkey retrieval · {lm.path.stem}" + _rope_note(lm)
-        passkey_heatmap(report.grid(), cfg.lengths, cfg.depths, heatmap, title)
+        heatmap = Path(args.heatmap) if args.heatmap else out_dir / f"{task}.png"
+        title = f"{task} retrieval · {lm.path.stem}" + _rope_note(lm)
+        passkey_heatmap(report.grid(), cfg.lengths, cfg.depths, heatmap, title, task)
         result = report.to_json()
         extra["heatmap"] = str(heatmap)
     elif task == "perplexity":
@@ -165,16 +174,16 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_passkey_before_loading(cfg, args: argparse.Namespace, overrides) -> None:
+def _check_lengths_before_loading(cfg, args: argparse.Namespace, overrides) -> None:
     # Lengths against the context and the device's memory, from the model's config alone: a model takes seconds to
     # minutes to load.
     from longseq.eval.model import config_for_eval
-    from longseq.eval.passkey import check_passkey
+    from longseq.eval.retrieval import check_lengths
     from longseq.models.loader import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     model, context = config_for_eval(args.model, args.adapter, overrides)
-    check_passkey(cfg, model, context, resolve_dtype(args.dtype, device), device)
+    check_lengths(cfg, model, context, resolve_dtype(args.dtype, device), device)
 
 
 def _load(err, load_for_eval, args, overrides):
@@ -193,9 +202,9 @@ def _table(task: str, r: dict[str, Any]):
 
     from longseq.eval.plots import tokens_label
 
-    if task == "passkey":
+    if task in RETRIEVAL_TASKS:
         lengths = r["config"]["lengths"]
-        table = Table("depth", *[tokens_label(n) for n in lengths], title="passkey accuracy")
+        table = Table("depth", *[tokens_label(n) for n in lengths], title=f"{task} accuracy")
         for depth in r["config"]["depths"]:
             cells = {c["length"]: c["accuracy"] for c in r["cells"] if c["depth"] == depth}
             table.add_row(f"{depth:.0%}", *[f"{cells[n]:.0%}" for n in lengths])

@@ -118,3 +118,22 @@ def run_perplexity(lm: Any, docs: list[tuple[str, str]], context: int | None = N
     if not count:
         raise LongseqError("the text holds fewer than 2 tokens: nothing to score")
     return PerplexityResult(total / count, math.exp(total / count), count, windows, context, stride, per_doc)
+
+
+@torch.inference_mode()
+def cached_sequence_nll(model: Any, ids: list[int], cache: Any, chunk: int, loss_chunk: int = 1024
+                        ) -> tuple[float, int]:
+    """(summed NLL, scored tokens) of one token sequence read once through `cache` in forwards of `chunk` tokens:
+    every token after the first is scored, from whatever the cache lets it see (memory attention: sinks, window
+    and retrieved blocks, at the cache's positions). With a plain KV cache this is one window over the sequence."""
+    device = model.lm_head.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(ids), chunk):
+        x = torch.tensor([ids[start : start + chunk]], device=device)  # (1, L)
+        hidden = model.hidden(x, positions=cache.prepare(x.shape[1]), cache=cache)[0]  # (L, d)
+        cache.advance(x.shape[1])
+        targets = torch.tensor(ids[start + 1 : start + chunk + 1], device=device)  # the last one opens the next chunk
+        if targets.numel():
+            total += float(chunked_cross_entropy(hidden[: targets.numel()], model.lm_head.weight, targets, loss_chunk))
+            count += targets.numel()
+    return total, count

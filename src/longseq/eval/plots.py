@@ -14,8 +14,9 @@ def tokens_label(n: int) -> str:
 
 
 def passkey_heatmap(grid: list[list[float]], lengths: tuple[int, ...], depths: tuple[float, ...], path: str | Path,
-                    title: str = "passkey retrieval") -> Path:
-    """grid[depth][length] accuracy in 0..1 (NaN: not measured) -> a needle-in-a-haystack heatmap PNG."""
+                    title: str = "passkey retrieval", task: str = "passkey") -> Path:
+    """grid[depth][length] accuracy in 0..1 (NaN: not measured) -> a needle-in-a-haystack heatmap PNG (any retrieval
+    task: `task` names the depth axis)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LinearSegmentedColormap
     from matplotlib.figure import Figure
@@ -29,7 +30,7 @@ def passkey_heatmap(grid: list[list[float]], lengths: tuple[int, ...], depths: t
     ax.set_xticks(range(len(lengths)), [tokens_label(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("passkey depth")
+    ax.set_ylabel(f"{task} depth")
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
             ax.text(j, i, "n/a" if math.isnan(value) else f"{value:.0%}", ha="center", va="center", fontsize=8)

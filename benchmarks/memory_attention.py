@@ -6,7 +6,8 @@ speed and memory against context length, full attention vs memory attention in t
     PYTHONPATH=src python benchmarks/memory_attention.py --tiny --out OUT
     # 2 CPU cores, about 75 minutes when idle (not run in CI; the plan it prints says more)
     PYTHONPATH=src python benchmarks/memory_attention.py --preset cpu --out OUT
-    # one H200, everything up to 1M tokens within a time budget (cells that no longer fit are skipped, with a note)
+    # one H200, up to 1M tokens within a time budget (cells that no longer fit are skipped, with a note; the whole
+    # plan is about 29 minutes there)
     PYTHONPATH=src python benchmarks/memory_attention.py --preset h200 --max-seconds 480 --out OUT
 
 Configurations (each at every --lengths length, the same prompts for all: one seed):
@@ -60,8 +61,10 @@ PRESETS = {
     # 2 CPU cores, fp32: memory attention at every length to 64K, full attention to 32K, one depth.
     "cpu": dict(lengths="16K,32K,64K", depths="50", trials=1, full_max="32K", ppl_lengths="16K",
                 speed_lengths="8K,16K,32K,64K", new_tokens=8),
-    # One H200, bf16, about 9 minutes: memory attention at every length to 1M (5 depths, one key each; --trials 2
-    # doubles the retrieval time), full attention to 64K (its prefill is O(L^2)).
+    # One H200, bf16: memory attention at every length to 1M (5 depths, one key each; --trials 2 doubles the
+    # retrieval time), full attention to 64K (its prefill is O(L^2)). The plan calibrated on an H200 estimates about
+    # 29 minutes in all (benchmarks/results/2026-12-03-memory-attention-h200): split it with --configs / --tasks /
+    # --lengths across device calls, or let --max-seconds skip what does not fit.
     "h200": dict(lengths="16K,32K,64K,128K,256K,1M", depths="0,25,50,75,100", trials=1, full_max="64K",
                  ppl_lengths="32K,128K", speed_lengths="8K,32K,128K,512K,1M", new_tokens=32),
     # A tiny random model (native context 256): every path in seconds, for a smoke test.

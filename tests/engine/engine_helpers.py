@@ -12,6 +12,7 @@ from longseq.config import EngineConfig
 from longseq.engine import LLMEngine, SamplingParams
 from longseq.engine.core_process import register_loras
 from longseq.errors import LongseqError
+from longseq.generation import generate_tokens
 from longseq.models.loader import LoadedModel
 from tiny_models import random_model
 
@@ -140,3 +141,15 @@ def random_prompts(n: int, lo: int, hi: int, seed: int = 0, vocab: int = TINY_VO
     lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lens]
 
+
+def assert_follows_generate(model, prompts: list[list[int]], outs, params: SamplingParams, agree: float) -> None:
+    """The engine's greedy outputs against `generate` run alone with the same `params`: the first token equal (the
+    same prefill maths), at least `agree` of all tokens equal (the GPU tests' batched kernels round differently
+    from generate's single row, so a random model's greedy paths may part at a near-tie)."""
+    same = total = 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref = list(generate_tokens(model, prompt, params))
+        assert out.token_ids[0] == ref[0]
+        same += sum(a == b for a, b in zip(out.token_ids, ref, strict=True))
+        total += len(ref)
+    assert same >= agree * total, f"{same} of {total} tokens agree"

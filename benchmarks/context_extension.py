@@ -38,12 +38,6 @@ PRESETS = {
 }
 
 
-def ppl_text() -> str:
-    import pydoc_data.topics
-
-    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-
-
 def write_finetune_data(folder: Path, min_chars: int = 400_000) -> Path:
     """Standard-library sources concatenated into files of >= min_chars characters (long documents, so the packed
     training sequences hold one contiguous text each)."""
@@ -144,6 +138,7 @@ def main() -> int:
     from longseq.config import ModelOverrides, TrainConfig
     from longseq.eval.io import write_json, write_text
     from longseq.eval.model import load_for_eval
+    from longseq.eval.needle import haystack_text
     from longseq.models.loader import load, resolve_device
     from longseq.models.overrides import apply_overrides
 
@@ -165,7 +160,7 @@ def main() -> int:
     }
 
     lm = load(None, device=device, dtype=args.dtype)
-    ids = list(lm.tokenizer(ppl_text(), add_special_tokens=False)["input_ids"])[: args.ppl_tokens]
+    ids = list(lm.tokenizer(haystack_text(), add_special_tokens=False)["input_ids"])[: args.ppl_tokens]
     results["dtype"] = str(lm.model.lm_head.weight.dtype).removeprefix("torch.")
     configs = [] if args.no_baselines else configurations(args.scalings.split(","),
                                                          [float(f) for f in args.factors.split(",")])

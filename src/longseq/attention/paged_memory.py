@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from longseq.attention.kv_fp8 import dequantize_kv
+from longseq.attention.memory import select_blocks
 from longseq.attention.paged import PagedKVCache
 from longseq.attention.paged_memory_plan import MemoryStep, QueryBlocks
 from longseq.config import AttentionConfig
@@ -119,7 +120,7 @@ def retrieve(q: torch.Tensor, means: torch.Tensor, blocks: QueryBlocks,
             s = q_mean[a:b].flatten(1) @ means[cand].flatten(1).T  # (b - a, N)
             late = torch.arange(len(cand), device=s.device)[None] >= blocks.num_blocks[a:b, None]
             scores[a:b, : len(cand)] = s.masked_fill(late, float("-inf"))
-    top = scores.topk(min(spec.retrieved_blocks, blocks.max_blocks), dim=-1).indices.sort(dim=-1).values
+    top = select_blocks(scores, spec.retrieved_blocks)
     return top, scores.gather(1, top) > float("-inf")
 
 

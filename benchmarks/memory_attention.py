@@ -198,6 +198,14 @@ def calibrate(lm, native: int, args) -> Costs:
         cache.advance(x.shape[1])
         return out
 
+    def decode_seconds(cache, steps: int = 4) -> float:
+        """Seconds a decoded token, over `steps` one-token forwards."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            forward(cache, ids[:, :1])
+        _sync(device)
+        return (time.perf_counter() - start) / steps
+
     configure(lm, "memory", native, native, args)
     cache = MemoryKVCache(lm.config, 1, device, dtype, lm.model.rotary.inv_freq)
     chunk = cache.prefill_chunk()
@@ -213,11 +221,7 @@ def calibrate(lm, native: int, args) -> Costs:
         forward(cache, ids[:, :chunk])
     _sync(device)
     memory_per_token = (time.perf_counter() - start) / (2 * chunk)
-    start = time.perf_counter()
-    for _ in range(4):
-        forward(cache, ids[:, :1])
-    _sync(device)
-    memory_decode = (time.perf_counter() - start) / 4
+    memory_decode = decode_seconds(cache)
     del cache
 
     configure(lm, "none", native, native, args)
@@ -234,11 +238,7 @@ def calibrate(lm, native: int, args) -> Costs:
             _sync(device)
             times[n] = min(times[n], time.perf_counter() - start)
         if n == native // 2:
-            start = time.perf_counter()
-            for _ in range(4):
-                forward(cache, ids[:, :1])
-            _sync(device)
-            full_decode = (time.perf_counter() - start) / 4
+            full_decode = decode_seconds(cache)
         del cache
     (n1, t1), (n2, t2) = times.items()
     # t = a n + b n^2 through both points (b >= 0: at short lengths the quadratic part may not show)
